@@ -1,0 +1,203 @@
+//! Event layout shared by the kernel programs (`loopback-ebpf`) and the loader (`loopback-user`).
+//!
+//! Everything here is `#[repr(C)]`, fixed size and free of enums: the kernel writes plain
+//! integers, and user space converts them with `TryFrom` (never a transmute).
+#![no_std]
+
+/// Bytes of packet header carried by each event that captures packet bytes.
+/// 96 bytes hold an Ethernet header, an IPv6 header and a TCP header with most options.
+pub const HDR_CAP: usize = 96;
+
+/// Length of a kernel task name (`TASK_COMM_LEN`) and of an interface name (`IFNAMSIZ`).
+pub const NAME_LEN: usize = 16;
+
+/// The loopback device's interface index in every network namespace (`LOOPBACK_IFINDEX`).
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
+/// NET_RX_SOFTIRQ vector number.
+pub const NET_RX_SOFTIRQ: u32 = 3;
+
+/// Default ring buffer size in bytes (power of two, multiple of the page size).
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+/// Capacity of the in-kernel map of sk_buffs currently in scope.
+pub const SCOPE_MAP_ENTRIES: u32 = 65536;
+
+/// A hook point along the loopback path. Stored as `u8` in [`RawEvent::hook`].
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// `fib:fib_table_lookup` / `fib6:fib6_table_lookup`: route decision (no skb yet).
+    Route = 1,
+    /// `net:net_dev_queue`: `__dev_queue_xmit`, the packet enters the device layer.
+    DevQueue = 2,
+    /// tc egress (tcx) program on the traced namespace's `lo`.
+    TcEgress = 3,
+    /// `net:net_dev_start_xmit`: `dev_hard_start_xmit` -> `loopback_xmit`.
+    Xmit = 4,
+    /// `net:netif_rx`: `netif_rx_internal`, enqueue to the per-CPU backlog.
+    BacklogEnqueue = 5,
+    /// `net:net_dev_xmit`: the driver returned (`rc` in `arg0`).
+    XmitDone = 6,
+    /// `net:netif_receive_skb`: `__netif_receive_skb_core`, inside the NET_RX softirq.
+    Receive = 7,
+    /// Generic-mode XDP program on the traced namespace's `lo`.
+    Xdp = 8,
+    /// tc ingress (tcx) program on the traced namespace's `lo`.
+    TcIngress = 9,
+    /// `skb:skb_copy_datagram_iovec`: the data is copied to the receiving application.
+    CopyToUser = 10,
+    /// `skb:kfree_skb`: freed with a drop reason (`arg0`), location in `arg1`.
+    Free = 11,
+    /// `skb:consume_skb`: freed normally.
+    Consume = 12,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 12] = [
+        Hook::Route,
+        Hook::DevQueue,
+        Hook::TcEgress,
+        Hook::Xmit,
+        Hook::BacklogEnqueue,
+        Hook::XmitDone,
+        Hook::Receive,
+        Hook::Xdp,
+        Hook::TcIngress,
+        Hook::CopyToUser,
+        Hook::Free,
+        Hook::Consume,
+    ];
+}
+
+impl TryFrom<u8> for Hook {
+    type Error = u8;
+    fn try_from(v: u8) -> Result<Self, u8> {
+        Hook::ALL.iter().copied().find(|h| *h as u8 == v).ok_or(v)
+    }
+}
+
+/// What [`RawEvent::hdr`] holds.
+pub mod hdr_kind {
+    /// Nothing captured.
+    pub const NONE: u8 = 0;
+    /// Starts at the network (IP) header.
+    pub const L3: u8 = 1;
+    /// Starts at the Ethernet header (bytes seen by the `lo` programs).
+    pub const ETH: u8 = 2;
+    /// A route lookup: `[family, 0, 0, 0, dst(16), src(16)]`.
+    pub const ROUTE: u8 = 3;
+}
+
+/// One hook hit. The header (`ts_ns` .. `hook`) comes first in every event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RawEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sk_buff` (0 when the hook has none).
+    pub skb: u64,
+    /// `bpf_get_current_pid_tgid()`: tgid in the upper half, tid in the lower.
+    pub pid_tgid: u64,
+    /// Hook specific (see [`Hook`]): drop reason, rc, route table, softirq entry time...
+    pub arg0: u64,
+    /// Hook specific: free location, route error, NET_RX raise time...
+    pub arg1: u64,
+    /// `current->comm`.
+    pub comm: [u8; NAME_LEN],
+    /// Device name at device hooks, route's next-hop device at [`Hook::Route`].
+    pub ifname: [u8; NAME_LEN],
+    /// CPU the hook ran on.
+    pub cpu: u32,
+    /// `skb->len` (or the packet length seen by the `lo` programs).
+    pub len: u32,
+    /// Device index at device hooks (0 elsewhere).
+    pub ifindex: u32,
+    /// [`Hook`] as `u8`.
+    pub hook: u8,
+    /// [`hdr_kind`].
+    pub hdr_kind: u8,
+    /// Number of valid bytes in `hdr`.
+    pub hdr_len: u16,
+    pub hdr: [u8; HDR_CAP],
+}
+
+pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();
+const _: () = assert!(RAW_EVENT_SIZE == 184);
+const _: () = assert!(RAW_EVENT_SIZE % 8 == 0);
+
+/// Kernel struct member offsets, read from the running kernel's BTF at load time and written
+/// into the programs' read-only data. `u32::MAX` would mean "unknown"; the loader refuses to load
+/// when one the programs need is missing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub skb_dev: u32,
+    pub skb_len: u32,
+    pub skb_head: u32,
+    pub skb_data: u32,
+    pub skb_network_header: u32,
+    pub dev_nd_net: u32,
+    pub dev_ifindex: u32,
+    pub dev_name: u32,
+    /// `struct net` -> `ns.inum`.
+    pub net_inum: u32,
+    /// `struct task_struct` -> `nsproxy`.
+    pub task_nsproxy: u32,
+    /// `struct nsproxy` -> `net_ns`.
+    pub nsproxy_net_ns: u32,
+    /// `struct flowi4` -> `saddr` / `daddr`.
+    pub flowi4_saddr: u32,
+    pub flowi4_daddr: u32,
+    /// `struct flowi6` -> `saddr` / `daddr`.
+    pub flowi6_saddr: u32,
+    pub flowi6_daddr: u32,
+    /// `struct fib_nh_common` -> `nhc_dev`.
+    pub nhc_dev: u32,
+    /// `struct fib6_result` -> `nh` (a `struct fib6_nh *`, whose first member is a fib_nh_common).
+    pub fib6_res_nh: u32,
+    /// `struct fib6_table` -> `tb6_id`.
+    pub fib6_table_id: u32,
+    pub _pad: u32,
+}
+
+/// Index of each counter in the per-CPU `COUNTERS` array.
+pub mod counter {
+    /// Ring buffer reservations that failed: events lost.
+    pub const RING_LOST: u32 = 0;
+    /// Insertions into the scope map that failed.
+    pub const SCOPE_FULL: u32 = 1;
+    /// Kernel reads (`bpf_probe_read_kernel`) that failed; the event was still sent.
+    pub const READ_FAILED: u32 = 2;
+    pub const COUNT: u32 = 3;
+}
+
+/// Per-CPU NET_RX softirq state kept by the softirq hooks and folded into receive events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SoftirqState {
+    pub raise_ts: u64,
+    pub entry_ts: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain old data, every bit pattern is valid, no padding holes that matter.
+    unsafe impl aya::Pod for super::RawEvent {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::SoftirqState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hook_round_trips_and_rejects_unknown() {
+        for h in Hook::ALL {
+            assert_eq!(Hook::try_from(h as u8), Ok(h));
+        }
+        assert_eq!(Hook::try_from(0), Err(0));
+        assert_eq!(Hook::try_from(200), Err(200));
+    }
+}

@@ -1,0 +1,91 @@
+//! The single reserve / fill / submit path of every event.
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    generated::bpf_probe_read_kernel as probe_read_raw,
+};
+use loopback_common::{HDR_CAP, Hook, NAME_LEN, RawEvent, counter, hdr_kind};
+
+use crate::{
+    kernel::{off, read},
+    maps::{EVENTS, count},
+};
+
+/// Fills the common header, lets `fill` add the hook-specific part, submits.
+/// A failed reservation is counted as lost (never silent).
+#[inline(always)]
+pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
+    let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
+        count(counter::RING_LOST);
+        return;
+    };
+    let e = unsafe { &mut *entry.as_mut_ptr() };
+    e.ts_ns = unsafe { bpf_ktime_get_ns() };
+    e.skb = skb;
+    e.pid_tgid = bpf_get_current_pid_tgid();
+    e.arg0 = 0;
+    e.arg1 = 0;
+    e.comm = bpf_get_current_comm().unwrap_or([0; NAME_LEN]);
+    e.ifname = [0; NAME_LEN];
+    e.cpu = unsafe { bpf_get_smp_processor_id() };
+    e.len = 0;
+    e.ifindex = 0;
+    e.hook = hook as u8;
+    e.hdr_kind = hdr_kind::NONE;
+    e.hdr_len = 0;
+    fill(e);
+    entry.submit(0);
+}
+
+/// Copies `HDR_CAP` bytes of packet header starting at kernel address `src`.
+/// `avail` is how many of them belong to the packet.
+#[inline(always)]
+pub fn capture(e: &mut RawEvent, kind: u8, src: u64, avail: u32) {
+    if src == 0 {
+        return;
+    }
+    let rc = unsafe {
+        probe_read_raw(
+            e.hdr.as_mut_ptr() as *mut _,
+            HDR_CAP as u32,
+            src as *const _,
+        )
+    };
+    if rc != 0 {
+        count(counter::READ_FAILED);
+        return;
+    }
+    e.hdr_kind = kind;
+    e.hdr_len = if avail as usize > HDR_CAP { HDR_CAP as u16 } else { avail as u16 };
+}
+
+/// Device name and index of a `struct net_device *`.
+#[inline(always)]
+pub fn set_dev(e: &mut RawEvent, dev: u64) {
+    if dev == 0 {
+        return;
+    }
+    e.ifindex = read::<u32>(dev, off!(dev_ifindex)).unwrap_or(0);
+    e.ifname = read::<[u8; NAME_LEN]>(dev, off!(dev_name)).unwrap_or([0; NAME_LEN]);
+}
+
+/// Packet header from `skb->head + skb->network_header` (valid from IP output onwards).
+#[inline(always)]
+pub fn capture_network_header(e: &mut RawEvent, skb: u64) {
+    let head = read::<u64>(skb, off!(skb_head)).unwrap_or(0);
+    let nh = read::<u16>(skb, off!(skb_network_header)).unwrap_or(0);
+    if head != 0 && nh != u16::MAX {
+        capture(e, hdr_kind::L3, head + nh as u64, e.len);
+    }
+}
+
+/// Packet header from `skb->data` (at receive, after `eth_type_trans`, this is the IP header).
+#[inline(always)]
+pub fn capture_data(e: &mut RawEvent, skb: u64) {
+    let data = read::<u64>(skb, off!(skb_data)).unwrap_or(0);
+    capture(e, hdr_kind::L3, data, e.len);
+}
+
+#[inline(always)]
+pub fn skb_len(skb: u64) -> u32 {
+    read::<u32>(skb, off!(skb_len)).unwrap_or(0)
+}

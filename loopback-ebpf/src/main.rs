@@ -1,0 +1,21 @@
+//! lotrace kernel programs. Every program observes only: the `lo` programs always let the packet
+//! continue (XDP_PASS / TCX_NEXT) and the tracepoints never change kernel state.
+#![no_std]
+#![no_main]
+
+mod doctor;
+mod emit;
+mod kernel;
+mod lo;
+mod maps;
+mod tracepoints;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,68 @@
+//! Maps and load-time globals shared by every program.
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+use loopback_common::{
+    DEFAULT_RING_BYTES, KernelOffsets, SCOPE_MAP_ENTRIES, SoftirqState, counter,
+};
+
+/// Every event goes through this one ring buffer: one buffer shared by all CPUs keeps the
+/// events of one sk_buff in the order they happened, even when they come from different CPUs.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// sk_buffs known to belong to the traced namespace, keyed by address. Entry hooks insert,
+/// the free hooks remove. LRU: frees that fire no tracepoint (some TCP paths) age out.
+#[map]
+pub static SCOPE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(SCOPE_MAP_ENTRIES, 0);
+
+/// Slot 0: the skb last queued for transmit on this CPU (written by `net_dev_queue`, read by tc
+/// egress). Slot 1: the skb being received (written by `netif_receive_skb`, read by XDP and tc
+/// ingress). Both pairs run back to back on one CPU with bottom halves disabled.
+#[map]
+pub static CUR_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+
+/// NET_RX softirq raise/entry times on this CPU.
+#[map]
+pub static SOFTIRQ: PerCpuArray<SoftirqState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Loss counters, see `loopback_common::counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Member offsets of kernel structs, from the running kernel's BTF (written at load time).
+#[unsafe(no_mangle)]
+pub static OFFSETS: KernelOffsets = KernelOffsets {
+    skb_dev: 0,
+    skb_len: 0,
+    skb_head: 0,
+    skb_data: 0,
+    skb_network_header: 0,
+    dev_nd_net: 0,
+    dev_ifindex: 0,
+    dev_name: 0,
+    net_inum: 0,
+    task_nsproxy: 0,
+    nsproxy_net_ns: 0,
+    flowi4_saddr: 0,
+    flowi4_daddr: 0,
+    flowi6_saddr: 0,
+    flowi6_daddr: 0,
+    nhc_dev: 0,
+    fib6_res_nh: 0,
+    fib6_table_id: 0,
+    _pad: 0,
+};
+
+/// Inode number of the traced network namespace (written at load time).
+#[unsafe(no_mangle)]
+pub static TARGET_NETNS: u32 = 0;
+
+#[inline(always)]
+pub fn count(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *p += 1 };
+    }
+}

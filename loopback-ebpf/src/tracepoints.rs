@@ -1,0 +1,270 @@
+//! tp_btf programs along the loopback path. Above each: the tracepoint prototype it relies on
+//! (stable since the kernel named), read from the running kernel's BTF.
+use aya_ebpf::{
+    macros::btf_tracepoint,
+    programs::BtfTracePointContext,
+};
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use loopback_common::{Hook, NET_RX_SOFTIRQ, NAME_LEN, hdr_kind};
+
+use crate::{
+    emit::{capture_data, capture_network_header, emit, set_dev, skb_len},
+    kernel::{dev_in_scope, net_in_scope, off, read, skb_dev, task_in_scope, track, tracked, untrack},
+    maps::{CUR_SKB, SOFTIRQ},
+};
+
+#[inline(always)]
+fn set_slot(slot: u32, skb: u64) {
+    if let Some(p) = CUR_SKB.get_ptr_mut(slot) {
+        unsafe { *p = skb };
+    }
+}
+
+/// net_dev_queue(struct sk_buff *skb) — `__dev_queue_xmit`, since 3.x.
+/// Entry point of the transmit half: decides whether the skb belongs to the traced namespace.
+#[btf_tracepoint(function = "net_dev_queue")]
+pub fn net_dev_queue(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let dev = skb_dev(skb);
+    if !dev_in_scope(dev) {
+        untrack(skb);
+        set_slot(0, 0);
+        return 0;
+    }
+    track(skb);
+    set_slot(0, skb);
+    emit(Hook::DevQueue, skb, |e| {
+        e.len = skb_len(skb);
+        set_dev(e, dev);
+        capture_network_header(e, skb);
+    });
+    0
+}
+
+/// net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev) — since 4.x.
+#[btf_tracepoint(function = "net_dev_start_xmit")]
+pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    if !tracked(skb) {
+        return 0;
+    }
+    let dev: u64 = ctx.arg(1);
+    emit(Hook::Xmit, skb, |e| {
+        e.len = skb_len(skb);
+        set_dev(e, dev);
+    });
+    0
+}
+
+/// netif_rx(struct sk_buff *skb) — `netif_rx_internal`, before `enqueue_to_backlog`.
+#[btf_tracepoint(function = "netif_rx")]
+pub fn netif_rx(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    if !tracked(skb) {
+        return 0;
+    }
+    emit(Hook::BacklogEnqueue, skb, |e| e.len = skb_len(skb));
+    0
+}
+
+/// net_dev_xmit(struct sk_buff *skb, int rc, struct net_device *dev, unsigned int skb_len).
+/// The skb must not be read here: the driver may already have handed it on.
+#[btf_tracepoint(function = "net_dev_xmit")]
+pub fn net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    if !tracked(skb) {
+        return 0;
+    }
+    let rc: u64 = ctx.arg(1);
+    let dev: u64 = ctx.arg(2);
+    let len: u64 = ctx.arg(3);
+    emit(Hook::XmitDone, skb, |e| {
+        e.arg0 = rc as i32 as i64 as u64;
+        e.len = len as u32;
+        set_dev(e, dev);
+    });
+    0
+}
+
+/// softirq_raise(unsigned int vec_nr) — irq:softirq_raise.
+#[btf_tracepoint(function = "softirq_raise")]
+pub fn softirq_raise(ctx: BtfTracePointContext) -> i32 {
+    let vec: u64 = ctx.arg(0);
+    if vec as u32 == NET_RX_SOFTIRQ
+        && let Some(s) = SOFTIRQ.get_ptr_mut(0)
+    {
+        unsafe { (*s).raise_ts = bpf_ktime_get_ns() };
+    }
+    0
+}
+
+/// softirq_entry(unsigned int vec_nr) — irq:softirq_entry.
+#[btf_tracepoint(function = "softirq_entry")]
+pub fn softirq_entry(ctx: BtfTracePointContext) -> i32 {
+    let vec: u64 = ctx.arg(0);
+    if vec as u32 == NET_RX_SOFTIRQ
+        && let Some(s) = SOFTIRQ.get_ptr_mut(0)
+    {
+        unsafe { (*s).entry_ts = bpf_ktime_get_ns() };
+    }
+    0
+}
+
+/// netif_receive_skb(struct sk_buff *skb) — `__netif_receive_skb_core`, in the NET_RX softirq,
+/// before generic XDP and tc ingress. Entry point of the receive half.
+#[btf_tracepoint(function = "netif_receive_skb")]
+pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let dev = skb_dev(skb);
+    if !dev_in_scope(dev) {
+        untrack(skb);
+        set_slot(1, 0);
+        return 0;
+    }
+    track(skb);
+    set_slot(1, skb);
+    emit(Hook::Receive, skb, |e| {
+        e.len = skb_len(skb);
+        set_dev(e, dev);
+        if let Some(s) = SOFTIRQ.get(0) {
+            e.arg0 = s.entry_ts;
+            e.arg1 = s.raise_ts;
+        }
+        capture_data(e, skb);
+    });
+    0
+}
+
+/// skb_copy_datagram_iovec(const struct sk_buff *skb, int len) — data copied to the application.
+/// Raw sockets receive clones the transmit hooks never saw: those are taken in scope when the
+/// receiving task lives in the traced namespace.
+#[btf_tracepoint(function = "skb_copy_datagram_iovec")]
+pub fn skb_copy_datagram_iovec(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    if !tracked(skb) {
+        if !task_in_scope() {
+            return 0;
+        }
+        track(skb);
+    }
+    let len: u64 = ctx.arg(1);
+    emit(Hook::CopyToUser, skb, |e| {
+        e.len = skb_len(skb);
+        e.arg0 = len as u32 as u64;
+        capture_network_header(e, skb);
+    });
+    0
+}
+
+/// kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct sock *rx_sk)
+/// — the 4-argument form is 6.11+; older kernels have 3 (rx_sk is not read).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    if !tracked(skb) {
+        return 0;
+    }
+    untrack(skb);
+    let location: u64 = ctx.arg(1);
+    let reason: u64 = ctx.arg(2);
+    emit(Hook::Free, skb, |e| {
+        e.arg0 = reason as u32 as u64;
+        e.arg1 = location;
+    });
+    0
+}
+
+/// consume_skb(struct sk_buff *skb, void *location) — 6.3+ (location added).
+#[btf_tracepoint(function = "consume_skb")]
+pub fn consume_skb(ctx: BtfTracePointContext) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    if !tracked(skb) {
+        return 0;
+    }
+    untrack(skb);
+    let location: u64 = ctx.arg(1);
+    emit(Hook::Consume, skb, |e| e.arg1 = location);
+    0
+}
+
+#[inline(always)]
+fn route_event(family: u8, table: u64, err: u64, nhc: u64, dst: u64, src: u64, addr_len: u64) {
+    emit(Hook::Route, 0, |e| {
+        e.arg0 = table;
+        e.arg1 = err;
+        if nhc != 0 {
+            let dev = read::<u64>(nhc, off!(nhc_dev)).unwrap_or(0);
+            if dev != 0 {
+                e.ifname = read::<[u8; NAME_LEN]>(dev, off!(dev_name)).unwrap_or([0; NAME_LEN]);
+                e.ifindex = read::<u32>(dev, off!(dev_ifindex)).unwrap_or(0);
+            }
+        }
+        e.hdr = [0; loopback_common::HDR_CAP];
+        e.hdr[0] = family;
+        if addr_len == 4 {
+            if let Some(d) = read::<[u8; 4]>(dst, 0) {
+                e.hdr[4..8].copy_from_slice(&d);
+            }
+            if let Some(s) = read::<[u8; 4]>(src, 0) {
+                e.hdr[20..24].copy_from_slice(&s);
+            }
+        } else {
+            if let Some(d) = read::<[u8; 16]>(dst, 0) {
+                e.hdr[4..20].copy_from_slice(&d);
+            }
+            if let Some(s) = read::<[u8; 16]>(src, 0) {
+                e.hdr[20..36].copy_from_slice(&s);
+            }
+        }
+        e.hdr_kind = hdr_kind::ROUTE;
+        e.hdr_len = 36;
+    });
+}
+
+/// fib_table_lookup(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc, int err)
+/// — fib:fib_table_lookup, 4.19+. No namespace argument: scoped by the calling task's namespace.
+#[btf_tracepoint(function = "fib_table_lookup")]
+pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
+    if !task_in_scope() {
+        return 0;
+    }
+    let tb_id: u64 = ctx.arg(0);
+    let flp: u64 = ctx.arg(1);
+    let nhc: u64 = ctx.arg(2);
+    let err: u64 = ctx.arg(3);
+    route_event(
+        4,
+        tb_id as u32 as u64,
+        err as i32 as i64 as u64,
+        nhc,
+        flp + off!(flowi4_daddr),
+        flp + off!(flowi4_saddr),
+        4,
+    );
+    0
+}
+
+/// fib6_table_lookup(const struct net *net, const struct fib6_result *res,
+///                   struct fib6_table *table, const struct flowi6 *flp) — 4.19+.
+#[btf_tracepoint(function = "fib6_table_lookup")]
+pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
+    let net: u64 = ctx.arg(0);
+    if !net_in_scope(net) {
+        return 0;
+    }
+    let res: u64 = ctx.arg(1);
+    let table: u64 = ctx.arg(2);
+    let flp: u64 = ctx.arg(3);
+    let tb_id = read::<u32>(table, off!(fib6_table_id)).unwrap_or(0) as u64;
+    let nh = read::<u64>(res, off!(fib6_res_nh)).unwrap_or(0);
+    route_event(
+        6,
+        tb_id,
+        0,
+        nh,
+        flp + off!(flowi6_daddr),
+        flp + off!(flowi6_saddr),
+        16,
+    );
+    0
+}

@@ -1,0 +1,268 @@
+//! `lotrace doctor`: find out, by really loading and attaching minimal programs, what this kernel
+//! allows, and which hook plan tracing will use. Every attach is done on a helper thread inside a
+//! private, empty network namespace (unshare), so nothing touches the host's `lo`, and everything
+//! is detached before the thread ends.
+use anyhow::{Result, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        BtfTracePoint, FEntry, KProbe, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType, TracePoint, Xdp,
+        XdpMode, tc::TcAttachOptions,
+    },
+};
+use loopback_common::{KernelOffsets, LOOPBACK_IFINDEX};
+use serde::Serialize;
+
+use super::{
+    btf::{KernelBtf, VMLINUX_BTF},
+    object,
+    probes::{Attach, PLAN},
+    session::{Privileges, explain, privileges},
+};
+
+#[derive(Debug, Serialize)]
+pub struct AttachTypeReport {
+    pub kind: &'static str,
+    pub available: bool,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PlanRow {
+    pub stage: String,
+    pub program: &'static str,
+    pub attach: &'static str,
+    pub target: String,
+    pub kernel_fn: &'static str,
+    pub required: bool,
+    pub available: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DoctorReport {
+    pub kernel: String,
+    pub btf: bool,
+    pub lockdown: String,
+    pub privileges: Privileges,
+    pub attach_types: Vec<AttachTypeReport>,
+    pub plan: Vec<PlanRow>,
+    pub can_trace: bool,
+    /// Why tracing is impossible, when it is.
+    pub reason: Option<String>,
+}
+
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+fn lockdown() -> String {
+    match std::fs::read_to_string("/sys/kernel/security/lockdown") {
+        Ok(s) => s
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+            .unwrap_or("unknown")
+            .to_string(),
+        Err(_) => "unknown (securityfs not mounted or no lockdown LSM)".into(),
+    }
+}
+
+type DynErr = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Runs `f` on a thread inside a fresh, empty network namespace with its own copy of the object.
+fn in_private_netns(f: impl FnOnce(&mut Ebpf) -> Result<(), DynErr> + Send + 'static) -> Result<(), DynErr> {
+    let obj = object::check_built().map_err(|e| -> DynErr { e.to_string().into() })?;
+    std::thread::spawn(move || -> Result<(), DynErr> {
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(Box::new(std::io::Error::last_os_error()));
+        }
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &KernelOffsets::default(), true)
+            .override_global("TARGET_NETNS", &0u32, true)
+            .load(obj)?;
+        let r = f(&mut ebpf);
+        drop(ebpf); // detach everything before this namespace goes away
+        r
+    })
+    .join()
+    .map_err(|_| -> DynErr { "doctor worker panicked".into() })?
+}
+
+fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, DynErr>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing"))?;
+    Ok(p.try_into()?)
+}
+
+fn probe(kind: &'static str) -> AttachTypeReport {
+    let r = in_private_netns(move |ebpf| {
+        match kind {
+            "fentry" => {
+                let btf = aya::Btf::from_sys_fs()?;
+                let p: &mut FEntry = prog(ebpf, "doctor_fentry")?;
+                p.load("__dev_queue_xmit", &btf)?;
+                p.attach()?;
+            }
+            "kprobe" => {
+                let p: &mut KProbe = prog(ebpf, "doctor_kprobe")?;
+                p.load()?;
+                p.attach("__dev_queue_xmit", 0)?;
+            }
+            "tp_btf" => {
+                let btf = aya::Btf::from_sys_fs()?;
+                let p: &mut BtfTracePoint = prog(ebpf, "doctor_tp_btf")?;
+                p.load("softirq_exit", &btf)?;
+                p.attach()?;
+            }
+            "raw_tracepoint" => {
+                let p: &mut RawTracePoint = prog(ebpf, "doctor_raw_tp")?;
+                p.load()?;
+                p.attach("softirq_entry")?;
+            }
+            "tracepoint" => {
+                let p: &mut TracePoint = prog(ebpf, "doctor_tracepoint")?;
+                p.load()?;
+                p.attach("irq", "softirq_entry").map_err(|e| -> DynErr {
+                    let s = e.to_string();
+                    if s.contains("tracefs") || s.contains("No such file") {
+                        format!("{s} (tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing)").into()
+                    } else {
+                        Box::new(e)
+                    }
+                })?;
+            }
+            "xdp_generic" => {
+                let p: &mut Xdp = prog(ebpf, "lo_xdp")?;
+                p.load()?;
+                p.attach_to_if_index(LOOPBACK_IFINDEX, XdpMode::Skb)?;
+            }
+            "tcx" => {
+                let p: &mut SchedClassifier = prog(ebpf, "lo_tc_egress")?;
+                p.load()?;
+                p.attach_with_options("lo", TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))?;
+            }
+            _ => return Err(format!("unknown kind {kind}").into()),
+        }
+        Ok(())
+    });
+    AttachTypeReport { kind, available: r.is_ok(), error: r.err().map(|e| explain(e.as_ref(), kind)) }
+}
+
+pub const KINDS: [&str; 7] = ["fentry", "kprobe", "tp_btf", "raw_tracepoint", "tracepoint", "xdp_generic", "tcx"];
+
+pub fn run() -> Result<DoctorReport> {
+    let privs = privileges();
+    let btf = std::path::Path::new(VMLINUX_BTF).exists();
+    let mut reason = None;
+    let attach_types: Vec<AttachTypeReport> = if !privs.sufficient() {
+        reason = Some(privs.require().unwrap_err().to_string());
+        KINDS
+            .iter()
+            .map(|k| AttachTypeReport { kind: k, available: false, error: Some("not tried: insufficient privileges".into()) })
+            .collect()
+    } else if let Err(e) = object::check_built() {
+        reason = Some(e.to_string());
+        KINDS.iter().map(|k| AttachTypeReport { kind: k, available: false, error: Some("not tried: no eBPF object".into()) }).collect()
+    } else {
+        KINDS.iter().map(|k| probe(k)).collect()
+    };
+    let avail = |kind: &str| attach_types.iter().any(|a| a.kind == kind && a.available);
+    if reason.is_none() && btf {
+        // The offsets the programs need must resolve on this kernel.
+        if let Err(e) = KernelBtf::load().and_then(|k| k.offsets()) {
+            reason = Some(format!("kernel BTF lacks what lotrace needs: {e:#}"));
+        }
+    }
+    let plan: Vec<PlanRow> = PLAN
+        .iter()
+        .map(|hp| PlanRow {
+            stage: hp.hook.map(|h| crate::path::stage_name(h).to_string()).unwrap_or_else(|| "(softirq state)".into()),
+            program: hp.program,
+            attach: hp.attach.kind(),
+            target: hp.attach.target(),
+            kernel_fn: hp.kernel_fn,
+            required: hp.required,
+            available: avail(hp.attach.kind()),
+        })
+        .collect();
+    if reason.is_none() {
+        if !btf {
+            reason = Some(format!("no kernel BTF ({VMLINUX_BTF}); lotrace needs CONFIG_DEBUG_INFO_BTF=y"));
+        } else if let Some(row) = plan.iter().find(|r| r.required && !r.available) {
+            reason = Some(format!("required hook {} ({}) cannot attach on this kernel", row.program, row.attach));
+        }
+    }
+    let _ = Attach::XdpLo; // the plan's attach kinds are the ones probed above
+    Ok(DoctorReport {
+        kernel: kernel_release(),
+        btf,
+        lockdown: lockdown(),
+        privileges: privs,
+        attach_types,
+        plan,
+        can_trace: reason.is_none(),
+        reason,
+    })
+}
+
+pub fn render_text(r: &DoctorReport) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "kernel      {}", r.kernel);
+    let _ = writeln!(s, "BTF         {}", if r.btf { "yes (/sys/kernel/btf/vmlinux)" } else { "NO" });
+    let _ = writeln!(s, "lockdown    {}", r.lockdown);
+    let p = &r.privileges;
+    let _ = writeln!(
+        s,
+        "privileges  euid {} | CAP_BPF {} | CAP_PERFMON {} | CAP_NET_ADMIN {}",
+        p.euid,
+        yn(p.cap_bpf),
+        yn(p.cap_perfmon),
+        yn(p.cap_net_admin)
+    );
+    let _ = writeln!(s, "\nattach types (tried for real, then detached):");
+    for a in &r.attach_types {
+        let _ = writeln!(
+            s,
+            "  {:<15} {:<4} {}",
+            a.kind,
+            if a.available { "yes" } else { "no" },
+            a.error.as_deref().unwrap_or("")
+        );
+    }
+    let _ = writeln!(s, "\nhook plan for tracing on this kernel:");
+    for row in &r.plan {
+        let _ = writeln!(
+            s,
+            "  {:<17} {:<24} {:<12} {:<4} {}{}",
+            row.stage,
+            row.target,
+            row.attach,
+            if row.available { "ok" } else { "n/a" },
+            row.kernel_fn,
+            if row.required { " (required)" } else { "" }
+        );
+    }
+    let _ = writeln!(s);
+    match &r.reason {
+        None => {
+            let _ = writeln!(s, "tracing: possible");
+        }
+        Some(why) => {
+            let _ = writeln!(s, "tracing: NOT possible: {why}");
+        }
+    }
+    s
+}
+
+fn yn(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+pub fn require_can_trace(r: &DoctorReport) -> Result<()> {
+    match &r.reason {
+        None => Ok(()),
+        Some(why) => Err(anyhow!("{why}")),
+    }
+}

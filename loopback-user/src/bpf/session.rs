@@ -1,0 +1,266 @@
+//! Loading the programs, attaching the plan in one step, and reading counters.
+//! Everything attaches through bpf_link / tcx / fd-owned raw tracepoints: when the process exits,
+//! however it exits (even `kill -9`), the kernel closes the fds and detaches everything.
+use std::collections::HashMap;
+
+use anyhow::{Context, Result, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{BtfTracePoint, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
+};
+use loopback_common::{DEFAULT_RING_BYTES, KernelOffsets, LOOPBACK_IFINDEX, counter};
+use serde::Serialize;
+
+use super::{
+    btf::{KernelBtf, short_drop_reason},
+    object,
+    probes::{Attach, HookPoint, PLAN},
+};
+use crate::netns::Netns;
+
+#[derive(Clone, Debug)]
+pub struct SessionOptions {
+    pub netns: Netns,
+    pub ring_bytes: u32,
+    /// Attach generic XDP on `lo` (ingress bytes). tc ingress is attached either way.
+    pub xdp: bool,
+}
+
+impl SessionOptions {
+    pub fn new(netns: Netns) -> Self {
+        Self { netns, ring_bytes: DEFAULT_RING_BYTES, xdp: true }
+    }
+}
+
+/// What happened to one hook point.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttachOutcome {
+    pub program: &'static str,
+    pub kind: &'static str,
+    pub target: String,
+    pub attached: bool,
+    pub error: Option<String>,
+}
+
+/// Kernel-side loss counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Events the kernel could not put in the ring buffer (full).
+    pub ring_lost: u64,
+    /// Packets that could not be put in the scope map (their later stages are missing).
+    pub scope_full: u64,
+    /// Kernel memory reads that failed (fields left empty).
+    pub read_failed: u64,
+}
+
+pub struct Session {
+    pub ebpf: Ebpf,
+    pub outcomes: Vec<AttachOutcome>,
+    pub drop_reasons: HashMap<u64, String>,
+    pub netns: Netns,
+}
+
+/// Root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN (or CAP_SYS_ADMIN).
+pub fn privileges() -> Privileges {
+    let euid = unsafe { libc::geteuid() };
+    let cap_eff = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    let has = |bit: u32| cap_eff & (1u64 << bit) != 0;
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    Privileges {
+        euid,
+        cap_bpf: has(CAP_BPF) || has(CAP_SYS_ADMIN),
+        cap_perfmon: has(CAP_PERFMON) || has(CAP_SYS_ADMIN),
+        cap_net_admin: has(CAP_NET_ADMIN),
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Privileges {
+    pub euid: u32,
+    pub cap_bpf: bool,
+    pub cap_perfmon: bool,
+    pub cap_net_admin: bool,
+}
+
+impl Privileges {
+    pub fn sufficient(&self) -> bool {
+        self.cap_bpf && self.cap_perfmon && self.cap_net_admin
+    }
+    pub fn require(&self) -> Result<()> {
+        if !self.sufficient() {
+            bail!("lotrace needs root (or CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): run it with sudo");
+        }
+        Ok(())
+    }
+}
+
+/// The errno inside an aya/io error chain, if any.
+pub fn errno_of(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && let Some(n) = io.raw_os_error()
+        {
+            return Some(n);
+        }
+        if let Some(aya::programs::ProgramError::SyscallError(s)) = err.downcast_ref::<aya::programs::ProgramError>()
+            && let Some(n) = s.io_error.raw_os_error()
+        {
+            return Some(n);
+        }
+        if let Some(aya::programs::ProgramError::LoadError { io_error, .. }) =
+            err.downcast_ref::<aya::programs::ProgramError>()
+            && let Some(n) = io_error.raw_os_error()
+        {
+            return Some(n);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// A one-line explanation of an attach/load failure: errno name and plain-language cause.
+pub fn explain(e: &(dyn std::error::Error + 'static), kind: &str) -> String {
+    let msg = e.to_string();
+    match errno_of(e) {
+        Some(libc::EPERM) => format!(
+            "EPERM: the kernel refused ({}): {msg}",
+            match kind {
+                "fentry" | "fexit" => "ftrace function patching is not permitted on this kernel",
+                _ => "missing privilege or a lockdown/LSM policy",
+            }
+        ),
+        Some(libc::ENOENT) => format!("ENOENT: the hook does not exist on this kernel: {msg}"),
+        Some(libc::EBUSY) | Some(libc::EEXIST) => format!(
+            "EBUSY: another program is already attached there; lotrace never replaces it: {msg}"
+        ),
+        Some(libc::EOPNOTSUPP) | Some(libc::ENOTSUPP_) => {
+            format!("EOPNOTSUPP: this attach type is not supported by this kernel: {msg}")
+        }
+        Some(libc::EINVAL) => format!("EINVAL: the kernel rejected the request (too old or misconfigured): {msg}"),
+        Some(libc::ENODEV) => format!("ENODEV: no such device: {msg}"),
+        Some(n) => format!("errno {n}: {msg}"),
+        None => msg,
+    }
+}
+
+mod libc {
+    pub use ::libc::*;
+    /// Kernel-internal ENOTSUPP (524), which BPF returns for some unsupported attach types.
+    pub const ENOTSUPP_: i32 = 524;
+}
+
+impl Session {
+    /// Loads the object with this kernel's struct offsets and the target namespace, and attaches
+    /// the whole plan. Required hooks that fail abort with the reason; optional ones are reported.
+    pub fn open(opts: &SessionOptions) -> Result<Self> {
+        let obj = object::check_built()?;
+        privileges().require()?;
+        let kbtf = KernelBtf::load()?;
+        let offsets: KernelOffsets = kbtf.offsets()?;
+        let drop_reasons = kbtf
+            .enum_names("skb_drop_reason")
+            .map(|m| m.into_iter().map(|(k, v)| (k, short_drop_reason(&v).to_string())).collect())
+            .unwrap_or_default();
+        let btf = aya::Btf::from_sys_fs().context("parsing kernel BTF for tp_btf programs")?;
+        let mut ebpf = EbpfLoader::new()
+            .override_global("OFFSETS", &offsets, true)
+            .override_global("TARGET_NETNS", &opts.netns.inode, true)
+            .map_max_entries("EVENTS", opts.ring_bytes)
+            .load(obj)
+            .map_err(|e| anyhow!("loading the eBPF object failed: {}", explain(&e, "load")))?;
+        let mut outcomes = Vec::new();
+        for hp in PLAN {
+            if hp.attach == Attach::XdpLo && !opts.xdp {
+                outcomes.push(AttachOutcome {
+                    program: hp.program,
+                    kind: hp.attach.kind(),
+                    target: hp.attach.target(),
+                    attached: false,
+                    error: Some("disabled (--no-xdp)".into()),
+                });
+                continue;
+            }
+            let res = attach_one(&mut ebpf, hp, &btf, &opts.netns);
+            let error = res.as_ref().err().map(|e| explain(e.as_ref(), hp.attach.kind()));
+            if let Some(err) = &error
+                && hp.required
+            {
+                bail!("cannot attach {} ({}): {err}", hp.program, hp.attach.target());
+            }
+            outcomes.push(AttachOutcome {
+                program: hp.program,
+                kind: hp.attach.kind(),
+                target: hp.attach.target(),
+                attached: error.is_none(),
+                error,
+            });
+        }
+        Ok(Self { ebpf, outcomes, drop_reasons, netns: opts.netns.clone() })
+    }
+
+    pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
+        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("EVENTS map missing"))?;
+        Ok(RingBuf::try_from(map)?)
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters> {
+        let map = self.ebpf.map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?;
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
+        let sum = |i: u32| -> Result<u64> { Ok(arr.get(&i, 0)?.iter().sum()) };
+        Ok(KernelCounters {
+            ring_lost: sum(counter::RING_LOST)?,
+            scope_full: sum(counter::SCOPE_FULL)?,
+            read_failed: sum(counter::READ_FAILED)?,
+        })
+    }
+
+    /// Hook points that could not be attached (optional ones; required ones abort `open`).
+    pub fn missing(&self) -> impl Iterator<Item = &AttachOutcome> {
+        self.outcomes.iter().filter(|o| !o.attached)
+    }
+}
+
+type DynErr = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+fn attach_one(ebpf: &mut Ebpf, hp: &HookPoint, btf: &aya::Btf, netns: &Netns) -> Result<(), DynErr> {
+    let prog = ebpf
+        .program_mut(hp.program)
+        .ok_or_else(|| format!("program {} missing from the eBPF object", hp.program))?;
+    match hp.attach {
+        Attach::TpBtf(tp) => {
+            let p: &mut BtfTracePoint = prog.try_into()?;
+            p.load(tp, btf)?;
+            p.attach()?;
+        }
+        Attach::XdpLo => {
+            let p: &mut Xdp = prog.try_into()?;
+            p.load()?;
+            // The link is created in the target namespace, on its lo (ifindex 1 in every netns).
+            netns
+                .run(|| p.attach_to_if_index(LOOPBACK_IFINDEX, XdpMode::Skb).map(|_| ()))
+                .map_err(|e| -> DynErr { e.into() })??;
+        }
+        Attach::TcEgressLo | Attach::TcIngressLo => {
+            let p: &mut SchedClassifier = prog.try_into()?;
+            p.load()?;
+            let dir = if hp.attach == Attach::TcEgressLo { TcAttachType::Egress } else { TcAttachType::Ingress };
+            // tcx links append after existing programs and never replace them.
+            netns
+                .run(|| p.attach_with_options("lo", dir, TcAttachOptions::TcxOrder(LinkOrder::default())).map(|_| ()))
+                .map_err(|e| -> DynErr { e.into() })??;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! Pure, bounds-checked decoding: ring-buffer bytes -> [`Event`]. No transmutes: the record is
+//! read with `read_unaligned`, the hook id goes through `TryFrom`, headers through etherparse.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use etherparse::{LaxNetSlice, LaxSlicedPacket};
+use loopback_common::{HDR_CAP, Hook, NAME_LEN, RAW_EVENT_SIZE, RawEvent, hdr_kind};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("event record is {0} bytes, expected {RAW_EVENT_SIZE}")]
+    Size(usize),
+    #[error("unknown hook id {0}")]
+    Hook(u8),
+}
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Icmp {
+    #[serde(rename = "type")]
+    pub ty: u8,
+    pub code: u8,
+    pub id: u16,
+    pub seq: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Tcp {
+    pub seq: u32,
+    pub ack: u32,
+    /// FIN=0x01 SYN=0x02 RST=0x04 PSH=0x08 ACK=0x10 URG=0x20 ...
+    pub flags: u8,
+}
+
+/// Header fields of one packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PacketInfo {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IP protocol number of the transport (after IPv6 extension headers).
+    pub proto: u8,
+    pub sport: Option<u16>,
+    pub dport: Option<u16>,
+    pub icmp: Option<Icmp>,
+    pub tcp: Option<Tcp>,
+    /// Transport payload bytes according to the IP header (TCP/UDP payload length).
+    pub l4_payload_len: Option<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub dst: IpAddr,
+    pub src: IpAddr,
+    pub table: u32,
+    pub err: i32,
+    pub dev: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub skb: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub ifname: String,
+    pub ifindex: u32,
+    pub cpu: u32,
+    pub len: u32,
+    pub hook: Hook,
+    pub arg0: u64,
+    pub arg1: u64,
+    pub packet: Option<PacketInfo>,
+    pub route: Option<RouteInfo>,
+}
+
+fn cstr(b: &[u8; NAME_LEN]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(NAME_LEN);
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() < RAW_EVENT_SIZE {
+        return Err(DecodeError::Size(bytes.len()));
+    }
+    // SAFETY: length checked above; RawEvent is plain old data, every bit pattern is valid.
+    let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let hook = Hook::try_from(raw.hook).map_err(DecodeError::Hook)?;
+    let n = (raw.hdr_len as usize).min(HDR_CAP);
+    let hdr = &raw.hdr[..n];
+    let (packet, route) = match raw.hdr_kind {
+        hdr_kind::L3 => (parse_l3(hdr), None),
+        hdr_kind::ETH => (parse_eth(hdr), None),
+        hdr_kind::ROUTE => (None, parse_route(hdr, &raw)),
+        _ => (None, None),
+    };
+    Ok(Event {
+        ts_ns: raw.ts_ns,
+        skb: raw.skb,
+        tgid: (raw.pid_tgid >> 32) as u32,
+        tid: raw.pid_tgid as u32,
+        comm: cstr(&raw.comm),
+        ifname: cstr(&raw.ifname),
+        ifindex: raw.ifindex,
+        cpu: raw.cpu,
+        len: raw.len,
+        hook,
+        arg0: raw.arg0,
+        arg1: raw.arg1,
+        packet,
+        route,
+    })
+}
+
+fn parse_route(h: &[u8], raw: &RawEvent) -> Option<RouteInfo> {
+    if h.len() < 36 {
+        return None;
+    }
+    let (dst, src): (IpAddr, IpAddr) = match h[0] {
+        4 => (
+            Ipv4Addr::new(h[4], h[5], h[6], h[7]).into(),
+            Ipv4Addr::new(h[20], h[21], h[22], h[23]).into(),
+        ),
+        6 => {
+            let d: [u8; 16] = h[4..20].try_into().ok()?;
+            let s: [u8; 16] = h[20..36].try_into().ok()?;
+            (Ipv6Addr::from(d).into(), Ipv6Addr::from(s).into())
+        }
+        _ => return None,
+    };
+    Some(RouteInfo { dst, src, table: raw.arg0 as u32, err: raw.arg1 as i64 as i32, dev: cstr(&raw.ifname) })
+}
+
+pub fn parse_eth(h: &[u8]) -> Option<PacketInfo> {
+    let p = LaxSlicedPacket::from_ethernet(h).ok()?;
+    from_net(p.net.as_ref()?)
+}
+
+pub fn parse_l3(h: &[u8]) -> Option<PacketInfo> {
+    let p = LaxSlicedPacket::from_ip(h).ok()?;
+    from_net(p.net.as_ref()?)
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn from_net(net: &LaxNetSlice<'_>) -> Option<PacketInfo> {
+    let (src, dst, total_payload): (IpAddr, IpAddr, Option<u32>) = match net {
+        LaxNetSlice::Ipv4(v4) => {
+            let h = v4.header();
+            let total = h.total_len() as u32;
+            let hl = h.ihl() as u32 * 4;
+            (h.source_addr().into(), h.destination_addr().into(), total.checked_sub(hl))
+        }
+        LaxNetSlice::Ipv6(v6) => {
+            let h = v6.header();
+            let ext = v6.extensions().slice().len() as u32;
+            (h.source_addr().into(), h.destination_addr().into(), (h.payload_length() as u32).checked_sub(ext))
+        }
+        LaxNetSlice::Arp(_) => return None,
+    };
+    let pl = net.ip_payload_ref()?;
+    let proto = pl.ip_number.0;
+    // Transport fields are read by hand: the capture is a fixed 96 bytes and etherparse's
+    // transport slicers reject headers whose options run past it; we need only fixed fields.
+    let b = pl.payload;
+    let mut info = PacketInfo {
+        src,
+        dst,
+        proto,
+        sport: None,
+        dport: None,
+        icmp: None,
+        tcp: None,
+        l4_payload_len: None,
+    };
+    match proto {
+        PROTO_TCP => {
+            info.sport = be16(b, 0);
+            info.dport = be16(b, 2);
+            if let (Some(seq), Some(ack), Some(&off), Some(&flags)) = (be32(b, 4), be32(b, 8), b.get(12), b.get(13)) {
+                info.tcp = Some(Tcp { seq, ack, flags });
+                info.l4_payload_len = total_payload.and_then(|t| t.checked_sub((off >> 4) as u32 * 4));
+            }
+        }
+        PROTO_UDP => {
+            info.sport = be16(b, 0);
+            info.dport = be16(b, 2);
+            info.l4_payload_len = be16(b, 4).and_then(|l| (l as u32).checked_sub(8));
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            if let (Some(&ty), Some(&code)) = (b.first(), b.get(1)) {
+                info.icmp = Some(Icmp { ty, code, id: be16(b, 4).unwrap_or(0), seq: be16(b, 6).unwrap_or(0) });
+            }
+        }
+        _ => {}
+    }
+    Some(info)
+}
+
+pub fn proto_name(p: u8) -> String {
+    match p {
+        PROTO_ICMP => "icmp".into(),
+        PROTO_TCP => "tcp".into(),
+        PROTO_UDP => "udp".into(),
+        PROTO_ICMPV6 => "icmp6".into(),
+        n => format!("proto-{n}"),
+    }
+}
+
+/// Encodes an event back into its raw record (tests, fixtures and recordings).
+pub fn encode(raw: &RawEvent) -> Vec<u8> {
+    // SAFETY: RawEvent is repr(C) plain old data.
+    unsafe { std::slice::from_raw_parts((raw as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) }.to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn blank(hook: Hook) -> RawEvent {
+        RawEvent {
+            ts_ns: 1,
+            skb: 0xffff_8880_0000_1000,
+            pid_tgid: (42u64 << 32) | 43,
+            arg0: 0,
+            arg1: 0,
+            comm: *b"ping\0\0\0\0\0\0\0\0\0\0\0\0",
+            ifname: *b"lo\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+            cpu: 1,
+            len: 84,
+            ifindex: 1,
+            hook: hook as u8,
+            hdr_kind: 0,
+            hdr_len: 0,
+            hdr: [0; HDR_CAP],
+        }
+    }
+
+    fn icmp_echo_v4() -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ipv4([127, 0, 0, 1], [127, 0, 0, 2], 64).icmpv4_echo_request(0x1234, 7);
+        let mut out = Vec::new();
+        b.write(&mut out, &[0u8; 56]).expect("build");
+        out
+    }
+
+    #[test]
+    fn decodes_icmp_from_l3_capture() {
+        let mut r = blank(Hook::DevQueue);
+        let pkt = icmp_echo_v4();
+        r.hdr_kind = hdr_kind::L3;
+        r.hdr_len = HDR_CAP as u16;
+        r.hdr.copy_from_slice(&pkt[..HDR_CAP]);
+        let e = decode(&encode(&r)).expect("decode");
+        let p = e.packet.expect("packet");
+        assert_eq!(p.src, "127.0.0.1".parse::<IpAddr>().expect("ip"));
+        assert_eq!(p.dst, "127.0.0.2".parse::<IpAddr>().expect("ip"));
+        assert_eq!(p.icmp, Some(Icmp { ty: 8, code: 0, id: 0x1234, seq: 7 }));
+        assert_eq!((e.tgid, e.tid, e.comm.as_str(), e.ifname.as_str()), (42, 43, "ping", "lo"));
+    }
+
+    #[test]
+    fn decodes_tcp_over_ipv6_with_truncated_options() {
+        let b = etherparse::PacketBuilder::ipv6([0; 16], [0; 16], 64)
+            .tcp(40000, 80, 1000, 65535)
+            .syn()
+            .options(&[etherparse::TcpOptionElement::MaximumSegmentSize(65476); 1])
+            .expect("opts");
+        let mut pkt = Vec::new();
+        b.write(&mut pkt, &[1u8; 200]).expect("build");
+        let p = parse_l3(&pkt[..HDR_CAP]).expect("parsed");
+        assert_eq!((p.proto, p.sport, p.dport), (PROTO_TCP, Some(40000), Some(80)));
+        assert_eq!(p.tcp.map(|t| (t.seq, t.flags & 0x02)), Some((1000, 0x02)));
+        assert_eq!(p.l4_payload_len, Some(200));
+    }
+
+    #[test]
+    fn decodes_ethernet_capture() {
+        let b = etherparse::PacketBuilder::ethernet2([0; 6], [0; 6]).ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64).udp(5000, 6000);
+        let mut pkt = Vec::new();
+        b.write(&mut pkt, &[0u8; 64]).expect("build");
+        let p = parse_eth(&pkt).expect("parsed");
+        assert_eq!((p.proto, p.sport, p.dport, p.l4_payload_len), (PROTO_UDP, Some(5000), Some(6000), Some(64)));
+    }
+
+    #[test]
+    fn rejects_short_records_and_unknown_hooks() {
+        assert_eq!(decode(&[0u8; 10]), Err(DecodeError::Size(10)));
+        let mut r = blank(Hook::DevQueue);
+        r.hook = 99;
+        assert_eq!(decode(&encode(&r)), Err(DecodeError::Hook(99)));
+    }
+
+    #[test]
+    fn garbage_headers_never_panic() {
+        let mut r = blank(Hook::Receive);
+        for kind in [hdr_kind::L3, hdr_kind::ETH, hdr_kind::ROUTE, 77] {
+            for fill in [0u8, 0x45, 0x60, 0xff] {
+                r.hdr_kind = kind;
+                r.hdr = [fill; HDR_CAP];
+                r.hdr_len = u16::MAX; // larger than the buffer: must be clamped
+                let _ = decode(&encode(&r)).expect("decodes");
+            }
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! lotrace: trace packets through the Linux loopback path with eBPF.
+pub mod bpf;
+pub mod cli;
+pub mod decode;
+pub mod filter;
+pub mod netns;
+pub mod output;
+pub mod path;
+pub mod trace;

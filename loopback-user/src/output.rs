@@ -1,0 +1,310 @@
+//! Sinks: one JSON object per packet per line, readable text blocks, and the exit summary.
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::{
+    bpf::session::KernelCounters,
+    decode::proto_name,
+    path::{PacketPath, Stats},
+};
+
+/// Route table ids with a name (include/uapi/linux/rtnetlink.h).
+pub fn table_name(id: u32) -> String {
+    match id {
+        255 => "local".into(),
+        254 => "main".into(),
+        253 => "default".into(),
+        n => n.to_string(),
+    }
+}
+
+/// The JSON schema documented in the README ("JSON output"). Every key is always present.
+pub fn packet_json(p: &PacketPath) -> Value {
+    let info = p.info.as_ref();
+    let first = p.first_ts();
+    let mut prev = first;
+    let stages: Vec<Value> = p
+        .stages
+        .iter()
+        .map(|s| {
+            let d = s.t_ns.saturating_sub(prev);
+            prev = s.t_ns;
+            json!({
+                "stage": s.stage, "t_ns": s.t_ns, "delta_ns": d, "cpu": s.cpu,
+                "pid": s.pid, "tid": s.tid, "comm": s.comm, "dev": s.dev,
+            })
+        })
+        .collect();
+    json!({
+        "id": p.id,
+        "t_ns": first,
+        "proto": info.map(|i| proto_name(i.proto)),
+        "src": info.map(|i| i.src.to_string()),
+        "dst": info.map(|i| i.dst.to_string()),
+        "len": p.len,
+        "sport": info.and_then(|i| i.sport),
+        "dport": info.and_then(|i| i.dport),
+        "icmp": info.and_then(|i| i.icmp),
+        "tcp": info.and_then(|i| i.tcp),
+        "tx_dev": p.tx_dev,
+        "rx_dev": p.rx_dev,
+        "left_host": p.left_host(),
+        "complete": p.complete,
+        "verdict": p.verdict.as_str(),
+        "drop_reason": p.drop_reason,
+        "reply_of": p.reply_of,
+        "clone_of": p.clone_of,
+        "route": p.route.as_ref().map(|r| json!({
+            "table": r.table, "table_name": table_name(r.table), "dev": r.dev,
+            "dst": r.dst.to_string(), "src": r.src.to_string(), "err": r.err,
+        })),
+        "softirq": p.softirq.as_ref().map(|s| json!({
+            "cpu": s.cpu, "context": s.context.as_str(), "task": s.task, "pid": s.pid,
+            "raised": s.raised, "new_run": s.new_run,
+        })),
+        "latency_ns": p.last_ts().saturating_sub(first),
+        "stages": stages,
+    })
+}
+
+fn fmt_ns(ns: u64) -> String {
+    if ns < 1_000 {
+        format!("{ns}ns")
+    } else if ns < 1_000_000 {
+        format!("{:.1}us", ns as f64 / 1e3)
+    } else {
+        format!("{:.2}ms", ns as f64 / 1e6)
+    }
+}
+
+pub struct TextStyle {
+    pub color: bool,
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC, to print wall time.
+    pub wall_offset_ns: i128,
+}
+
+fn wall(ts: u64, off: i128) -> String {
+    let t = ts as i128 + off;
+    if t <= 0 {
+        return format!("{ts}");
+    }
+    let secs = (t / 1_000_000_000) as i64;
+    let us = ((t % 1_000_000_000) / 1_000) as i64;
+    let day = secs.rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02}.{:06}", day / 3600, day / 60 % 60, day % 60, us)
+}
+
+pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
+    let mut s = String::new();
+    let paint = |code: &str, text: &str| if st.color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_string() };
+    let what = match &p.info {
+        Some(i) => {
+            let mut w = format!("{} {} -> {}", proto_name(i.proto), i.src, i.dst);
+            if let (Some(sp), Some(dp)) = (i.sport, i.dport) {
+                w = format!("{} {}:{} -> {}:{}", proto_name(i.proto), i.src, sp, i.dst, dp);
+            }
+            if let Some(ic) = i.icmp {
+                let kind = match (i.proto, ic.ty) {
+                    (1, 8) | (58, 128) => "echo-request".to_string(),
+                    (1, 0) | (58, 129) => "echo-reply".to_string(),
+                    (_, t) => format!("type {t}"),
+                };
+                let _ = write!(w, " {kind} id {} seq {}", ic.id, ic.seq);
+            }
+            if let Some(t) = i.tcp {
+                let _ = write!(w, " [{}] seq {} ack {}", tcp_flags(t.flags), t.seq, t.ack);
+            }
+            w
+        }
+        None => "(no headers seen)".into(),
+    };
+    let verdict = match p.drop_reason.as_deref() {
+        Some(r) if p.is_drop() => paint("31", &format!("DROPPED {r}")),
+        _ if !p.complete => paint("33", p.verdict.as_str()),
+        _ => paint("32", p.verdict.as_str()),
+    };
+    let _ = write!(
+        s,
+        "{} #{} {} len {} {} {}->{}",
+        wall(p.first_ts(), st.wall_offset_ns),
+        p.id,
+        what,
+        p.len,
+        verdict,
+        p.tx_dev.as_deref().unwrap_or("?"),
+        p.rx_dev.as_deref().unwrap_or("?"),
+    );
+    if p.left_host() {
+        let _ = write!(s, " {}", paint("35", "LEFT HOST"));
+    }
+    if let Some(r) = p.reply_of {
+        let _ = write!(s, " reply-of #{r}");
+    }
+    if let Some(c) = p.clone_of {
+        let _ = write!(s, " clone-of #{c}");
+    }
+    if let Some(si) = &p.softirq {
+        let _ = write!(s, " softirq {} cpu{} ({})", si.context.as_str(), si.cpu, si.task);
+    }
+    let _ = writeln!(s, " total {}", fmt_ns(p.last_ts().saturating_sub(p.first_ts())));
+    let mut prev = p.first_ts();
+    for stg in &p.stages {
+        let d = stg.t_ns.saturating_sub(prev);
+        prev = stg.t_ns;
+        let mut extra = stg.dev.clone().unwrap_or_default();
+        if stg.stage == "route"
+            && let Some(r) = &p.route
+        {
+            extra = format!("table {} dev {}", table_name(r.table), r.dev);
+        }
+        let _ = writeln!(s, "    +{:<9} {:<16} cpu{:<3} {}/{:<8} {}", fmt_ns(d), stg.stage, stg.cpu, stg.comm, stg.tid, extra);
+    }
+    s
+}
+
+fn tcp_flags(f: u8) -> String {
+    let names = [(0x02, 'S'), (0x10, '.'), (0x08, 'P'), (0x01, 'F'), (0x04, 'R'), (0x20, 'U')];
+    names.iter().filter(|(b, _)| f & b != 0).map(|(_, c)| *c).collect()
+}
+
+/// Totals shown when tracing ends. Nothing lost is ever left out.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub printed: u64,
+    pub kernel: KernelCounters,
+    pub undecodable: u64,
+}
+
+pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
+    let stages: serde_json::Map<String, Value> = stats
+        .stage_latency
+        .iter()
+        .map(|(k, h)| {
+            ((*k).to_string(), json!({"count": h.len(), "p50_ns": h.value_at_quantile(0.5), "p99_ns": h.value_at_quantile(0.99)}))
+        })
+        .collect();
+    json!({
+        "summary": {
+            "packets": stats.packets,
+            "printed": sum.printed,
+            "complete": stats.complete,
+            "complete_pct": pct(stats.complete, stats.packets),
+            "drops": stats.drops,
+            "lost_events": sum.kernel.ring_lost,
+            "scope_overflow": sum.kernel.scope_full,
+            "read_failures": sum.kernel.read_failed,
+            "undecodable_events": sum.undecodable,
+            "unlinked_lo_events": stats.unlinked_lo_events,
+            "expired": stats.expired,
+            "in_flight_at_end": stats.in_flight_at_end,
+            "softirq_context": stats.by_context,
+            "stage_latency": stages,
+        }
+    })
+}
+
+fn pct(a: u64, b: u64) -> f64 {
+    if b == 0 { 100.0 } else { (a as f64 * 1000.0 / b as f64).round() / 10.0 }
+}
+
+pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
+    let mut s = String::new();
+    let drops = if stats.drops.is_empty() {
+        "none".to_string()
+    } else {
+        stats.drops.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+    };
+    let _ = writeln!(
+        s,
+        "--- lotrace summary: {} packets ({} printed), {} complete ({}%), drops: {}",
+        stats.packets,
+        sum.printed,
+        stats.complete,
+        pct(stats.complete, stats.packets),
+        drops
+    );
+    let _ = writeln!(
+        s,
+        "    lost events: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | expired: {} | in flight at end: {}",
+        sum.kernel.ring_lost,
+        sum.kernel.scope_full,
+        sum.kernel.read_failed,
+        sum.undecodable,
+        stats.unlinked_lo_events,
+        stats.expired,
+        stats.in_flight_at_end
+    );
+    if !stats.by_context.is_empty() {
+        let c: Vec<String> = stats.by_context.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(s, "    softirq context: {}", c.join(", "));
+    }
+    if !stats.stage_latency.is_empty() {
+        let _ = writeln!(s, "    stage (from previous)     count        p50        p99");
+        for (k, h) in &stats.stage_latency {
+            let _ = writeln!(
+                s,
+                "    {:<22} {:>8} {:>10} {:>10}",
+                k,
+                h.len(),
+                fmt_ns(h.value_at_quantile(0.5)),
+                fmt_ns(h.value_at_quantile(0.99))
+            );
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::path::{Tracker, TrackerConfig, tests::raw_ping_sequence};
+
+    fn paths() -> (Vec<PacketPath>, Stats) {
+        let mut t = Tracker::new(TrackerConfig::default(), HashMap::from([(2, "NO_SOCKET".into())]));
+        let mut out = Vec::new();
+        for e in raw_ping_sequence() {
+            out.extend(t.push(e));
+        }
+        out.extend(t.flush());
+        (out, t.stats)
+    }
+
+    #[test]
+    fn json_has_every_documented_key() {
+        let (ps, _) = paths();
+        for p in &ps {
+            let v = packet_json(p);
+            for k in [
+                "id", "t_ns", "proto", "src", "dst", "len", "sport", "dport", "icmp", "tcp", "tx_dev", "rx_dev", "left_host",
+                "complete", "verdict", "drop_reason", "reply_of", "clone_of", "route", "softirq", "latency_ns", "stages",
+            ] {
+                assert!(v.get(k).is_some(), "missing {k} in {v}");
+            }
+            for s in v["stages"].as_array().expect("stages") {
+                for k in ["stage", "t_ns", "delta_ns", "cpu", "pid", "tid", "comm", "dev"] {
+                    assert!(s.get(k).is_some(), "stage lacks {k}");
+                }
+            }
+        }
+        let req = packet_json(&ps[0]);
+        assert_eq!(req["icmp"]["type"], 8);
+        assert_eq!(req["softirq"]["context"], "inline");
+        assert_eq!(packet_json(&ps[1])["reply_of"], req["id"]);
+    }
+
+    #[test]
+    fn text_and_summary_mention_what_matters() {
+        let (ps, stats) = paths();
+        let st = TextStyle { color: false, wall_offset_ns: 0 };
+        let t = packet_text(&ps[0], &st);
+        assert!(t.contains("echo-request id 77 seq 1") && t.contains("softirq inline") && t.contains("backlog_enqueue"), "{t}");
+        assert!(!t.contains('\x1b'), "no colour when not asked");
+        let sum = Summary { printed: 3, kernel: KernelCounters { ring_lost: 7, ..Default::default() }, undecodable: 0 };
+        let s = summary_text(&stats, &sum);
+        assert!(s.contains("3 packets") && s.contains("lost events: 7") && s.contains("drops: none"), "{s}");
+        assert_eq!(summary_json(&stats, &sum)["summary"]["lost_events"], 7);
+    }
+}

@@ -1,0 +1,873 @@
+//! Path reconstruction: pure, driven only by decoded events (unit-tested on recorded sequences).
+//!
+//! Identity: an skb address names one packet from its first hook until a free hook; the next
+//! event on the same address starts a new packet (address + generation). Clones (raw sockets)
+//! start at `copy_to_user` and are linked to their original by headers; ICMP echo replies and
+//! TCP ACKs are linked to what they answer (`reply_of`).
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::IpAddr,
+};
+
+use hdrhistogram::Histogram;
+use loopback_common::Hook;
+
+use crate::decode::{Event, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PacketInfo, RouteInfo};
+
+/// Stable stage names (part of the JSON schema).
+pub fn stage_name(h: Hook) -> &'static str {
+    match h {
+        Hook::Route => "route",
+        Hook::DevQueue => "dev_queue",
+        Hook::TcEgress => "tc_egress",
+        Hook::Xmit => "xmit",
+        Hook::BacklogEnqueue => "backlog_enqueue",
+        Hook::XmitDone => "xmit_done",
+        Hook::Receive => "receive",
+        Hook::Xdp => "xdp",
+        Hook::TcIngress => "tc_ingress",
+        Hook::CopyToUser => "copy_to_user",
+        Hook::Free => "free",
+        Hook::Consume => "consume",
+    }
+}
+pub const STAGE_SOFTIRQ_RAISE: &str = "softirq_raise";
+pub const STAGE_SOFTIRQ_ENTRY: &str = "softirq_entry";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stage {
+    pub stage: &'static str,
+    pub t_ns: u64,
+    pub cpu: u32,
+    pub pid: u32,
+    pub tid: u32,
+    pub comm: String,
+    pub dev: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SoftirqContext {
+    /// Run by the sending task itself when it re-enabled bottom halves (`__local_bh_enable_ip`).
+    Inline,
+    /// Run by a `ksoftirqd/N` thread.
+    Ksoftirqd,
+    /// Run in some other task's context (another task's BH enable, or on irq exit).
+    Other,
+}
+
+impl SoftirqContext {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SoftirqContext::Inline => "inline",
+            SoftirqContext::Ksoftirqd => "ksoftirqd",
+            SoftirqContext::Other => "other",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Softirq {
+    /// CPU whose backlog held the packet and ran the softirq.
+    pub cpu: u32,
+    pub context: SoftirqContext,
+    pub task: String,
+    pub pid: u32,
+    /// This packet's enqueue raised NET_RX (false: NAPI was already scheduled).
+    pub raised: bool,
+    /// The softirq run that received it started after the packet was queued.
+    pub new_run: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Freed normally (`consume_skb`).
+    Consumed,
+    /// Delivered to a socket through a clone; the original was freed because no other socket
+    /// wanted it (raw-socket ping: NO_SOCKET on the original). Not a drop.
+    DeliveredClone,
+    /// Freed with a drop reason.
+    Dropped,
+    /// TCP skb freed on a path that fires no tracepoint, after it was received. Not a drop.
+    FreedUntraced,
+    /// No end seen before expiry.
+    Expired,
+    /// Still in flight when tracing stopped.
+    InFlight,
+}
+
+impl Verdict {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Consumed => "consumed",
+            Verdict::DeliveredClone => "delivered_clone",
+            Verdict::Dropped => "dropped",
+            Verdict::FreedUntraced => "freed_untraced",
+            Verdict::Expired => "expired",
+            Verdict::InFlight => "in_flight",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PacketPath {
+    pub id: u64,
+    pub skb: u64,
+    pub stages: Vec<Stage>,
+    pub info: Option<PacketInfo>,
+    pub len: u32,
+    pub tx_dev: Option<String>,
+    pub rx_dev: Option<String>,
+    pub route: Option<RouteInfo>,
+    pub softirq: Option<Softirq>,
+    pub verdict: Verdict,
+    pub drop_reason: Option<String>,
+    pub reply_of: Option<u64>,
+    pub clone_of: Option<u64>,
+    pub complete: bool,
+    receive_arg: Option<(u64, u64)>,
+}
+
+impl PacketPath {
+    pub fn left_host(&self) -> bool {
+        self.tx_dev.as_deref().is_some_and(|d| d != "lo")
+    }
+    pub fn first_ts(&self) -> u64 {
+        self.stages.first().map(|s| s.t_ns).unwrap_or(0)
+    }
+    pub fn last_ts(&self) -> u64 {
+        self.stages.last().map(|s| s.t_ns).unwrap_or(0)
+    }
+    pub fn has(&self, stage: &str) -> bool {
+        self.stages.iter().any(|s| s.stage == stage)
+    }
+    pub fn stage_names(&self) -> Vec<&'static str> {
+        self.stages.iter().map(|s| s.stage).collect()
+    }
+    /// Task that queued the packet for transmit (the sender), if seen.
+    pub fn sender(&self) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.stage == "dev_queue")
+    }
+    pub fn is_drop(&self) -> bool {
+        self.verdict == Verdict::Dropped
+    }
+}
+
+/// Totals for the exit summary.
+#[derive(Clone, Debug)]
+pub struct Stats {
+    pub packets: u64,
+    pub complete: u64,
+    pub expired: u64,
+    pub in_flight_at_end: u64,
+    pub drops: BTreeMap<String, u64>,
+    /// Events of the `lo` programs that could not be linked to an skb.
+    pub unlinked_lo_events: u64,
+    /// Per stage: latency from the previous stage, in ns.
+    pub stage_latency: BTreeMap<&'static str, Histogram<u64>>,
+    pub by_context: BTreeMap<&'static str, u64>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            packets: 0,
+            complete: 0,
+            expired: 0,
+            in_flight_at_end: 0,
+            drops: BTreeMap::new(),
+            unlinked_lo_events: 0,
+            stage_latency: BTreeMap::new(),
+            by_context: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TrackerConfig {
+    /// A packet with no event for this long (event clock) is finished as expired.
+    pub max_idle_ns: u64,
+    /// At most this many packets in flight; the oldest are expired beyond it.
+    pub max_inflight: usize,
+    /// How long a NO_SOCKET-freed ICMP packet waits for its delivered clone.
+    pub clone_wait_ns: u64,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self { max_idle_ns: 2_000_000_000, max_inflight: 65_536, clone_wait_ns: 1_000_000_000 }
+    }
+}
+
+/// Key of an ICMP echo: (id, seq, requester address).
+type EchoKey = (u16, u16, IpAddr);
+/// One direction of a TCP flow.
+type FlowKey = (IpAddr, u16, IpAddr, u16);
+
+pub struct Tracker {
+    cfg: TrackerConfig,
+    inflight: HashMap<u64, PacketPath>,
+    next_id: u64,
+    /// Latest route lookup per thread: the next transmit of that thread used it.
+    last_route: HashMap<u32, (Stage, RouteInfo)>,
+    echo_requests: HashMap<EchoKey, u64>,
+    echo_order: VecDeque<EchoKey>,
+    tcp_unacked: HashMap<FlowKey, VecDeque<(u32, u64)>>,
+    /// Finished packets held back until their delivered clone shows up (or the wait ends).
+    awaiting_clone: VecDeque<PacketPath>,
+    drop_names: HashMap<u64, String>,
+    pub stats: Stats,
+}
+
+fn is_echo_request(p: &PacketInfo) -> bool {
+    matches!((p.proto, p.icmp.map(|i| i.ty)), (PROTO_ICMP, Some(8)) | (PROTO_ICMPV6, Some(128)))
+}
+fn is_echo_reply(p: &PacketInfo) -> bool {
+    matches!((p.proto, p.icmp.map(|i| i.ty)), (PROTO_ICMP, Some(0)) | (PROTO_ICMPV6, Some(129)))
+}
+
+/// Two captures of the same packet bytes (original and clone).
+fn same_headers(a: &PacketInfo, b: &PacketInfo) -> bool {
+    a.src == b.src && a.dst == b.dst && a.proto == b.proto && a.icmp == b.icmp && a.sport == b.sport && a.dport == b.dport
+}
+
+impl Tracker {
+    pub fn new(cfg: TrackerConfig, drop_names: HashMap<u64, String>) -> Self {
+        Self {
+            cfg,
+            inflight: HashMap::new(),
+            next_id: 1,
+            last_route: HashMap::new(),
+            echo_requests: HashMap::new(),
+            echo_order: VecDeque::new(),
+            tcp_unacked: HashMap::new(),
+            awaiting_clone: VecDeque::new(),
+            drop_names,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.len() + self.awaiting_clone.len()
+    }
+
+    fn new_packet(&mut self, e: &Event) -> PacketPath {
+        let id = self.next_id;
+        self.next_id += 1;
+        PacketPath {
+            id,
+            skb: e.skb,
+            stages: Vec::with_capacity(12),
+            info: None,
+            len: e.len,
+            tx_dev: None,
+            rx_dev: None,
+            route: None,
+            softirq: None,
+            verdict: Verdict::InFlight,
+            drop_reason: None,
+            reply_of: None,
+            clone_of: None,
+            complete: false,
+            receive_arg: None,
+        }
+    }
+
+    /// Feeds one event; returns the packets it finished (in order).
+    pub fn push(&mut self, e: Event) -> Vec<PacketPath> {
+        let mut done = Vec::new();
+        self.release_clone_waiters(e.ts_ns, &mut done);
+        if e.hook == Hook::Route {
+            if let Some(r) = e.route.clone() {
+                let st = Stage {
+                    stage: stage_name(Hook::Route),
+                    t_ns: e.ts_ns,
+                    cpu: e.cpu,
+                    pid: e.tgid,
+                    tid: e.tid,
+                    comm: e.comm.clone(),
+                    dev: (!r.dev.is_empty()).then(|| r.dev.clone()),
+                };
+                self.last_route.insert(e.tid, (st, r));
+            }
+            return done;
+        }
+        if e.skb == 0 {
+            self.stats.unlinked_lo_events += 1;
+            return done;
+        }
+        // A new transmit on an address whose previous packet got no free tracepoint (TCP
+        // paths) ends that packet: the address was reused.
+        if e.hook == Hook::DevQueue
+            && let Some(old) = self.inflight.get(&e.skb)
+            && old.has("dev_queue")
+            && let Some(old) = self.inflight.remove(&e.skb)
+        {
+            self.finish(old, Verdict::FreedUntraced, &mut done);
+        }
+        let mut p = match self.inflight.remove(&e.skb) {
+            Some(p) => p,
+            None => {
+                let mut p = self.new_packet(&e);
+                if e.hook == Hook::DevQueue
+                    && let Some((st, r)) = self.last_route.remove(&e.tid)
+                    && e.packet.as_ref().is_none_or(|i| i.dst == r.dst)
+                {
+                    p.stages.push(st);
+                    p.route = Some(r);
+                }
+                p
+            }
+        };
+        let dev = (!e.ifname.is_empty()).then(|| e.ifname.clone());
+        if p.info.is_none() {
+            p.info = e.packet.clone();
+        }
+        if e.len > p.len {
+            p.len = e.len;
+        }
+        match e.hook {
+            Hook::Xmit => p.tx_dev = dev.clone(),
+            Hook::DevQueue if p.tx_dev.is_none() => p.tx_dev = dev.clone(),
+            Hook::Receive => {
+                p.rx_dev = dev.clone();
+                p.receive_arg = Some((e.arg0, e.arg1));
+            }
+            _ => {}
+        }
+        p.stages.push(Stage {
+            stage: stage_name(e.hook),
+            t_ns: e.ts_ns,
+            cpu: e.cpu,
+            pid: e.tgid,
+            tid: e.tid,
+            comm: e.comm.clone(),
+            dev,
+        });
+        match e.hook {
+            Hook::Consume => self.finish(p, Verdict::Consumed, &mut done),
+            Hook::Free => {
+                let name = self.drop_names.get(&e.arg0).cloned().unwrap_or_else(|| format!("reason-{}", e.arg0));
+                p.drop_reason = Some(name);
+                let waits_for_clone = p.drop_reason.as_deref() == Some("NO_SOCKET")
+                    && p.info.as_ref().is_some_and(|i| i.proto == PROTO_ICMP || i.proto == PROTO_ICMPV6);
+                if waits_for_clone {
+                    p.verdict = Verdict::Dropped;
+                    self.awaiting_clone.push_back(p);
+                } else {
+                    self.finish(p, Verdict::Dropped, &mut done);
+                }
+            }
+            Hook::CopyToUser if p.stages.len() == 1 && p.clone_of.is_none() => {
+                // A clone first seen at the socket: link it to its original.
+                self.link_clone(&mut p, &mut done);
+                self.inflight.insert(e.skb, p);
+            }
+            _ => {
+                self.inflight.insert(e.skb, p);
+            }
+        }
+        if self.inflight.len() > self.cfg.max_inflight {
+            self.expire_oldest(&mut done);
+        }
+        done
+    }
+
+    fn link_clone(&mut self, clone: &mut PacketPath, done: &mut Vec<PacketPath>) {
+        let Some(ci) = clone.info.clone() else { return };
+        let pos = self
+            .awaiting_clone
+            .iter()
+            .position(|o| o.info.as_ref().is_some_and(|oi| same_headers(oi, &ci)));
+        if let Some(pos) = pos
+            && let Some(mut orig) = self.awaiting_clone.remove(pos)
+        {
+            clone.clone_of = Some(orig.id);
+            clone.reply_of = orig.reply_of;
+            orig.drop_reason = orig.drop_reason.take();
+            self.finish(orig, Verdict::DeliveredClone, done);
+            return;
+        }
+        // The original may still be in flight (clone read before the original was freed).
+        if let Some(orig) = self
+            .inflight
+            .values()
+            .filter(|o| o.info.as_ref().is_some_and(|oi| same_headers(oi, &ci)))
+            .max_by_key(|o| o.id)
+        {
+            clone.clone_of = Some(orig.id);
+            clone.reply_of = orig.reply_of;
+        }
+    }
+
+    fn release_clone_waiters(&mut self, now: u64, done: &mut Vec<PacketPath>) {
+        while let Some(front) = self.awaiting_clone.front() {
+            if now.saturating_sub(front.last_ts()) < self.cfg.clone_wait_ns {
+                break;
+            }
+            if let Some(p) = self.awaiting_clone.pop_front() {
+                self.finish(p, Verdict::Dropped, done);
+            }
+        }
+    }
+
+    fn expire_oldest(&mut self, done: &mut Vec<PacketPath>) {
+        let excess = self.inflight.len().saturating_sub(self.cfg.max_inflight);
+        let mut by_age: Vec<(u64, u64)> = self.inflight.iter().map(|(k, p)| (p.last_ts(), *k)).collect();
+        by_age.sort_unstable();
+        for (_, k) in by_age.into_iter().take(excess) {
+            if let Some(p) = self.inflight.remove(&k) {
+                let v = self.idle_verdict(&p);
+                self.finish(p, v, done);
+            }
+        }
+    }
+
+    fn idle_verdict(&self, p: &PacketPath) -> Verdict {
+        let tcp = p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP);
+        if tcp && p.has("receive") { Verdict::FreedUntraced } else { Verdict::Expired }
+    }
+
+    /// Finishes packets idle for longer than the configured time at event-clock `now`.
+    pub fn expire(&mut self, now: u64) -> Vec<PacketPath> {
+        let mut done = Vec::new();
+        self.release_clone_waiters(now, &mut done);
+        let stale: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, p)| now.saturating_sub(p.last_ts()) > self.cfg.max_idle_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut stale_paths: Vec<PacketPath> = stale.into_iter().filter_map(|k| self.inflight.remove(&k)).collect();
+        stale_paths.sort_by_key(|p| p.id);
+        for p in stale_paths {
+            let v = self.idle_verdict(&p);
+            self.finish(p, v, &mut done);
+        }
+        self.last_route.retain(|_, (st, _)| now.saturating_sub(st.t_ns) <= self.cfg.max_idle_ns);
+        done
+    }
+
+    /// Ends the session: everything still held is finished (in flight / awaiting clones).
+    pub fn flush(&mut self) -> Vec<PacketPath> {
+        let mut done = Vec::new();
+        while let Some(p) = self.awaiting_clone.pop_front() {
+            self.finish(p, Verdict::Dropped, &mut done);
+        }
+        let mut rest: Vec<PacketPath> = self.inflight.drain().map(|(_, p)| p).collect();
+        rest.sort_by_key(|p| p.id);
+        for p in rest {
+            let v = if p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP) && p.has("receive") {
+                Verdict::FreedUntraced
+            } else {
+                Verdict::InFlight
+            };
+            self.finish(p, v, &mut done);
+        }
+        done
+    }
+
+    fn finish(&mut self, mut p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
+        p.verdict = verdict;
+        if verdict != Verdict::Dropped {
+            // A clone-delivered original keeps its reason for the record but is no drop.
+            if verdict != Verdict::DeliveredClone {
+                p.drop_reason = None;
+            }
+        }
+        self.add_softirq_stages(&mut p);
+        self.pair(&mut p);
+        p.complete = is_complete(&p);
+        self.account(&p);
+        done.push(p);
+    }
+
+    /// Softirq context from the receive event: who ran it, and whether this packet raised it.
+    fn add_softirq_stages(&self, p: &mut PacketPath) {
+        let Some(recv) = p.stages.iter().find(|s| s.stage == "receive").cloned() else { return };
+        let enq = p.stages.iter().find(|s| s.stage == "backlog_enqueue").map(|s| s.t_ns);
+        let (entry_ts, raise_ts) = p.receive_arg.unwrap_or((0, 0));
+        let after_enqueue = |t: u64| enq.is_some_and(|q| t >= q && t <= recv.t_ns);
+        let raised = after_enqueue(raise_ts);
+        let new_run = after_enqueue(entry_ts);
+        let context = if recv.comm.starts_with("ksoftirqd/") {
+            SoftirqContext::Ksoftirqd
+        } else if p.sender().is_some_and(|s| s.tid == recv.tid) {
+            SoftirqContext::Inline
+        } else {
+            SoftirqContext::Other
+        };
+        let mk = |stage, t_ns| Stage { stage, t_ns, cpu: recv.cpu, pid: recv.pid, tid: recv.tid, comm: recv.comm.clone(), dev: None };
+        if raised {
+            p.stages.push(mk(STAGE_SOFTIRQ_RAISE, raise_ts));
+        }
+        if new_run {
+            p.stages.push(mk(STAGE_SOFTIRQ_ENTRY, entry_ts));
+        }
+        if raised || new_run {
+            p.stages.sort_by_key(|s| s.t_ns);
+        }
+        p.softirq = Some(Softirq { cpu: recv.cpu, context, task: recv.comm.clone(), pid: recv.pid, raised, new_run });
+    }
+
+    fn pair(&mut self, p: &mut PacketPath) {
+        let Some(info) = p.info.clone() else { return };
+        if let Some(icmp) = info.icmp {
+            if is_echo_request(&info) && p.clone_of.is_none() {
+                let key = (icmp.id, icmp.seq, info.src);
+                self.echo_requests.insert(key, p.id);
+                self.echo_order.push_back(key);
+                while self.echo_order.len() > 4096 {
+                    if let Some(k) = self.echo_order.pop_front() {
+                        self.echo_requests.remove(&k);
+                    }
+                }
+            } else if is_echo_reply(&info) && p.reply_of.is_none() {
+                p.reply_of = self.echo_requests.get(&(icmp.id, icmp.seq, info.dst)).copied();
+            }
+            return;
+        }
+        if info.proto != PROTO_TCP || p.clone_of.is_some() {
+            return;
+        }
+        let (Some(tcp), Some(sport), Some(dport)) = (info.tcp, info.sport, info.dport) else { return };
+        // ACK: answers the newest segment of the reverse direction it fully covers.
+        if tcp.flags & 0x10 != 0 {
+            let rev = (info.dst, dport, info.src, sport);
+            if let Some(q) = self.tcp_unacked.get_mut(&rev) {
+                let mut answered = None;
+                while let Some(&(end, id)) = q.front() {
+                    if (tcp.ack.wrapping_sub(end) as i32) >= 0 {
+                        answered = Some(id);
+                        q.pop_front();
+                    } else {
+                        break;
+                    }
+                }
+                p.reply_of = answered;
+            }
+        }
+        let syn_fin = u32::from(tcp.flags & 0x03 != 0);
+        let payload = info.l4_payload_len.unwrap_or(0);
+        if payload + syn_fin > 0 {
+            let fwd = (info.src, sport, info.dst, dport);
+            if !self.tcp_unacked.contains_key(&fwd) && self.tcp_unacked.len() >= 4096 {
+                self.tcp_unacked.clear();
+            }
+            let q = self.tcp_unacked.entry(fwd).or_default();
+            q.push_back((tcp.seq.wrapping_add(payload + syn_fin), p.id));
+            if q.len() > 1024 {
+                q.pop_front();
+            }
+        }
+    }
+
+    fn account(&mut self, p: &PacketPath) {
+        let s = &mut self.stats;
+        s.packets += 1;
+        if p.complete {
+            s.complete += 1;
+        }
+        if p.verdict == Verdict::Expired {
+            s.expired += 1;
+        }
+        if p.verdict == Verdict::InFlight {
+            s.in_flight_at_end += 1;
+        }
+        if p.is_drop() {
+            *s.drops.entry(p.drop_reason.clone().unwrap_or_else(|| "unknown".into())).or_default() += 1;
+        }
+        if let Some(si) = &p.softirq {
+            *s.by_context.entry(si.context.as_str()).or_default() += 1;
+        }
+        for w in p.stages.windows(2) {
+            let d = w[1].t_ns.saturating_sub(w[0].t_ns);
+            let h = s
+                .stage_latency
+                .entry(w[1].stage)
+                .or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("valid histogram bounds"));
+            let _ = h.record(d.max(1));
+        }
+    }
+}
+
+/// Seen from its start in the namespace to its end:
+/// start = dev_queue (sent here), receive (arrived from another device) or copy_to_user (clone);
+/// a packet sent on lo must show xmit, backlog enqueue and receive; the end is a free tracepoint,
+/// or for TCP a receive followed by a free path that has no tracepoint.
+pub fn is_complete(p: &PacketPath) -> bool {
+    let first = p.stages.iter().map(|s| s.stage).find(|s| *s != "route");
+    let started = matches!(first, Some("dev_queue") | Some("receive") | Some("copy_to_user"));
+    let ended = matches!(p.verdict, Verdict::Consumed | Verdict::Dropped | Verdict::DeliveredClone | Verdict::FreedUntraced);
+    let through_lo = if first == Some("dev_queue") && p.tx_dev.as_deref() == Some("lo") {
+        p.has("xmit") && p.has("backlog_enqueue") && p.has("receive")
+    } else {
+        true
+    };
+    started && ended && through_lo
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::net::IpAddr;
+
+    use super::*;
+    use crate::decode::{Icmp, PROTO_UDP, Tcp};
+
+    pub(crate) struct Seq {
+        pub t: u64,
+        pub events: Vec<Event>,
+    }
+
+    pub(crate) fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    pub(crate) fn icmp_info(src: &str, dst: &str, ty: u8, id: u16, seq: u16) -> PacketInfo {
+        PacketInfo {
+            src: ip(src),
+            dst: ip(dst),
+            proto: if src.contains(':') { PROTO_ICMPV6 } else { PROTO_ICMP },
+            sport: None,
+            dport: None,
+            icmp: Some(Icmp { ty, code: 0, id, seq }),
+            tcp: None,
+            l4_payload_len: None,
+        }
+    }
+
+    impl Seq {
+        pub fn new() -> Self {
+            Self { t: 1_000, events: Vec::new() }
+        }
+        #[allow(clippy::too_many_arguments)]
+        pub fn ev(&mut self, hook: Hook, skb: u64, tid: u32, comm: &str, dev: &str, info: Option<PacketInfo>, arg0: u64, arg1: u64) -> u64 {
+            self.t += 100;
+            self.events.push(Event {
+                ts_ns: self.t,
+                skb,
+                tgid: tid,
+                tid,
+                comm: comm.into(),
+                ifname: dev.into(),
+                ifindex: 1,
+                cpu: 0,
+                len: 84,
+                hook,
+                arg0,
+                arg1,
+                packet: info,
+                route: None,
+            });
+            self.t
+        }
+        /// The lo transmit + inline receive of one skb, up to (not including) its end.
+        pub fn lo_path(&mut self, skb: u64, tid: u32, comm: &str, info: PacketInfo, raise: bool) {
+            self.ev(Hook::DevQueue, skb, tid, comm, "lo", Some(info.clone()), 0, 0);
+            self.ev(Hook::TcEgress, skb, tid, comm, "lo", Some(info.clone()), 0, 0);
+            self.ev(Hook::Xmit, skb, tid, comm, "lo", None, 0, 0);
+            let enq = self.ev(Hook::BacklogEnqueue, skb, tid, comm, "", None, 0, 0);
+            self.ev(Hook::XmitDone, skb, tid, comm, "lo", None, 0, 0);
+            let raise_ts = if raise { enq + 10 } else { 0 };
+            let entry_ts = if raise { enq + 150 } else { 0 };
+            self.ev(Hook::Receive, skb, tid, comm, "lo", Some(info.clone()), entry_ts, raise_ts);
+            self.ev(Hook::Xdp, skb, tid, comm, "lo", Some(info), 0, 0);
+        }
+    }
+
+    fn drops() -> HashMap<u64, String> {
+        HashMap::from([(2, "NO_SOCKET".to_string()), (5, "NOT_SPECIFIED".to_string())])
+    }
+
+    fn run(events: Vec<Event>) -> (Vec<PacketPath>, Stats) {
+        let mut t = Tracker::new(TrackerConfig::default(), drops());
+        let mut out = Vec::new();
+        for e in events {
+            out.extend(t.push(e));
+        }
+        out.extend(t.flush());
+        (out, t.stats)
+    }
+
+    /// ping 127.0.0.1 over a raw socket: request, reply (original freed NO_SOCKET), clone delivered.
+    pub(crate) fn raw_ping_sequence() -> Vec<Event> {
+        let mut s = Seq::new();
+        let req = icmp_info("127.0.0.1", "127.0.0.1", 8, 77, 1);
+        let rep = icmp_info("127.0.0.1", "127.0.0.1", 0, 77, 1);
+        s.lo_path(0xa000, 500, "ping", req, true);
+        // icmp_echo builds the reply inside the softirq, in the sender's task.
+        s.lo_path(0xb000, 500, "ping", rep.clone(), false);
+        s.ev(Hook::Consume, 0xa000, 500, "ping", "", None, 0, 0);
+        s.ev(Hook::Free, 0xb000, 500, "ping", "", None, 2, 0);
+        s.ev(Hook::CopyToUser, 0xc000, 500, "ping", "", Some(rep), 64, 0);
+        s.ev(Hook::Consume, 0xc000, 500, "ping", "", None, 0, 0);
+        s.events
+    }
+
+    #[test]
+    fn raw_ping_is_reconstructed_paired_and_not_a_drop() {
+        let (paths, stats) = run(raw_ping_sequence());
+        assert_eq!(paths.len(), 3, "{paths:#?}");
+        let req = paths.iter().find(|p| p.skb == 0xa000).expect("request");
+        let rep = paths.iter().find(|p| p.skb == 0xb000).expect("reply");
+        let clone = paths.iter().find(|p| p.skb == 0xc000).expect("clone");
+        assert_eq!(
+            req.stage_names(),
+            [
+                "dev_queue", "tc_egress", "xmit", "backlog_enqueue", "softirq_raise", "xmit_done", "softirq_entry", "receive", "xdp",
+                "consume"
+            ]
+        );
+        assert_eq!(req.verdict, Verdict::Consumed);
+        assert!(req.complete && !req.left_host());
+        assert_eq!((req.tx_dev.as_deref(), req.rx_dev.as_deref()), (Some("lo"), Some("lo")));
+        let si = req.softirq.as_ref().expect("softirq");
+        assert_eq!((si.context, si.raised, si.new_run), (SoftirqContext::Inline, true, true));
+        // The reply rode the already-running softirq: no raise, no new run.
+        assert!(!rep.has("softirq_raise") && !rep.has("softirq_entry"));
+        assert_eq!(rep.reply_of, Some(req.id));
+        assert_eq!(rep.verdict, Verdict::DeliveredClone);
+        assert!(rep.complete);
+        assert_eq!(clone.clone_of, Some(rep.id));
+        assert_eq!(clone.reply_of, Some(req.id));
+        assert!(stats.drops.is_empty(), "NO_SOCKET with a delivered clone is not a drop: {:?}", stats.drops);
+        assert_eq!((stats.packets, stats.complete), (3, 3));
+    }
+
+    #[test]
+    fn no_socket_without_clone_is_a_drop_after_the_wait() {
+        let mut s = Seq::new();
+        let rep = icmp_info("127.0.0.1", "127.0.0.1", 0, 1, 1);
+        s.lo_path(0xb000, 9, "x", rep, true);
+        s.ev(Hook::Free, 0xb000, 9, "x", "", None, 2, 0);
+        let mut t = Tracker::new(TrackerConfig::default(), drops());
+        let mut out = Vec::new();
+        for e in s.events {
+            out.extend(t.push(e));
+        }
+        assert!(out.is_empty(), "held while waiting for a clone");
+        out.extend(t.expire(s.t + 2_000_000_000));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].verdict, Verdict::Dropped);
+        assert_eq!(t.stats.drops.get("NO_SOCKET"), Some(&1));
+    }
+
+    #[test]
+    fn address_reuse_starts_a_new_packet() {
+        let mut s = Seq::new();
+        let a = icmp_info("127.0.0.1", "127.0.0.2", 8, 1, 1);
+        let b = icmp_info("127.0.0.1", "127.0.0.2", 8, 1, 2);
+        s.lo_path(0x1000, 1, "a", a, true);
+        s.ev(Hook::Consume, 0x1000, 1, "a", "", None, 0, 0);
+        s.lo_path(0x1000, 1, "a", b, true);
+        s.ev(Hook::Consume, 0x1000, 1, "a", "", None, 0, 0);
+        let (paths, _) = run(s.events);
+        assert_eq!(paths.len(), 2);
+        assert_ne!(paths[0].id, paths[1].id);
+        assert_eq!(paths[0].info.as_ref().and_then(|i| i.icmp).map(|i| i.seq), Some(1));
+        assert_eq!(paths[1].info.as_ref().and_then(|i| i.icmp).map(|i| i.seq), Some(2));
+    }
+
+    #[test]
+    fn ksoftirqd_and_other_contexts_are_told_apart() {
+        let mut s = Seq::new();
+        let info = icmp_info("::1", "::1", 128, 1, 1);
+        s.ev(Hook::DevQueue, 0x1, 10, "sender", "lo", Some(info.clone()), 0, 0);
+        s.ev(Hook::Xmit, 0x1, 10, "sender", "lo", None, 0, 0);
+        s.ev(Hook::BacklogEnqueue, 0x1, 10, "sender", "", None, 0, 0);
+        s.ev(Hook::Receive, 0x1, 15, "ksoftirqd/0", "lo", None, 0, 0);
+        s.ev(Hook::Consume, 0x1, 15, "ksoftirqd/0", "", None, 0, 0);
+        s.ev(Hook::DevQueue, 0x2, 10, "sender", "lo", Some(info.clone()), 0, 0);
+        s.ev(Hook::Xmit, 0x2, 10, "sender", "lo", None, 0, 0);
+        s.ev(Hook::BacklogEnqueue, 0x2, 10, "sender", "", None, 0, 0);
+        s.ev(Hook::Receive, 0x2, 77, "bash", "lo", None, 0, 0);
+        s.ev(Hook::Consume, 0x2, 77, "bash", "", None, 0, 0);
+        let (paths, stats) = run(s.events);
+        let ctx: Vec<_> = paths.iter().map(|p| p.softirq.as_ref().map(|s| s.context)).collect();
+        assert_eq!(ctx, [Some(SoftirqContext::Ksoftirqd), Some(SoftirqContext::Other)]);
+        assert_eq!(stats.by_context.get("ksoftirqd"), Some(&1));
+    }
+
+    fn tcp(src: &str, sport: u16, dst: &str, dport: u16, seq: u32, ack: u32, flags: u8, payload: u32) -> PacketInfo {
+        PacketInfo {
+            src: ip(src),
+            dst: ip(dst),
+            proto: PROTO_TCP,
+            sport: Some(sport),
+            dport: Some(dport),
+            icmp: None,
+            tcp: Some(Tcp { seq, ack, flags }),
+            l4_payload_len: Some(payload),
+        }
+    }
+
+    #[test]
+    fn tcp_segments_pair_with_their_acks_and_untraced_frees_are_complete() {
+        let mut s = Seq::new();
+        // SYN, SYN-ACK, ACK, data 100 bytes, ACK of data. No free tracepoints at all (TCP).
+        let segs = [
+            tcp("10.0.0.1", 40000, "10.0.0.1", 80, 1000, 0, 0x02, 0),
+            tcp("10.0.0.1", 80, "10.0.0.1", 40000, 5000, 1001, 0x12, 0),
+            tcp("10.0.0.1", 40000, "10.0.0.1", 80, 1001, 5001, 0x10, 0),
+            tcp("10.0.0.1", 40000, "10.0.0.1", 80, 1001, 5001, 0x18, 100),
+            tcp("10.0.0.1", 80, "10.0.0.1", 40000, 5001, 1101, 0x10, 0),
+        ];
+        for (i, seg) in segs.iter().enumerate() {
+            s.lo_path(0x100 + i as u64, 3, "curl", seg.clone(), i == 0);
+        }
+        let (paths, stats) = run(s.events);
+        assert_eq!(paths.len(), 5);
+        assert_eq!(paths[1].reply_of, Some(paths[0].id), "SYN-ACK answers SYN");
+        assert_eq!(paths[2].reply_of, Some(paths[1].id), "ACK answers SYN-ACK");
+        assert_eq!(paths[3].reply_of, None, "data carries no new ACK");
+        assert_eq!(paths[4].reply_of, Some(paths[3].id), "ACK answers data");
+        assert!(paths.iter().all(|p| p.verdict == Verdict::FreedUntraced && p.complete));
+        assert_eq!(stats.complete, 5);
+    }
+
+    #[test]
+    fn idle_packets_expire_and_are_counted() {
+        let mut s = Seq::new();
+        let info = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, 1);
+        s.ev(Hook::DevQueue, 0x9, 1, "a", "lo", Some(info), 0, 0);
+        let mut t = Tracker::new(TrackerConfig::default(), drops());
+        for e in s.events {
+            assert!(t.push(e).is_empty());
+        }
+        assert!(t.expire(s.t + 1_000).is_empty(), "not idle yet");
+        let out = t.expire(s.t + 3_000_000_000);
+        assert_eq!(out.len(), 1);
+        assert_eq!((out[0].verdict, out[0].complete), (Verdict::Expired, false));
+        assert_eq!(t.stats.expired, 1);
+        assert_eq!(t.inflight(), 0);
+    }
+
+    #[test]
+    fn inflight_is_bounded() {
+        let cfg = TrackerConfig { max_inflight: 10, ..TrackerConfig::default() };
+        let mut t = Tracker::new(cfg, drops());
+        let mut s = Seq::new();
+        for i in 0..50u64 {
+            s.ev(Hook::DevQueue, 0x1000 + i, 1, "a", "lo", None, 0, 0);
+        }
+        let mut out = Vec::new();
+        for e in s.events {
+            out.extend(t.push(e));
+        }
+        assert!(t.inflight() <= 10);
+        assert_eq!(out.len(), 40);
+        assert_eq!(t.stats.expired, 40);
+    }
+
+    #[test]
+    fn packet_sent_on_another_device_left_the_host() {
+        let mut s = Seq::new();
+        let info = PacketInfo { proto: PROTO_UDP, ..icmp_info("10.1.0.1", "10.1.0.2", 8, 1, 1) };
+        s.ev(Hook::DevQueue, 0x5, 1, "a", "veth0", Some(info), 0, 0);
+        s.ev(Hook::Xmit, 0x5, 1, "a", "veth0", None, 0, 0);
+        s.ev(Hook::Consume, 0x5, 1, "a", "", None, 0, 0);
+        let (paths, _) = run(s.events);
+        assert!(paths[0].left_host());
+        assert_eq!(paths[0].tx_dev.as_deref(), Some("veth0"));
+        assert!(paths[0].complete);
+    }
+}
