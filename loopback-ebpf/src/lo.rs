@@ -1,6 +1,11 @@
-//! Programs attached to the traced namespace's `lo`. They see the packet bytes but not the
-//! kernel skb address: the per-CPU CUR_SKB slot written just before by `net_dev_queue` (egress)
-//! or `netif_receive_skb` (ingress) on the same CPU links them. They always let the packet go on.
+//! Programs attached to the traced namespace's `lo`. They always let the packet go on.
+//!
+//! tc programs get the kernel `struct sk_buff *` itself as their context; a privileged loader
+//! (CAP_PERFMON) may read that pointer's value, which names the skb exactly. Note that tc egress
+//! runs in `__dev_queue_xmit` *before* the `net_dev_queue` tracepoint, so it is the first hook
+//! to see a transmitted skb and takes it into scope itself (it only runs on the traced `lo`).
+//! Generic XDP sees an `xdp_buff`, not the skb: the per-CPU CUR_SKB slot written just before by
+//! `netif_receive_skb` on the same CPU links it.
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
@@ -10,12 +15,12 @@ use loopback_common::{Hook, LOOPBACK_IFINDEX, hdr_kind};
 
 use crate::{
     emit::{capture, emit},
+    kernel::track,
     maps::CUR_SKB,
 };
 
 #[inline(always)]
-fn lo_bytes(hook: Hook, slot: u32, data: usize, len: u32) {
-    let skb = CUR_SKB.get(slot).copied().unwrap_or(0);
+fn lo_bytes(hook: Hook, skb: u64, data: usize, len: u32) {
     emit(hook, skb, |e| {
         e.len = len;
         e.ifindex = LOOPBACK_IFINDEX;
@@ -29,20 +34,25 @@ fn lo_bytes(hook: Hook, slot: u32, data: usize, len: u32) {
 #[xdp(frags)]
 pub fn lo_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    lo_bytes(Hook::Xdp, 1, ctx.data(), len);
+    let skb = CUR_SKB.get(1).copied().unwrap_or(0);
+    lo_bytes(Hook::Xdp, skb, ctx.data(), len);
     xdp_action::XDP_PASS
 }
 
 /// tcx egress on `lo` (runs in `__dev_queue_xmit` after `net_dev_queue`).
 #[classifier]
 pub fn lo_tc_egress(ctx: TcContext) -> i32 {
-    lo_bytes(Hook::TcEgress, 0, ctx.data(), ctx.len());
+    let skb = ctx.skb.skb as u64;
+    track(skb);
+    lo_bytes(Hook::TcEgress, skb, ctx.data(), ctx.len());
     TC_ACT_UNSPEC // TCX_NEXT: continue, the verdict is never ours
 }
 
 /// tcx ingress on `lo`.
 #[classifier]
 pub fn lo_tc_ingress(ctx: TcContext) -> i32 {
-    lo_bytes(Hook::TcIngress, 1, ctx.data(), ctx.len());
+    let skb = ctx.skb.skb as u64;
+    track(skb);
+    lo_bytes(Hook::TcIngress, skb, ctx.data(), ctx.len());
     TC_ACT_UNSPEC
 }

@@ -17,9 +17,8 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 pub static SCOPE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(SCOPE_MAP_ENTRIES, 0);
 
-/// Slot 0: the skb last queued for transmit on this CPU (written by `net_dev_queue`, read by tc
-/// egress). Slot 1: the skb being received (written by `netif_receive_skb`, read by XDP and tc
-/// ingress). Both pairs run back to back on one CPU with bottom halves disabled.
+/// Slot 1: the skb being received on this CPU (written by `netif_receive_skb`, read by generic
+/// XDP, which runs right after it on the same CPU with bottom halves disabled). Slot 0 unused.
 #[map]
 pub static CUR_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 

@@ -28,11 +28,9 @@ pub fn net_dev_queue(ctx: BtfTracePointContext) -> i32 {
     let dev = skb_dev(skb);
     if !dev_in_scope(dev) {
         untrack(skb);
-        set_slot(0, 0);
         return 0;
     }
     track(skb);
-    set_slot(0, skb);
     emit(Hook::DevQueue, skb, |e| {
         e.len = skb_len(skb);
         set_dev(e, dev);

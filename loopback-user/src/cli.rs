@@ -46,9 +46,11 @@ pub enum Cmd {
         duration: Option<Duration>,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
-        /// Do not attach generic XDP on lo (tc ingress still sees ingress bytes).
+        /// Also attach generic XDP on lo. Off by default: generic XDP makes the kernel copy every
+        /// loopback packet into a new skb (and drop it if that copy fails); tc ingress sees the
+        /// same bytes without that.
         #[arg(long)]
-        no_xdp: bool,
+        xdp: bool,
     },
 }
 
@@ -84,13 +86,13 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Trace { netns, filter: f, pid, count, duration, format, no_xdp } => {
+        Cmd::Trace { netns, filter: f, pid, count, duration, format, xdp } => {
             let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
             let netns = match netns.as_deref() {
                 Some(spec) => Netns::resolve(spec).map_err(usage)?,
                 None => Netns::current()?,
             };
-            trace::run(TraceConfig { netns, filter, pid, count, duration, format, xdp: !no_xdp }).await?;
+            trace::run(TraceConfig { netns, filter, pid, count, duration, format, xdp }).await?;
             Ok(0)
         }
     }

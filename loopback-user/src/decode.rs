@@ -257,8 +257,8 @@ mod tests {
         let mut r = blank(Hook::DevQueue);
         let pkt = icmp_echo_v4();
         r.hdr_kind = hdr_kind::L3;
-        r.hdr_len = HDR_CAP as u16;
-        r.hdr.copy_from_slice(&pkt[..HDR_CAP]);
+        r.hdr_len = pkt.len() as u16;
+        r.hdr[..pkt.len()].copy_from_slice(&pkt);
         let e = decode(&encode(&r)).expect("decode");
         let p = e.packet.expect("packet");
         assert_eq!(p.src, "127.0.0.1".parse::<IpAddr>().expect("ip"));

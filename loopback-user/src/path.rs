@@ -297,7 +297,12 @@ impl Tracker {
         }
         // A new transmit on an address whose previous packet got no free tracepoint (TCP
         // paths) ends that packet: the address was reused.
-        if e.hook == Hook::DevQueue
+        let restarts = match e.hook {
+            Hook::TcEgress => true,
+            Hook::DevQueue => true,
+            _ => false,
+        };
+        if restarts
             && let Some(old) = self.inflight.get(&e.skb)
             && old.has("dev_queue")
             && let Some(old) = self.inflight.remove(&e.skb)
@@ -308,7 +313,7 @@ impl Tracker {
             Some(p) => p,
             None => {
                 let mut p = self.new_packet(&e);
-                if e.hook == Hook::DevQueue
+                if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
                     && let Some((st, r)) = self.last_route.remove(&e.tid)
                     && e.packet.as_ref().is_none_or(|i| i.dst == r.dst)
                 {
@@ -591,14 +596,16 @@ impl Tracker {
 }
 
 /// Seen from its start in the namespace to its end:
-/// start = dev_queue (sent here), receive (arrived from another device) or copy_to_user (clone);
+/// start = tc_egress/dev_queue (sent here), receive/tc_ingress (arrived from another device)
+/// or copy_to_user (a clone);
 /// a packet sent on lo must show xmit, backlog enqueue and receive; the end is a free tracepoint,
 /// or for TCP a receive followed by a free path that has no tracepoint.
 pub fn is_complete(p: &PacketPath) -> bool {
     let first = p.stages.iter().map(|s| s.stage).find(|s| *s != "route");
-    let started = matches!(first, Some("dev_queue") | Some("receive") | Some("copy_to_user"));
+    let sent_here = matches!(first, Some("tc_egress") | Some("dev_queue"));
+    let started = sent_here || matches!(first, Some("receive") | Some("tc_ingress") | Some("copy_to_user"));
     let ended = matches!(p.verdict, Verdict::Consumed | Verdict::Dropped | Verdict::DeliveredClone | Verdict::FreedUntraced);
-    let through_lo = if first == Some("dev_queue") && p.tx_dev.as_deref() == Some("lo") {
+    let through_lo = if sent_here && p.tx_dev.as_deref() == Some("lo") {
         p.has("xmit") && p.has("backlog_enqueue") && p.has("receive")
     } else {
         true
@@ -662,8 +669,8 @@ pub(crate) mod tests {
         }
         /// The lo transmit + inline receive of one skb, up to (not including) its end.
         pub fn lo_path(&mut self, skb: u64, tid: u32, comm: &str, info: PacketInfo, raise: bool) {
-            self.ev(Hook::DevQueue, skb, tid, comm, "lo", Some(info.clone()), 0, 0);
             self.ev(Hook::TcEgress, skb, tid, comm, "lo", Some(info.clone()), 0, 0);
+            self.ev(Hook::DevQueue, skb, tid, comm, "lo", Some(info.clone()), 0, 0);
             self.ev(Hook::Xmit, skb, tid, comm, "lo", None, 0, 0);
             let enq = self.ev(Hook::BacklogEnqueue, skb, tid, comm, "", None, 0, 0);
             self.ev(Hook::XmitDone, skb, tid, comm, "lo", None, 0, 0);
@@ -713,7 +720,7 @@ pub(crate) mod tests {
         assert_eq!(
             req.stage_names(),
             [
-                "dev_queue", "tc_egress", "xmit", "backlog_enqueue", "softirq_raise", "xmit_done", "softirq_entry", "receive", "xdp",
+                "tc_egress", "dev_queue", "xmit", "backlog_enqueue", "softirq_raise", "xmit_done", "softirq_entry", "receive", "xdp",
                 "consume"
             ]
         );

@@ -23,13 +23,16 @@ use crate::netns::Netns;
 pub struct SessionOptions {
     pub netns: Netns,
     pub ring_bytes: u32,
-    /// Attach generic XDP on `lo` (ingress bytes). tc ingress is attached either way.
+    /// Also attach generic XDP on `lo`. Off by default: for every loopback skb (too little
+    /// headroom) generic XDP makes the kernel copy the packet into a new skb and free the original
+    /// (`do_xdp_generic` -> `skb_cow_data_for_xdp`), which costs a copy per packet and can drop a
+    /// packet when that copy fails. tcx ingress sees the same bytes without touching the skb.
     pub xdp: bool,
 }
 
 impl SessionOptions {
     pub fn new(netns: Netns) -> Self {
-        Self { netns, ring_bytes: DEFAULT_RING_BYTES, xdp: true }
+        Self { netns, ring_bytes: DEFAULT_RING_BYTES, xdp: false }
     }
 }
 
@@ -141,6 +144,9 @@ pub fn explain(e: &(dyn std::error::Error + 'static), kind: &str) -> String {
                 _ => "missing privilege or a lockdown/LSM policy",
             }
         ),
+        Some(libc::ENOENT) if kind == "kprobe" => {
+            format!("ENOENT: no kprobe PMU on this kernel (CONFIG_KPROBES unset): {msg}")
+        }
         Some(libc::ENOENT) => format!("ENOENT: the hook does not exist on this kernel: {msg}"),
         Some(libc::EBUSY) | Some(libc::EEXIST) => format!(
             "EBUSY: another program is already attached there; lotrace never replaces it: {msg}"
@@ -188,7 +194,7 @@ impl Session {
                     kind: hp.attach.kind(),
                     target: hp.attach.target(),
                     attached: false,
-                    error: Some("disabled (--no-xdp)".into()),
+                    error: Some("not requested (--xdp): generic XDP would make the kernel copy every lo packet".into()),
                 });
                 continue;
             }
