@@ -51,10 +51,15 @@ pub enum Hook {
     Free = 11,
     /// `skb:consume_skb`: freed normally.
     Consume = 12,
+    /// `sock:sk_data_ready`: queued to a socket (in the softirq); `arg0` = socket address.
+    SockQueue = 13,
+    /// `sock:sock_recv_length`: the application's recvmsg returned; no skb, `arg0` = socket
+    /// address, `arg1` = return value. Ends UDP packets, whose copy and free fire no tracepoint.
+    AppRecv = 14,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 12] = [
+    pub const ALL: [Hook; 14] = [
         Hook::Route,
         Hook::DevQueue,
         Hook::TcEgress,
@@ -67,6 +72,8 @@ impl Hook {
         Hook::CopyToUser,
         Hook::Free,
         Hook::Consume,
+        Hook::SockQueue,
+        Hook::AppRecv,
     ];
 }
 

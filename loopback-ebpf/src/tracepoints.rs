@@ -266,3 +266,32 @@ pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
     );
     0
 }
+
+/// sk_data_ready(const struct sock *sk) — sock:sk_data_ready, 6.7+. Runs while the receive
+/// softirq processes the skb in CUR_SKB slot 1 (UDP/raw enqueue); the user side keeps it only
+/// for a packet still being received.
+#[btf_tracepoint(function = "sk_data_ready")]
+pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
+    let skb = CUR_SKB.get(1).copied().unwrap_or(0);
+    if skb == 0 || !tracked(skb) {
+        return 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    emit(Hook::SockQueue, skb, |e| e.arg0 = sk);
+    0
+}
+
+/// sock_recv_length(struct sock *sk, int ret, int flags) — sock:sock_recv_length, 6.4+.
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+    let ret: u64 = ctx.arg(1);
+    if (ret as i32) < 0 || !task_in_scope() {
+        return 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    emit(Hook::AppRecv, 0, |e| {
+        e.arg0 = sk;
+        e.arg1 = ret as i32 as u64;
+    });
+    0
+}

@@ -7,3 +7,4 @@ pub mod netns;
 pub mod output;
 pub mod path;
 pub mod trace;
+pub mod traffic;

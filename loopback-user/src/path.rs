@@ -12,7 +12,7 @@ use std::{
 use hdrhistogram::Histogram;
 use loopback_common::Hook;
 
-use crate::decode::{Event, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PacketInfo, RouteInfo};
+use crate::decode::{Event, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PacketInfo, RouteInfo};
 
 /// Stable stage names (part of the JSON schema).
 pub fn stage_name(h: Hook) -> &'static str {
@@ -29,6 +29,8 @@ pub fn stage_name(h: Hook) -> &'static str {
         Hook::CopyToUser => "copy_to_user",
         Hook::Free => "free",
         Hook::Consume => "consume",
+        Hook::SockQueue => "sock_queue",
+        Hook::AppRecv => "app_recv",
     }
 }
 pub const STAGE_SOFTIRQ_RAISE: &str = "softirq_raise";
@@ -82,6 +84,9 @@ pub struct Softirq {
 pub enum Verdict {
     /// Freed normally (`consume_skb`).
     Consumed,
+    /// Read by the application; its free fires no tracepoint (UDP `copy_linear_skb` +
+    /// `__consume_stateless_skb`). Not a drop.
+    Delivered,
     /// Delivered to a socket through a clone; the original was freed because no other socket
     /// wanted it (raw-socket ping: NO_SOCKET on the original). Not a drop.
     DeliveredClone,
@@ -99,6 +104,7 @@ impl Verdict {
     pub fn as_str(&self) -> &'static str {
         match self {
             Verdict::Consumed => "consumed",
+            Verdict::Delivered => "delivered",
             Verdict::DeliveredClone => "delivered_clone",
             Verdict::Dropped => "dropped",
             Verdict::FreedUntraced => "freed_untraced",
@@ -214,6 +220,8 @@ pub struct Tracker {
     tcp_unacked: HashMap<FlowKey, VecDeque<(u32, u64)>>,
     /// Finished packets held back until their delivered clone shows up (or the wait ends).
     awaiting_clone: VecDeque<PacketPath>,
+    /// Per socket: UDP packets queued to it, oldest first (matched to the application's reads).
+    sock_queues: HashMap<u64, VecDeque<u64>>,
     drop_names: HashMap<u64, String>,
     pub stats: Stats,
 }
@@ -241,6 +249,7 @@ impl Tracker {
             echo_order: VecDeque::new(),
             tcp_unacked: HashMap::new(),
             awaiting_clone: VecDeque::new(),
+            sock_queues: HashMap::new(),
             drop_names,
             stats: Stats::default(),
         }
@@ -291,9 +300,24 @@ impl Tracker {
             }
             return done;
         }
+        if e.hook == Hook::AppRecv {
+            self.app_recv(&e, &mut done);
+            return done;
+        }
         if e.skb == 0 {
             self.stats.unlinked_lo_events += 1;
             return done;
+        }
+        if e.hook == Hook::SockQueue {
+            // Only meaningful for a UDP packet still being received, queued once.
+            let queued = match self.inflight.get(&e.skb) {
+                Some(p) => p.has("receive") && !p.has("sock_queue") && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP),
+                None => false,
+            };
+            if !queued {
+                return done;
+            }
+            self.sock_queues.entry(e.arg0).or_default().push_back(e.skb);
         }
         // A new transmit on an address whose previous packet got no free tracepoint (TCP
         // paths) ends that packet: the address was reused.
@@ -324,8 +348,13 @@ impl Tracker {
             }
         };
         let dev = (!e.ifname.is_empty()).then(|| e.ifname.clone());
-        if p.info.is_none() {
+        if p.info.is_none() && e.packet.is_some() {
             p.info = e.packet.clone();
+            // Pair as soon as the headers are known, in transmit order: packets finish late
+            // (TCP frees fire no tracepoint), an ACK may finish before what it acknowledges.
+            if e.hook != Hook::CopyToUser {
+                self.pair(&mut p);
+            }
         }
         if e.len > p.len {
             p.len = e.len;
@@ -375,6 +404,30 @@ impl Tracker {
             self.expire_oldest(&mut done);
         }
         done
+    }
+
+    /// The application read from socket `arg0`: the oldest UDP packet queued to it was delivered.
+    fn app_recv(&mut self, e: &Event, done: &mut Vec<PacketPath>) {
+        let Some(q) = self.sock_queues.get_mut(&e.arg0) else { return };
+        while let Some(skb) = q.pop_front() {
+            if let Some(mut p) = self.inflight.remove(&skb) {
+                p.stages.push(Stage {
+                    stage: stage_name(Hook::AppRecv),
+                    t_ns: e.ts_ns,
+                    cpu: e.cpu,
+                    pid: e.tgid,
+                    tid: e.tid,
+                    comm: e.comm.clone(),
+                    dev: None,
+                });
+                if q.is_empty() {
+                    self.sock_queues.remove(&e.arg0);
+                }
+                self.finish(p, Verdict::Delivered, done);
+                return;
+            }
+        }
+        self.sock_queues.remove(&e.arg0);
     }
 
     fn link_clone(&mut self, clone: &mut PacketPath, done: &mut Vec<PacketPath>) {
@@ -480,7 +533,6 @@ impl Tracker {
             }
         }
         self.add_softirq_stages(&mut p);
-        self.pair(&mut p);
         p.complete = is_complete(&p);
         self.account(&p);
         done.push(p);
@@ -604,7 +656,7 @@ pub fn is_complete(p: &PacketPath) -> bool {
     let first = p.stages.iter().map(|s| s.stage).find(|s| *s != "route");
     let sent_here = matches!(first, Some("tc_egress") | Some("dev_queue"));
     let started = sent_here || matches!(first, Some("receive") | Some("tc_ingress") | Some("copy_to_user"));
-    let ended = matches!(p.verdict, Verdict::Consumed | Verdict::Dropped | Verdict::DeliveredClone | Verdict::FreedUntraced);
+    let ended = matches!(p.verdict, Verdict::Consumed | Verdict::Delivered | Verdict::Dropped | Verdict::DeliveredClone | Verdict::FreedUntraced);
     let through_lo = if sent_here && p.tx_dev.as_deref() == Some("lo") {
         p.has("xmit") && p.has("backlog_enqueue") && p.has("receive")
     } else {
@@ -618,7 +670,7 @@ pub(crate) mod tests {
     use std::net::IpAddr;
 
     use super::*;
-    use crate::decode::{Icmp, PROTO_UDP, Tcp};
+    use crate::decode::{Icmp, Tcp};
 
     pub(crate) struct Seq {
         pub t: u64,
@@ -863,6 +915,23 @@ pub(crate) mod tests {
         assert!(t.inflight() <= 10);
         assert_eq!(out.len(), 40);
         assert_eq!(t.stats.expired, 40);
+    }
+
+    #[test]
+    fn udp_is_delivered_by_the_applications_read() {
+        let mut s = Seq::new();
+        let info = PacketInfo { proto: PROTO_UDP, sport: Some(1), dport: Some(2), icmp: None, ..icmp_info("127.0.0.1", "127.0.0.1", 0, 0, 0) };
+        s.lo_path(0x7, 1, "a", info.clone(), true);
+        s.ev(Hook::SockQueue, 0x7, 1, "a", "", None, 0xfeed, 0);
+        s.ev(Hook::SockQueue, 0x7, 1, "a", "", None, 0xfeed, 0); // duplicate: ignored
+        s.ev(Hook::AppRecv, 0, 2, "b", "", None, 0xbeef, 64); // other socket: nothing
+        s.ev(Hook::AppRecv, 0, 2, "b", "", None, 0xfeed, 64);
+        let (paths, _) = run(s.events);
+        assert_eq!(paths.len(), 1);
+        assert_eq!(paths[0].verdict, Verdict::Delivered);
+        assert!(paths[0].complete);
+        assert_eq!(paths[0].stage_names().iter().filter(|s| **s == "sock_queue").count(), 1);
+        assert_eq!(paths[0].stages.last().map(|s| (s.stage, s.tid)), Some(("app_recv", 2)));
     }
 
     #[test]

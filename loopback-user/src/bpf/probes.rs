@@ -66,7 +66,9 @@ pub const PLAN: &[HookPoint] = &[
     tp("netif_receive_skb", Some(Hook::Receive), "process_backlog -> __netif_receive_skb_core", true),
     HookPoint { program: "lo_xdp", attach: Attach::XdpLo, hook: Some(Hook::Xdp), kernel_fn: "do_xdp_generic", required: false },
     HookPoint { program: "lo_tc_ingress", attach: Attach::TcIngressLo, hook: Some(Hook::TcIngress), kernel_fn: "sch_handle_ingress (tcx)", required: false },
+    tp("sk_data_ready", Some(Hook::SockQueue), "sock_def_readable (queued to the socket)", false),
     tp("skb_copy_datagram_iovec", Some(Hook::CopyToUser), "skb_copy_datagram_iter (recvmsg)", false),
+    tp("sock_recv_length", Some(Hook::AppRecv), "sock_recvmsg returns (application read)", false),
     tp("kfree_skb", Some(Hook::Free), "kfree_skb_reason (drop)", true),
     tp("consume_skb", Some(Hook::Consume), "consume_skb (normal free)", true),
 ];
