@@ -20,7 +20,12 @@ fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let ebpf = manifest.join("../loopback-ebpf");
     let common = manifest.join("../loopback-common");
-    for p in [ebpf.join("src"), ebpf.join("Cargo.toml"), ebpf.join("Cargo.lock"), common.join("src")] {
+    for p in [
+        ebpf.join("src"),
+        ebpf.join("Cargo.toml"),
+        ebpf.join("Cargo.lock"),
+        common.join("src"),
+    ] {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     println!("cargo:rerun-if-env-changed=LOTRACE_EBPF_STUB");
@@ -45,7 +50,14 @@ fn main() {
     let target_dir = out.join("ebpf-target");
     let mut cmd = Command::new(cargo);
     cmd.current_dir(&ebpf)
-        .args(["build", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
         .arg("--target-dir")
         .arg(&target_dir)
         .env("RUSTC_BOOTSTRAP", "1")
@@ -66,8 +78,7 @@ fn main() {
         panic!("building loopback-ebpf failed ({status}); see the errors above");
     }
     let built = target_dir.join("bpfel-unknown-none/release/loopback");
-    std::fs::copy(&built, &dst)
-        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", built.display(), dst.display()));
+    std::fs::copy(&built, &dst).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", built.display(), dst.display()));
 }
 
 fn write_stub(dst: &Path) {

@@ -43,19 +43,17 @@ pub fn capture(e: &mut RawEvent, kind: u8, src: u64, avail: u32) {
     if src == 0 {
         return;
     }
-    let rc = unsafe {
-        probe_read_raw(
-            e.hdr.as_mut_ptr() as *mut _,
-            HDR_CAP as u32,
-            src as *const _,
-        )
-    };
+    let rc = unsafe { probe_read_raw(e.hdr.as_mut_ptr() as *mut _, HDR_CAP as u32, src as *const _) };
     if rc != 0 {
         count(counter::READ_FAILED);
         return;
     }
     e.hdr_kind = kind;
-    e.hdr_len = if avail as usize > HDR_CAP { HDR_CAP as u16 } else { avail as u16 };
+    e.hdr_len = if avail as usize > HDR_CAP {
+        HDR_CAP as u16
+    } else {
+        avail as u16
+    };
 }
 
 /// Device name and index of a `struct net_device *`.

@@ -3,9 +3,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use loopback_common::{
-    DEFAULT_RING_BYTES, KernelOffsets, SCOPE_MAP_ENTRIES, SoftirqState, counter,
-};
+use loopback_common::{DEFAULT_RING_BYTES, KernelOffsets, SCOPE_MAP_ENTRIES, SoftirqState, counter};
 
 /// Every event goes through this one ring buffer: one buffer shared by all CPUs keeps the
 /// events of one sk_buff in the order they happened, even when they come from different CPUs.

@@ -1,11 +1,8 @@
 //! tp_btf programs along the loopback path. Above each: the tracepoint prototype it relies on
 //! (stable since the kernel named), read from the running kernel's BTF.
-use aya_ebpf::{
-    macros::btf_tracepoint,
-    programs::BtfTracePointContext,
-};
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use loopback_common::{Hook, NET_RX_SOFTIRQ, NAME_LEN, hdr_kind};
+use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use loopback_common::{Hook, NAME_LEN, NET_RX_SOFTIRQ, hdr_kind};
 
 use crate::{
     emit::{capture_data, capture_network_header, emit, set_dev, skb_len},
@@ -255,15 +252,7 @@ pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
     let flp: u64 = ctx.arg(3);
     let tb_id = read::<u32>(table, off!(fib6_table_id)).unwrap_or(0) as u64;
     let nh = read::<u64>(res, off!(fib6_res_nh)).unwrap_or(0);
-    route_event(
-        6,
-        tb_id,
-        0,
-        nh,
-        flp + off!(flowi6_daddr),
-        flp + off!(flowi6_saddr),
-        16,
-    );
+    route_event(6, tb_id, 0, nh, flp + off!(flowi6_daddr), flp + off!(flowi6_saddr), 16);
     0
 }
 

@@ -12,7 +12,11 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "lotrace", version, about = "Trace packets through the Linux loopback path with eBPF")]
+#[command(
+    name = "lotrace",
+    version,
+    about = "Trace packets through the Linux loopback path with eBPF"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
@@ -86,13 +90,30 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             }
             Ok(0)
         }
-        Cmd::Trace { netns, filter: f, pid, count, duration, format, xdp } => {
+        Cmd::Trace {
+            netns,
+            filter: f,
+            pid,
+            count,
+            duration,
+            format,
+            xdp,
+        } => {
             let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
             let netns = match netns.as_deref() {
                 Some(spec) => Netns::resolve(spec).map_err(usage)?,
                 None => Netns::current()?,
             };
-            trace::run(TraceConfig { netns, filter, pid, count, duration, format, xdp }).await?;
+            trace::run(TraceConfig {
+                netns,
+                filter,
+                pid,
+                count,
+                duration,
+                format,
+                xdp,
+            })
+            .await?;
             Ok(0)
         }
     }

@@ -132,7 +132,13 @@ fn parse_route(h: &[u8], raw: &RawEvent) -> Option<RouteInfo> {
         }
         _ => return None,
     };
-    Some(RouteInfo { dst, src, table: raw.arg0 as u32, err: raw.arg1 as i64 as i32, dev: cstr(&raw.ifname) })
+    Some(RouteInfo {
+        dst,
+        src,
+        table: raw.arg0 as u32,
+        err: raw.arg1 as i64 as i32,
+        dev: cstr(&raw.ifname),
+    })
 }
 
 pub fn parse_eth(h: &[u8]) -> Option<PacketInfo> {
@@ -158,12 +164,20 @@ fn from_net(net: &LaxNetSlice<'_>) -> Option<PacketInfo> {
             let h = v4.header();
             let total = h.total_len() as u32;
             let hl = h.ihl() as u32 * 4;
-            (h.source_addr().into(), h.destination_addr().into(), total.checked_sub(hl))
+            (
+                h.source_addr().into(),
+                h.destination_addr().into(),
+                total.checked_sub(hl),
+            )
         }
         LaxNetSlice::Ipv6(v6) => {
             let h = v6.header();
             let ext = v6.extensions().slice().len() as u32;
-            (h.source_addr().into(), h.destination_addr().into(), (h.payload_length() as u32).checked_sub(ext))
+            (
+                h.source_addr().into(),
+                h.destination_addr().into(),
+                (h.payload_length() as u32).checked_sub(ext),
+            )
         }
         LaxNetSlice::Arp(_) => return None,
     };
@@ -198,7 +212,12 @@ fn from_net(net: &LaxNetSlice<'_>) -> Option<PacketInfo> {
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             if let (Some(&ty), Some(&code)) = (b.first(), b.get(1)) {
-                info.icmp = Some(Icmp { ty, code, id: be16(b, 4).unwrap_or(0), seq: be16(b, 6).unwrap_or(0) });
+                info.icmp = Some(Icmp {
+                    ty,
+                    code,
+                    id: be16(b, 4).unwrap_or(0),
+                    seq: be16(b, 6).unwrap_or(0),
+                });
             }
         }
         _ => {}
@@ -263,8 +282,19 @@ mod tests {
         let p = e.packet.expect("packet");
         assert_eq!(p.src, "127.0.0.1".parse::<IpAddr>().expect("ip"));
         assert_eq!(p.dst, "127.0.0.2".parse::<IpAddr>().expect("ip"));
-        assert_eq!(p.icmp, Some(Icmp { ty: 8, code: 0, id: 0x1234, seq: 7 }));
-        assert_eq!((e.tgid, e.tid, e.comm.as_str(), e.ifname.as_str()), (42, 43, "ping", "lo"));
+        assert_eq!(
+            p.icmp,
+            Some(Icmp {
+                ty: 8,
+                code: 0,
+                id: 0x1234,
+                seq: 7
+            })
+        );
+        assert_eq!(
+            (e.tgid, e.tid, e.comm.as_str(), e.ifname.as_str()),
+            (42, 43, "ping", "lo")
+        );
     }
 
     #[test]
@@ -284,11 +314,16 @@ mod tests {
 
     #[test]
     fn decodes_ethernet_capture() {
-        let b = etherparse::PacketBuilder::ethernet2([0; 6], [0; 6]).ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64).udp(5000, 6000);
+        let b = etherparse::PacketBuilder::ethernet2([0; 6], [0; 6])
+            .ipv4([127, 0, 0, 1], [127, 0, 0, 1], 64)
+            .udp(5000, 6000);
         let mut pkt = Vec::new();
         b.write(&mut pkt, &[0u8; 64]).expect("build");
         let p = parse_eth(&pkt).expect("parsed");
-        assert_eq!((p.proto, p.sport, p.dport, p.l4_payload_len), (PROTO_UDP, Some(5000), Some(6000), Some(64)));
+        assert_eq!(
+            (p.proto, p.sport, p.dport, p.l4_payload_len),
+            (PROTO_UDP, Some(5000), Some(6000), Some(64))
+        );
     }
 
     #[test]

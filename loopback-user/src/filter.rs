@@ -51,10 +51,16 @@ fn lex(s: &str) -> Vec<Tok> {
     for (i, c) in s.char_indices() {
         if c.is_whitespace() || c == '(' || c == ')' || c == '!' {
             if !cur.is_empty() {
-                out.push(Tok { text: std::mem::take(&mut cur), col: start + 1 });
+                out.push(Tok {
+                    text: std::mem::take(&mut cur),
+                    col: start + 1,
+                });
             }
             if !c.is_whitespace() {
-                out.push(Tok { text: c.to_string(), col: i + 1 });
+                out.push(Tok {
+                    text: c.to_string(),
+                    col: i + 1,
+                });
             }
         } else {
             if cur.is_empty() {
@@ -64,7 +70,10 @@ fn lex(s: &str) -> Vec<Tok> {
         }
     }
     if !cur.is_empty() {
-        out.push(Tok { text: cur, col: start + 1 });
+        out.push(Tok {
+            text: cur,
+            col: start + 1,
+        });
     }
     out
 }
@@ -83,7 +92,10 @@ impl Parser {
         self.toks.get(self.pos).map(|t| t.col).unwrap_or(self.end_col)
     }
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, FilterError> {
-        Err(FilterError { msg: msg.into(), col: self.col() })
+        Err(FilterError {
+            msg: msg.into(),
+            col: self.col(),
+        })
     }
     fn next(&mut self) -> Option<Tok> {
         let t = self.toks.get(self.pos).cloned();
@@ -138,13 +150,18 @@ impl Parser {
             self.pos += 1;
         }
         let col = self.col();
-        let Some(kw) = self.next() else { return self.err("expected host, net or port") };
+        let Some(kw) = self.next() else {
+            return self.err("expected host, net or port");
+        };
         let kw_text = kw.text.to_ascii_lowercase();
         match kw_text.as_str() {
             "host" | "net" | "port" => {
                 let Some(arg) = self.next() else {
                     self.pos -= 1;
-                    return Err(FilterError { msg: format!("{kw_text} needs a value"), col: self.end_col });
+                    return Err(FilterError {
+                        msg: format!("{kw_text} needs a value"),
+                        col: self.end_col,
+                    });
                 };
                 let bad = |m: String| Err(FilterError { msg: m, col: arg.col });
                 match kw_text.as_str() {
@@ -154,9 +171,13 @@ impl Parser {
                     },
                     "net" => {
                         let (a, l) = arg.text.split_once('/').unwrap_or((arg.text.as_str(), ""));
-                        let Ok(addr) = a.parse::<IpAddr>() else { return bad(format!("invalid network {:?}", arg.text)) };
+                        let Ok(addr) = a.parse::<IpAddr>() else {
+                            return bad(format!("invalid network {:?}", arg.text));
+                        };
                         let max = if addr.is_ipv4() { 32 } else { 128 };
-                        let len = if l.is_empty() { max } else {
+                        let len = if l.is_empty() {
+                            max
+                        } else {
                             match l.parse::<u8>() {
                                 Ok(n) if n <= max => n,
                                 _ => return bad(format!("invalid prefix length in {:?}", arg.text)),
@@ -170,27 +191,40 @@ impl Parser {
                     },
                 }
             }
-            _ if dir != Dir::Any => Err(FilterError { msg: format!("expected host, net or port after direction, found {:?}", kw.text), col }),
+            _ if dir != Dir::Any => Err(FilterError {
+                msg: format!("expected host, net or port after direction, found {:?}", kw.text),
+                col,
+            }),
             "icmp" => Ok(Expr::Proto(PROTO_ICMP)),
             "icmp6" => Ok(Expr::Proto(PROTO_ICMPV6)),
             "tcp" => Ok(Expr::Proto(PROTO_TCP)),
             "udp" => Ok(Expr::Proto(PROTO_UDP)),
             "ip" => Ok(Expr::Family(false)),
             "ip6" => Ok(Expr::Family(true)),
-            _ => Err(FilterError { msg: format!("unknown keyword {:?}", kw.text), col }),
+            _ => Err(FilterError {
+                msg: format!("unknown keyword {:?}", kw.text),
+                col,
+            }),
         }
     }
 }
 
 pub fn parse(s: &str) -> Result<Expr, FilterError> {
     let toks = lex(s);
-    let mut p = Parser { toks, pos: 0, end_col: s.chars().count() + 1 };
+    let mut p = Parser {
+        toks,
+        pos: 0,
+        end_col: s.chars().count() + 1,
+    };
     if p.peek().is_none() {
         return p.err("empty filter");
     }
     let e = p.or()?;
     if p.peek().is_some() {
-        return p.err(format!("unexpected {:?} (missing 'and'/'or'?)", p.peek().unwrap_or_default()));
+        return p.err(format!(
+            "unexpected {:?} (missing 'and'/'or'?)",
+            p.peek().unwrap_or_default()
+        ));
     }
     Ok(e)
 }
@@ -238,7 +272,13 @@ mod tests {
     use crate::path::tests::icmp_info;
 
     fn udp(src: &str, sport: u16, dst: &str, dport: u16) -> PacketInfo {
-        PacketInfo { proto: PROTO_UDP, sport: Some(sport), dport: Some(dport), icmp: None, ..icmp_info(src, dst, 0, 0, 0) }
+        PacketInfo {
+            proto: PROTO_UDP,
+            sport: Some(sport),
+            dport: Some(dport),
+            icmp: None,
+            ..icmp_info(src, dst, 0, 0, 0)
+        }
     }
 
     fn m(f: &str, p: &PacketInfo) -> bool {

@@ -68,7 +68,11 @@ impl Netns {
             bail!("{} is not a network namespace", path.display());
         }
         let inode = f.metadata()?.ino() as u32;
-        Ok(Self { path: path.to_path_buf(), label: label.to_string(), inode })
+        Ok(Self {
+            path: path.to_path_buf(),
+            label: label.to_string(),
+            inode,
+        })
     }
 
     /// Runs `f` on a new thread that has joined this namespace (setns only affects the calling
@@ -118,7 +122,11 @@ impl Sandbox {
         ip(&["netns", "add", &name])?;
         // From here on, Drop removes it whatever happens next.
         let mut sb = Self {
-            netns: Netns { path: PathBuf::new(), label: name.clone(), inode: 0 },
+            netns: Netns {
+                path: PathBuf::new(),
+                label: name.clone(),
+                inode: 0,
+            },
             name,
         };
         sb.netns = Netns::resolve(&sb.name)?;
@@ -161,7 +169,11 @@ impl Drop for Sandbox {
 /// Lists `ip netns` names (for cleanup checks).
 pub fn list_named() -> Vec<String> {
     std::fs::read_dir("/run/netns")
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -186,6 +198,9 @@ mod tests {
     #[test]
     fn a_file_that_is_not_a_namespace_is_rejected() {
         let e = Netns::resolve("/etc/hostname").unwrap_err().to_string();
-        assert!(e.contains("not a network namespace") || e.contains("cannot open"), "{e}");
+        assert!(
+            e.contains("not a network namespace") || e.contains("cannot open"),
+            "{e}"
+        );
     }
 }

@@ -97,7 +97,13 @@ fn wall(ts: u64, off: i128) -> String {
 
 pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
     let mut s = String::new();
-    let paint = |code: &str, text: &str| if st.color { format!("\x1b[{code}m{text}\x1b[0m") } else { text.to_string() };
+    let paint = |code: &str, text: &str| {
+        if st.color {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    };
     let what = match &p.info {
         Some(i) => {
             let mut w = format!("{} {} -> {}", proto_name(i.proto), i.src, i.dst);
@@ -158,13 +164,29 @@ pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
         {
             extra = format!("table {} dev {}", table_name(r.table), r.dev);
         }
-        let _ = writeln!(s, "    +{:<9} {:<16} cpu{:<3} {}/{:<8} {}", fmt_ns(d), stg.stage, stg.cpu, stg.comm, stg.tid, extra);
+        let _ = writeln!(
+            s,
+            "    +{:<9} {:<16} cpu{:<3} {}/{:<8} {}",
+            fmt_ns(d),
+            stg.stage,
+            stg.cpu,
+            stg.comm,
+            stg.tid,
+            extra
+        );
     }
     s
 }
 
 fn tcp_flags(f: u8) -> String {
-    let names = [(0x02, 'S'), (0x10, '.'), (0x08, 'P'), (0x01, 'F'), (0x04, 'R'), (0x20, 'U')];
+    let names = [
+        (0x02, 'S'),
+        (0x10, '.'),
+        (0x08, 'P'),
+        (0x01, 'F'),
+        (0x04, 'R'),
+        (0x20, 'U'),
+    ];
     names.iter().filter(|(b, _)| f & b != 0).map(|(_, c)| *c).collect()
 }
 
@@ -181,7 +203,10 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
         .stage_latency
         .iter()
         .map(|(k, h)| {
-            ((*k).to_string(), json!({"count": h.len(), "p50_ns": h.value_at_quantile(0.5), "p99_ns": h.value_at_quantile(0.99)}))
+            (
+                (*k).to_string(),
+                json!({"count": h.len(), "p50_ns": h.value_at_quantile(0.5), "p99_ns": h.value_at_quantile(0.99)}),
+            )
         })
         .collect();
     json!({
@@ -205,7 +230,11 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
 }
 
 fn pct(a: u64, b: u64) -> f64 {
-    if b == 0 { 100.0 } else { (a as f64 * 1000.0 / b as f64).round() / 10.0 }
+    if b == 0 {
+        100.0
+    } else {
+        (a as f64 * 1000.0 / b as f64).round() / 10.0
+    }
 }
 
 pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
@@ -213,7 +242,12 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     let drops = if stats.drops.is_empty() {
         "none".to_string()
     } else {
-        stats.drops.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ")
+        stats
+            .drops
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let _ = writeln!(
         s,
@@ -278,8 +312,28 @@ mod tests {
         for p in &ps {
             let v = packet_json(p);
             for k in [
-                "id", "t_ns", "proto", "src", "dst", "len", "sport", "dport", "icmp", "tcp", "tx_dev", "rx_dev", "left_host",
-                "complete", "verdict", "drop_reason", "reply_of", "clone_of", "route", "softirq", "latency_ns", "stages",
+                "id",
+                "t_ns",
+                "proto",
+                "src",
+                "dst",
+                "len",
+                "sport",
+                "dport",
+                "icmp",
+                "tcp",
+                "tx_dev",
+                "rx_dev",
+                "left_host",
+                "complete",
+                "verdict",
+                "drop_reason",
+                "reply_of",
+                "clone_of",
+                "route",
+                "softirq",
+                "latency_ns",
+                "stages",
             ] {
                 assert!(v.get(k).is_some(), "missing {k} in {v}");
             }
@@ -298,13 +352,29 @@ mod tests {
     #[test]
     fn text_and_summary_mention_what_matters() {
         let (ps, stats) = paths();
-        let st = TextStyle { color: false, wall_offset_ns: 0 };
+        let st = TextStyle {
+            color: false,
+            wall_offset_ns: 0,
+        };
         let t = packet_text(&ps[0], &st);
-        assert!(t.contains("echo-request id 77 seq 1") && t.contains("softirq inline") && t.contains("backlog_enqueue"), "{t}");
+        assert!(
+            t.contains("echo-request id 77 seq 1") && t.contains("softirq inline") && t.contains("backlog_enqueue"),
+            "{t}"
+        );
         assert!(!t.contains('\x1b'), "no colour when not asked");
-        let sum = Summary { printed: 3, kernel: KernelCounters { ring_lost: 7, ..Default::default() }, undecodable: 0 };
+        let sum = Summary {
+            printed: 3,
+            kernel: KernelCounters {
+                ring_lost: 7,
+                ..Default::default()
+            },
+            undecodable: 0,
+        };
         let s = summary_text(&stats, &sum);
-        assert!(s.contains("3 packets") && s.contains("lost events: 7") && s.contains("drops: none"), "{s}");
+        assert!(
+            s.contains("3 packets") && s.contains("lost events: 7") && s.contains("drops: none"),
+            "{s}"
+        );
         assert_eq!(summary_json(&stats, &sum)["summary"]["lost_events"], 7);
     }
 }

@@ -200,7 +200,11 @@ pub struct TrackerConfig {
 
 impl Default for TrackerConfig {
     fn default() -> Self {
-        Self { max_idle_ns: 2_000_000_000, max_inflight: 65_536, clone_wait_ns: 1_000_000_000 }
+        Self {
+            max_idle_ns: 2_000_000_000,
+            max_inflight: 65_536,
+            clone_wait_ns: 1_000_000_000,
+        }
     }
 }
 
@@ -227,15 +231,26 @@ pub struct Tracker {
 }
 
 fn is_echo_request(p: &PacketInfo) -> bool {
-    matches!((p.proto, p.icmp.map(|i| i.ty)), (PROTO_ICMP, Some(8)) | (PROTO_ICMPV6, Some(128)))
+    matches!(
+        (p.proto, p.icmp.map(|i| i.ty)),
+        (PROTO_ICMP, Some(8)) | (PROTO_ICMPV6, Some(128))
+    )
 }
 fn is_echo_reply(p: &PacketInfo) -> bool {
-    matches!((p.proto, p.icmp.map(|i| i.ty)), (PROTO_ICMP, Some(0)) | (PROTO_ICMPV6, Some(129)))
+    matches!(
+        (p.proto, p.icmp.map(|i| i.ty)),
+        (PROTO_ICMP, Some(0)) | (PROTO_ICMPV6, Some(129))
+    )
 }
 
 /// Two captures of the same packet bytes (original and clone).
 fn same_headers(a: &PacketInfo, b: &PacketInfo) -> bool {
-    a.src == b.src && a.dst == b.dst && a.proto == b.proto && a.icmp == b.icmp && a.sport == b.sport && a.dport == b.dport
+    a.src == b.src
+        && a.dst == b.dst
+        && a.proto == b.proto
+        && a.icmp == b.icmp
+        && a.sport == b.sport
+        && a.dport == b.dport
 }
 
 impl Tracker {
@@ -311,7 +326,9 @@ impl Tracker {
         if e.hook == Hook::SockQueue {
             // Only meaningful for a UDP packet still being received, queued once.
             let queued = match self.inflight.get(&e.skb) {
-                Some(p) => p.has("receive") && !p.has("sock_queue") && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP),
+                Some(p) => {
+                    p.has("receive") && !p.has("sock_queue") && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
+                }
                 None => false,
             };
             if !queued {
@@ -380,10 +397,16 @@ impl Tracker {
         match e.hook {
             Hook::Consume => self.finish(p, Verdict::Consumed, &mut done),
             Hook::Free => {
-                let name = self.drop_names.get(&e.arg0).cloned().unwrap_or_else(|| format!("reason-{}", e.arg0));
+                let name = self
+                    .drop_names
+                    .get(&e.arg0)
+                    .cloned()
+                    .unwrap_or_else(|| format!("reason-{}", e.arg0));
                 p.drop_reason = Some(name);
                 let waits_for_clone = p.drop_reason.as_deref() == Some("NO_SOCKET")
-                    && p.info.as_ref().is_some_and(|i| i.proto == PROTO_ICMP || i.proto == PROTO_ICMPV6);
+                    && p.info
+                        .as_ref()
+                        .is_some_and(|i| i.proto == PROTO_ICMP || i.proto == PROTO_ICMPV6);
                 if waits_for_clone {
                     p.verdict = Verdict::Dropped;
                     self.awaiting_clone.push_back(p);
@@ -408,7 +431,9 @@ impl Tracker {
 
     /// The application read from socket `arg0`: the oldest UDP packet queued to it was delivered.
     fn app_recv(&mut self, e: &Event, done: &mut Vec<PacketPath>) {
-        let Some(q) = self.sock_queues.get_mut(&e.arg0) else { return };
+        let Some(q) = self.sock_queues.get_mut(&e.arg0) else {
+            return;
+        };
         while let Some(skb) = q.pop_front() {
             if let Some(mut p) = self.inflight.remove(&skb) {
                 p.stages.push(Stage {
@@ -482,7 +507,11 @@ impl Tracker {
 
     fn idle_verdict(&self, p: &PacketPath) -> Verdict {
         let tcp = p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP);
-        if tcp && p.has("receive") { Verdict::FreedUntraced } else { Verdict::Expired }
+        if tcp && p.has("receive") {
+            Verdict::FreedUntraced
+        } else {
+            Verdict::Expired
+        }
     }
 
     /// Finishes packets idle for longer than the configured time at event-clock `now`.
@@ -501,7 +530,8 @@ impl Tracker {
             let v = self.idle_verdict(&p);
             self.finish(p, v, &mut done);
         }
-        self.last_route.retain(|_, (st, _)| now.saturating_sub(st.t_ns) <= self.cfg.max_idle_ns);
+        self.last_route
+            .retain(|_, (st, _)| now.saturating_sub(st.t_ns) <= self.cfg.max_idle_ns);
         done
     }
 
@@ -540,7 +570,9 @@ impl Tracker {
 
     /// Softirq context from the receive event: who ran it, and whether this packet raised it.
     fn add_softirq_stages(&self, p: &mut PacketPath) {
-        let Some(recv) = p.stages.iter().find(|s| s.stage == "receive").cloned() else { return };
+        let Some(recv) = p.stages.iter().find(|s| s.stage == "receive").cloned() else {
+            return;
+        };
         let enq = p.stages.iter().find(|s| s.stage == "backlog_enqueue").map(|s| s.t_ns);
         let (entry_ts, raise_ts) = p.receive_arg.unwrap_or((0, 0));
         let after_enqueue = |t: u64| enq.is_some_and(|q| t >= q && t <= recv.t_ns);
@@ -553,7 +585,15 @@ impl Tracker {
         } else {
             SoftirqContext::Other
         };
-        let mk = |stage, t_ns| Stage { stage, t_ns, cpu: recv.cpu, pid: recv.pid, tid: recv.tid, comm: recv.comm.clone(), dev: None };
+        let mk = |stage, t_ns| Stage {
+            stage,
+            t_ns,
+            cpu: recv.cpu,
+            pid: recv.pid,
+            tid: recv.tid,
+            comm: recv.comm.clone(),
+            dev: None,
+        };
         if raised {
             p.stages.push(mk(STAGE_SOFTIRQ_RAISE, raise_ts));
         }
@@ -563,7 +603,14 @@ impl Tracker {
         if raised || new_run {
             p.stages.sort_by_key(|s| s.t_ns);
         }
-        p.softirq = Some(Softirq { cpu: recv.cpu, context, task: recv.comm.clone(), pid: recv.pid, raised, new_run });
+        p.softirq = Some(Softirq {
+            cpu: recv.cpu,
+            context,
+            task: recv.comm.clone(),
+            pid: recv.pid,
+            raised,
+            new_run,
+        });
     }
 
     fn pair(&mut self, p: &mut PacketPath) {
@@ -586,7 +633,9 @@ impl Tracker {
         if info.proto != PROTO_TCP || p.clone_of.is_some() {
             return;
         }
-        let (Some(tcp), Some(sport), Some(dport)) = (info.tcp, info.sport, info.dport) else { return };
+        let (Some(tcp), Some(sport), Some(dport)) = (info.tcp, info.sport, info.dport) else {
+            return;
+        };
         // ACK: answers the newest segment of the reverse direction it fully covers.
         if tcp.flags & 0x10 != 0 {
             let rev = (info.dst, dport, info.src, sport);
@@ -631,7 +680,9 @@ impl Tracker {
             s.in_flight_at_end += 1;
         }
         if p.is_drop() {
-            *s.drops.entry(p.drop_reason.clone().unwrap_or_else(|| "unknown".into())).or_default() += 1;
+            *s.drops
+                .entry(p.drop_reason.clone().unwrap_or_else(|| "unknown".into()))
+                .or_default() += 1;
         }
         if let Some(si) = &p.softirq {
             *s.by_context.entry(si.context.as_str()).or_default() += 1;
@@ -656,7 +707,10 @@ pub fn is_complete(p: &PacketPath) -> bool {
     let first = p.stages.iter().map(|s| s.stage).find(|s| *s != "route");
     let sent_here = matches!(first, Some("tc_egress") | Some("dev_queue"));
     let started = sent_here || matches!(first, Some("receive") | Some("tc_ingress") | Some("copy_to_user"));
-    let ended = matches!(p.verdict, Verdict::Consumed | Verdict::Delivered | Verdict::Dropped | Verdict::DeliveredClone | Verdict::FreedUntraced);
+    let ended = matches!(
+        p.verdict,
+        Verdict::Consumed | Verdict::Delivered | Verdict::Dropped | Verdict::DeliveredClone | Verdict::FreedUntraced
+    );
     let through_lo = if sent_here && p.tx_dev.as_deref() == Some("lo") {
         p.has("xmit") && p.has("backlog_enqueue") && p.has("receive")
     } else {
@@ -696,10 +750,23 @@ pub(crate) mod tests {
 
     impl Seq {
         pub fn new() -> Self {
-            Self { t: 1_000, events: Vec::new() }
+            Self {
+                t: 1_000,
+                events: Vec::new(),
+            }
         }
         #[allow(clippy::too_many_arguments)]
-        pub fn ev(&mut self, hook: Hook, skb: u64, tid: u32, comm: &str, dev: &str, info: Option<PacketInfo>, arg0: u64, arg1: u64) -> u64 {
+        pub fn ev(
+            &mut self,
+            hook: Hook,
+            skb: u64,
+            tid: u32,
+            comm: &str,
+            dev: &str,
+            info: Option<PacketInfo>,
+            arg0: u64,
+            arg1: u64,
+        ) -> u64 {
             self.t += 100;
             self.events.push(Event {
                 ts_ns: self.t,
@@ -728,7 +795,16 @@ pub(crate) mod tests {
             self.ev(Hook::XmitDone, skb, tid, comm, "lo", None, 0, 0);
             let raise_ts = if raise { enq + 10 } else { 0 };
             let entry_ts = if raise { enq + 150 } else { 0 };
-            self.ev(Hook::Receive, skb, tid, comm, "lo", Some(info.clone()), entry_ts, raise_ts);
+            self.ev(
+                Hook::Receive,
+                skb,
+                tid,
+                comm,
+                "lo",
+                Some(info.clone()),
+                entry_ts,
+                raise_ts,
+            );
             self.ev(Hook::Xdp, skb, tid, comm, "lo", Some(info), 0, 0);
         }
     }
@@ -772,7 +848,15 @@ pub(crate) mod tests {
         assert_eq!(
             req.stage_names(),
             [
-                "tc_egress", "dev_queue", "xmit", "backlog_enqueue", "softirq_raise", "xmit_done", "softirq_entry", "receive", "xdp",
+                "tc_egress",
+                "dev_queue",
+                "xmit",
+                "backlog_enqueue",
+                "softirq_raise",
+                "xmit_done",
+                "softirq_entry",
+                "receive",
+                "xdp",
                 "consume"
             ]
         );
@@ -780,7 +864,10 @@ pub(crate) mod tests {
         assert!(req.complete && !req.left_host());
         assert_eq!((req.tx_dev.as_deref(), req.rx_dev.as_deref()), (Some("lo"), Some("lo")));
         let si = req.softirq.as_ref().expect("softirq");
-        assert_eq!((si.context, si.raised, si.new_run), (SoftirqContext::Inline, true, true));
+        assert_eq!(
+            (si.context, si.raised, si.new_run),
+            (SoftirqContext::Inline, true, true)
+        );
         // The reply rode the already-running softirq: no raise, no new run.
         assert!(!rep.has("softirq_raise") && !rep.has("softirq_entry"));
         assert_eq!(rep.reply_of, Some(req.id));
@@ -788,7 +875,11 @@ pub(crate) mod tests {
         assert!(rep.complete);
         assert_eq!(clone.clone_of, Some(rep.id));
         assert_eq!(clone.reply_of, Some(req.id));
-        assert!(stats.drops.is_empty(), "NO_SOCKET with a delivered clone is not a drop: {:?}", stats.drops);
+        assert!(
+            stats.drops.is_empty(),
+            "NO_SOCKET with a delivered clone is not a drop: {:?}",
+            stats.drops
+        );
         assert_eq!((stats.packets, stats.complete), (3, 3));
     }
 
@@ -902,7 +993,10 @@ pub(crate) mod tests {
 
     #[test]
     fn inflight_is_bounded() {
-        let cfg = TrackerConfig { max_inflight: 10, ..TrackerConfig::default() };
+        let cfg = TrackerConfig {
+            max_inflight: 10,
+            ..TrackerConfig::default()
+        };
         let mut t = Tracker::new(cfg, drops());
         let mut s = Seq::new();
         for i in 0..50u64 {
@@ -920,7 +1014,13 @@ pub(crate) mod tests {
     #[test]
     fn udp_is_delivered_by_the_applications_read() {
         let mut s = Seq::new();
-        let info = PacketInfo { proto: PROTO_UDP, sport: Some(1), dport: Some(2), icmp: None, ..icmp_info("127.0.0.1", "127.0.0.1", 0, 0, 0) };
+        let info = PacketInfo {
+            proto: PROTO_UDP,
+            sport: Some(1),
+            dport: Some(2),
+            icmp: None,
+            ..icmp_info("127.0.0.1", "127.0.0.1", 0, 0, 0)
+        };
         s.lo_path(0x7, 1, "a", info.clone(), true);
         s.ev(Hook::SockQueue, 0x7, 1, "a", "", None, 0xfeed, 0);
         s.ev(Hook::SockQueue, 0x7, 1, "a", "", None, 0xfeed, 0); // duplicate: ignored
@@ -937,7 +1037,10 @@ pub(crate) mod tests {
     #[test]
     fn packet_sent_on_another_device_left_the_host() {
         let mut s = Seq::new();
-        let info = PacketInfo { proto: PROTO_UDP, ..icmp_info("10.1.0.1", "10.1.0.2", 8, 1, 1) };
+        let info = PacketInfo {
+            proto: PROTO_UDP,
+            ..icmp_info("10.1.0.1", "10.1.0.2", 8, 1, 1)
+        };
         s.ev(Hook::DevQueue, 0x5, 1, "a", "veth0", Some(info), 0, 0);
         s.ev(Hook::Xmit, 0x5, 1, "a", "veth0", None, 0, 0);
         s.ev(Hook::Consume, 0x5, 1, "a", "", None, 0, 0);

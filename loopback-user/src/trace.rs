@@ -5,7 +5,10 @@ use std::{
 };
 
 use anyhow::Result;
-use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{
     bpf::session::{Session, SessionOptions},
@@ -77,7 +80,10 @@ impl Printer {
 }
 
 pub async fn run(cfg: TraceConfig) -> Result<()> {
-    let mut session = Session::open(&SessionOptions { xdp: cfg.xdp, ..SessionOptions::new(cfg.netns.clone()) })?;
+    let mut session = Session::open(&SessionOptions {
+        xdp: cfg.xdp,
+        ..SessionOptions::new(cfg.netns.clone())
+    })?;
     let ring = session.take_ring()?;
     // SAFETY: the ring buffer owns its map fd and lives as long as the AsyncFd.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|_| anyhow::anyhow!("cannot poll the ring buffer fd"))?;
@@ -94,14 +100,20 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         printed: 0,
     };
     let attached = session.outcomes.iter().filter(|o| o.attached).count();
-    let missing: Vec<String> =
-        session.missing().map(|o| format!("{} ({})", o.program, o.error.as_deref().unwrap_or("?"))).collect();
+    let missing: Vec<String> = session
+        .missing()
+        .map(|o| format!("{} ({})", o.program, o.error.as_deref().unwrap_or("?")))
+        .collect();
     eprintln!(
         "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{}. Ctrl-C to stop.",
         cfg.netns.label,
         cfg.netns.inode,
         session.outcomes.len(),
-        if missing.is_empty() { String::new() } else { format!("; NOT attached: {}", missing.join(", ")) }
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!("; NOT attached: {}", missing.join(", "))
+        }
     );
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -173,7 +185,11 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         }
     }
     printer.out.flush()?;
-    let summary = Summary { printed: printer.printed, kernel: session.counters()?, undecodable };
+    let summary = Summary {
+        printed: printer.printed,
+        kernel: session.counters()?,
+        undecodable,
+    };
     match cfg.format {
         Format::Json => eprintln!("{}", summary_json(&tracker.stats, &summary)),
         Format::Text => eprint!("{}", summary_text(&tracker.stats, &summary)),

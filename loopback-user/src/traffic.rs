@@ -14,7 +14,11 @@ use anyhow::{Result, anyhow, bail};
 fn checksum(b: &[u8]) -> u16 {
     let mut sum: u32 = 0;
     for c in b.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_be_bytes([c[0], 0]) };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
         sum += w as u32;
     }
     while sum >> 16 != 0 {
@@ -30,7 +34,11 @@ fn last_err(what: &str) -> anyhow::Error {
 /// Sends one echo request to `dst` and waits for the matching reply. Returns the RTT.
 pub fn icmp_echo(dst: IpAddr, id: u16, seq: u16, timeout: Duration) -> Result<Duration> {
     let v6 = dst.is_ipv6();
-    let (domain, proto) = if v6 { (libc::AF_INET6, libc::IPPROTO_ICMPV6) } else { (libc::AF_INET, libc::IPPROTO_ICMP) };
+    let (domain, proto) = if v6 {
+        (libc::AF_INET6, libc::IPPROTO_ICMPV6)
+    } else {
+        (libc::AF_INET, libc::IPPROTO_ICMP)
+    };
     let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
         return Err(last_err("raw ICMP socket (needs CAP_NET_RAW)"));
@@ -41,7 +49,13 @@ pub fn icmp_echo(dst: IpAddr, id: u16, seq: u16, timeout: Duration) -> Result<Du
         let mut filter = [u32::MAX; 8];
         filter[129 >> 5] &= !(1u32 << (129 & 31));
         let rc = unsafe {
-            libc::setsockopt(fd, libc::IPPROTO_ICMPV6, 1 /* ICMP6_FILTER */, filter.as_ptr().cast(), 32)
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_ICMPV6,
+                1, /* ICMP6_FILTER */
+                filter.as_ptr().cast(),
+                32,
+            )
         };
         if rc != 0 {
             return Err(last_err("ICMP6_FILTER"));
@@ -49,15 +63,30 @@ pub fn icmp_echo(dst: IpAddr, id: u16, seq: u16, timeout: Duration) -> Result<Du
     } else {
         let mask: u32 = !1u32; // block every type but 0 (echo reply)
         let rc = unsafe {
-            libc::setsockopt(fd, 255 /* SOL_RAW */, 1 /* ICMP_FILTER */, (&mask as *const u32).cast(), 4)
+            libc::setsockopt(
+                fd,
+                255, /* SOL_RAW */
+                1,   /* ICMP_FILTER */
+                (&mask as *const u32).cast(),
+                4,
+            )
         };
         if rc != 0 {
             return Err(last_err("ICMP_FILTER"));
         }
     }
-    let tv = libc::timeval { tv_sec: timeout.as_secs() as _, tv_usec: timeout.subsec_micros() as _ };
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as _,
+        tv_usec: timeout.subsec_micros() as _,
+    };
     unsafe {
-        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), size_of::<libc::timeval>() as u32)
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            size_of::<libc::timeval>() as u32,
+        )
     };
     let mut pkt = vec![if v6 { 128 } else { 8 }, 0, 0, 0];
     pkt.extend_from_slice(&id.to_be_bytes());
@@ -84,7 +113,12 @@ pub fn icmp_echo(dst: IpAddr, id: u16, seq: u16, timeout: Duration) -> Result<Du
         }
         let b = &buf[..n as usize];
         // IPv4 raw sockets deliver the IP header; IPv6 ones do not.
-        let icmp = if v6 { b } else { b.get(((b.first().copied().unwrap_or(0) & 0x0f) as usize) * 4..).unwrap_or(&[]) };
+        let icmp = if v6 {
+            b
+        } else {
+            b.get(((b.first().copied().unwrap_or(0) & 0x0f) as usize) * 4..)
+                .unwrap_or(&[])
+        };
         if icmp.len() >= 8
             && icmp[0] == if v6 { 129 } else { 0 }
             && u16::from_be_bytes([icmp[4], icmp[5]]) == id
@@ -109,7 +143,9 @@ mod socket2_like {
                 IpAddr::V4(v4) => SockAddr::V4(libc::sockaddr_in {
                     sin_family: libc::AF_INET as u16,
                     sin_port: 0,
-                    sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.octets()) },
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from_ne_bytes(v4.octets()),
+                    },
                     sin_zero: [0; 8],
                 }),
                 IpAddr::V6(v6) => SockAddr::V6(libc::sockaddr_in6 {
@@ -188,6 +224,9 @@ mod tests {
     #[test]
     fn icmp_checksum_matches_rfc1071_example() {
         // RFC 1071 example words: 0001 f203 f4f5 f6f7 -> sum ddf2, checksum 220d
-        assert_eq!(super::checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]), 0x220d);
+        assert_eq!(
+            super::checksum(&[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]),
+            0x220d
+        );
     }
 }

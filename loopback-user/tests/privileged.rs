@@ -15,7 +15,14 @@ use serde_json::Value;
 const BIN: &str = env!("CARGO_BIN_EXE_lotrace");
 
 /// Our program names as the kernel lists them (truncated to 15 characters).
-const OUR_PROGRAMS: &[&str] = &["net_dev_queue", "net_dev_start_x", "netif_receive_s", "lo_tc_egress", "lo_tc_ingress", "consume_skb"];
+const OUR_PROGRAMS: &[&str] = &[
+    "net_dev_queue",
+    "net_dev_start_x",
+    "netif_receive_s",
+    "lo_tc_egress",
+    "lo_tc_ingress",
+    "consume_skb",
+];
 
 fn privileged() -> bool {
     if unsafe { libc::geteuid() } == 0 {
@@ -95,20 +102,35 @@ fn stop(mut t: Tracer) -> (Vec<Value>, Value) {
     unsafe { libc::kill(t.child.id() as i32, libc::SIGINT) };
     let status = t.child.wait().expect("wait");
     let out = t.stdout_rx.recv_timeout(Duration::from_secs(10)).expect("stdout");
-    let err = ERR_RX.with(|r| r.borrow_mut().take()).expect("stderr rx").recv_timeout(Duration::from_secs(10)).expect("stderr");
+    let err = ERR_RX
+        .with(|r| r.borrow_mut().take())
+        .expect("stderr rx")
+        .recv_timeout(Duration::from_secs(10))
+        .expect("stderr");
     assert!(status.success(), "lotrace failed: {status}: {err}");
-    let packets: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    let packets: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
     let summary: Value = serde_json::from_str(err.lines().last().expect("summary line")).expect("summary JSON");
     (packets, summary)
 }
 
 fn stages(p: &Value) -> Vec<&str> {
-    p["stages"].as_array().expect("stages").iter().map(|s| s["stage"].as_str().expect("stage")).collect()
+    p["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| s["stage"].as_str().expect("stage"))
+        .collect()
 }
 
 /// lo tx packets of the sandbox, from the kernel's own counters.
 fn lo_tx_packets(sb: &Sandbox) -> u64 {
-    let out = Command::new("ip").args(["-n", &sb.name, "-s", "-j", "link", "show", "dev", "lo"]).output().expect("ip");
+    let out = Command::new("ip")
+        .args(["-n", &sb.name, "-s", "-j", "link", "show", "dev", "lo"])
+        .output()
+        .expect("ip");
     let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j");
     v[0]["stats64"]["tx"]["packets"].as_u64().expect("tx packets")
 }
@@ -121,7 +143,15 @@ fn find_echo<'a>(ps: &'a [Value], ty: u64, id: u16) -> &'a Value {
 
 /// The lo transmit + receive stages every locally delivered packet must show, in order
 /// (softirq_raise / softirq_entry appear only when this packet started the softirq run).
-const LO_PATH: &[&str] = &["tc_egress", "dev_queue", "xmit", "backlog_enqueue", "xmit_done", "receive", "tc_ingress"];
+const LO_PATH: &[&str] = &[
+    "tc_egress",
+    "dev_queue",
+    "xmit",
+    "backlog_enqueue",
+    "xmit_done",
+    "receive",
+    "tc_ingress",
+];
 
 fn core_stages(p: &Value) -> Vec<&str> {
     stages(p).into_iter().filter(|s| LO_PATH.contains(s)).collect()
@@ -133,7 +163,8 @@ fn icmp_echo_paths_through_lo_are_reconstructed_and_accounted() {
         return;
     }
     let sb = Sandbox::new("lt-test").expect("sandbox");
-    sb.add_veth("lt0", "lt0p", &["10.200.0.1/24", "fd00:200::1/64"], true).expect("veth");
+    sb.add_veth("lt0", "lt0p", &["10.200.0.1/24", "fd00:200::1/64"], true)
+        .expect("veth");
     let before = lo_tx_packets(&sb);
     let t = start(&sb, &[]);
     let targets: Vec<(IpAddr, u16)> = vec![
@@ -157,40 +188,88 @@ fn icmp_echo_paths_through_lo_are_reconstructed_and_accounted() {
         let rep = find_echo(&ps, rep_ty, *id);
         for p in [req, rep] {
             assert_eq!(core_stages(p), LO_PATH, "{dst}: {p}");
-            assert_eq!((p["tx_dev"].as_str(), p["rx_dev"].as_str()), (Some("lo"), Some("lo")), "{dst}");
+            assert_eq!(
+                (p["tx_dev"].as_str(), p["rx_dev"].as_str()),
+                (Some("lo"), Some("lo")),
+                "{dst}"
+            );
             assert_eq!(p["left_host"], false, "{dst}");
             assert_eq!(p["complete"], true, "{dst}: {p}");
-            assert_eq!(p["dst"].as_str(), Some(if p == req { dst.to_string() } else { p["dst"].as_str().unwrap_or_default().to_string() }).as_deref());
+            assert_eq!(
+                p["dst"].as_str(),
+                Some(if p == req {
+                    dst.to_string()
+                } else {
+                    p["dst"].as_str().unwrap_or_default().to_string()
+                })
+                .as_deref()
+            );
             let si = &p["softirq"];
-            assert_eq!(si["context"], "inline", "{dst}: sent from a task, the softirq runs when it re-enables BH: {p}");
+            assert_eq!(
+                si["context"], "inline",
+                "{dst}: sent from a task, the softirq runs when it re-enables BH: {p}"
+            );
             // Same CPU as the transmit: the backlog is per CPU and RPS is off.
-            let xmit_cpu = p["stages"].as_array().expect("stages").iter().find(|s| s["stage"] == "xmit").expect("xmit")["cpu"].clone();
+            let xmit_cpu = p["stages"]
+                .as_array()
+                .expect("stages")
+                .iter()
+                .find(|s| s["stage"] == "xmit")
+                .expect("xmit")["cpu"]
+                .clone();
             assert_eq!(si["cpu"], xmit_cpu, "{dst}");
         }
         assert_eq!(req["verdict"], "consumed", "{dst}");
         assert_eq!(rep["reply_of"], req["id"], "{dst}: reply paired with its request");
         // Raw socket: the original reply is freed (NO_SOCKET) while a clone is delivered.
         assert_eq!(rep["verdict"], "delivered_clone", "{dst}: {rep}");
-        let clone = ps.iter().find(|p| p["clone_of"] == rep["id"]).unwrap_or_else(|| panic!("{dst}: no delivered clone"));
+        let clone = ps
+            .iter()
+            .find(|p| p["clone_of"] == rep["id"])
+            .unwrap_or_else(|| panic!("{dst}: no delivered clone"));
         assert_eq!(stages(clone), ["copy_to_user", "consume"], "{dst}");
-        assert!(stages(req).first() == Some(&"route"), "{dst}: route lookup linked: {req}");
+        assert!(
+            stages(req).first() == Some(&"route"),
+            "{dst}: route lookup linked: {req}"
+        );
         // The route names the owning device (lt0 for its own addresses), the packet still
         // leaves through lo: the output route of a local address is switched to loopback.
-        let owner = if dst.to_string().starts_with("127.") || dst.is_loopback() { "lo" } else { "lt0" };
+        let owner = if dst.to_string().starts_with("127.") || dst.is_loopback() {
+            "lo"
+        } else {
+            "lt0"
+        };
         assert_eq!(req["route"]["dev"], owner, "{dst}: {}", req["route"]);
     }
     // Every packet that crossed lo is accounted for: reconstructed lo transmissions equal the
     // kernel's own lo counter for this namespace.
     let after = lo_tx_packets(&sb);
-    let via_lo = ps.iter().filter(|p| p["tx_dev"] == "lo" && stages(p).contains(&"xmit")).count() as u64;
-    assert_eq!(via_lo, after - before, "reconstructed lo packets vs kernel lo tx_packets");
+    let via_lo = ps
+        .iter()
+        .filter(|p| p["tx_dev"] == "lo" && stages(p).contains(&"xmit"))
+        .count() as u64;
+    assert_eq!(
+        via_lo,
+        after - before,
+        "reconstructed lo packets vs kernel lo tx_packets"
+    );
     let s = &summary["summary"];
     assert_eq!(s["lost_events"], 0);
     // (The veth end's own IPv6 chatter on lt0 may be dropped by its peer: not lo traffic.)
-    let lo_drops: Vec<&Value> = ps.iter().filter(|p| p["tx_dev"] == "lo" && p["verdict"] == "dropped").collect();
+    let lo_drops: Vec<&Value> = ps
+        .iter()
+        .filter(|p| p["tx_dev"] == "lo" && p["verdict"] == "dropped")
+        .collect();
     assert!(lo_drops.is_empty(), "nothing sent through lo is dropped: {lo_drops:#?}");
-    assert!(ps.iter().filter(|p| p["tx_dev"] == "lo").all(|p| p["complete"] == true), "every lo packet complete");
-    assert!(our_programs_loaded().is_empty(), "programs left behind: {:?}", our_programs_loaded());
+    assert!(
+        ps.iter().filter(|p| p["tx_dev"] == "lo").all(|p| p["complete"] == true),
+        "every lo packet complete"
+    );
+    assert!(
+        our_programs_loaded().is_empty(),
+        "programs left behind: {:?}",
+        our_programs_loaded()
+    );
 }
 
 #[test]
@@ -213,11 +292,20 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
     let (ps, summary) = stop(t);
     let udp: Vec<&Value> = ps.iter().filter(|p| p["proto"] == "udp").collect();
     assert_eq!(udp.len(), 2, "request and response: {udp:#?}");
-    assert_eq!((udp[0]["sport"].as_u64(), udp[0]["dport"].as_u64()), (Some(uc as u64), Some(us as u64)));
-    assert_eq!((udp[1]["sport"].as_u64(), udp[1]["dport"].as_u64()), (Some(us as u64), Some(uc as u64)));
+    assert_eq!(
+        (udp[0]["sport"].as_u64(), udp[0]["dport"].as_u64()),
+        (Some(uc as u64), Some(us as u64))
+    );
+    assert_eq!(
+        (udp[1]["sport"].as_u64(), udp[1]["dport"].as_u64()),
+        (Some(us as u64), Some(uc as u64))
+    );
     for p in &udp {
         assert_eq!(core_stages(p), LO_PATH, "{p}");
-        assert!(stages(p).contains(&"sock_queue") && stages(p).last() == Some(&"app_recv"), "delivered to the socket: {p}");
+        assert!(
+            stages(p).contains(&"sock_queue") && stages(p).last() == Some(&"app_recv"),
+            "delivered to the socket: {p}"
+        );
         assert_eq!(p["complete"], true, "{p}");
         assert_eq!(p["verdict"], "delivered", "{p}");
     }
@@ -229,33 +317,62 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
     assert!(tcp.len() >= 7, "handshake, data both ways, close: {}", tcp.len());
     for p in &tcp {
         assert_eq!(core_stages(p), LO_PATH, "{p}");
-        assert_eq!((p["tx_dev"].as_str(), p["rx_dev"].as_str(), p["left_host"].as_bool()), (Some("lo"), Some("lo"), Some(false)));
-        assert_eq!(p["complete"], true, "TCP frees without tracepoints are not incomplete: {p}");
+        assert_eq!(
+            (p["tx_dev"].as_str(), p["rx_dev"].as_str(), p["left_host"].as_bool()),
+            (Some("lo"), Some("lo"), Some(false))
+        );
+        assert_eq!(
+            p["complete"], true,
+            "TCP frees without tracepoints are not incomplete: {p}"
+        );
     }
     let syn = tcp.iter().find(|p| p["tcp"]["flags"] == 0x02).expect("SYN");
     let synack = tcp.iter().find(|p| p["tcp"]["flags"] == 0x12).expect("SYN-ACK");
     assert_eq!(synack["reply_of"], syn["id"], "SYN-ACK answers the SYN");
-    let data = tcp.iter().find(|p| p["sport"] == tc && p["tcp"]["flags"].as_u64().unwrap_or(0) & 0x08 != 0).expect("client data");
-    assert!(tcp.iter().any(|p| p["reply_of"] == data["id"]), "the client's data segment is acknowledged");
+    let data = tcp
+        .iter()
+        .find(|p| p["sport"] == tc && p["tcp"]["flags"].as_u64().unwrap_or(0) & 0x08 != 0)
+        .expect("client data");
+    assert!(
+        tcp.iter().any(|p| p["reply_of"] == data["id"]),
+        "the client's data segment is acknowledged"
+    );
     let after = lo_tx_packets(&sb);
     let s = &summary["summary"];
     // The filter hides nothing that crossed lo here (only UDP/TCP was sent), so all is counted.
-    assert_eq!(s["packets"].as_u64(), Some(after - before), "reconstructed packets vs kernel lo tx_packets: {s}");
+    assert_eq!(
+        s["packets"].as_u64(),
+        Some(after - before),
+        "reconstructed packets vs kernel lo tx_packets: {s}"
+    );
     assert_eq!(s["lost_events"], 0);
 }
 
 fn run_bin(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(BIN).args(args).output().expect("run lotrace");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn run_as_nobody(args: &[&str]) -> (i32, String) {
     let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", BIN])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            BIN,
+        ])
         .args(args)
         .output()
         .expect("setpriv");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -283,7 +400,11 @@ fn bad_input_gets_one_line_errors_and_leaves_nothing_attached() {
     let (code, err) = run_as_nobody(&["doctor"]);
     assert_ne!(code, 0, "{err}");
     assert!(err.contains("sudo"), "{err}");
-    assert!(our_programs_loaded().is_empty(), "programs left behind: {:?}", our_programs_loaded());
+    assert!(
+        our_programs_loaded().is_empty(),
+        "programs left behind: {:?}",
+        our_programs_loaded()
+    );
 }
 
 #[test]
@@ -294,15 +415,47 @@ fn doctor_tries_every_attach_type_and_detaches() {
     let (code, out, err) = run_bin(&["doctor", "--json"]);
     assert_eq!(code, 0, "{err}");
     let v: Value = serde_json::from_str(&out).expect("doctor JSON");
-    let kinds: Vec<&str> = v["attach_types"].as_array().expect("kinds").iter().map(|a| a["kind"].as_str().expect("kind")).collect();
-    assert_eq!(kinds, ["fentry", "kprobe", "tp_btf", "raw_tracepoint", "tracepoint", "xdp_generic", "tcx"]);
+    let kinds: Vec<&str> = v["attach_types"]
+        .as_array()
+        .expect("kinds")
+        .iter()
+        .map(|a| a["kind"].as_str().expect("kind"))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "fentry",
+            "kprobe",
+            "tp_btf",
+            "raw_tracepoint",
+            "tracepoint",
+            "xdp_generic",
+            "tcx"
+        ]
+    );
     for a in v["attach_types"].as_array().expect("kinds") {
         assert!(a.get("available").is_some() && a.get("error").is_some());
-        assert_eq!(a["available"].as_bool() == Some(false), a["error"].is_string(), "a failure says why: {a}");
+        assert_eq!(
+            a["available"].as_bool() == Some(false),
+            a["error"].is_string(),
+            "a failure says why: {a}"
+        );
     }
-    let avail = |k: &str| v["attach_types"].as_array().expect("kinds").iter().any(|a| a["kind"] == k && a["available"] == true);
+    let avail = |k: &str| {
+        v["attach_types"]
+            .as_array()
+            .expect("kinds")
+            .iter()
+            .any(|a| a["kind"] == k && a["available"] == true)
+    };
     assert!(avail("tp_btf") && avail("tcx") && avail("xdp_generic"), "{v}");
     assert_eq!(v["can_trace"], true);
-    assert!(v["plan"].as_array().expect("plan").iter().all(|r| r["available"] == true || r["required"] == false));
+    assert!(
+        v["plan"]
+            .as_array()
+            .expect("plan")
+            .iter()
+            .all(|r| r["available"] == true || r["required"] == false)
+    );
     assert!(our_programs_loaded().is_empty(), "doctor left programs behind");
 }

@@ -1,1 +1,284 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | build | run -- ARGS | test`.
+//! Every task first makes sure the toolchain pieces exist (rust-src, bpf-linker built against the
+//! LLVM inside the installed rustc), installing them when missing; quick when already there.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building the eBPF programs needs (rust-src, bpf-linker), if missing.
+    Setup,
+    /// Build an optimised target/release/lotrace with its eBPF programs embedded.
+    Build,
+    /// Build, then run lotrace with ARGS (as root; via sudo when not root).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run every test: unit tests, then the privileged tests (root, one thread).
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build => setup().and_then(|_| build()),
+        Cmd::Run { args } => setup().and_then(|_| build()).and_then(|_| run(&args)),
+        Cmd::Test => setup().and_then(|_| test()),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn output(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed: {st}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// The LLVM shared library inside the active rustc toolchain: (major version, lib dir, lib name).
+fn rustc_llvm() -> Result<(String, PathBuf, String)> {
+    let vv = output("rustc", &["-vV"])?;
+    let ver = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .ok_or_else(|| anyhow!("rustc -vV does not say its LLVM version"))?;
+    let major = ver.split('.').next().unwrap_or_default().to_string();
+    let sysroot = PathBuf::from(output("rustc", &["--print", "sysroot"])?.trim());
+    let libdir = sysroot.join("lib");
+    let lib = std::fs::read_dir(&libdir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM-") && n.ends_with(".so"))
+        .ok_or_else(|| anyhow!("no libLLVM-*.so in {} (is this a rustup toolchain?)", libdir.display()))?;
+    let name = lib.trim_start_matches("lib").trim_end_matches(".so").to_string();
+    Ok((major, libdir, name))
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// bpf-linker is usable when it exists and its libLLVM resolves inside the current rustc's
+/// toolchain (so both use the same LLVM).
+fn bpf_linker_ok(libdir: &Path) -> bool {
+    let bin = cargo_bin_dir().join("bpf-linker");
+    if !bin.is_file() {
+        return false;
+    }
+    match output("ldd", &[bin.to_str().unwrap_or_default()]) {
+        Ok(l) => l.lines().any(|line| {
+            line.contains("libLLVM") && line.contains(libdir.to_str().unwrap_or("?")) && !line.contains("not found")
+        }),
+        Err(_) => Command::new(&bin)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+    }
+}
+
+fn setup() -> Result<()> {
+    let installed = output("rustup", &["component", "list", "--installed"]).unwrap_or_default();
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing the rust-src component (needed for -Z build-std=core)");
+        status(Command::new("rustup").args(["component", "add", "rust-src"]))
+            .context("cannot install rust-src; install it with `rustup component add rust-src`")?;
+    }
+    let (major, libdir, lib_name) = rustc_llvm()?;
+    if !bpf_linker_ok(&libdir) {
+        eprintln!(
+            "xtask: building bpf-linker against rustc's own LLVM {major} ({lib_name}); this takes about a minute"
+        );
+        let rustflags = format!(
+            "-L {d} -l dylib={lib_name} -C link-arg=-Wl,-rpath,{d}",
+            d = libdir.display()
+        );
+        status(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .args([
+                    "install",
+                    "--force",
+                    "bpf-linker",
+                    "--no-default-features",
+                    "--features",
+                ])
+                .arg(format!("llvm-{major},no-llvm-linking"))
+                .env("RUSTFLAGS", rustflags),
+        )
+        .context("cannot build bpf-linker (needs crates.io access and a C toolchain)")?;
+        if !bpf_linker_ok(&libdir) {
+            bail!("bpf-linker was installed but does not link {lib_name}");
+        }
+    }
+    // The build script looks for bpf-linker on PATH.
+    let bin = cargo_bin_dir();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if !std::env::split_paths(&path).any(|p| p == bin) {
+        let mut paths: Vec<PathBuf> = std::env::split_paths(&path).collect();
+        paths.push(bin);
+        unsafe { std::env::set_var("PATH", std::env::join_paths(paths)?) };
+    }
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    status(
+        cargo()
+            .args(["build", "--release", "-p", "loopback-user"])
+            .env_remove("LOTRACE_EBPF_STUB"),
+    )?;
+    let bin = root().join("target/release/lotrace");
+    // Refuse to call it built when the object is a stub.
+    if std::fs::metadata(&bin)?.len() == 0 {
+        bail!("target/release/lotrace is empty");
+    }
+    Ok(())
+}
+
+fn is_root() -> bool {
+    output("id", &["-u"]).map(|s| s.trim() == "0").unwrap_or(false)
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let bin = root().join("target/release/lotrace");
+    let mut cmd = if is_root() {
+        Command::new(&bin)
+    } else {
+        eprintln!("xtask: not root, running lotrace through sudo");
+        let mut c = Command::new("sudo");
+        c.arg(&bin);
+        c
+    };
+    let st = cmd.args(args).status()?;
+    if !st.success() {
+        std::process::exit(st.code().unwrap_or(1));
+    }
+    Ok(())
+}
+
+/// Adds up cargo's "test result:" lines.
+fn count(out: &str, passed: &mut u64, failed: &mut u64) {
+    for l in out.lines().filter(|l| l.starts_with("test result:")) {
+        let num = |key: &str| -> u64 {
+            l.split(';')
+                .find(|p| p.contains(key))
+                .and_then(|p| p.split_whitespace().rev().nth(1).and_then(|n| n.parse().ok()))
+                .unwrap_or(0)
+        };
+        *passed += num(" passed");
+        *failed += num(" failed");
+    }
+}
+
+fn run_tests(cmd: &mut Command, passed: &mut u64, failed: &mut u64) -> bool {
+    let out = match cmd.stderr(Stdio::inherit()).output() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            *failed += 1;
+            return false;
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    count(&text, passed, failed);
+    if !out.status.success() && !text.contains("test result:") {
+        *failed += 1; // it did not even run (build error)
+    }
+    out.status.success()
+}
+
+fn test() -> Result<()> {
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let mut ok = true;
+    // 1. formatting and lints
+    ok &= status(cargo().args(["fmt", "--all", "--", "--check"])).is_ok();
+    if !ok {
+        eprintln!("xtask: `cargo fmt --all` needed");
+        failed += 1;
+    }
+    // 2. unit tests of every crate (unprivileged, pure)
+    ok &= run_tests(
+        cargo().args(["test", "--workspace", "--lib", "--bins"]),
+        &mut passed,
+        &mut failed,
+    );
+    // 3. privileged tests: real programs in throwaway namespaces, one thread
+    if !is_root() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            bail!("CI=true but not root: the privileged tests must run as root");
+        }
+        eprintln!("xtask: not root: privileged tests will skip (run `sudo -E cargo xtask test` to run them)");
+    }
+    ok &= run_tests(
+        cargo().args([
+            "test",
+            "-p",
+            "loopback-user",
+            "--test",
+            "privileged",
+            "--",
+            "--test-threads=1",
+        ]),
+        &mut passed,
+        &mut failed,
+    );
+    println!("\nsummary: {passed} passed, {failed} failed");
+    if !ok || failed > 0 {
+        bail!("tests failed");
+    }
+    Ok(())
+}

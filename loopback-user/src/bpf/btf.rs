@@ -14,8 +14,9 @@ pub struct KernelBtf {
 
 impl KernelBtf {
     pub fn load() -> Result<Self> {
-        let btf = Btf::from_file(VMLINUX_BTF)
-            .map_err(|e| anyhow!("cannot read kernel BTF at {VMLINUX_BTF}: {e} (CONFIG_DEBUG_INFO_BTF=y is required)"))?;
+        let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| {
+            anyhow!("cannot read kernel BTF at {VMLINUX_BTF}: {e} (CONFIG_DEBUG_INFO_BTF=y is required)")
+        })?;
         Ok(Self { btf })
     }
 
@@ -98,7 +99,10 @@ impl KernelBtf {
     }
 
     pub fn offsets(&self) -> Result<KernelOffsets> {
-        let o = |p: &str| self.offset_of(p).with_context(|| format!("resolving {p} in kernel BTF"));
+        let o = |p: &str| {
+            self.offset_of(p)
+                .with_context(|| format!("resolving {p} in kernel BTF"))
+        };
         Ok(KernelOffsets {
             skb_dev: o("sk_buff.dev")?,
             skb_len: o("sk_buff.len")?,

@@ -52,7 +52,9 @@ pub struct DoctorReport {
 }
 
 pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn lockdown() -> String {
@@ -91,7 +93,9 @@ fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, DynErr>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing"))?;
+    let p = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing"))?;
     Ok(p.try_into()?)
 }
 
@@ -140,16 +144,32 @@ fn probe(kind: &'static str) -> AttachTypeReport {
             "tcx" => {
                 let p: &mut SchedClassifier = prog(ebpf, "lo_tc_egress")?;
                 p.load()?;
-                p.attach_with_options("lo", TcAttachType::Egress, TcAttachOptions::TcxOrder(LinkOrder::default()))?;
+                p.attach_with_options(
+                    "lo",
+                    TcAttachType::Egress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )?;
             }
             _ => return Err(format!("unknown kind {kind}").into()),
         }
         Ok(())
     });
-    AttachTypeReport { kind, available: r.is_ok(), error: r.err().map(|e| explain(e.as_ref(), kind)) }
+    AttachTypeReport {
+        kind,
+        available: r.is_ok(),
+        error: r.err().map(|e| explain(e.as_ref(), kind)),
+    }
 }
 
-pub const KINDS: [&str; 7] = ["fentry", "kprobe", "tp_btf", "raw_tracepoint", "tracepoint", "xdp_generic", "tcx"];
+pub const KINDS: [&str; 7] = [
+    "fentry",
+    "kprobe",
+    "tp_btf",
+    "raw_tracepoint",
+    "tracepoint",
+    "xdp_generic",
+    "tcx",
+];
 
 pub fn run() -> Result<DoctorReport> {
     let privs = privileges();
@@ -159,11 +179,22 @@ pub fn run() -> Result<DoctorReport> {
         reason = Some(privs.require().unwrap_err().to_string());
         KINDS
             .iter()
-            .map(|k| AttachTypeReport { kind: k, available: false, error: Some("not tried: insufficient privileges".into()) })
+            .map(|k| AttachTypeReport {
+                kind: k,
+                available: false,
+                error: Some("not tried: insufficient privileges".into()),
+            })
             .collect()
     } else if let Err(e) = object::check_built() {
         reason = Some(e.to_string());
-        KINDS.iter().map(|k| AttachTypeReport { kind: k, available: false, error: Some("not tried: no eBPF object".into()) }).collect()
+        KINDS
+            .iter()
+            .map(|k| AttachTypeReport {
+                kind: k,
+                available: false,
+                error: Some("not tried: no eBPF object".into()),
+            })
+            .collect()
     } else {
         KINDS.iter().map(|k| probe(k)).collect()
     };
@@ -177,7 +208,10 @@ pub fn run() -> Result<DoctorReport> {
     let plan: Vec<PlanRow> = PLAN
         .iter()
         .map(|hp| PlanRow {
-            stage: hp.hook.map(|h| crate::path::stage_name(h).to_string()).unwrap_or_else(|| "(softirq state)".into()),
+            stage: hp
+                .hook
+                .map(|h| crate::path::stage_name(h).to_string())
+                .unwrap_or_else(|| "(softirq state)".into()),
             program: hp.program,
             attach: hp.attach.kind(),
             target: hp.attach.target(),
@@ -188,9 +222,14 @@ pub fn run() -> Result<DoctorReport> {
         .collect();
     if reason.is_none() {
         if !btf {
-            reason = Some(format!("no kernel BTF ({VMLINUX_BTF}); lotrace needs CONFIG_DEBUG_INFO_BTF=y"));
+            reason = Some(format!(
+                "no kernel BTF ({VMLINUX_BTF}); lotrace needs CONFIG_DEBUG_INFO_BTF=y"
+            ));
         } else if let Some(row) = plan.iter().find(|r| r.required && !r.available) {
-            reason = Some(format!("required hook {} ({}) cannot attach on this kernel", row.program, row.attach));
+            reason = Some(format!(
+                "required hook {} ({}) cannot attach on this kernel",
+                row.program, row.attach
+            ));
         }
     }
     let _ = Attach::XdpLo; // the plan's attach kinds are the ones probed above
@@ -210,7 +249,11 @@ pub fn render_text(r: &DoctorReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let _ = writeln!(s, "kernel      {}", r.kernel);
-    let _ = writeln!(s, "BTF         {}", if r.btf { "yes (/sys/kernel/btf/vmlinux)" } else { "NO" });
+    let _ = writeln!(
+        s,
+        "BTF         {}",
+        if r.btf { "yes (/sys/kernel/btf/vmlinux)" } else { "NO" }
+    );
     let _ = writeln!(s, "lockdown    {}", r.lockdown);
     let p = &r.privileges;
     let _ = writeln!(

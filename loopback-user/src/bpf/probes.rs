@@ -48,27 +48,96 @@ pub struct HookPoint {
 }
 
 const fn tp(program: &'static str, hook: Option<Hook>, kernel_fn: &'static str, required: bool) -> HookPoint {
-    HookPoint { program, attach: Attach::TpBtf(program), hook, kernel_fn, required }
+    HookPoint {
+        program,
+        attach: Attach::TpBtf(program),
+        hook,
+        kernel_fn,
+        required,
+    }
 }
 
 /// In path order. fentry and kprobes are deliberately absent: every stage is served by
 /// tracepoints plus the `lo` programs, which work where fentry/kprobes do not (see doctor).
 pub const PLAN: &[HookPoint] = &[
-    tp("fib_table_lookup", Some(Hook::Route), "fib_table_lookup (IPv4 route)", false),
-    tp("fib6_table_lookup", Some(Hook::Route), "fib6_table_lookup (IPv6 route)", false),
+    tp(
+        "fib_table_lookup",
+        Some(Hook::Route),
+        "fib_table_lookup (IPv4 route)",
+        false,
+    ),
+    tp(
+        "fib6_table_lookup",
+        Some(Hook::Route),
+        "fib6_table_lookup (IPv6 route)",
+        false,
+    ),
     tp("net_dev_queue", Some(Hook::DevQueue), "__dev_queue_xmit", true),
-    HookPoint { program: "lo_tc_egress", attach: Attach::TcEgressLo, hook: Some(Hook::TcEgress), kernel_fn: "sch_handle_egress (tcx)", required: false },
-    tp("net_dev_start_xmit", Some(Hook::Xmit), "dev_hard_start_xmit -> loopback_xmit", true),
-    tp("netif_rx", Some(Hook::BacklogEnqueue), "netif_rx_internal -> enqueue_to_backlog", true),
+    HookPoint {
+        program: "lo_tc_egress",
+        attach: Attach::TcEgressLo,
+        hook: Some(Hook::TcEgress),
+        kernel_fn: "sch_handle_egress (tcx)",
+        required: false,
+    },
+    tp(
+        "net_dev_start_xmit",
+        Some(Hook::Xmit),
+        "dev_hard_start_xmit -> loopback_xmit",
+        true,
+    ),
+    tp(
+        "netif_rx",
+        Some(Hook::BacklogEnqueue),
+        "netif_rx_internal -> enqueue_to_backlog",
+        true,
+    ),
     tp("softirq_raise", None, "__raise_softirq_irqoff (NET_RX)", false),
-    tp("net_dev_xmit", Some(Hook::XmitDone), "dev_hard_start_xmit (after loopback_xmit)", true),
+    tp(
+        "net_dev_xmit",
+        Some(Hook::XmitDone),
+        "dev_hard_start_xmit (after loopback_xmit)",
+        true,
+    ),
     tp("softirq_entry", None, "handle_softirqs -> net_rx_action", false),
-    tp("netif_receive_skb", Some(Hook::Receive), "process_backlog -> __netif_receive_skb_core", true),
-    HookPoint { program: "lo_xdp", attach: Attach::XdpLo, hook: Some(Hook::Xdp), kernel_fn: "do_xdp_generic", required: false },
-    HookPoint { program: "lo_tc_ingress", attach: Attach::TcIngressLo, hook: Some(Hook::TcIngress), kernel_fn: "sch_handle_ingress (tcx)", required: false },
-    tp("sk_data_ready", Some(Hook::SockQueue), "sock_def_readable (queued to the socket)", false),
-    tp("skb_copy_datagram_iovec", Some(Hook::CopyToUser), "skb_copy_datagram_iter (recvmsg)", false),
-    tp("sock_recv_length", Some(Hook::AppRecv), "sock_recvmsg returns (application read)", false),
+    tp(
+        "netif_receive_skb",
+        Some(Hook::Receive),
+        "process_backlog -> __netif_receive_skb_core",
+        true,
+    ),
+    HookPoint {
+        program: "lo_xdp",
+        attach: Attach::XdpLo,
+        hook: Some(Hook::Xdp),
+        kernel_fn: "do_xdp_generic",
+        required: false,
+    },
+    HookPoint {
+        program: "lo_tc_ingress",
+        attach: Attach::TcIngressLo,
+        hook: Some(Hook::TcIngress),
+        kernel_fn: "sch_handle_ingress (tcx)",
+        required: false,
+    },
+    tp(
+        "sk_data_ready",
+        Some(Hook::SockQueue),
+        "sock_def_readable (queued to the socket)",
+        false,
+    ),
+    tp(
+        "skb_copy_datagram_iovec",
+        Some(Hook::CopyToUser),
+        "skb_copy_datagram_iter (recvmsg)",
+        false,
+    ),
+    tp(
+        "sock_recv_length",
+        Some(Hook::AppRecv),
+        "sock_recvmsg returns (application read)",
+        false,
+    ),
     tp("kfree_skb", Some(Hook::Free), "kfree_skb_reason (drop)", true),
     tp("consume_skb", Some(Hook::Consume), "consume_skb (normal free)", true),
 ];

@@ -32,7 +32,11 @@ pub struct SessionOptions {
 
 impl SessionOptions {
     pub fn new(netns: Netns) -> Self {
-        Self { netns, ring_bytes: DEFAULT_RING_BYTES, xdp: false }
+        Self {
+            netns,
+            ring_bytes: DEFAULT_RING_BYTES,
+            xdp: false,
+        }
     }
 }
 
@@ -148,9 +152,9 @@ pub fn explain(e: &(dyn std::error::Error + 'static), kind: &str) -> String {
             format!("ENOENT: no kprobe PMU on this kernel (CONFIG_KPROBES unset): {msg}")
         }
         Some(libc::ENOENT) => format!("ENOENT: the hook does not exist on this kernel: {msg}"),
-        Some(libc::EBUSY) | Some(libc::EEXIST) => format!(
-            "EBUSY: another program is already attached there; lotrace never replaces it: {msg}"
-        ),
+        Some(libc::EBUSY) | Some(libc::EEXIST) => {
+            format!("EBUSY: another program is already attached there; lotrace never replaces it: {msg}")
+        }
         Some(libc::EOPNOTSUPP) | Some(libc::ENOTSUPP_) => {
             format!("EOPNOTSUPP: this attach type is not supported by this kernel: {msg}")
         }
@@ -177,7 +181,11 @@ impl Session {
         let offsets: KernelOffsets = kbtf.offsets()?;
         let drop_reasons = kbtf
             .enum_names("skb_drop_reason")
-            .map(|m| m.into_iter().map(|(k, v)| (k, short_drop_reason(&v).to_string())).collect())
+            .map(|m| {
+                m.into_iter()
+                    .map(|(k, v)| (k, short_drop_reason(&v).to_string()))
+                    .collect()
+            })
             .unwrap_or_default();
         let btf = aya::Btf::from_sys_fs().context("parsing kernel BTF for tp_btf programs")?;
         let mut ebpf = EbpfLoader::new()
@@ -213,16 +221,27 @@ impl Session {
                 error,
             });
         }
-        Ok(Self { ebpf, outcomes, drop_reasons, netns: opts.netns.clone() })
+        Ok(Self {
+            ebpf,
+            outcomes,
+            drop_reasons,
+            netns: opts.netns.clone(),
+        })
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {
-        let map = self.ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("EVENTS map missing"))?;
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or_else(|| anyhow!("EVENTS map missing"))?;
         Ok(RingBuf::try_from(map)?)
     }
 
     pub fn counters(&self) -> Result<KernelCounters> {
-        let map = self.ebpf.map("COUNTERS").ok_or_else(|| anyhow!("COUNTERS map missing"))?;
+        let map = self
+            .ebpf
+            .map("COUNTERS")
+            .ok_or_else(|| anyhow!("COUNTERS map missing"))?;
         let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(map)?;
         let sum = |i: u32| -> Result<u64> { Ok(arr.get(&i, 0)?.iter().sum()) };
         Ok(KernelCounters {
@@ -261,10 +280,17 @@ fn attach_one(ebpf: &mut Ebpf, hp: &HookPoint, btf: &aya::Btf, netns: &Netns) ->
         Attach::TcEgressLo | Attach::TcIngressLo => {
             let p: &mut SchedClassifier = prog.try_into()?;
             p.load()?;
-            let dir = if hp.attach == Attach::TcEgressLo { TcAttachType::Egress } else { TcAttachType::Ingress };
+            let dir = if hp.attach == Attach::TcEgressLo {
+                TcAttachType::Egress
+            } else {
+                TcAttachType::Ingress
+            };
             // tcx links append after existing programs and never replace them.
             netns
-                .run(|| p.attach_with_options("lo", dir, TcAttachOptions::TcxOrder(LinkOrder::default())).map(|_| ()))
+                .run(|| {
+                    p.attach_with_options("lo", dir, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                        .map(|_| ())
+                })
                 .map_err(|e| -> DynErr { e.into() })??;
         }
     }
