@@ -4,7 +4,7 @@
 //! (CAP_PERFMON) may read that pointer's value, which names the skb exactly. Note that tc egress
 //! runs in `__dev_queue_xmit` *before* the `net_dev_queue` tracepoint, so it is the first hook
 //! to see a transmitted skb and takes it into scope itself (it only runs on the traced `lo`).
-//! Generic XDP sees an `xdp_buff`, not the skb: the per-CPU CUR_SKB slot written just before by
+//! Generic XDP sees an `xdp_buff`, not the skb: the per-CPU RX_SKB slot written just before by
 //! `netif_receive_skb` on the same CPU links it.
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
@@ -16,7 +16,7 @@ use loopback_common::{Hook, LOOPBACK_IFINDEX, hdr_kind};
 use crate::{
     emit::{capture, emit},
     kernel::track,
-    maps::CUR_SKB,
+    maps::RX_SKB,
 };
 
 #[inline(always)]
@@ -34,7 +34,7 @@ fn lo_bytes(hook: Hook, skb: u64, data: usize, len: u32) {
 #[xdp(frags)]
 pub fn lo_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
-    let skb = CUR_SKB.get(1).copied().unwrap_or(0);
+    let skb = RX_SKB.get(0).copied().unwrap_or(0);
     lo_bytes(Hook::Xdp, skb, ctx.data(), len);
     xdp_action::XDP_PASS
 }

@@ -15,10 +15,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 #[map]
 pub static SCOPE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(SCOPE_MAP_ENTRIES, 0);
 
-/// Slot 1: the skb being received on this CPU (written by `netif_receive_skb`, read by generic
-/// XDP, which runs right after it on the same CPU with bottom halves disabled). Slot 0 unused.
+/// The skb being received on this CPU (written by `netif_receive_skb`; read by generic XDP and
+/// `sk_data_ready`, which run inside that receive on the same CPU with bottom halves disabled).
 #[map]
-pub static CUR_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+pub static RX_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// NET_RX softirq raise/entry times on this CPU.
 #[map]

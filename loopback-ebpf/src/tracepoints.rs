@@ -7,12 +7,12 @@ use loopback_common::{Hook, NAME_LEN, NET_RX_SOFTIRQ, hdr_kind};
 use crate::{
     emit::{capture_data, capture_network_header, emit, set_dev, skb_len},
     kernel::{dev_in_scope, net_in_scope, off, read, skb_dev, task_in_scope, track, tracked, untrack},
-    maps::{CUR_SKB, SOFTIRQ},
+    maps::{RX_SKB, SOFTIRQ},
 };
 
 #[inline(always)]
-fn set_slot(slot: u32, skb: u64) {
-    if let Some(p) = CUR_SKB.get_ptr_mut(slot) {
+fn set_rx_skb(skb: u64) {
+    if let Some(p) = RX_SKB.get_ptr_mut(0) {
         unsafe { *p = skb };
     }
 }
@@ -113,11 +113,11 @@ pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
     let dev = skb_dev(skb);
     if !dev_in_scope(dev) {
         untrack(skb);
-        set_slot(1, 0);
+        set_rx_skb(0);
         return 0;
     }
     track(skb);
-    set_slot(1, skb);
+    set_rx_skb(skb);
     emit(Hook::Receive, skb, |e| {
         e.len = skb_len(skb);
         set_dev(e, dev);
@@ -257,11 +257,11 @@ pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
 }
 
 /// sk_data_ready(const struct sock *sk) — sock:sk_data_ready, 6.7+. Runs while the receive
-/// softirq processes the skb in CUR_SKB slot 1 (UDP/raw enqueue); the user side keeps it only
+/// softirq processes the skb in RX_SKB (UDP/raw enqueue); the user side keeps it only
 /// for a packet still being received.
 #[btf_tracepoint(function = "sk_data_ready")]
 pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
-    let skb = CUR_SKB.get(1).copied().unwrap_or(0);
+    let skb = RX_SKB.get(0).copied().unwrap_or(0);
     if skb == 0 || !tracked(skb) {
         return 0;
     }

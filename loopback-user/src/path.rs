@@ -338,12 +338,7 @@ impl Tracker {
         }
         // A new transmit on an address whose previous packet got no free tracepoint (TCP
         // paths) ends that packet: the address was reused.
-        let restarts = match e.hook {
-            Hook::TcEgress => true,
-            Hook::DevQueue => true,
-            _ => false,
-        };
-        if restarts
+        if matches!(e.hook, Hook::TcEgress | Hook::DevQueue)
             && let Some(old) = self.inflight.get(&e.skb)
             && old.has("dev_queue")
             && let Some(old) = self.inflight.remove(&e.skb)
@@ -466,7 +461,6 @@ impl Tracker {
         {
             clone.clone_of = Some(orig.id);
             clone.reply_of = orig.reply_of;
-            orig.drop_reason = orig.drop_reason.take();
             self.finish(orig, Verdict::DeliveredClone, done);
             return;
         }
@@ -556,11 +550,9 @@ impl Tracker {
 
     fn finish(&mut self, mut p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
         p.verdict = verdict;
-        if verdict != Verdict::Dropped {
-            // A clone-delivered original keeps its reason for the record but is no drop.
-            if verdict != Verdict::DeliveredClone {
-                p.drop_reason = None;
-            }
+        // Only a drop, or a clone-delivered original (kept for the record, no drop), has a reason.
+        if !matches!(verdict, Verdict::Dropped | Verdict::DeliveredClone) {
+            p.drop_reason = None;
         }
         self.add_softirq_stages(&mut p);
         p.complete = is_complete(&p);

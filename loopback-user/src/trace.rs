@@ -5,6 +5,7 @@ use std::{
 };
 
 use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -61,22 +62,49 @@ pub fn wanted(p: &PacketPath, filter: Option<&Expr>, pid: Option<u32>) -> bool {
     true
 }
 
-struct Printer {
-    format: Format,
+/// Prints finished packets that pass the filter and `--pid`, up to `--count`.
+struct Printer<'a> {
+    cfg: &'a TraceConfig,
     style: TextStyle,
     out: std::io::BufWriter<std::io::Stdout>,
     printed: u64,
 }
 
-impl Printer {
-    fn print(&mut self, p: &PacketPath) -> Result<()> {
-        match self.format {
-            Format::Json => writeln!(self.out, "{}", packet_json(p))?,
-            Format::Text => write!(self.out, "{}", packet_text(p, &self.style))?,
+impl Printer<'_> {
+    fn done(&self) -> bool {
+        self.cfg.count.is_some_and(|c| self.printed >= c)
+    }
+
+    fn print_all(&mut self, paths: Vec<PacketPath>) -> Result<()> {
+        for p in paths {
+            if self.done() || !wanted(&p, self.cfg.filter.as_ref(), self.cfg.pid) {
+                continue;
+            }
+            match self.cfg.format {
+                Format::Json => writeln!(self.out, "{}", packet_json(&p))?,
+                Format::Text => write!(self.out, "{}", packet_text(&p, &self.style))?,
+            }
+            self.printed += 1;
         }
-        self.printed += 1;
         Ok(())
     }
+}
+
+/// Decodes and reconstructs everything currently in the ring buffer.
+fn drain(
+    rb: &mut RingBuf<MapData>,
+    tracker: &mut Tracker,
+    printer: &mut Printer<'_>,
+    undecodable: &mut u64,
+) -> Result<()> {
+    while let Some(item) = rb.next() {
+        match decode(&item) {
+            Ok(ev) => printer.print_all(tracker.push(ev))?,
+            Err(_) => *undecodable += 1,
+        }
+    }
+    printer.out.flush()?;
+    Ok(())
 }
 
 pub async fn run(cfg: TraceConfig) -> Result<()> {
@@ -91,7 +119,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     let stdout = std::io::stdout();
     let color = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let mut printer = Printer {
-        format: cfg.format,
+        cfg: &cfg,
         style: TextStyle {
             color,
             wall_offset_ns: clock_ns(libc::CLOCK_REALTIME) as i128 - monotonic_ns() as i128,
@@ -120,9 +148,8 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     let deadline = cfg.duration.map(|d| Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut undecodable = 0u64;
-    let limit_reached = |printed: u64| cfg.count.is_some_and(|c| printed >= c);
 
-    'outer: loop {
+    loop {
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -132,65 +159,31 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
-                    match decode(&item) {
-                        Ok(ev) => {
-                            for p in tracker.push(ev) {
-                                if wanted(&p, cfg.filter.as_ref(), cfg.pid) && !limit_reached(printer.printed) {
-                                    printer.print(&p)?;
-                                }
-                            }
-                        }
-                        Err(_) => undecodable += 1,
-                    }
-                }
+                drain(guard.get_inner_mut(), &mut tracker, &mut printer, &mut undecodable)?;
                 guard.clear_ready();
-                printer.out.flush()?;
-                if limit_reached(printer.printed) { break 'outer; }
             }
             _ = tick.tick() => {
-                for p in tracker.expire(monotonic_ns()) {
-                    if wanted(&p, cfg.filter.as_ref(), cfg.pid) && !limit_reached(printer.printed) {
-                        printer.print(&p)?;
-                    }
-                }
+                printer.print_all(tracker.expire(monotonic_ns()))?;
                 printer.out.flush()?;
-                if limit_reached(printer.printed) { break 'outer; }
             }
-            _ = sigint.recv() => break 'outer,
-            _ = sigterm.recv() => break 'outer,
-            _ = sleep => break 'outer,
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = sleep => break,
+        }
+        if printer.done() {
+            break;
         }
     }
-    // Drain what is still in the ring, then everything still held.
-    {
-        let rb = ring.get_mut();
-        while let Some(item) = rb.next() {
-            match decode(&item) {
-                Ok(ev) => {
-                    for p in tracker.push(ev) {
-                        if wanted(&p, cfg.filter.as_ref(), cfg.pid) && !limit_reached(printer.printed) {
-                            printer.print(&p)?;
-                        }
-                    }
-                }
-                Err(_) => undecodable += 1,
-            }
-        }
-    }
-    for p in tracker.flush() {
-        if wanted(&p, cfg.filter.as_ref(), cfg.pid) && !limit_reached(printer.printed) {
-            printer.print(&p)?;
-        }
-    }
+    // What is still in the ring, then everything still held.
+    drain(ring.get_mut(), &mut tracker, &mut printer, &mut undecodable)?;
+    printer.print_all(tracker.flush())?;
     printer.out.flush()?;
     let summary = Summary {
         printed: printer.printed,
         kernel: session.counters()?,
         undecodable,
     };
-    match cfg.format {
+    match printer.cfg.format {
         Format::Json => eprintln!("{}", summary_json(&tracker.stats, &summary)),
         Format::Text => eprint!("{}", summary_text(&tracker.stats, &summary)),
     }

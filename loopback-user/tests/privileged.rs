@@ -59,6 +59,18 @@ fn our_programs_loaded() -> Vec<String> {
 struct Tracer {
     child: Child,
     stdout_rx: mpsc::Receiver<String>,
+    stderr_rx: mpsc::Receiver<String>,
+}
+
+/// Reads `r` to its end on a thread; the text arrives on the returned channel.
+fn read_all(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    rx
 }
 
 /// Starts `lotrace trace --format json` on the sandbox and waits until it says it is attached.
@@ -74,26 +86,14 @@ fn start(sb: &Sandbox, extra: &[&str]) -> Tracer {
     let mut line = String::new();
     err.read_line(&mut line).expect("read stderr");
     assert!(line.contains("hooks attached"), "lotrace did not start: {line}");
-    // Keep draining stderr in the background; the summary is its last line.
-    let (tx, stdout_rx) = mpsc::channel();
-    let mut out = child.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        let _ = tx.send(s);
-    });
-    let (etx, erx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        let _ = etx.send(s);
-    });
-    ERR_RX.with(|r| *r.borrow_mut() = Some(erx));
-    Tracer { child, stdout_rx }
-}
-
-thread_local! {
-    static ERR_RX: std::cell::RefCell<Option<mpsc::Receiver<String>>> = const { std::cell::RefCell::new(None) };
+    // Keep draining both pipes in the background; the summary is stderr's last line.
+    let stdout_rx = read_all(child.stdout.take().expect("stdout"));
+    let stderr_rx = read_all(err);
+    Tracer {
+        child,
+        stdout_rx,
+        stderr_rx,
+    }
 }
 
 /// Sends SIGINT, waits for exit, returns (packets, summary).
@@ -102,11 +102,7 @@ fn stop(mut t: Tracer) -> (Vec<Value>, Value) {
     unsafe { libc::kill(t.child.id() as i32, libc::SIGINT) };
     let status = t.child.wait().expect("wait");
     let out = t.stdout_rx.recv_timeout(Duration::from_secs(10)).expect("stdout");
-    let err = ERR_RX
-        .with(|r| r.borrow_mut().take())
-        .expect("stderr rx")
-        .recv_timeout(Duration::from_secs(10))
-        .expect("stderr");
+    let err = t.stderr_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
     assert!(status.success(), "lotrace failed: {status}: {err}");
     let packets: Vec<Value> = out
         .lines()
@@ -195,15 +191,6 @@ fn icmp_echo_paths_through_lo_are_reconstructed_and_accounted() {
             );
             assert_eq!(p["left_host"], false, "{dst}");
             assert_eq!(p["complete"], true, "{dst}: {p}");
-            assert_eq!(
-                p["dst"].as_str(),
-                Some(if p == req {
-                    dst.to_string()
-                } else {
-                    p["dst"].as_str().unwrap_or_default().to_string()
-                })
-                .as_deref()
-            );
             let si = &p["softirq"];
             assert_eq!(
                 si["context"], "inline",
@@ -219,6 +206,17 @@ fn icmp_echo_paths_through_lo_are_reconstructed_and_accounted() {
                 .clone();
             assert_eq!(si["cpu"], xmit_cpu, "{dst}");
         }
+        let target = dst.to_string();
+        assert_eq!(
+            req["dst"].as_str(),
+            Some(target.as_str()),
+            "{dst}: the request goes to the target"
+        );
+        assert_eq!(
+            rep["src"].as_str(),
+            Some(target.as_str()),
+            "{dst}: the reply comes from the target"
+        );
         assert_eq!(req["verdict"], "consumed", "{dst}");
         assert_eq!(rep["reply_of"], req["id"], "{dst}: reply paired with its request");
         // Raw socket: the original reply is freed (NO_SOCKET) while a clone is delivered.

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::{
     btf::{KernelBtf, VMLINUX_BTF},
     object,
-    probes::{Attach, PLAN},
+    probes::PLAN,
     session::{Privileges, explain, privileges},
 };
 
@@ -232,7 +232,6 @@ pub fn run() -> Result<DoctorReport> {
             ));
         }
     }
-    let _ = Attach::XdpLo; // the plan's attach kinds are the ones probed above
     Ok(DoctorReport {
         kernel: kernel_release(),
         btf,

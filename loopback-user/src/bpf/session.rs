@@ -155,7 +155,7 @@ pub fn explain(e: &(dyn std::error::Error + 'static), kind: &str) -> String {
         Some(libc::EBUSY) | Some(libc::EEXIST) => {
             format!("EBUSY: another program is already attached there; lotrace never replaces it: {msg}")
         }
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOTSUPP_) => {
+        Some(libc::EOPNOTSUPP) | Some(ENOTSUPP) => {
             format!("EOPNOTSUPP: this attach type is not supported by this kernel: {msg}")
         }
         Some(libc::EINVAL) => format!("EINVAL: the kernel rejected the request (too old or misconfigured): {msg}"),
@@ -165,11 +165,8 @@ pub fn explain(e: &(dyn std::error::Error + 'static), kind: &str) -> String {
     }
 }
 
-mod libc {
-    pub use ::libc::*;
-    /// Kernel-internal ENOTSUPP (524), which BPF returns for some unsupported attach types.
-    pub const ENOTSUPP_: i32 = 524;
-}
+/// Kernel-internal ENOTSUPP (524), which BPF returns for some unsupported attach types.
+const ENOTSUPP: i32 = 524;
 
 impl Session {
     /// Loads the object with this kernel's struct offsets and the target namespace, and attaches
