@@ -56,10 +56,13 @@ pub enum Hook {
     /// `sock:sock_recv_length`: the application's recvmsg returned; no skb, `arg0` = socket
     /// address, `arg1` = return value. Ends UDP packets, whose copy and free fire no tracepoint.
     AppRecv = 14,
+    /// Emitted by the `netif_receive_skb` program: a traced skb is being received by a device of
+    /// another namespace (it left through a veth); it is no longer followed. Device in `ifname`.
+    LeftNetns = 15,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 14] = [
+    pub const ALL: [Hook; 15] = [
         Hook::Route,
         Hook::DevQueue,
         Hook::TcEgress,
@@ -74,6 +77,7 @@ impl Hook {
         Hook::Consume,
         Hook::SockQueue,
         Hook::AppRecv,
+        Hook::LeftNetns,
     ];
 }
 

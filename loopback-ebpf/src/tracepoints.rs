@@ -112,7 +112,12 @@ pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(0);
     let dev = skb_dev(skb);
     if !dev_in_scope(dev) {
-        untrack(skb);
+        // A packet of ours arriving on another namespace's device (through a veth): say so once,
+        // so user space ends its path instead of mixing it with a later skb at this address.
+        if tracked(skb) {
+            emit(Hook::LeftNetns, skb, |e| set_dev(e, dev));
+            untrack(skb);
+        }
         set_rx_skb(0);
         return 0;
     }

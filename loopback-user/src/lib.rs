@@ -6,5 +6,6 @@ pub mod filter;
 pub mod netns;
 pub mod output;
 pub mod path;
+pub mod prove;
 pub mod trace;
 pub mod traffic;

@@ -80,15 +80,39 @@ impl Netns {
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
         let file = File::open(&self.path).with_context(|| format!("open {}", self.path.display()))?;
         std::thread::scope(|s| {
-            s.spawn(move || -> Result<T> {
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    bail!("setns({}): {}", self.path.display(), std::io::Error::last_os_error());
-                }
-                Ok(f())
-            })
-            .join()
-            .map_err(|_| anyhow!("namespace worker thread panicked"))?
+            // Named so that traced packets sent from here show "lotrace" as their task.
+            std::thread::Builder::new()
+                .name("lotrace".into())
+                .spawn_scoped(s, move || -> Result<T> {
+                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        bail!("setns({}): {}", self.path.display(), std::io::Error::last_os_error());
+                    }
+                    Ok(f())
+                })
+                .map_err(|e| anyhow!("cannot start a namespace worker thread: {e}"))?
+                .join()
+                .map_err(|_| anyhow!("namespace worker thread panicked"))?
         })
+    }
+}
+
+impl Netns {
+    /// `ip -j ARGS` run inside this namespace, parsed. `Ok(Err(msg))` when `ip` itself refused
+    /// (e.g. `route get` with no route: the kernel's own answer, which callers report).
+    pub fn ip_json(&self, args: &[&str]) -> Result<std::result::Result<serde_json::Value, String>> {
+        let out = self.run(|| Command::new("ip").arg("-j").args(args).output())?;
+        let out = out.map_err(|e| anyhow!("cannot run `ip` (iproute2): {e}"))?;
+        if !out.status.success() {
+            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Ok(Err(msg.strip_prefix("RTNETLINK answers: ").unwrap_or(&msg).to_string()));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        if text.trim().is_empty() {
+            return Ok(Ok(serde_json::Value::Array(vec![])));
+        }
+        Ok(Ok(
+            serde_json::from_str(&text).map_err(|e| anyhow!("ip -j {}: bad JSON: {e}", args.join(" ")))?
+        ))
     }
 }
 
@@ -143,8 +167,21 @@ impl Sandbox {
 
     /// Adds a veth pair inside the sandbox and puts `addrs` on `dev` (the peer stays without
     /// addresses). Both ends are brought up unless `peer_up` is false (a "pulled cable").
+    /// No IPv6 link-local address is generated on either end (`addrgenmode none`), so the
+    /// sandbox holds exactly the addresses given, none of them tentative.
     pub fn add_veth(&self, dev: &str, peer: &str, addrs: &[&str], peer_up: bool) -> Result<()> {
         self.ip(&["link", "add", dev, "type", "veth", "peer", "name", peer])?;
+        self.ip(&["link", "set", "dev", dev, "addrgenmode", "none"])?;
+        self.ip(&["link", "set", "dev", peer, "addrgenmode", "none"])?;
+        self.add_addrs(dev, addrs)?;
+        self.ip(&["link", "set", dev, "up"])?;
+        if peer_up {
+            self.ip(&["link", "set", peer, "up"])?;
+        }
+        Ok(())
+    }
+
+    fn add_addrs(&self, dev: &str, addrs: &[&str]) -> Result<()> {
         for a in addrs {
             let mut args = vec!["addr", "add", a, "dev", dev];
             if a.contains(':') {
@@ -152,10 +189,30 @@ impl Sandbox {
             }
             self.ip(&args)?;
         }
+        Ok(())
+    }
+
+    /// A veth pair from this sandbox (`dev`, holding `addrs`) to `other` (`peer`, holding
+    /// `peer_addrs`): a "remote" host reachable only through a real device.
+    pub fn link_to(&self, dev: &str, addrs: &[&str], other: &Sandbox, peer: &str, peer_addrs: &[&str]) -> Result<()> {
+        self.ip(&[
+            "link",
+            "add",
+            dev,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            peer,
+            "netns",
+            &other.name,
+        ])?;
+        self.ip(&["link", "set", "dev", dev, "addrgenmode", "none"])?;
+        other.ip(&["link", "set", "dev", peer, "addrgenmode", "none"])?;
+        self.add_addrs(dev, addrs)?;
+        other.add_addrs(peer, peer_addrs)?;
         self.ip(&["link", "set", dev, "up"])?;
-        if peer_up {
-            self.ip(&["link", "set", peer, "up"])?;
-        }
+        other.ip(&["link", "set", peer, "up"])?;
         Ok(())
     }
 }

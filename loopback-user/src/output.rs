@@ -68,7 +68,7 @@ pub fn packet_json(p: &PacketPath) -> Value {
     })
 }
 
-fn fmt_ns(ns: u64) -> String {
+pub fn fmt_ns(ns: u64) -> String {
     if ns < 1_000 {
         format!("{ns}ns")
     } else if ns < 1_000_000 {

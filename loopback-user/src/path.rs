@@ -31,6 +31,7 @@ pub fn stage_name(h: Hook) -> &'static str {
         Hook::Consume => "consume",
         Hook::SockQueue => "sock_queue",
         Hook::AppRecv => "app_recv",
+        Hook::LeftNetns => "left_netns",
     }
 }
 pub const STAGE_SOFTIRQ_RAISE: &str = "softirq_raise";
@@ -94,6 +95,8 @@ pub enum Verdict {
     Dropped,
     /// TCP skb freed on a path that fires no tracepoint, after it was received. Not a drop.
     FreedUntraced,
+    /// Received by a device of another namespace (left through a veth): followed no further.
+    LeftNetns,
     /// No end seen before expiry.
     Expired,
     /// Still in flight when tracing stopped.
@@ -108,6 +111,7 @@ impl Verdict {
             Verdict::DeliveredClone => "delivered_clone",
             Verdict::Dropped => "dropped",
             Verdict::FreedUntraced => "freed_untraced",
+            Verdict::LeftNetns => "left_netns",
             Verdict::Expired => "expired",
             Verdict::InFlight => "in_flight",
         }
@@ -391,6 +395,7 @@ impl Tracker {
         });
         match e.hook {
             Hook::Consume => self.finish(p, Verdict::Consumed, &mut done),
+            Hook::LeftNetns => self.finish(p, Verdict::LeftNetns, &mut done),
             Hook::Free => {
                 let name = self
                     .drop_names
@@ -457,7 +462,7 @@ impl Tracker {
             .iter()
             .position(|o| o.info.as_ref().is_some_and(|oi| same_headers(oi, &ci)));
         if let Some(pos) = pos
-            && let Some(mut orig) = self.awaiting_clone.remove(pos)
+            && let Some(orig) = self.awaiting_clone.remove(pos)
         {
             clone.clone_of = Some(orig.id);
             clone.reply_of = orig.reply_of;
@@ -701,7 +706,12 @@ pub fn is_complete(p: &PacketPath) -> bool {
     let started = sent_here || matches!(first, Some("receive") | Some("tc_ingress") | Some("copy_to_user"));
     let ended = matches!(
         p.verdict,
-        Verdict::Consumed | Verdict::Delivered | Verdict::Dropped | Verdict::DeliveredClone | Verdict::FreedUntraced
+        Verdict::Consumed
+            | Verdict::Delivered
+            | Verdict::Dropped
+            | Verdict::DeliveredClone
+            | Verdict::FreedUntraced
+            | Verdict::LeftNetns
     );
     let through_lo = if sent_here && p.tx_dev.as_deref() == Some("lo") {
         p.has("xmit") && p.has("backlog_enqueue") && p.has("receive")

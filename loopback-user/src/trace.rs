@@ -136,7 +136,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{}. Ctrl-C to stop.",
         cfg.netns.label,
         cfg.netns.inode,
-        session.outcomes.len(),
+        session.outcomes.iter().filter(|o| o.requested).count(),
         if missing.is_empty() {
             String::new()
         } else {

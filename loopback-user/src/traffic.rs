@@ -27,12 +27,24 @@ fn checksum(b: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn last_err(what: &str) -> anyhow::Error {
-    anyhow!("{what}: {}", std::io::Error::last_os_error())
+/// Why an echo did not come back.
+#[derive(Debug, thiserror::Error)]
+pub enum EchoError {
+    /// The raw socket could not be set up (privileges).
+    #[error("{0}")]
+    Socket(String),
+    /// The kernel refused to send (no route, address not available, ...): nothing was sent.
+    #[error("sendto {dst}: {err}")]
+    Send { dst: IpAddr, err: std::io::Error },
+    /// Sent, but no matching reply arrived in time.
+    #[error("no echo reply from {0} within {1:?}")]
+    NoReply(IpAddr, Duration),
 }
 
-/// Sends one echo request to `dst` and waits for the matching reply. Returns the RTT.
-pub fn icmp_echo(dst: IpAddr, id: u16, seq: u16, timeout: Duration) -> Result<Duration> {
+/// Sends one echo request to `dst` (`scope_id`: interface index for IPv6 link-local, else 0) and
+/// waits for the matching reply. Returns the RTT.
+pub fn icmp_echo(dst: IpAddr, scope_id: u32, id: u16, seq: u16, timeout: Duration) -> Result<Duration, EchoError> {
+    let sock_err = |what: &str| EchoError::Socket(format!("{what}: {}", std::io::Error::last_os_error()));
     let v6 = dst.is_ipv6();
     let (domain, proto) = if v6 {
         (libc::AF_INET6, libc::IPPROTO_ICMPV6)
@@ -41,7 +53,7 @@ pub fn icmp_echo(dst: IpAddr, id: u16, seq: u16, timeout: Duration) -> Result<Du
     };
     let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
-        return Err(last_err("raw ICMP socket (needs CAP_NET_RAW)"));
+        return Err(sock_err("raw ICMP socket (needs CAP_NET_RAW)"));
     }
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // Only echo replies reach this socket (no clones of our own requests).
@@ -58,7 +70,7 @@ pub fn icmp_echo(dst: IpAddr, id: u16, seq: u16, timeout: Duration) -> Result<Du
             )
         };
         if rc != 0 {
-            return Err(last_err("ICMP6_FILTER"));
+            return Err(sock_err("ICMP6_FILTER"));
         }
     } else {
         let mask: u32 = !1u32; // block every type but 0 (echo reply)
@@ -72,7 +84,7 @@ pub fn icmp_echo(dst: IpAddr, id: u16, seq: u16, timeout: Duration) -> Result<Du
             )
         };
         if rc != 0 {
-            return Err(last_err("ICMP_FILTER"));
+            return Err(sock_err("ICMP_FILTER"));
         }
     }
     let tv = libc::timeval {
@@ -96,20 +108,30 @@ pub fn icmp_echo(dst: IpAddr, id: u16, seq: u16, timeout: Duration) -> Result<Du
         let c = checksum(&pkt);
         pkt[2..4].copy_from_slice(&c.to_be_bytes());
     } // the kernel fills in the ICMPv6 checksum
-    let sa: socket2_like::SockAddr = dst.into();
+    let mut sa: socket2_like::SockAddr = dst.into();
+    if let socket2_like::SockAddr::V6(a) = &mut sa {
+        a.sin6_scope_id = scope_id;
+    }
     let start = Instant::now();
     let n = unsafe { libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, sa.as_ptr(), sa.len()) };
     if n < 0 {
-        return Err(last_err(&format!("sendto {dst}")));
+        return Err(EchoError::Send {
+            dst,
+            err: std::io::Error::last_os_error(),
+        });
     }
     let mut buf = [0u8; 2048];
     loop {
         if start.elapsed() > timeout {
-            bail!("no echo reply from {dst} within {timeout:?}");
+            return Err(EchoError::NoReply(dst, timeout));
         }
         let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
-            return Err(last_err(&format!("no echo reply from {dst}")));
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(EchoError::NoReply(dst, timeout));
         }
         let b = &buf[..n as usize];
         // IPv4 raw sockets deliver the IP header; IPv6 ones do not.

@@ -149,6 +149,9 @@ mod tests {
     #[test]
     fn every_stage_hook_is_served_exactly_once() {
         for h in Hook::ALL {
+            if h == Hook::LeftNetns {
+                continue; // a by-product of netif_receive_skb, not a hook point of its own
+            }
             let n = PLAN.iter().filter(|p| p.hook == Some(h)).count();
             let expect = if h == Hook::Route { 2 } else { 1 };
             assert_eq!(n, expect, "{h:?}");

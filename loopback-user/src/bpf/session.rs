@@ -47,6 +47,8 @@ pub struct AttachOutcome {
     pub kind: &'static str,
     pub target: String,
     pub attached: bool,
+    /// False for hooks left out on purpose (XDP without `--xdp`): not a failure.
+    pub requested: bool,
     pub error: Option<String>,
 }
 
@@ -199,6 +201,7 @@ impl Session {
                     kind: hp.attach.kind(),
                     target: hp.attach.target(),
                     attached: false,
+                    requested: false,
                     error: Some("not requested (--xdp): generic XDP would make the kernel copy every lo packet".into()),
                 });
                 continue;
@@ -215,6 +218,7 @@ impl Session {
                 kind: hp.attach.kind(),
                 target: hp.attach.target(),
                 attached: error.is_none(),
+                requested: true,
                 error,
             });
         }
@@ -249,8 +253,9 @@ impl Session {
     }
 
     /// Hook points that could not be attached (optional ones; required ones abort `open`).
+    /// Hooks left out on purpose are not missing.
     pub fn missing(&self) -> impl Iterator<Item = &AttachOutcome> {
-        self.outcomes.iter().filter(|o| !o.attached)
+        self.outcomes.iter().filter(|o| o.requested && !o.attached)
     }
 }
 
