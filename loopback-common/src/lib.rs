@@ -59,10 +59,14 @@ pub enum Hook {
     /// Emitted by the `netif_receive_skb` program: a traced skb is being received by a device of
     /// another namespace (it left through a veth); it is no longer followed. Device in `ifname`.
     LeftNetns = 15,
+    /// `raw_syscalls:sys_enter` for a send-family syscall (sendto, sendmsg, sendmmsg) by a task
+    /// of the traced namespace; `arg0` = syscall number. No skb: linked to that thread's next
+    /// transmit.
+    AppSend = 16,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 15] = [
+    pub const ALL: [Hook; 16] = [
         Hook::Route,
         Hook::DevQueue,
         Hook::TcEgress,
@@ -78,6 +82,7 @@ impl Hook {
         Hook::SockQueue,
         Hook::AppRecv,
         Hook::LeftNetns,
+        Hook::AppSend,
     ];
 }
 
@@ -87,6 +92,10 @@ impl TryFrom<u8> for Hook {
         Hook::ALL.iter().copied().find(|h| *h as u8 == v).ok_or(v)
     }
 }
+
+/// Send-family syscall numbers of the host architecture, written into the programs at load time
+/// (the eBPF target itself is architecture-neutral). Unused slots hold `u64::MAX`.
+pub const SEND_SYSCALL_SLOTS: usize = 4;
 
 /// What [`RawEvent::hdr`] holds.
 pub mod hdr_kind {

@@ -56,6 +56,10 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
 #[unsafe(no_mangle)]
 pub static TARGET_NETNS: u32 = 0;
 
+/// Send-family syscall numbers of the host architecture (written at load time).
+#[unsafe(no_mangle)]
+pub static SEND_SYSCALLS: [u64; loopback_common::SEND_SYSCALL_SLOTS] = [u64::MAX; loopback_common::SEND_SYSCALL_SLOTS];
+
 #[inline(always)]
 pub fn count(idx: u32) {
     if let Some(p) = COUNTERS.get_ptr_mut(idx) {

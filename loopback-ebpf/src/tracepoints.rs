@@ -1,14 +1,49 @@
 //! tp_btf programs along the loopback path. Above each: the tracepoint prototype it relies on
 //! (stable since the kernel named), read from the running kernel's BTF.
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
 use loopback_common::{Hook, NAME_LEN, NET_RX_SOFTIRQ, hdr_kind};
 
 use crate::{
     emit::{capture_data, capture_network_header, emit, set_dev, skb_len},
     kernel::{dev_in_scope, net_in_scope, off, read, skb_dev, task_in_scope, track, tracked, untrack},
-    maps::{RX_SKB, SOFTIRQ},
+    maps::{RX_SKB, SEND_SYSCALLS, SOFTIRQ},
 };
+
+/// Tracepoint arguments (`TP_PROTO` order), the same for tp_btf and raw tracepoints.
+pub trait Args {
+    fn arg(&self, n: usize) -> u64;
+}
+impl Args for BtfTracePointContext {
+    #[inline(always)]
+    fn arg(&self, n: usize) -> u64 {
+        BtfTracePointContext::arg(self, n)
+    }
+}
+impl Args for RawTracePointContext {
+    #[inline(always)]
+    fn arg(&self, n: usize) -> u64 {
+        RawTracePointContext::arg(self, n)
+    }
+}
+
+/// Every hook point is built twice from one body: a tp_btf program (preferred) and a raw
+/// tracepoint twin named `raw_<tracepoint>` that the loader falls back to when tp_btf is refused.
+macro_rules! twin {
+    ($name:tt, $btf:ident, $raw:ident, $body:ident) => {
+        #[btf_tracepoint(function = $name)]
+        pub fn $btf(ctx: BtfTracePointContext) -> i32 {
+            $body(&ctx)
+        }
+        #[raw_tracepoint(tracepoint = $name)]
+        pub fn $raw(ctx: RawTracePointContext) -> i32 {
+            $body(&ctx)
+        }
+    };
+}
 
 #[inline(always)]
 fn set_rx_skb(skb: u64) {
@@ -17,10 +52,11 @@ fn set_rx_skb(skb: u64) {
     }
 }
 
-/// net_dev_queue(struct sk_buff *skb) — `__dev_queue_xmit`, since 3.x.
-/// Entry point of the transmit half: decides whether the skb belongs to the traced namespace.
-#[btf_tracepoint(function = "net_dev_queue")]
-pub fn net_dev_queue(ctx: BtfTracePointContext) -> i32 {
+// net_dev_queue(struct sk_buff *skb) — `__dev_queue_xmit`, since 3.x.
+// Entry point of the transmit half: decides whether the skb belongs to the traced namespace.
+twin!("net_dev_queue", net_dev_queue, raw_net_dev_queue, net_dev_queue_body);
+#[inline(always)]
+fn net_dev_queue_body(ctx: &impl Args) -> i32 {
     let skb: u64 = ctx.arg(0);
     let dev = skb_dev(skb);
     if !dev_in_scope(dev) {
@@ -36,9 +72,10 @@ pub fn net_dev_queue(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev) — since 4.x.
-#[btf_tracepoint(function = "net_dev_start_xmit")]
-pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
+// net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev) — since 4.x.
+twin!("net_dev_start_xmit", net_dev_start_xmit, raw_net_dev_start_xmit, net_dev_start_xmit_body);
+#[inline(always)]
+fn net_dev_start_xmit_body(ctx: &impl Args) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
@@ -51,9 +88,10 @@ pub fn net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// netif_rx(struct sk_buff *skb) — `netif_rx_internal`, before `enqueue_to_backlog`.
-#[btf_tracepoint(function = "netif_rx")]
-pub fn netif_rx(ctx: BtfTracePointContext) -> i32 {
+// netif_rx(struct sk_buff *skb) — `netif_rx_internal`, before `enqueue_to_backlog`.
+twin!("netif_rx", netif_rx, raw_netif_rx, netif_rx_body);
+#[inline(always)]
+fn netif_rx_body(ctx: &impl Args) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
@@ -62,10 +100,11 @@ pub fn netif_rx(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// net_dev_xmit(struct sk_buff *skb, int rc, struct net_device *dev, unsigned int skb_len).
-/// The skb must not be read here: the driver may already have handed it on.
-#[btf_tracepoint(function = "net_dev_xmit")]
-pub fn net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
+// net_dev_xmit(struct sk_buff *skb, int rc, struct net_device *dev, unsigned int skb_len).
+// The skb must not be read here: the driver may already have handed it on.
+twin!("net_dev_xmit", net_dev_xmit, raw_net_dev_xmit, net_dev_xmit_body);
+#[inline(always)]
+fn net_dev_xmit_body(ctx: &impl Args) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
@@ -81,9 +120,10 @@ pub fn net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// softirq_raise(unsigned int vec_nr) — irq:softirq_raise.
-#[btf_tracepoint(function = "softirq_raise")]
-pub fn softirq_raise(ctx: BtfTracePointContext) -> i32 {
+// softirq_raise(unsigned int vec_nr) — irq:softirq_raise.
+twin!("softirq_raise", softirq_raise, raw_softirq_raise, softirq_raise_body);
+#[inline(always)]
+fn softirq_raise_body(ctx: &impl Args) -> i32 {
     let vec: u64 = ctx.arg(0);
     if vec as u32 == NET_RX_SOFTIRQ
         && let Some(s) = SOFTIRQ.get_ptr_mut(0)
@@ -93,9 +133,10 @@ pub fn softirq_raise(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// softirq_entry(unsigned int vec_nr) — irq:softirq_entry.
-#[btf_tracepoint(function = "softirq_entry")]
-pub fn softirq_entry(ctx: BtfTracePointContext) -> i32 {
+// softirq_entry(unsigned int vec_nr) — irq:softirq_entry.
+twin!("softirq_entry", softirq_entry, raw_softirq_entry, softirq_entry_body);
+#[inline(always)]
+fn softirq_entry_body(ctx: &impl Args) -> i32 {
     let vec: u64 = ctx.arg(0);
     if vec as u32 == NET_RX_SOFTIRQ
         && let Some(s) = SOFTIRQ.get_ptr_mut(0)
@@ -105,10 +146,11 @@ pub fn softirq_entry(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// netif_receive_skb(struct sk_buff *skb) — `__netif_receive_skb_core`, in the NET_RX softirq,
-/// before generic XDP and tc ingress. Entry point of the receive half.
-#[btf_tracepoint(function = "netif_receive_skb")]
-pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
+// netif_receive_skb(struct sk_buff *skb) — `__netif_receive_skb_core`, in the NET_RX softirq,
+// before generic XDP and tc ingress. Entry point of the receive half.
+twin!("netif_receive_skb", netif_receive_skb, raw_netif_receive_skb, netif_receive_skb_body);
+#[inline(always)]
+fn netif_receive_skb_body(ctx: &impl Args) -> i32 {
     let skb: u64 = ctx.arg(0);
     let dev = skb_dev(skb);
     if !dev_in_scope(dev) {
@@ -135,11 +177,12 @@ pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// skb_copy_datagram_iovec(const struct sk_buff *skb, int len) — data copied to the application.
-/// Raw sockets receive clones the transmit hooks never saw: those are taken in scope when the
-/// receiving task lives in the traced namespace.
-#[btf_tracepoint(function = "skb_copy_datagram_iovec")]
-pub fn skb_copy_datagram_iovec(ctx: BtfTracePointContext) -> i32 {
+// skb_copy_datagram_iovec(const struct sk_buff *skb, int len) — data copied to the application.
+// Raw sockets receive clones the transmit hooks never saw: those are taken in scope when the
+// receiving task lives in the traced namespace.
+twin!("skb_copy_datagram_iovec", skb_copy_datagram_iovec, raw_skb_copy_datagram_iovec, skb_copy_datagram_iovec_body);
+#[inline(always)]
+fn skb_copy_datagram_iovec_body(ctx: &impl Args) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         if !task_in_scope() {
@@ -156,10 +199,11 @@ pub fn skb_copy_datagram_iovec(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct sock *rx_sk)
-/// — the 4-argument form is 6.11+; older kernels have 3 (rx_sk is not read).
-#[btf_tracepoint(function = "kfree_skb")]
-pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+// kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct sock *rx_sk)
+// — the 4-argument form is 6.11+; older kernels have 3 (rx_sk is not read).
+twin!("kfree_skb", kfree_skb, raw_kfree_skb, kfree_skb_body);
+#[inline(always)]
+fn kfree_skb_body(ctx: &impl Args) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
@@ -174,9 +218,10 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// consume_skb(struct sk_buff *skb, void *location) — 6.3+ (location added).
-#[btf_tracepoint(function = "consume_skb")]
-pub fn consume_skb(ctx: BtfTracePointContext) -> i32 {
+// consume_skb(struct sk_buff *skb, void *location) — 6.3+ (location added).
+twin!("consume_skb", consume_skb, raw_consume_skb, consume_skb_body);
+#[inline(always)]
+fn consume_skb_body(ctx: &impl Args) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
@@ -221,10 +266,11 @@ fn route_event(family: u8, table: u64, err: u64, nhc: u64, dst: u64, src: u64, a
     });
 }
 
-/// fib_table_lookup(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc, int err)
-/// — fib:fib_table_lookup, 4.19+. No namespace argument: scoped by the calling task's namespace.
-#[btf_tracepoint(function = "fib_table_lookup")]
-pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
+// fib_table_lookup(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc, int err)
+// — fib:fib_table_lookup, 4.19+. No namespace argument: scoped by the calling task's namespace.
+twin!("fib_table_lookup", fib_table_lookup, raw_fib_table_lookup, fib_table_lookup_body);
+#[inline(always)]
+fn fib_table_lookup_body(ctx: &impl Args) -> i32 {
     if !task_in_scope() {
         return 0;
     }
@@ -244,10 +290,11 @@ pub fn fib_table_lookup(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// fib6_table_lookup(const struct net *net, const struct fib6_result *res,
-///                   struct fib6_table *table, const struct flowi6 *flp) — 4.19+.
-#[btf_tracepoint(function = "fib6_table_lookup")]
-pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
+// fib6_table_lookup(const struct net *net, const struct fib6_result *res,
+//                   struct fib6_table *table, const struct flowi6 *flp) — 4.19+.
+twin!("fib6_table_lookup", fib6_table_lookup, raw_fib6_table_lookup, fib6_table_lookup_body);
+#[inline(always)]
+fn fib6_table_lookup_body(ctx: &impl Args) -> i32 {
     let net: u64 = ctx.arg(0);
     if !net_in_scope(net) {
         return 0;
@@ -261,11 +308,12 @@ pub fn fib6_table_lookup(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// sk_data_ready(const struct sock *sk) — sock:sk_data_ready, 6.7+. Runs while the receive
-/// softirq processes the skb in RX_SKB (UDP/raw enqueue); the user side keeps it only
-/// for a packet still being received.
-#[btf_tracepoint(function = "sk_data_ready")]
-pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
+// sk_data_ready(const struct sock *sk) — sock:sk_data_ready, 6.7+. Runs while the receive
+// softirq processes the skb in RX_SKB (UDP/raw enqueue); the user side keeps it only
+// for a packet still being received.
+twin!("sk_data_ready", sk_data_ready, raw_sk_data_ready, sk_data_ready_body);
+#[inline(always)]
+fn sk_data_ready_body(ctx: &impl Args) -> i32 {
     let skb = RX_SKB.get(0).copied().unwrap_or(0);
     if skb == 0 || !tracked(skb) {
         return 0;
@@ -275,9 +323,10 @@ pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// sock_recv_length(struct sock *sk, int ret, int flags) — sock:sock_recv_length, 6.4+.
-#[btf_tracepoint(function = "sock_recv_length")]
-pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
+// sock_recv_length(struct sock *sk, int ret, int flags) — sock:sock_recv_length, 6.4+.
+twin!("sock_recv_length", sock_recv_length, raw_sock_recv_length, sock_recv_length_body);
+#[inline(always)]
+fn sock_recv_length_body(ctx: &impl Args) -> i32 {
     let ret: u64 = ctx.arg(1);
     if (ret as i32) < 0 || !task_in_scope() {
         return 0;
@@ -287,5 +336,23 @@ pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
         e.arg0 = sk;
         e.arg1 = ret as i32 as u64;
     });
+    0
+}
+
+// sys_enter(struct pt_regs *regs, long id) — raw_syscalls:sys_enter. Fires for every syscall on
+// the machine, so the syscall number is checked first (a few compares) and the namespace only
+// for the send family.
+twin!("sys_enter", sys_enter, raw_sys_enter, sys_enter_body);
+#[inline(always)]
+fn sys_enter_body(ctx: &impl Args) -> i32 {
+    let id: u64 = ctx.arg(1);
+    let nrs = unsafe { core::ptr::read_volatile(&SEND_SYSCALLS) };
+    if id != nrs[0] && id != nrs[1] && id != nrs[2] && id != nrs[3] {
+        return 0;
+    }
+    if !task_in_scope() {
+        return 0;
+    }
+    emit(Hook::AppSend, 0, |e| e.arg0 = id);
     0
 }

@@ -62,6 +62,10 @@ pub enum Cmd {
         /// same bytes without that.
         #[arg(long)]
         xdp: bool,
+        /// Attach every tracepoint hook as a raw tracepoint instead of tp_btf (lotrace falls back
+        /// to this per hook by itself when the kernel refuses tp_btf).
+        #[arg(long)]
+        raw_tp: bool,
     },
     /// Prove, with evidence from the running kernel, that traffic to local addresses stays on lo.
     /// With no target: builds a throwaway sandbox namespace and proves 127.0.0.1, another 127/8
@@ -126,6 +130,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             duration,
             format,
             xdp,
+            raw_tp,
         } => {
             let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
             let netns = match netns.as_deref() {
@@ -140,6 +145,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 duration,
                 format,
                 xdp,
+                raw_tp,
             })
             .await?;
             Ok(0)

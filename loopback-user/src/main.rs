@@ -2,6 +2,21 @@ use clap::Parser;
 use loopback_user::cli::{Cli, UsageError, dispatch};
 
 fn main() {
+    // A bug must still end in one line, not a backtrace. Everything lotrace attached is owned by
+    // file descriptors, so the kernel detaches it when the process ends, panic included.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("lotrace: internal error: {msg}{at} (please report this)");
+    }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

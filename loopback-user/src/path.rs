@@ -32,6 +32,7 @@ pub fn stage_name(h: Hook) -> &'static str {
         Hook::SockQueue => "sock_queue",
         Hook::AppRecv => "app_recv",
         Hook::LeftNetns => "left_netns",
+        Hook::AppSend => "app_send",
     }
 }
 pub const STAGE_SOFTIRQ_RAISE: &str = "softirq_raise";
@@ -212,6 +213,10 @@ impl Default for TrackerConfig {
     }
 }
 
+/// A send syscall links to its thread's next transmit only if that comes within this time (a
+/// send that transmitted nothing, e.g. on a UNIX socket, must not claim a later packet).
+const SEND_LINK_NS: u64 = 1_000_000;
+
 /// Key of an ICMP echo: (id, seq, requester address).
 type EchoKey = (u16, u16, IpAddr);
 /// One direction of a TCP flow.
@@ -223,6 +228,8 @@ pub struct Tracker {
     next_id: u64,
     /// Latest route lookup per thread: the next transmit of that thread used it.
     last_route: HashMap<u32, (Stage, RouteInfo)>,
+    /// Latest send-family syscall entry per thread (linked to its next transmit).
+    last_send: HashMap<u32, Stage>,
     echo_requests: HashMap<EchoKey, u64>,
     echo_order: VecDeque<EchoKey>,
     tcp_unacked: HashMap<FlowKey, VecDeque<(u32, u64)>>,
@@ -264,6 +271,7 @@ impl Tracker {
             inflight: HashMap::new(),
             next_id: 1,
             last_route: HashMap::new(),
+            last_send: HashMap::new(),
             echo_requests: HashMap::new(),
             echo_order: VecDeque::new(),
             tcp_unacked: HashMap::new(),
@@ -323,6 +331,19 @@ impl Tracker {
             self.app_recv(&e, &mut done);
             return done;
         }
+        if e.hook == Hook::AppSend {
+            let st = Stage {
+                stage: stage_name(Hook::AppSend),
+                t_ns: e.ts_ns,
+                cpu: e.cpu,
+                pid: e.tgid,
+                tid: e.tid,
+                comm: e.comm.clone(),
+                dev: None,
+            };
+            self.last_send.insert(e.tid, st);
+            return done;
+        }
         if e.skb == 0 {
             self.stats.unlinked_lo_events += 1;
             return done;
@@ -353,6 +374,13 @@ impl Tracker {
             Some(p) => p,
             None => {
                 let mut p = self.new_packet(&e);
+                // The send syscall this thread entered just before: the start of the path.
+                if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
+                    && let Some(st) = self.last_send.remove(&e.tid)
+                    && e.ts_ns.saturating_sub(st.t_ns) <= SEND_LINK_NS
+                {
+                    p.stages.push(st);
+                }
                 if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
                     && let Some((st, r)) = self.last_route.remove(&e.tid)
                     && e.packet.as_ref().is_none_or(|i| i.dst == r.dst)
@@ -695,13 +723,17 @@ impl Tracker {
     }
 }
 
-/// Seen from its start in the namespace to its end:
+/// Seen from its start in the namespace to its end (app_send and route, when linked, come first):
 /// start = tc_egress/dev_queue (sent here), receive/tc_ingress (arrived from another device)
 /// or copy_to_user (a clone);
 /// a packet sent on lo must show xmit, backlog enqueue and receive; the end is a free tracepoint,
 /// or for TCP a receive followed by a free path that has no tracepoint.
 pub fn is_complete(p: &PacketPath) -> bool {
-    let first = p.stages.iter().map(|s| s.stage).find(|s| *s != "route");
+    let first = p
+        .stages
+        .iter()
+        .map(|s| s.stage)
+        .find(|s| *s != "route" && *s != "app_send");
     let sent_here = matches!(first, Some("tc_egress") | Some("dev_queue"));
     let started = sent_here || matches!(first, Some("receive") | Some("tc_ingress") | Some("copy_to_user"));
     let ended = matches!(
@@ -823,6 +855,27 @@ pub(crate) mod tests {
         }
         out.extend(t.flush());
         (out, t.stats)
+    }
+
+    #[test]
+    fn a_send_syscall_starts_its_threads_next_packet_only_if_recent() {
+        let mut s = Seq::new();
+        let info = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, 1);
+        s.ev(Hook::AppSend, 0, 7, "app", "", None, 44, 0);
+        s.ev(Hook::AppSend, 0, 8, "other", "", None, 44, 0);
+        s.lo_path(0xa0, 7, "app", info.clone(), true);
+        s.ev(Hook::Consume, 0xa0, 7, "app", "", None, 0, 0);
+        // A send whose thread transmits only 2 ms later (e.g. it was a UNIX socket): not linked.
+        s.ev(Hook::AppSend, 0, 7, "app", "", None, 46, 0);
+        s.t += 2_000_000;
+        s.lo_path(0xb0, 7, "app", info, true);
+        s.ev(Hook::Consume, 0xb0, 7, "app", "", None, 0, 0);
+        let (ps, _) = run(s.events);
+        assert_eq!(ps[0].stages[0].stage, "app_send");
+        assert_eq!(ps[0].stages[0].tid, 7, "linked by thread, not to thread 8's send");
+        assert_eq!(ps[0].stages[1].stage, "tc_egress");
+        assert_eq!(ps[1].stages[0].stage, "tc_egress", "stale send not linked");
+        assert!(ps.iter().all(|p| p.complete));
     }
 
     /// ping 127.0.0.1 over a raw socket: request, reply (original freed NO_SOCKET), clone delivered.

@@ -34,6 +34,7 @@ pub struct TraceConfig {
     pub duration: Option<Duration>,
     pub format: Format,
     pub xdp: bool,
+    pub raw_tp: bool,
 }
 
 pub fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -110,6 +111,7 @@ fn drain(
 pub async fn run(cfg: TraceConfig) -> Result<()> {
     let mut session = Session::open(&SessionOptions {
         xdp: cfg.xdp,
+        raw_tp: cfg.raw_tp,
         ..SessionOptions::new(cfg.netns.clone())
     })?;
     let ring = session.take_ring()?;
@@ -132,8 +134,25 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         .missing()
         .map(|o| format!("{} ({})", o.program, o.error.as_deref().unwrap_or("?")))
         .collect();
+    let fallbacks: Vec<&str> = session
+        .outcomes
+        .iter()
+        .filter(|o| o.attached && o.fallback_reason.is_some())
+        .map(|o| o.program)
+        .collect();
+    let fallbacks = match fallbacks.len() {
+        0 => String::new(),
+        n => format!(
+            " ({n} as raw tracepoints: {})",
+            session
+                .outcomes
+                .iter()
+                .find_map(|o| o.fallback_reason.as_deref())
+                .unwrap_or("")
+        ),
+    };
     eprintln!(
-        "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{}. Ctrl-C to stop.",
+        "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{fallbacks}{}. Ctrl-C to stop.",
         cfg.netns.label,
         cfg.netns.inode,
         session.outcomes.iter().filter(|o| o.requested).count(),
@@ -143,6 +162,10 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
             format!("; NOT attached: {}", missing.join(", "))
         }
     );
+    // Fault injection for the "nothing left behind" tests (README, Tests).
+    if std::env::var("LOTRACE_FAULT").is_ok_and(|v| v == "panic-after-attach") {
+        panic!("LOTRACE_FAULT=panic-after-attach");
+    }
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = cfg.duration.map(|d| Instant::now() + d);

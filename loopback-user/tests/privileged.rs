@@ -19,6 +19,8 @@ const OUR_PROGRAMS: &[&str] = &[
     "net_dev_queue",
     "net_dev_start_x",
     "netif_receive_s",
+    "raw_net_dev_que",
+    "raw_netif_recei",
     "lo_tc_egress",
     "lo_tc_ingress",
     "consume_skb",
@@ -86,6 +88,9 @@ fn start(sb: &Sandbox, extra: &[&str]) -> Tracer {
     let mut line = String::new();
     err.read_line(&mut line).expect("read stderr");
     assert!(line.contains("hooks attached"), "lotrace did not start: {line}");
+    if extra.contains(&"--raw-tp") {
+        assert!(line.contains("as raw tracepoints"), "{line}");
+    }
     // Keep draining both pipes in the background; the summary is stderr's last line.
     let stdout_rx = read_all(child.stdout.take().expect("stdout"));
     let stderr_rx = read_all(err);
@@ -158,11 +163,24 @@ fn icmp_echo_paths_through_lo_are_reconstructed_and_accounted() {
     if !privileged() {
         return;
     }
+    icmp_echo_paths(&[]);
+}
+
+/// The fallback chain's second link: the raw tracepoint twins reconstruct the same paths.
+#[test]
+fn raw_tracepoint_fallback_reconstructs_the_same_paths() {
+    if !privileged() {
+        return;
+    }
+    icmp_echo_paths(&["--raw-tp"]);
+}
+
+fn icmp_echo_paths(extra: &[&str]) {
     let sb = Sandbox::new("lt-test").expect("sandbox");
     sb.add_veth("lt0", "lt0p", &["10.200.0.1/24", "fd00:200::1/64"], true)
         .expect("veth");
     let before = lo_tx_packets(&sb);
-    let t = start(&sb, &[]);
+    let t = start(&sb, extra);
     let targets: Vec<(IpAddr, u16)> = vec![
         ("127.0.0.1".parse().expect("ip"), 0x4c01),
         ("127.0.0.2".parse().expect("ip"), 0x4c02),
@@ -226,9 +244,11 @@ fn icmp_echo_paths_through_lo_are_reconstructed_and_accounted() {
             .find(|p| p["clone_of"] == rep["id"])
             .unwrap_or_else(|| panic!("{dst}: no delivered clone"));
         assert_eq!(stages(clone), ["copy_to_user", "consume"], "{dst}");
-        assert!(
-            stages(req).first() == Some(&"route"),
-            "{dst}: route lookup linked: {req}"
+        // The path starts at the sending task's sendto() entry, then its route lookup.
+        assert_eq!(
+            stages(req)[..2],
+            ["app_send", "route"],
+            "{dst}: syscall entry and route lookup linked: {req}"
         );
         // The route names the owning device (lt0 for its own addresses), the packet still
         // leaves through lo: the output route of a local address is switched to loopback.
@@ -668,4 +688,85 @@ fn prove_bad_targets_and_interrupts() {
     assert!(err.contains("removed sandbox"), "{err}");
     assert!(prove_sandboxes_of(pid).is_empty(), "orphaned sandbox not removed");
     assert!(our_programs_loaded().is_empty(), "programs left behind after kill -9");
+}
+
+/// tcx programs on the namespace's lo, by name.
+fn tcx_on_lo(sb: &Sandbox) -> Vec<String> {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    sb.netns
+        .run(|| {
+            let mut names = Vec::new();
+            for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+                if let Ok((_, progs)) = SchedClassifier::query_tcx("lo", dir) {
+                    names.extend(progs.iter().filter_map(|p| p.name_as_str().map(str::to_string)));
+                }
+            }
+            names
+        })
+        .expect("netns")
+}
+
+/// Normal end, SIGINT, SIGTERM, a panic and kill -9: afterwards no lotrace program is loaded
+/// (a remaining link would keep its program loaded, so this covers links too) and the
+/// namespace's lo carries no tcx program.
+#[test]
+fn trace_leaves_nothing_behind_however_it_ends() {
+    if !privileged() {
+        return;
+    }
+    let sb = Sandbox::new("lt-left").expect("sandbox");
+    type Ender = fn(&mut Child);
+    let endings: [(&str, &[&str], &[(&str, &str)], Ender); 5] = [
+        ("count", &["--count", "1"], &[], |_| {}),
+        ("sigint", &[], &[], |c| unsafe {
+            libc::kill(c.id() as i32, libc::SIGINT);
+        }),
+        ("sigterm", &[], &[], |c| unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }),
+        ("panic", &[], &[("LOTRACE_FAULT", "panic-after-attach")], |_| {}),
+        ("kill -9", &[], &[], |c| {
+            c.kill().expect("kill");
+        }),
+    ];
+    for (what, args, env, end) in endings {
+        let mut child = Command::new(BIN)
+            .args(["trace", "--netns", &sb.name, "--format", "json"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        err.read_line(&mut line).expect("read");
+        assert!(line.contains("hooks attached"), "{what}: {line}");
+        assert_eq!(tcx_on_lo(&sb).len(), 2, "{what}: tcx programs attached while running");
+        if what == "count" {
+            sb.netns
+                .run(|| traffic::icmp_echo("127.0.0.1".parse().unwrap(), 0, 0x4d01, 1, Duration::from_secs(2)))
+                .expect("netns")
+                .expect("echo");
+        }
+        end(&mut child);
+        let status = child.wait().expect("wait");
+        let rest = read_all(err).recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        match what {
+            "count" | "sigint" | "sigterm" => assert!(status.success(), "{what}: {status} {rest}"),
+            "panic" => {
+                assert!(!status.success(), "{what}");
+                assert!(rest.contains("lotrace: internal error"), "{what}: {rest}");
+                assert_eq!(rest.lines().count(), 1, "{what}: one line, no backtrace: {rest}");
+            }
+            _ => assert!(!status.success(), "{what}"),
+        }
+        assert!(
+            tcx_on_lo(&sb).is_empty(),
+            "{what}: tcx left on lo: {:?}",
+            tcx_on_lo(&sb)
+        );
+        let left = our_programs_loaded();
+        assert!(left.is_empty(), "{what}: programs left behind: {left:?}");
+    }
 }

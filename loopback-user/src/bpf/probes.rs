@@ -45,63 +45,107 @@ pub struct HookPoint {
     pub kernel_fn: &'static str,
     /// Without it, tracing cannot reconstruct paths at all.
     pub required: bool,
+    /// Fallback program (same body, raw tracepoint) used when the tp_btf attach is refused.
+    pub fallback: Option<&'static str>,
 }
 
-const fn tp(program: &'static str, hook: Option<Hook>, kernel_fn: &'static str, required: bool) -> HookPoint {
+/// A tracepoint hook: program `program` (tp_btf) with its raw tracepoint twin `raw`.
+const fn tp(
+    program: &'static str,
+    raw: &'static str,
+    hook: Option<Hook>,
+    kernel_fn: &'static str,
+    required: bool,
+) -> HookPoint {
     HookPoint {
         program,
         attach: Attach::TpBtf(program),
         hook,
         kernel_fn,
         required,
+        fallback: Some(raw),
     }
 }
 
-/// In path order. fentry and kprobes are deliberately absent: every stage is served by
-/// tracepoints plus the `lo` programs, which work where fentry/kprobes do not (see doctor).
+/// In path order. Fallback chain per tracepoint hook: tp_btf, then its raw tracepoint twin (same
+/// body, untyped arguments). fentry and kprobes are deliberately absent: every stage is served by
+/// tracepoints plus the `lo` programs, which work where fentry/kprobes do not (see doctor), and
+/// fentry would add nothing the tracepoints do not already give.
 pub const PLAN: &[HookPoint] = &[
     tp(
+        "sys_enter",
+        "raw_sys_enter",
+        Some(Hook::AppSend),
+        "syscall entry: sendto/sendmsg/sendmmsg (the sending task)",
+        false,
+    ),
+    tp(
         "fib_table_lookup",
+        "raw_fib_table_lookup",
         Some(Hook::Route),
         "fib_table_lookup (IPv4 route)",
         false,
     ),
     tp(
         "fib6_table_lookup",
+        "raw_fib6_table_lookup",
         Some(Hook::Route),
         "fib6_table_lookup (IPv6 route)",
         false,
     ),
-    tp("net_dev_queue", Some(Hook::DevQueue), "__dev_queue_xmit", true),
+    tp(
+        "net_dev_queue",
+        "raw_net_dev_queue",
+        Some(Hook::DevQueue),
+        "__dev_queue_xmit",
+        true,
+    ),
     HookPoint {
         program: "lo_tc_egress",
         attach: Attach::TcEgressLo,
         hook: Some(Hook::TcEgress),
         kernel_fn: "sch_handle_egress (tcx)",
         required: false,
+        fallback: None,
     },
     tp(
         "net_dev_start_xmit",
+        "raw_net_dev_start_xmit",
         Some(Hook::Xmit),
         "dev_hard_start_xmit -> loopback_xmit",
         true,
     ),
     tp(
         "netif_rx",
+        "raw_netif_rx",
         Some(Hook::BacklogEnqueue),
         "netif_rx_internal -> enqueue_to_backlog",
         true,
     ),
-    tp("softirq_raise", None, "__raise_softirq_irqoff (NET_RX)", false),
+    tp(
+        "softirq_raise",
+        "raw_softirq_raise",
+        None,
+        "__raise_softirq_irqoff (NET_RX)",
+        false,
+    ),
     tp(
         "net_dev_xmit",
+        "raw_net_dev_xmit",
         Some(Hook::XmitDone),
         "dev_hard_start_xmit (after loopback_xmit)",
         true,
     ),
-    tp("softirq_entry", None, "handle_softirqs -> net_rx_action", false),
+    tp(
+        "softirq_entry",
+        "raw_softirq_entry",
+        None,
+        "handle_softirqs -> net_rx_action",
+        false,
+    ),
     tp(
         "netif_receive_skb",
+        "raw_netif_receive_skb",
         Some(Hook::Receive),
         "process_backlog -> __netif_receive_skb_core",
         true,
@@ -112,6 +156,7 @@ pub const PLAN: &[HookPoint] = &[
         hook: Some(Hook::Xdp),
         kernel_fn: "do_xdp_generic",
         required: false,
+        fallback: None,
     },
     HookPoint {
         program: "lo_tc_ingress",
@@ -119,27 +164,43 @@ pub const PLAN: &[HookPoint] = &[
         hook: Some(Hook::TcIngress),
         kernel_fn: "sch_handle_ingress (tcx)",
         required: false,
+        fallback: None,
     },
     tp(
         "sk_data_ready",
+        "raw_sk_data_ready",
         Some(Hook::SockQueue),
         "sock_def_readable (queued to the socket)",
         false,
     ),
     tp(
         "skb_copy_datagram_iovec",
+        "raw_skb_copy_datagram_iovec",
         Some(Hook::CopyToUser),
         "skb_copy_datagram_iter (recvmsg)",
         false,
     ),
     tp(
         "sock_recv_length",
+        "raw_sock_recv_length",
         Some(Hook::AppRecv),
         "sock_recvmsg returns (application read)",
         false,
     ),
-    tp("kfree_skb", Some(Hook::Free), "kfree_skb_reason (drop)", true),
-    tp("consume_skb", Some(Hook::Consume), "consume_skb (normal free)", true),
+    tp(
+        "kfree_skb",
+        "raw_kfree_skb",
+        Some(Hook::Free),
+        "kfree_skb_reason (drop)",
+        true,
+    ),
+    tp(
+        "consume_skb",
+        "raw_consume_skb",
+        Some(Hook::Consume),
+        "consume_skb (normal free)",
+        true,
+    ),
 ];
 
 #[cfg(test)]
@@ -160,5 +221,10 @@ mod tests {
         names.sort();
         names.dedup();
         assert_eq!(names.len(), PLAN.len(), "program names are unique");
+        for hp in PLAN {
+            if let (Attach::TpBtf(tp), Some(raw)) = (hp.attach, hp.fallback) {
+                assert_eq!(raw, format!("raw_{tp}"), "fallback twin of {tp}");
+            }
+        }
     }
 }

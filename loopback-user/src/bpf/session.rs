@@ -7,7 +7,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions},
+    programs::{
+        BtfTracePoint, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions,
+    },
 };
 use loopback_common::{DEFAULT_RING_BYTES, KernelOffsets, LOOPBACK_IFINDEX, counter};
 use serde::Serialize;
@@ -28,6 +30,9 @@ pub struct SessionOptions {
     /// (`do_xdp_generic` -> `skb_cow_data_for_xdp`), which costs a copy per packet and can drop a
     /// packet when that copy fails. tcx ingress sees the same bytes without touching the skb.
     pub xdp: bool,
+    /// Attach the raw tracepoint twins instead of tp_btf (what lotrace falls back to per hook
+    /// when tp_btf is refused; forcing it tests that path and helps with a broken tp_btf).
+    pub raw_tp: bool,
 }
 
 impl SessionOptions {
@@ -36,6 +41,7 @@ impl SessionOptions {
             netns,
             ring_bytes: DEFAULT_RING_BYTES,
             xdp: false,
+            raw_tp: false,
         }
     }
 }
@@ -47,6 +53,10 @@ pub struct AttachOutcome {
     pub kind: &'static str,
     pub target: String,
     pub attached: bool,
+    /// The program actually attached (the raw tracepoint twin after a fallback).
+    pub used: &'static str,
+    /// Why the preferred attach type was not used, when a fallback was.
+    pub fallback_reason: Option<String>,
     /// False for hooks left out on purpose (XDP without `--xdp`): not a failure.
     pub requested: bool,
     pub error: Option<String>,
@@ -190,6 +200,7 @@ impl Session {
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
             .override_global("TARGET_NETNS", &opts.netns.inode, true)
+            .override_global("SEND_SYSCALLS", &send_syscalls(), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(obj)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", explain(&e, "load")))?;
@@ -201,13 +212,30 @@ impl Session {
                     kind: hp.attach.kind(),
                     target: hp.attach.target(),
                     attached: false,
+                    used: hp.program,
+                    fallback_reason: None,
                     requested: false,
                     error: Some("not requested (--xdp): generic XDP would make the kernel copy every lo packet".into()),
                 });
                 continue;
             }
-            let res = attach_one(&mut ebpf, hp, &btf, &opts.netns);
-            let error = res.as_ref().err().map(|e| explain(e.as_ref(), hp.attach.kind()));
+            // Fallback chain: tp_btf, then the raw tracepoint twin.
+            let (mut kind, mut used) = (hp.attach.kind(), hp.program);
+            let mut fallback_reason = None;
+            let first = if opts.raw_tp && hp.fallback.is_some() {
+                Err("raw tracepoints requested (--raw-tp)".to_string())
+            } else {
+                attach_one(&mut ebpf, hp, &btf, &opts.netns).map_err(|e| explain(e.as_ref(), hp.attach.kind()))
+            };
+            let res = match (first, hp.fallback, hp.attach) {
+                (Err(why), Some(raw), Attach::TpBtf(tp)) => {
+                    (kind, used) = ("raw_tracepoint", raw);
+                    fallback_reason = Some(why);
+                    attach_raw(&mut ebpf, raw, tp).map_err(|e| explain(e.as_ref(), "raw_tracepoint"))
+                }
+                (r, _, _) => r,
+            };
+            let error = res.err();
             if let Some(err) = &error
                 && hp.required
             {
@@ -215,9 +243,11 @@ impl Session {
             }
             outcomes.push(AttachOutcome {
                 program: hp.program,
-                kind: hp.attach.kind(),
+                kind,
                 target: hp.attach.target(),
                 attached: error.is_none(),
+                used,
+                fallback_reason,
                 requested: true,
                 error,
             });
@@ -259,7 +289,27 @@ impl Session {
     }
 }
 
+/// sendto, sendmsg, sendmmsg on the host architecture (unused slots: u64::MAX).
+pub fn send_syscalls() -> [u64; loopback_common::SEND_SYSCALL_SLOTS] {
+    let mut nrs = [u64::MAX; loopback_common::SEND_SYSCALL_SLOTS];
+    let ours = [libc::SYS_sendto, libc::SYS_sendmsg, libc::SYS_sendmmsg];
+    for (slot, nr) in nrs.iter_mut().zip(ours) {
+        *slot = nr as u64;
+    }
+    nrs
+}
+
 type DynErr = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+fn attach_raw(ebpf: &mut Ebpf, program: &str, tp: &str) -> Result<(), DynErr> {
+    let prog = ebpf
+        .program_mut(program)
+        .ok_or_else(|| format!("program {program} missing from the eBPF object"))?;
+    let p: &mut RawTracePoint = prog.try_into()?;
+    p.load()?;
+    p.attach(tp)?;
+    Ok(())
+}
 
 fn attach_one(ebpf: &mut Ebpf, hp: &HookPoint, btf: &aya::Btf, netns: &Netns) -> Result<(), DynErr> {
     let prog = ebpf
