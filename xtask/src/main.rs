@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask setup | build | run -- ARGS | test`.
+//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench`.
 //! Every task first makes sure the toolchain pieces exist (rust-src, bpf-linker built against the
 //! LLVM inside the installed rustc), installing them when missing; quick when already there.
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
 };
+
+mod bench;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
@@ -29,6 +31,15 @@ enum Cmd {
     },
     /// Run every test: unit tests, then the privileged tests (root, one thread).
     Test,
+    /// Benchmarks (root): traced vs untraced workloads and bpftrace, as ratios; reconstruction speed.
+    Bench {
+        /// Repetitions of every (workload, mode) pair.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Seconds per workload run.
+        #[arg(long, default_value_t = 3)]
+        secs: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -38,6 +49,13 @@ fn main() -> ExitCode {
         Cmd::Build => setup().and_then(|_| build()),
         Cmd::Run { args } => setup().and_then(|_| build()).and_then(|_| run(&args)),
         Cmd::Test => setup().and_then(|_| test()),
+        Cmd::Bench { reps, secs } => {
+            if !is_root() {
+                eprintln!("xtask: bench needs root (it loads lotrace and bpftrace): run `sudo -E cargo xtask bench`");
+                return ExitCode::FAILURE;
+            }
+            setup().and_then(|_| build()).and_then(|_| bench::bench(&root(), reps, secs))
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,493 @@
+//! `cargo xtask bench`: the traced workload's cost, as ratios against an untraced baseline
+//! measured in the same run (never absolute targets). Workloads run on 127.0.0.1 inside a
+//! throwaway network namespace; modes are interleaved per repetition so drift hits all alike.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// The tracepoints lotrace attaches (see loopback-user/src/bpf/probes.rs), as bpftrace names them.
+const TRACEPOINTS: &[&str] = &[
+    "raw_syscalls:sys_enter",
+    "fib:fib_table_lookup",
+    "fib6:fib6_table_lookup",
+    "net:net_dev_queue",
+    "net:net_dev_start_xmit",
+    "net:netif_rx",
+    "irq:softirq_raise",
+    "net:net_dev_xmit",
+    "irq:softirq_entry",
+    "net:netif_receive_skb",
+    "sock:sk_data_ready",
+    "skb:skb_copy_datagram_iovec",
+    "sock:sock_recv_length",
+    "skb:kfree_skb",
+    "skb:consume_skb",
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Mode {
+    Untraced,
+    Lotrace,
+    Bpftrace,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Workload {
+    /// sockperf UDP ping-pong, client and server pinned to one CPU: median latency (us).
+    PingPong,
+    /// sockperf one-way UDP stream of 64-byte messages: message rate (msg/s).
+    UdpStream,
+    /// iperf3 TCP bulk transfer: throughput (Gbit/s).
+    TcpBulk,
+}
+
+impl Workload {
+    fn name(&self) -> &'static str {
+        match self {
+            Workload::PingPong => "UDP ping-pong p50 latency (us), 1 CPU",
+            Workload::UdpStream => "UDP one-way 64 B message rate (msg/s)",
+            Workload::TcpBulk => "TCP bulk throughput (Gbit/s, iperf3)",
+        }
+    }
+    fn target(&self) -> &'static str {
+        match self {
+            Workload::PingPong => "<= 1.25x",
+            Workload::UdpStream => ">= 0.80x",
+            Workload::TcpBulk => ">= 0.90x",
+        }
+    }
+}
+
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Result<Self> {
+        let name = format!("lotrace-bench-{}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns(name);
+        run_ok(Command::new("ip").args(["-n", &ns.0, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0, prog]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run_ok(c: &mut Command) -> Result<()> {
+    let out = c.output().with_context(|| format!("{c:?}"))?;
+    if !out.status.success() {
+        bail!("{c:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Installs the peers (Debian packages) when missing.
+fn ensure_tools() -> Result<()> {
+    let missing: Vec<&str> = [
+        ("sockperf", "sockperf"),
+        ("bpftrace", "bpftrace"),
+        ("iperf3", "iperf3"),
+        ("taskset", "util-linux"),
+    ]
+    .into_iter()
+    .filter(|(bin, _)| !have(bin))
+    .map(|(_, pkg)| pkg)
+    .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask bench: installing {}", missing.join(" "));
+    let st = Command::new("apt-get")
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("apt-get")?;
+    if !st.success() {
+        bail!("apt-get install {} failed", missing.join(" "));
+    }
+    Ok(())
+}
+
+fn read_lines(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in BufReader::new(r).lines().map_while(|l| l.ok()) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// What lotrace said about one run.
+#[derive(Default, Clone, Debug)]
+struct LotraceRun {
+    attach_ms: f64,
+    peak_rss_kib: u64,
+    packets: u64,
+    complete_pct: f64,
+    lost: u64,
+    expired: u64,
+}
+
+enum Tracer {
+    None,
+    Lotrace {
+        child: Child,
+        err: mpsc::Receiver<String>,
+        attach_ms: f64,
+    },
+    Bpftrace {
+        child: Child,
+    },
+}
+
+fn start(mode: Mode, lotrace: &Path, ns: &Netns) -> Result<Tracer> {
+    match mode {
+        Mode::Untraced => Ok(Tracer::None),
+        Mode::Lotrace => {
+            let t0 = Instant::now();
+            let mut child = Command::new(lotrace)
+                .args(["trace", "--netns", &ns.0, "--format", "json"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("start lotrace")?;
+            let err = read_lines(child.stderr.take().expect("stderr"));
+            let first = err
+                .recv_timeout(Duration::from_secs(20))
+                .map_err(|_| anyhow!("lotrace did not start"))?;
+            if !first.contains("hooks attached") {
+                bail!("lotrace did not start: {first}");
+            }
+            Ok(Tracer::Lotrace {
+                child,
+                err,
+                attach_ms: t0.elapsed().as_secs_f64() * 1e3,
+            })
+        }
+        Mode::Bpftrace => {
+            let prog = format!(
+                "{} {{ @[probe] = count(); }}",
+                TRACEPOINTS
+                    .iter()
+                    .map(|t| format!("tracepoint:{t}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            // tracefs is mounted in a private mount namespace only: the host is left as it is.
+            let mut child = Command::new("unshare")
+                .args([
+                    "-m",
+                    "sh",
+                    "-c",
+                    "mount -t tracefs nodev /sys/kernel/tracing && exec bpftrace -e \"$0\"",
+                    &prog,
+                ])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start bpftrace")?;
+            let out = read_lines(child.stdout.take().expect("stdout"));
+            let first = out
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|_| anyhow!("bpftrace did not start"))?;
+            if !first.contains("Attaching") {
+                bail!("bpftrace did not start: {first}");
+            }
+            std::thread::sleep(Duration::from_millis(500)); // attach finishes after the message
+            std::thread::spawn(move || while out.recv().is_ok() {});
+            Ok(Tracer::Bpftrace { child })
+        }
+    }
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
+    match t {
+        Tracer::None => Ok(None),
+        Tracer::Bpftrace { mut child } => {
+            unsafe { libc_kill(child.id() as i32, 2) };
+            child.wait()?;
+            Ok(None)
+        }
+        Tracer::Lotrace {
+            mut child,
+            err,
+            attach_ms,
+        } => {
+            std::thread::sleep(Duration::from_millis(200));
+            let rss = vm_hwm_kib(child.id());
+            unsafe { libc_kill(child.id() as i32, 2) };
+            let st = child.wait()?;
+            let lines: Vec<String> = err.iter().collect();
+            if !st.success() {
+                bail!("lotrace failed: {}", lines.join(" / "));
+            }
+            let last = lines.last().ok_or_else(|| anyhow!("lotrace printed no summary"))?;
+            let v: Value = serde_json::from_str(last).with_context(|| format!("summary: {last}"))?;
+            let s = &v["summary"];
+            Ok(Some(LotraceRun {
+                attach_ms,
+                peak_rss_kib: rss,
+                packets: s["packets"].as_u64().unwrap_or(0),
+                complete_pct: s["complete_pct"].as_f64().unwrap_or(0.0),
+                lost: s["lost_events"].as_u64().unwrap_or(0)
+                    + s["scope_overflow"].as_u64().unwrap_or(0)
+                    + s["undecodable_events"].as_u64().unwrap_or(0),
+                expired: s["expired"].as_u64().unwrap_or(0),
+            }))
+        }
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+fn field_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.split_once(key).map(|(_, r)| r.trim()))
+        .and_then(|r| r.split_whitespace().next())
+}
+
+/// Runs one workload once; returns its metric.
+fn workload(w: Workload, ns: &Netns, secs: u32) -> Result<f64> {
+    let t = secs.to_string();
+    match w {
+        Workload::PingPong | Workload::UdpStream => {
+            let mut server = ns
+                .cmd("taskset")
+                .args(["-c", "0", "sockperf", "sr", "-i", "127.0.0.1", "-p", "11111"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            std::thread::sleep(Duration::from_millis(300));
+            let mode = if w == Workload::PingPong { "pp" } else { "tp" };
+            let out = ns
+                .cmd("taskset")
+                .args([
+                    "-c",
+                    "0",
+                    "sockperf",
+                    mode,
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                    "11111",
+                    "-t",
+                    &t,
+                    "-m",
+                    "64",
+                ])
+                .output();
+            let _ = server.kill();
+            let _ = server.wait();
+            let out = out?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            let v = if w == Workload::PingPong {
+                field_after(&text, "percentile 50.000 =")
+            } else {
+                field_after(&text, "Message Rate is")
+            };
+            v.and_then(|s| s.parse::<f64>().ok())
+                .ok_or_else(|| anyhow!("sockperf {mode}: no result in {text}"))
+        }
+        Workload::TcpBulk => {
+            let mut server = ns
+                .cmd("iperf3")
+                .args(["-s", "-1", "-p", "5201"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            std::thread::sleep(Duration::from_millis(300));
+            let out = ns
+                .cmd("iperf3")
+                .args(["-c", "127.0.0.1", "-p", "5201", "-t", &t, "-J"])
+                .output();
+            let _ = server.wait();
+            let out = out?;
+            let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 -J")?;
+            v["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .map(|b| b / 1e9)
+                .ok_or_else(|| anyhow!("iperf3: no result"))
+        }
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    let n = s.len();
+    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+}
+
+/// Offline reconstruction speed (criterion); returns Melem/s.
+fn criterion(root: &Path) -> Result<f64> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(root)
+        .args([
+            "bench",
+            "-p",
+            "loopback-user",
+            "--bench",
+            "reconstruct",
+            "--",
+            "--noplot",
+        ])
+        .output()
+        .context("cargo bench")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("cargo bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // "thrpt:  [2.7794 Melem/s 2.8509 Melem/s 2.9232 Melem/s]": the middle one is the estimate.
+    let line = text
+        .lines()
+        .find(|l| l.contains("thrpt:"))
+        .ok_or_else(|| anyhow!("no throughput in criterion output"))?;
+    let nums: Vec<(f64, &str)> = line
+        .split('[')
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .chunks(2)
+        .filter_map(|c| Some((c[0].parse::<f64>().ok()?, *c.get(1)?)))
+        .collect();
+    let (v, unit) = nums.get(1).copied().ok_or_else(|| anyhow!("bad throughput line {line}"))?;
+    Ok(match unit.trim_end_matches(']') {
+        "Gelem/s" => v * 1e3,
+        "Melem/s" => v,
+        "Kelem/s" => v / 1e3,
+        _ => v / 1e6,
+    })
+}
+
+pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
+    ensure_tools()?;
+    let lotrace = root.join("target/release/lotrace");
+    eprintln!("xtask bench: offline reconstruction (criterion)...");
+    let recon = criterion(root)?;
+    let ns = Netns::new()?;
+    let workloads = [Workload::PingPong, Workload::UdpStream, Workload::TcpBulk];
+    let modes = [Mode::Untraced, Mode::Lotrace, Mode::Bpftrace];
+    let mut results: BTreeMap<(Workload, Mode), Vec<f64>> = BTreeMap::new();
+    let mut runs: BTreeMap<Workload, Vec<LotraceRun>> = BTreeMap::new();
+    for rep in 0..reps {
+        for w in workloads {
+            for m in modes {
+                eprint!("xtask bench: rep {}/{reps} {w:?} {m:?}... ", rep + 1);
+                let tracer = start(m, &lotrace, &ns)?;
+                let v = workload(w, &ns, secs);
+                let lr = stop(tracer)?;
+                let v = v?;
+                eprintln!("{v:.3}");
+                results.entry((w, m)).or_default().push(v);
+                if let Some(lr) = lr {
+                    runs.entry(w).or_default().push(lr);
+                }
+            }
+        }
+    }
+    let machine = format!(
+        "{} CPUs, kernel {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    let mut t = String::new();
+    t += &format!(
+        "Medians of {reps} interleaved runs of {secs} s each; ratio = traced / untraced ({machine}).\n\n"
+    );
+    t += "| workload | untraced | lotrace | ratio | target | bpftrace (count 15 tp) | ratio |\n";
+    t += "|---|---|---|---|---|---|---|\n";
+    for w in workloads {
+        let m = |mode| median(results.get(&(w, mode)).map(|v| v.as_slice()).unwrap_or(&[]));
+        let (base, lo, bt) = (m(Mode::Untraced), m(Mode::Lotrace), m(Mode::Bpftrace));
+        let fmt = |v: f64| {
+            if v >= 1000.0 {
+                format!("{v:.0}")
+            } else {
+                format!("{v:.2}")
+            }
+        };
+        t += &format!(
+            "| {} | {} | {} | {:.2}x | {} | {} | {:.2}x |\n",
+            w.name(),
+            fmt(base),
+            fmt(lo),
+            lo / base,
+            w.target(),
+            fmt(bt),
+            bt / base
+        );
+    }
+    t += "\n| lotrace, per workload | packets | complete | lost events | expired | peak RSS | start to attached |\n";
+    t += "|---|---|---|---|---|---|---|\n";
+    for w in workloads {
+        let rs = runs.get(&w).cloned().unwrap_or_default();
+        let packets: u64 = rs.iter().map(|r| r.packets).sum();
+        let lost: u64 = rs.iter().map(|r| r.lost).sum();
+        let expired: u64 = rs.iter().map(|r| r.expired).sum();
+        let complete = median(&rs.iter().map(|r| r.complete_pct).collect::<Vec<_>>());
+        let rss = rs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
+        let attach = median(&rs.iter().map(|r| r.attach_ms).collect::<Vec<_>>());
+        t += &format!(
+            "| {} | {packets} | {complete:.1}% | {lost} | {expired} | {:.1} MiB | {attach:.0} ms |\n",
+            w.name(),
+            rss as f64 / 1024.0
+        );
+    }
+    t += &format!(
+        "\nOffline reconstruction (decode + path reconstruction, one core, criterion): {recon:.2} M events/s (target >= 5).\n"
+    );
+    println!("\n{t}");
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("latest.md"), &t)?;
+    eprintln!("xtask bench: table written to target/bench/latest.md");
+    Ok(())
+}
