@@ -89,6 +89,9 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(events.len() as u64));
     g.sample_size(20);
     g.bench_function("udp_lo_events", |b| b.iter(|| replay(&events)));
+    g.bench_function("decode_only", |b| {
+        b.iter(|| events.iter().filter(|e| decode(e).is_ok()).count())
+    });
     g.finish();
 }
 

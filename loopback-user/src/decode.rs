@@ -60,14 +60,74 @@ pub struct RouteInfo {
     pub dev: String,
 }
 
+/// A kernel name (task `comm`, device name): at most 16 bytes, stored inline and `Copy`, so an
+/// event costs no allocation for them. Non-ASCII bytes become '?'.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Name {
+    len: u8,
+    bytes: [u8; NAME_LEN],
+}
+
+impl Name {
+    pub fn from_bytes(b: &[u8]) -> Self {
+        let mut n = Name::default();
+        for (i, &c) in b.iter().take(NAME_LEN).take_while(|&&c| c != 0).enumerate() {
+            n.bytes[i] = if c.is_ascii() { c } else { b'?' };
+            n.len = i as u8 + 1;
+        }
+        n
+    }
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored.
+        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Self {
+        Name::from_bytes(s.as_bytes())
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, o: &&str) -> bool {
+        self.as_str() == *o
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl Serialize for Name {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     pub ts_ns: u64,
     pub skb: u64,
     pub tgid: u32,
     pub tid: u32,
-    pub comm: String,
-    pub ifname: String,
+    pub comm: Name,
+    pub ifname: Name,
     pub ifindex: u32,
     pub cpu: u32,
     pub len: u32,
@@ -103,8 +163,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         skb: raw.skb,
         tgid: (raw.pid_tgid >> 32) as u32,
         tid: raw.pid_tgid as u32,
-        comm: cstr(&raw.comm),
-        ifname: cstr(&raw.ifname),
+        comm: Name::from_bytes(&raw.comm),
+        ifname: Name::from_bytes(&raw.ifname),
         ifindex: raw.ifindex,
         cpu: raw.cpu,
         len: raw.len,

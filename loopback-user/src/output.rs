@@ -1,11 +1,14 @@
 //! Sinks: one JSON object per packet per line, readable text blocks, and the exit summary.
 use std::fmt::Write as _;
 
+use std::net::IpAddr;
+
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
     bpf::session::KernelCounters,
-    decode::proto_name,
+    decode::{Icmp, Name, Tcp, proto_name},
     path::{PacketPath, Stats},
 };
 
@@ -19,53 +22,140 @@ pub fn table_name(id: u32) -> String {
     }
 }
 
-/// The JSON schema documented in the README ("JSON output"). Every key is always present.
-pub fn packet_json(p: &PacketPath) -> Value {
-    let info = p.info.as_ref();
-    let first = p.first_ts();
-    let mut prev = first;
-    let stages: Vec<Value> = p
-        .stages
-        .iter()
-        .map(|s| {
-            let d = s.t_ns.saturating_sub(prev);
-            prev = s.t_ns;
-            json!({
-                "stage": s.stage, "t_ns": s.t_ns, "delta_ns": d, "cpu": s.cpu,
-                "pid": s.pid, "tid": s.tid, "comm": s.comm, "dev": s.dev,
+/// One packet as JSON: the schema documented in the README ("JSON output"). Every key is always
+/// present. Serialized straight from borrowed fields (no intermediate `Value`): this is the hot
+/// path of `trace --format json`.
+#[derive(Serialize)]
+pub struct PacketOut<'a> {
+    id: u64,
+    t_ns: u64,
+    proto: Option<String>,
+    src: Option<IpAddr>,
+    dst: Option<IpAddr>,
+    len: u32,
+    sport: Option<u16>,
+    dport: Option<u16>,
+    icmp: Option<Icmp>,
+    tcp: Option<Tcp>,
+    tx_dev: Option<Name>,
+    rx_dev: Option<Name>,
+    left_host: bool,
+    complete: bool,
+    verdict: &'static str,
+    drop_reason: &'a Option<String>,
+    reply_of: Option<u64>,
+    clone_of: Option<u64>,
+    route: Option<RouteOut<'a>>,
+    softirq: Option<SoftirqOut>,
+    latency_ns: u64,
+    stages: Vec<StageOut>,
+}
+
+#[derive(Serialize)]
+pub struct RouteOut<'a> {
+    table: u32,
+    table_name: String,
+    dev: &'a str,
+    dst: IpAddr,
+    src: IpAddr,
+    err: i32,
+}
+
+#[derive(Serialize)]
+pub struct SoftirqOut {
+    cpu: u32,
+    context: &'static str,
+    task: Name,
+    pid: u32,
+    raised: bool,
+    new_run: bool,
+}
+
+#[derive(Serialize)]
+pub struct StageOut {
+    stage: &'static str,
+    t_ns: u64,
+    delta_ns: u64,
+    cpu: u32,
+    pid: u32,
+    tid: u32,
+    comm: Name,
+    dev: Option<Name>,
+}
+
+impl<'a> From<&'a PacketPath> for PacketOut<'a> {
+    fn from(p: &'a PacketPath) -> Self {
+        let info = p.info.as_ref();
+        let first = p.first_ts();
+        let mut prev = first;
+        let stages = p
+            .stages
+            .iter()
+            .map(|s| {
+                let d = s.t_ns.saturating_sub(prev);
+                prev = s.t_ns;
+                StageOut {
+                    stage: s.stage,
+                    t_ns: s.t_ns,
+                    delta_ns: d,
+                    cpu: s.cpu,
+                    pid: s.pid,
+                    tid: s.tid,
+                    comm: s.comm,
+                    dev: s.dev,
+                }
             })
-        })
-        .collect();
-    json!({
-        "id": p.id,
-        "t_ns": first,
-        "proto": info.map(|i| proto_name(i.proto)),
-        "src": info.map(|i| i.src.to_string()),
-        "dst": info.map(|i| i.dst.to_string()),
-        "len": p.len,
-        "sport": info.and_then(|i| i.sport),
-        "dport": info.and_then(|i| i.dport),
-        "icmp": info.and_then(|i| i.icmp),
-        "tcp": info.and_then(|i| i.tcp),
-        "tx_dev": p.tx_dev,
-        "rx_dev": p.rx_dev,
-        "left_host": p.left_host(),
-        "complete": p.complete,
-        "verdict": p.verdict.as_str(),
-        "drop_reason": p.drop_reason,
-        "reply_of": p.reply_of,
-        "clone_of": p.clone_of,
-        "route": p.route.as_ref().map(|r| json!({
-            "table": r.table, "table_name": table_name(r.table), "dev": r.dev,
-            "dst": r.dst.to_string(), "src": r.src.to_string(), "err": r.err,
-        })),
-        "softirq": p.softirq.as_ref().map(|s| json!({
-            "cpu": s.cpu, "context": s.context.as_str(), "task": s.task, "pid": s.pid,
-            "raised": s.raised, "new_run": s.new_run,
-        })),
-        "latency_ns": p.last_ts().saturating_sub(first),
-        "stages": stages,
-    })
+            .collect();
+        PacketOut {
+            id: p.id,
+            t_ns: first,
+            proto: info.map(|i| proto_name(i.proto)),
+            src: info.map(|i| i.src),
+            dst: info.map(|i| i.dst),
+            len: p.len,
+            sport: info.and_then(|i| i.sport),
+            dport: info.and_then(|i| i.dport),
+            icmp: info.and_then(|i| i.icmp),
+            tcp: info.and_then(|i| i.tcp),
+            tx_dev: p.tx_dev,
+            rx_dev: p.rx_dev,
+            left_host: p.left_host(),
+            complete: p.complete,
+            verdict: p.verdict.as_str(),
+            drop_reason: &p.drop_reason,
+            reply_of: p.reply_of,
+            clone_of: p.clone_of,
+            route: p.route.as_ref().map(|r| RouteOut {
+                table: r.table,
+                table_name: table_name(r.table),
+                dev: &r.dev,
+                dst: r.dst,
+                src: r.src,
+                err: r.err,
+            }),
+            softirq: p.softirq.as_ref().map(|s| SoftirqOut {
+                cpu: s.cpu,
+                context: s.context.as_str(),
+                task: s.task,
+                pid: s.pid,
+                raised: s.raised,
+                new_run: s.new_run,
+            }),
+            latency_ns: p.last_ts().saturating_sub(first),
+            stages,
+        }
+    }
+}
+
+/// One JSON line for a packet, written straight to `w`.
+pub fn write_packet_json(w: &mut impl std::io::Write, p: &PacketPath) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *w, &PacketOut::from(p))?;
+    w.write_all(b"\n")
+}
+
+/// The same as a `Value` (tests and callers that post-process).
+pub fn packet_json(p: &PacketPath) -> Value {
+    serde_json::to_value(PacketOut::from(p)).unwrap_or(Value::Null)
 }
 
 pub fn fmt_ns(ns: u64) -> String {
@@ -162,7 +252,7 @@ pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
         if stg.stage == "route"
             && let Some(r) = &p.route
         {
-            extra = format!("table {} dev {}", table_name(r.table), r.dev);
+            extra = format!("table {} dev {}", table_name(r.table), r.dev).as_str().into();
         }
         let _ = writeln!(
             s,

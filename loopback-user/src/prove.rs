@@ -173,8 +173,8 @@ pub fn evaluate(probe: Probe, paths: &[PacketPath]) -> Report {
     let mut rx_devs = BTreeSet::new();
     let mut contexts = BTreeMap::new();
     for p in requests.iter().chain(&replies) {
-        tx_devs.extend(p.tx_dev.clone());
-        rx_devs.extend(p.rx_dev.clone());
+        tx_devs.extend(p.tx_dev.map(|d| d.to_string()));
+        rx_devs.extend(p.rx_dev.map(|d| d.to_string()));
         if let Some(s) = &p.softirq {
             *contexts.entry(s.context.as_str()).or_insert(0) += 1;
         }

@@ -16,7 +16,7 @@ use crate::{
     decode::decode,
     filter::Expr,
     netns::Netns,
-    output::{Summary, TextStyle, packet_json, packet_text, summary_json, summary_text},
+    output::{Summary, TextStyle, packet_text, summary_json, summary_text, write_packet_json},
     path::{PacketPath, Tracker, TrackerConfig},
 };
 
@@ -82,7 +82,7 @@ impl Printer<'_> {
                 continue;
             }
             match self.cfg.format {
-                Format::Json => writeln!(self.out, "{}", packet_json(&p))?,
+                Format::Json => write_packet_json(&mut self.out, &p)?,
                 Format::Text => write!(self.out, "{}", packet_text(&p, &self.style))?,
             }
             self.printed += 1;

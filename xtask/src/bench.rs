@@ -360,7 +360,11 @@ fn median(v: &[f64]) -> f64 {
         return f64::NAN;
     }
     let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
 }
 
 /// Offline reconstruction speed (criterion); returns Melem/s.
@@ -396,7 +400,10 @@ fn criterion(root: &Path) -> Result<f64> {
         .chunks(2)
         .filter_map(|c| Some((c[0].parse::<f64>().ok()?, *c.get(1)?)))
         .collect();
-    let (v, unit) = nums.get(1).copied().ok_or_else(|| anyhow!("bad throughput line {line}"))?;
+    let (v, unit) = nums
+        .get(1)
+        .copied()
+        .ok_or_else(|| anyhow!("bad throughput line {line}"))?;
     Ok(match unit.trim_end_matches(']') {
         "Gelem/s" => v * 1e3,
         "Melem/s" => v,
@@ -439,9 +446,7 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
             .trim()
     );
     let mut t = String::new();
-    t += &format!(
-        "Medians of {reps} interleaved runs of {secs} s each; ratio = traced / untraced ({machine}).\n\n"
-    );
+    t += &format!("Medians of {reps} interleaved runs of {secs} s each; ratio = traced / untraced ({machine}).\n\n");
     t += "| workload | untraced | lotrace | ratio | target | bpftrace (count 15 tp) | ratio |\n";
     t += "|---|---|---|---|---|---|---|\n";
     for w in workloads {

@@ -54,7 +54,9 @@ fn main() -> ExitCode {
                 eprintln!("xtask: bench needs root (it loads lotrace and bpftrace): run `sudo -E cargo xtask bench`");
                 return ExitCode::FAILURE;
             }
-            setup().and_then(|_| build()).and_then(|_| bench::bench(&root(), reps, secs))
+            setup()
+                .and_then(|_| build())
+                .and_then(|_| bench::bench(&root(), reps, secs))
         }
     };
     match r {
