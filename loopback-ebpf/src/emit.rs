@@ -10,6 +10,11 @@ use crate::{
     maps::{EVENTS, count},
 };
 
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const WAKEUP_BYTES: u64 = 256 * 1024;
+
 /// Fills the common header, lets `fill` add the hook-specific part, submits.
 /// A failed reservation is counted as lost (never silent).
 #[inline(always)]
@@ -33,7 +38,14 @@ pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
     e.hdr_kind = hdr_kind::NONE;
     e.hdr_len = 0;
     fill(e);
-    entry.submit(0);
+    // Batched wake-ups: waking the reader costs the traced task an irq_work per event when the
+    // reader keeps up. Wake it only once 256 KiB are waiting; it also drains on a 10 ms timer.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags);
 }
 
 /// Copies `HDR_CAP` bytes of packet header starting at kernel address `src`.

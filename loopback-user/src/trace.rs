@@ -170,6 +170,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = cfg.duration.map(|d| Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
     let mut undecodable = 0u64;
 
     loop {
@@ -184,6 +185,11 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), &mut tracker, &mut printer, &mut undecodable)?;
                 guard.clear_ready();
+            }
+            _ = drain_tick.tick() => {
+                // The kernel wakes this reader only per 256 KiB (batched wake-ups); the rest is
+                // picked up here.
+                drain(ring.get_mut(), &mut tracker, &mut printer, &mut undecodable)?;
             }
             _ = tick.tick() => {
                 printer.print_all(tracker.expire(monotonic_ns()))?;
