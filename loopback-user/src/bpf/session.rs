@@ -196,6 +196,9 @@ impl Session {
                     .collect()
             })
             .unwrap_or_default();
+        // Free btf-rs's parse before aya parses the same BTF: the two together set the process's
+        // peak memory.
+        drop(kbtf);
         let btf = aya::Btf::from_sys_fs().context("parsing kernel BTF for tp_btf programs")?;
         let mut ebpf = EbpfLoader::new()
             .override_global("OFFSETS", &offsets, true)
