@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
-    bpf::session::KernelCounters,
+    bpf::session::{KernelCounters, ProgramCost},
     decode::{Icmp, Name, Tcp, proto_name},
     path::{PacketPath, Stats},
 };
@@ -286,6 +286,22 @@ pub struct Summary {
     pub printed: u64,
     pub kernel: KernelCounters,
     pub undecodable: u64,
+    /// Kernel-side cost per program (BPF run-time statistics).
+    pub costs: Vec<ProgramCost>,
+    /// Why there are no costs (the kernel refused statistics).
+    pub costs_unavailable: Option<String>,
+}
+
+fn costs_json(costs: &[ProgramCost]) -> Value {
+    Value::Array(
+        costs
+            .iter()
+            .map(|c| {
+                json!({"program": c.program, "runs": c.runs, "total_ns": c.total_ns,
+                       "ns_per_run": c.total_ns.checked_div(c.runs).unwrap_or(0)})
+            })
+            .collect(),
+    )
 }
 
 pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
@@ -315,6 +331,8 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
             "in_flight_at_end": stats.in_flight_at_end,
             "softirq_context": stats.by_context,
             "stage_latency": stages,
+            "bpf_programs": costs_json(&sum.costs),
+            "bpf_stats_unavailable": sum.costs_unavailable,
         }
     })
 }
@@ -362,6 +380,33 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     if !stats.by_context.is_empty() {
         let c: Vec<String> = stats.by_context.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(s, "    softirq context: {}", c.join(", "));
+    }
+    if let Some(why) = &sum.costs_unavailable {
+        let _ = writeln!(s, "    kernel cost: not measured ({why})");
+    }
+    if !sum.costs.is_empty() {
+        let runs: u64 = sum.costs.iter().map(|c| c.runs).sum();
+        let ns: u64 = sum.costs.iter().map(|c| c.total_ns).sum();
+        let mut top = sum.costs.clone();
+        top.sort_by_key(|c| std::cmp::Reverse(c.total_ns));
+        let top: Vec<String> = top
+            .iter()
+            .take(3)
+            .map(|c| {
+                format!(
+                    "{} {}/run",
+                    c.program,
+                    fmt_ns(c.total_ns.checked_div(c.runs).unwrap_or(0))
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            s,
+            "    kernel cost: {runs} program runs, {} in total ({}/run); most: {}",
+            fmt_ns(ns),
+            fmt_ns(ns.checked_div(runs).unwrap_or(0)),
+            top.join(", ")
+        );
     }
     if !stats.stage_latency.is_empty() {
         let _ = writeln!(s, "    stage (from previous)     count        p50        p99");
@@ -459,8 +504,27 @@ mod tests {
                 ..Default::default()
             },
             undecodable: 0,
+            costs: vec![
+                ProgramCost {
+                    program: "net_dev_queue",
+                    runs: 10,
+                    total_ns: 1_500,
+                },
+                ProgramCost {
+                    program: "consume_skb",
+                    runs: 10,
+                    total_ns: 500,
+                },
+            ],
+            costs_unavailable: None,
         };
         let s = summary_text(&stats, &sum);
+        assert!(
+            s.contains("kernel cost: 20 program runs, 2.0us in total (100ns/run); most: net_dev_queue 150ns/run"),
+            "{s}"
+        );
+        let j = summary_json(&stats, &sum);
+        assert_eq!(j["summary"]["bpf_programs"][0]["ns_per_run"], 150);
         assert!(
             s.contains("3 packets") && s.contains("lost events: 7") && s.contains("drops: none"),
             "{s}"

@@ -211,6 +211,8 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         printed: printer.printed,
         kernel: session.counters()?,
         undecodable,
+        costs: session.program_costs(),
+        costs_unavailable: session.stats_error.clone(),
     };
     match printer.cfg.format {
         Format::Json => eprintln!("{}", summary_json(&tracker.stats, &summary)),

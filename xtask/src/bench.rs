@@ -154,6 +154,8 @@ struct LotraceRun {
     complete_pct: f64,
     lost: u64,
     expired: u64,
+    /// Kernel time of all lotrace programs (BPF run-time stats), per reconstructed packet.
+    kernel_ns_per_packet: f64,
 }
 
 enum Tracer {
@@ -272,6 +274,13 @@ fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
                     + s["scope_overflow"].as_u64().unwrap_or(0)
                     + s["undecodable_events"].as_u64().unwrap_or(0),
                 expired: s["expired"].as_u64().unwrap_or(0),
+                kernel_ns_per_packet: {
+                    let total: u64 = s["bpf_programs"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|p| p["total_ns"].as_u64()).sum())
+                        .unwrap_or(0);
+                    total as f64 / s["packets"].as_u64().unwrap_or(1).max(1) as f64
+                },
             }))
         }
     }
@@ -470,8 +479,8 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
             bt / base
         );
     }
-    t += "\n| lotrace, per workload | packets | complete | lost events | expired | peak RSS | start to attached |\n";
-    t += "|---|---|---|---|---|---|---|\n";
+    t += "\n| lotrace, per workload | packets | complete | lost events | expired | kernel time per packet | peak RSS | start to attached |\n";
+    t += "|---|---|---|---|---|---|---|---|\n";
     for w in workloads {
         let rs = runs.get(&w).cloned().unwrap_or_default();
         let packets: u64 = rs.iter().map(|r| r.packets).sum();
@@ -480,8 +489,9 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
         let complete = median(&rs.iter().map(|r| r.complete_pct).collect::<Vec<_>>());
         let rss = rs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
         let attach = median(&rs.iter().map(|r| r.attach_ms).collect::<Vec<_>>());
+        let kns = median(&rs.iter().map(|r| r.kernel_ns_per_packet).collect::<Vec<_>>());
         t += &format!(
-            "| {} | {packets} | {complete:.1}% | {lost} | {expired} | {:.1} MiB | {attach:.0} ms |\n",
+            "| {} | {packets} | {complete:.1}% | {lost} | {expired} | {kns:.0} ns | {:.1} MiB | {attach:.0} ms |\n",
             w.name(),
             rss as f64 / 1024.0
         );

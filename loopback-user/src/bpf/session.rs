@@ -73,8 +73,20 @@ pub struct KernelCounters {
     pub read_failed: u64,
 }
 
+/// Kernel-side cost of one attached program (BPF_STATS_RUN_TIME, enabled while tracing).
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ProgramCost {
+    pub program: &'static str,
+    pub runs: u64,
+    pub total_ns: u64,
+}
+
 pub struct Session {
     pub ebpf: Ebpf,
+    /// Holds kernel BPF run-time statistics on while the session lives (None if refused).
+    stats_fd: Option<std::os::fd::OwnedFd>,
+    /// Why the kernel refused run-time statistics, if it did.
+    pub stats_error: Option<String>,
     pub outcomes: Vec<AttachOutcome>,
     pub drop_reasons: HashMap<u64, String>,
     pub netns: Netns,
@@ -255,8 +267,16 @@ impl Session {
                 error,
             });
         }
+        // Run time and count per program, for the exit summary (the kernel keeps counting only
+        // while some fd holds stats on; a few ns per program run).
+        let (stats_fd, stats_error) = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+            Ok(fd) => (Some(fd), None),
+            Err(e) => (None, Some(explain(&e, "stats"))),
+        };
         Ok(Self {
             ebpf,
+            stats_fd,
+            stats_error,
             outcomes,
             drop_reasons,
             netns: opts.netns.clone(),
@@ -283,6 +303,25 @@ impl Session {
             scope_full: sum(counter::SCOPE_FULL)?,
             read_failed: sum(counter::READ_FAILED)?,
         })
+    }
+
+    /// Run count and time of every attached program (empty when the kernel refused statistics).
+    pub fn program_costs(&self) -> Vec<ProgramCost> {
+        if self.stats_fd.is_none() {
+            return Vec::new();
+        }
+        self.outcomes
+            .iter()
+            .filter(|o| o.attached)
+            .filter_map(|o| {
+                let info = self.ebpf.program(o.used)?.info().ok()?;
+                Some(ProgramCost {
+                    program: o.used,
+                    runs: info.run_count(),
+                    total_ns: info.run_time().as_nanos() as u64,
+                })
+            })
+            .collect()
     }
 
     /// Hook points that could not be attached (optional ones; required ones abort `open`).
