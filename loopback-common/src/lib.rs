@@ -144,7 +144,7 @@ pub struct RawEvent {
 
 pub const RAW_EVENT_SIZE: usize = core::mem::size_of::<RawEvent>();
 const _: () = assert!(RAW_EVENT_SIZE == 184);
-const _: () = assert!(RAW_EVENT_SIZE % 8 == 0);
+const _: () = assert!(RAW_EVENT_SIZE.is_multiple_of(8));
 
 /// Kernel struct member offsets, read from the running kernel's BTF at load time and written
 /// into the programs' read-only data. `u32::MAX` would mean "unknown"; the loader refuses to load

@@ -248,7 +248,7 @@ pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
     for stg in &p.stages {
         let d = stg.t_ns.saturating_sub(prev);
         prev = stg.t_ns;
-        let mut extra = stg.dev.clone().unwrap_or_default();
+        let mut extra = stg.dev.unwrap_or_default();
         if stg.stage == "route"
             && let Some(r) = &p.route
         {

@@ -52,6 +52,21 @@ pub struct Stage {
     pub dev: Option<Name>,
 }
 
+impl Stage {
+    /// The stage an event marks, taken from the event itself.
+    pub fn of(e: &Event, dev: Option<Name>) -> Self {
+        Stage {
+            stage: stage_name(e.hook),
+            t_ns: e.ts_ns,
+            cpu: e.cpu,
+            pid: e.tgid,
+            tid: e.tid,
+            comm: e.comm,
+            dev,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SoftirqContext {
     /// Run by the sending task itself when it re-enabled bottom halves (`__local_bh_enable_ip`).
@@ -167,7 +182,7 @@ impl PacketPath {
 }
 
 /// Totals for the exit summary.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Stats {
     pub packets: u64,
     pub complete: u64,
@@ -179,21 +194,6 @@ pub struct Stats {
     /// Per stage: latency from the previous stage, in ns.
     pub stage_latency: BTreeMap<&'static str, Histogram<u64>>,
     pub by_context: BTreeMap<&'static str, u64>,
-}
-
-impl Default for Stats {
-    fn default() -> Self {
-        Self {
-            packets: 0,
-            complete: 0,
-            expired: 0,
-            in_flight_at_end: 0,
-            drops: BTreeMap::new(),
-            unlinked_lo_events: 0,
-            stage_latency: BTreeMap::new(),
-            by_context: BTreeMap::new(),
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -317,15 +317,7 @@ impl Tracker {
         self.release_clone_waiters(e.ts_ns, &mut done);
         if e.hook == Hook::Route {
             if let Some(r) = e.route.clone() {
-                let st = Stage {
-                    stage: stage_name(Hook::Route),
-                    t_ns: e.ts_ns,
-                    cpu: e.cpu,
-                    pid: e.tgid,
-                    tid: e.tid,
-                    comm: e.comm.clone(),
-                    dev: (!r.dev.is_empty()).then(|| Name::from(r.dev.as_str())),
-                };
+                let st = Stage::of(&e, (!r.dev.is_empty()).then(|| Name::from(r.dev.as_str())));
                 self.last_route.insert(e.tid, (st, r));
             }
             return done;
@@ -335,16 +327,7 @@ impl Tracker {
             return done;
         }
         if e.hook == Hook::AppSend {
-            let st = Stage {
-                stage: stage_name(Hook::AppSend),
-                t_ns: e.ts_ns,
-                cpu: e.cpu,
-                pid: e.tgid,
-                tid: e.tid,
-                comm: e.comm.clone(),
-                dev: None,
-            };
-            self.last_send.insert(e.tid, st);
+            self.last_send.insert(e.tid, Stage::of(&e, None));
             return done;
         }
         if e.skb == 0 {
@@ -407,23 +390,15 @@ impl Tracker {
             p.len = e.len;
         }
         match e.hook {
-            Hook::Xmit => p.tx_dev = dev.clone(),
-            Hook::DevQueue if p.tx_dev.is_none() => p.tx_dev = dev.clone(),
+            Hook::Xmit => p.tx_dev = dev,
+            Hook::DevQueue if p.tx_dev.is_none() => p.tx_dev = dev,
             Hook::Receive => {
-                p.rx_dev = dev.clone();
+                p.rx_dev = dev;
                 p.receive_arg = Some((e.arg0, e.arg1));
             }
             _ => {}
         }
-        p.stages.push(Stage {
-            stage: stage_name(e.hook),
-            t_ns: e.ts_ns,
-            cpu: e.cpu,
-            pid: e.tgid,
-            tid: e.tid,
-            comm: e.comm.clone(),
-            dev,
-        });
+        p.stages.push(Stage::of(&e, dev));
         match e.hook {
             Hook::Consume => self.finish(p, Verdict::Consumed, &mut done),
             Hook::LeftNetns => self.finish(p, Verdict::LeftNetns, &mut done),
@@ -467,15 +442,7 @@ impl Tracker {
         };
         while let Some(skb) = q.pop_front() {
             if let Some(mut p) = self.inflight.remove(&skb) {
-                p.stages.push(Stage {
-                    stage: stage_name(Hook::AppRecv),
-                    t_ns: e.ts_ns,
-                    cpu: e.cpu,
-                    pid: e.tgid,
-                    tid: e.tid,
-                    comm: e.comm.clone(),
-                    dev: None,
-                });
+                p.stages.push(Stage::of(e, None));
                 if q.is_empty() {
                     self.sock_queues.remove(&e.arg0);
                 }
@@ -619,7 +586,7 @@ impl Tracker {
             cpu: recv.cpu,
             pid: recv.pid,
             tid: recv.tid,
-            comm: recv.comm.clone(),
+            comm: recv.comm,
             dev: None,
         };
         if raised {
@@ -634,7 +601,7 @@ impl Tracker {
         p.softirq = Some(Softirq {
             cpu: recv.cpu,
             context,
-            task: recv.comm.clone(),
+            task: recv.comm,
             pid: recv.pid,
             raised,
             new_run,

@@ -203,7 +203,7 @@ fn judge(r: &Report) -> (Verdict, Vec<String>) {
     let route_dev = req.and_then(|p| p.route.as_ref()).map(|rt| rt.dev.clone());
     // 1. Anything that left through another device disproves it, whatever came back.
     if let Some(p) = r.requests.iter().chain(&r.replies).find(|p| p.left_host()) {
-        let dev = p.tx_dev.clone().unwrap_or_default();
+        let dev = p.tx_dev.unwrap_or_default();
         let what = if is_request(p) { "request" } else { "reply" };
         let mut ev = vec![format!(
             "the echo {what} was transmitted on {dev}, not lo: it left the host through {dev}"

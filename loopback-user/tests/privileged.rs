@@ -136,7 +136,7 @@ fn lo_tx_packets(sb: &Sandbox) -> u64 {
     v[0]["stats64"]["tx"]["packets"].as_u64().expect("tx packets")
 }
 
-fn find_echo<'a>(ps: &'a [Value], ty: u64, id: u16) -> &'a Value {
+fn find_echo(ps: &[Value], ty: u64, id: u16) -> &Value {
     ps.iter()
         .find(|p| p["icmp"]["type"] == ty && p["icmp"]["id"] == id && p["clone_of"].is_null())
         .unwrap_or_else(|| panic!("no ICMP type {ty} id {id} in {ps:#?}"))
