@@ -248,12 +248,10 @@ pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
     for stg in &p.stages {
         let d = stg.t_ns.saturating_sub(prev);
         prev = stg.t_ns;
-        let mut extra = stg.dev.unwrap_or_default();
-        if stg.stage == "route"
-            && let Some(r) = &p.route
-        {
-            extra = format!("table {} dev {}", table_name(r.table), r.dev).as_str().into();
-        }
+        let extra = match &p.route {
+            Some(r) if stg.stage == "route" => format!("table {} dev {}", table_name(r.table), r.dev),
+            _ => stg.dev.map(|d| d.to_string()).unwrap_or_default(),
+        };
         let _ = writeln!(
             s,
             "    +{:<9} {:<16} cpu{:<3} {}/{:<8} {}",
@@ -429,7 +427,10 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
-    use crate::path::{Tracker, TrackerConfig, tests::raw_ping_sequence};
+    use crate::{
+        decode::RouteInfo,
+        path::{Stage, Tracker, TrackerConfig, tests::raw_ping_sequence},
+    };
 
     fn paths() -> (Vec<PacketPath>, Stats) {
         let mut t = Tracker::new(TrackerConfig::default(), HashMap::from([(2, "NO_SOCKET".into())]));
@@ -497,6 +498,24 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains('\x1b'), "no colour when not asked");
+        // The route stage names table and device in full (longer than a 16-byte kernel name).
+        let mut routed = ps[0].clone();
+        routed.stages.insert(
+            0,
+            Stage {
+                stage: "route",
+                ..routed.stages[0].clone()
+            },
+        );
+        routed.route = Some(RouteInfo {
+            dst: "127.0.0.1".parse().unwrap(),
+            src: "127.0.0.1".parse().unwrap(),
+            table: 254,
+            err: 0,
+            dev: "lo".into(),
+        });
+        let t = packet_text(&routed, &st);
+        assert!(t.contains("table main dev lo\n"), "{t}");
         let sum = Summary {
             printed: 3,
             kernel: KernelCounters {
