@@ -107,6 +107,11 @@ pub fn usage(e: impl std::fmt::Display) -> anyhow::Error {
     UsageError(e.to_string()).into()
 }
 
+/// `--netns NAME|PATH`, resolved; a bad one is a usage error.
+fn given_netns(spec: Option<String>) -> Result<Option<Netns>> {
+    spec.as_deref().map(Netns::resolve).transpose().map_err(usage)
+}
+
 pub async fn dispatch(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Doctor { json } => {
@@ -133,8 +138,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             raw_tp,
         } => {
             let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
-            let netns = match netns.as_deref() {
-                Some(spec) => Netns::resolve(spec).map_err(usage)?,
+            let netns = match given_netns(netns)? {
+                Some(n) => n,
                 None => Netns::current()?,
             };
             trace::run(TraceConfig {
@@ -157,10 +162,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             count,
             format,
         } => {
-            let netns = match netns.as_deref() {
-                Some(spec) => Some(Netns::resolve(spec).map_err(usage)?),
-                None => None,
-            };
+            let netns = given_netns(netns)?;
             let cfg = prove::ProveConfig {
                 targets: target,
                 netns,

@@ -83,29 +83,33 @@ pub struct StageOut {
     dev: Option<Name>,
 }
 
+/// A packet's stages with their deltas, as they appear in every JSON output.
+pub fn stages_out(p: &PacketPath) -> Vec<StageOut> {
+    let mut prev = p.first_ts();
+    p.stages
+        .iter()
+        .map(|s| {
+            let d = s.t_ns.saturating_sub(prev);
+            prev = s.t_ns;
+            StageOut {
+                stage: s.stage,
+                t_ns: s.t_ns,
+                delta_ns: d,
+                cpu: s.cpu,
+                pid: s.pid,
+                tid: s.tid,
+                comm: s.comm,
+                dev: s.dev,
+            }
+        })
+        .collect()
+}
+
 impl<'a> From<&'a PacketPath> for PacketOut<'a> {
     fn from(p: &'a PacketPath) -> Self {
         let info = p.info.as_ref();
         let first = p.first_ts();
-        let mut prev = first;
-        let stages = p
-            .stages
-            .iter()
-            .map(|s| {
-                let d = s.t_ns.saturating_sub(prev);
-                prev = s.t_ns;
-                StageOut {
-                    stage: s.stage,
-                    t_ns: s.t_ns,
-                    delta_ns: d,
-                    cpu: s.cpu,
-                    pid: s.pid,
-                    tid: s.tid,
-                    comm: s.comm,
-                    dev: s.dev,
-                }
-            })
-            .collect();
+        let stages = stages_out(p);
         PacketOut {
             id: p.id,
             t_ns: first,

@@ -244,13 +244,13 @@ pub struct Tracker {
     pub stats: Stats,
 }
 
-fn is_echo_request(p: &PacketInfo) -> bool {
+pub fn is_echo_request(p: &PacketInfo) -> bool {
     matches!(
         (p.proto, p.icmp.map(|i| i.ty)),
         (PROTO_ICMP, Some(8)) | (PROTO_ICMPV6, Some(128))
     )
 }
-fn is_echo_reply(p: &PacketInfo) -> bool {
+pub fn is_echo_reply(p: &PacketInfo) -> bool {
     matches!(
         (p.proto, p.icmp.map(|i| i.ty)),
         (PROTO_ICMP, Some(0)) | (PROTO_ICMPV6, Some(129))

@@ -18,11 +18,10 @@ use serde_json::{Value, json};
 use crate::{
     bpf::session::{Session, SessionOptions, privileges},
     cli::usage,
-    decode::{PROTO_ICMP, PROTO_ICMPV6, decode},
     netns::{Netns, Sandbox, list_named},
-    output::{fmt_ns, table_name},
-    path::{PacketPath, SoftirqContext, Tracker, TrackerConfig},
-    trace::Format,
+    output::{fmt_ns, stages_out, table_name},
+    path::{PacketPath, SoftirqContext, Tracker, TrackerConfig, is_echo_reply, is_echo_request},
+    trace::{Format, pump},
     traffic::{EchoError, icmp_echo},
 };
 
@@ -149,24 +148,19 @@ impl Report {
     }
 }
 
-fn icmp_type(p: &PacketPath) -> Option<(u8, u8, u16)> {
-    let i = p.info.as_ref()?;
-    let ic = i.icmp?;
-    matches!(i.proto, PROTO_ICMP | PROTO_ICMPV6).then_some((i.proto, ic.ty, ic.id))
-}
-
 fn is_request(p: &PacketPath) -> bool {
-    matches!(icmp_type(p), Some((PROTO_ICMP, 8, _)) | Some((PROTO_ICMPV6, 128, _)))
+    p.info.as_ref().is_some_and(is_echo_request)
 }
 
 fn is_reply(p: &PacketPath) -> bool {
-    matches!(icmp_type(p), Some((PROTO_ICMP, 0, _)) | Some((PROTO_ICMPV6, 129, _)))
+    p.info.as_ref().is_some_and(is_echo_reply)
 }
 
 /// Judges one target from what was probed and the reconstructed paths of the whole run.
 pub fn evaluate(probe: Probe, paths: &[PacketPath]) -> Report {
     let id = probe.target.icmp_id;
-    let mine = |p: &&PacketPath| p.clone_of.is_none() && icmp_type(p).is_some_and(|(_, _, i)| i == id);
+    let mine =
+        |p: &&PacketPath| p.clone_of.is_none() && p.info.as_ref().and_then(|i| i.icmp).is_some_and(|ic| ic.id == id);
     let requests: Vec<PacketPath> = paths.iter().filter(mine).filter(|p| is_request(p)).cloned().collect();
     let replies: Vec<PacketPath> = paths.iter().filter(mine).filter(|p| is_reply(p)).cloned().collect();
     let mut tx_devs = BTreeSet::new();
@@ -673,13 +667,11 @@ fn user_plan(netns: &Netns, cfg: &ProveConfig, ids: &mut Ids) -> Result<Vec<Step
     Ok(steps)
 }
 
-fn drain(rb: &mut RingBuf<MapData>, tracker: &mut Tracker, out: &mut Vec<PacketPath>, bad: &mut u64) {
-    while let Some(item) = rb.next() {
-        match decode(&item) {
-            Ok(ev) => out.extend(tracker.push(ev)),
-            Err(_) => *bad += 1,
-        }
-    }
+fn drain(rb: &mut RingBuf<MapData>, tracker: &mut Tracker, out: &mut Vec<PacketPath>, bad: &mut u64) -> Result<()> {
+    pump(rb, tracker, bad, |ps| {
+        out.extend(ps);
+        Ok(())
+    })
 }
 
 fn interrupted(cancel: &AtomicBool) -> Result<()> {
@@ -810,13 +802,13 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
             Step::Probe(t) => {
                 probes.push(probe_one(&netns, t, cfg.count, cancel)?);
                 interrupted(cancel)?;
-                drain(&mut ring, &mut tracker, &mut paths, &mut bad);
+                drain(&mut ring, &mut tracker, &mut paths, &mut bad)?;
             }
         }
     }
     // Let the last frees land, then take everything.
     std::thread::sleep(Duration::from_millis(50));
-    drain(&mut ring, &mut tracker, &mut paths, &mut bad);
+    drain(&mut ring, &mut tracker, &mut paths, &mut bad)?;
     paths.extend(tracker.flush());
     let kernel = session.counters()?;
     drop(session);
@@ -866,19 +858,7 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
 // Output.
 
 fn stages_json(p: Option<&PacketPath>) -> Value {
-    let Some(p) = p else { return json!([]) };
-    let mut prev = p.first_ts();
-    Value::Array(
-        p.stages
-            .iter()
-            .map(|s| {
-                let d = s.t_ns.saturating_sub(prev);
-                prev = s.t_ns;
-                json!({"stage": s.stage, "t_ns": s.t_ns, "delta_ns": d, "cpu": s.cpu, "pid": s.pid,
-                       "comm": s.comm, "dev": s.dev})
-            })
-            .collect(),
-    )
+    serde_json::to_value(p.map(stages_out).unwrap_or_default()).unwrap_or(Value::Null)
 }
 
 /// One object per target (schema in the README, "prove JSON").

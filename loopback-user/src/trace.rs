@@ -91,19 +91,30 @@ impl Printer<'_> {
     }
 }
 
-/// Decodes and reconstructs everything currently in the ring buffer.
+/// Decodes and reconstructs everything currently in the ring buffer, handing finished packets
+/// to `sink` (shared by `trace` and `prove`).
+pub fn pump(
+    rb: &mut RingBuf<MapData>,
+    tracker: &mut Tracker,
+    undecodable: &mut u64,
+    mut sink: impl FnMut(Vec<PacketPath>) -> Result<()>,
+) -> Result<()> {
+    while let Some(item) = rb.next() {
+        match decode(&item) {
+            Ok(ev) => sink(tracker.push(ev))?,
+            Err(_) => *undecodable += 1,
+        }
+    }
+    Ok(())
+}
+
 fn drain(
     rb: &mut RingBuf<MapData>,
     tracker: &mut Tracker,
     printer: &mut Printer<'_>,
     undecodable: &mut u64,
 ) -> Result<()> {
-    while let Some(item) = rb.next() {
-        match decode(&item) {
-            Ok(ev) => printer.print_all(tracker.push(ev))?,
-            Err(_) => *undecodable += 1,
-        }
-    }
+    pump(rb, tracker, undecodable, |ps| printer.print_all(ps))?;
     printer.out.flush()?;
     Ok(())
 }

@@ -175,26 +175,22 @@ pub fn run() -> Result<DoctorReport> {
     let privs = privileges();
     let btf = std::path::Path::new(VMLINUX_BTF).exists();
     let mut reason = None;
+    let not_tried = |why: &str| -> Vec<AttachTypeReport> {
+        KINDS
+            .iter()
+            .map(|k| AttachTypeReport {
+                kind: k,
+                available: false,
+                error: Some(format!("not tried: {why}")),
+            })
+            .collect()
+    };
     let attach_types: Vec<AttachTypeReport> = if !privs.sufficient() {
         reason = Some(privs.require().unwrap_err().to_string());
-        KINDS
-            .iter()
-            .map(|k| AttachTypeReport {
-                kind: k,
-                available: false,
-                error: Some("not tried: insufficient privileges".into()),
-            })
-            .collect()
+        not_tried("insufficient privileges")
     } else if let Err(e) = object::check_built() {
         reason = Some(e.to_string());
-        KINDS
-            .iter()
-            .map(|k| AttachTypeReport {
-                kind: k,
-                available: false,
-                error: Some("not tried: no eBPF object".into()),
-            })
-            .collect()
+        not_tried("no eBPF object")
     } else {
         KINDS.iter().map(|k| probe(k)).collect()
     };
