@@ -86,6 +86,11 @@ impl Hook {
     ];
 }
 
+/// Set in [`RawEvent::hook`] when `comm` was left empty because the previous event reserved on
+/// the same CPU came from the same task (`pid_tgid`) and carried its name: the name costs a helper
+/// call, and most hooks of one packet run in one task. User space keeps the last name per CPU.
+pub const HOOK_COMM_CACHED: u8 = 0x80;
+
 impl TryFrom<u8> for Hook {
     type Error = u8;
     fn try_from(v: u8) -> Result<Self, u8> {
@@ -189,7 +194,9 @@ pub mod counter {
     pub const SCOPE_FULL: u32 = 1;
     /// Kernel reads (`bpf_probe_read_kernel`) that failed; the event was still sent.
     pub const READ_FAILED: u32 = 2;
-    pub const COUNT: u32 = 3;
+    /// Events reserved and submitted (the reader's count must reach this).
+    pub const EMITTED: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Per-CPU NET_RX softirq state kept by the softirq hooks and folded into receive events.

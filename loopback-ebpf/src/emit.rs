@@ -3,22 +3,27 @@ use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     generated::bpf_probe_read_kernel as probe_read_raw,
 };
-use loopback_common::{HDR_CAP, Hook, NAME_LEN, RawEvent, counter, hdr_kind};
+use loopback_common::{HDR_CAP, HOOK_COMM_CACHED, Hook, NAME_LEN, RawEvent, counter, hdr_kind};
 
 use crate::{
-    kernel::{off, read},
-    maps::{EVENTS, count},
+    kernel::{Mem, off, read},
+    maps::{EVENTS, LAST_TASK, count},
 };
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-const WAKEUP_BYTES: u64 = 256 * 1024;
+/// Wake the reader once per this many events per CPU (a power of two).
+const WAKEUP_EVERY: u64 = 1024;
 
 /// Fills the common header, lets `fill` add the hook-specific part, submits.
 /// A failed reservation is counted as lost (never silent).
 #[inline(always)]
 pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // Decided before the reservation: a program nested on this CPU (same task) that runs between
+    // our reservation and our update of LAST_TASK then still carries the name itself.
+    let last = LAST_TASK.get_ptr_mut(0);
+    let cached = last.is_some_and(|p| unsafe { *p } == pid_tgid);
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count(counter::RING_LOST);
         return;
@@ -26,21 +31,30 @@ pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
     let e = unsafe { &mut *entry.as_mut_ptr() };
     e.ts_ns = unsafe { bpf_ktime_get_ns() };
     e.skb = skb;
-    e.pid_tgid = bpf_get_current_pid_tgid();
+    e.pid_tgid = pid_tgid;
     e.arg0 = 0;
     e.arg1 = 0;
-    e.comm = bpf_get_current_comm().unwrap_or([0; NAME_LEN]);
+    if cached {
+        e.comm = [0; NAME_LEN];
+    } else {
+        e.comm = bpf_get_current_comm().unwrap_or([0; NAME_LEN]);
+        if let Some(p) = last {
+            unsafe { *p = pid_tgid };
+        }
+    }
     e.ifname = [0; NAME_LEN];
     e.cpu = unsafe { bpf_get_smp_processor_id() };
     e.len = 0;
     e.ifindex = 0;
-    e.hook = hook as u8;
+    e.hook = hook as u8 | if cached { HOOK_COMM_CACHED } else { 0 };
     e.hdr_kind = hdr_kind::NONE;
     e.hdr_len = 0;
     fill(e);
     // Batched wake-ups: waking the reader costs the traced task an irq_work per event when the
-    // reader keeps up. Wake it only once 256 KiB are waiting; it also drains on a 10 ms timer.
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+    // reader keeps up. Wake it once per WAKEUP_EVERY events of this CPU (a per-CPU count, no
+    // helper call); it also drains on a 10 ms timer.
+    let n = count(counter::EMITTED);
+    let flags = if n & (WAKEUP_EVERY - 1) == 0 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
@@ -70,19 +84,19 @@ pub fn capture(e: &mut RawEvent, kind: u8, src: u64, avail: u32) {
 
 /// Device name and index of a `struct net_device *`.
 #[inline(always)]
-pub fn set_dev(e: &mut RawEvent, dev: u64) {
+pub fn set_dev<M: Mem>(e: &mut RawEvent, dev: u64) {
     if dev == 0 {
         return;
     }
-    e.ifindex = read::<u32>(dev, off!(dev_ifindex)).unwrap_or(0);
-    e.ifname = read::<[u8; NAME_LEN]>(dev, off!(dev_name)).unwrap_or([0; NAME_LEN]);
+    e.ifindex = read::<M, u32>(dev, off!(dev_ifindex)).unwrap_or(0);
+    e.ifname = read::<M, [u8; NAME_LEN]>(dev, off!(dev_name)).unwrap_or([0; NAME_LEN]);
 }
 
 /// Packet header from `skb->head + skb->network_header` (valid from IP output onwards).
 #[inline(always)]
-pub fn capture_network_header(e: &mut RawEvent, skb: u64) {
-    let head = read::<u64>(skb, off!(skb_head)).unwrap_or(0);
-    let nh = read::<u16>(skb, off!(skb_network_header)).unwrap_or(0);
+pub fn capture_network_header<M: Mem>(e: &mut RawEvent, skb: u64) {
+    let head = read::<M, u64>(skb, off!(skb_head)).unwrap_or(0);
+    let nh = read::<M, u16>(skb, off!(skb_network_header)).unwrap_or(0);
     if head != 0 && nh != u16::MAX {
         capture(e, hdr_kind::L3, head + nh as u64, e.len);
     }
@@ -90,12 +104,12 @@ pub fn capture_network_header(e: &mut RawEvent, skb: u64) {
 
 /// Packet header from `skb->data` (at receive, after `eth_type_trans`, this is the IP header).
 #[inline(always)]
-pub fn capture_data(e: &mut RawEvent, skb: u64) {
-    let data = read::<u64>(skb, off!(skb_data)).unwrap_or(0);
+pub fn capture_data<M: Mem>(e: &mut RawEvent, skb: u64) {
+    let data = read::<M, u64>(skb, off!(skb_data)).unwrap_or(0);
     capture(e, hdr_kind::L3, data, e.len);
 }
 
 #[inline(always)]
-pub fn skb_len(skb: u64) -> u32 {
-    read::<u32>(skb, off!(skb_len)).unwrap_or(0)
+pub fn skb_len<M: Mem>(skb: u64) -> u32 {
+    read::<M, u32>(skb, off!(skb_len)).unwrap_or(0)
 }

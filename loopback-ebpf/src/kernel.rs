@@ -1,5 +1,5 @@
 //! Reads of kernel memory through offsets resolved at load time (no compile-time struct layout).
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_get_current_task_btf, bpf_probe_read_kernel};
 use loopback_common::counter;
 
 use crate::maps::{SCOPE, TARGET_NETNS, count};
@@ -11,9 +11,31 @@ macro_rules! off {
 }
 pub(crate) use off;
 
+/// How a program may read kernel memory.
+pub trait Mem {
+    /// tp_btf: pointer arguments are typed by BTF, so a plain load through them (and through the
+    /// pointers read from them) is checked by the verifier and JITed as a faulting-safe load: no
+    /// helper call. The offsets come from frozen read-only data, which the verifier sees as
+    /// constants. Raw tracepoints get untyped words and must use `bpf_probe_read_kernel`.
+    const DIRECT: bool;
+}
+
 /// Reads a `T` at `base + offset`; `None` (and a READ_FAILED count) when the read faults.
 #[inline(always)]
-pub fn read<T>(base: u64, offset: u64) -> Option<T> {
+pub fn read<M: Mem, T>(base: u64, offset: u64) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    if M::DIRECT {
+        // SAFETY: a BTF-typed load; the JIT turns a fault into a zero result.
+        return Some(unsafe { core::ptr::read_volatile((base + offset) as *const T) });
+    }
+    probe::<T>(base, offset)
+}
+
+/// Reads a `T` at `base + offset` with `bpf_probe_read_kernel`, for untyped pointers.
+#[inline(always)]
+pub fn probe<T>(base: u64, offset: u64) -> Option<T> {
     if base == 0 {
         return None;
     }
@@ -33,38 +55,43 @@ fn target() -> u32 {
 
 /// Namespace inode of a `struct net *`.
 #[inline(always)]
-fn net_inum(net: u64) -> Option<u32> {
-    read::<u32>(net, off!(net_inum))
+fn net_inum<M: Mem>(net: u64) -> Option<u32> {
+    read::<M, u32>(net, off!(net_inum))
 }
 
 #[inline(always)]
-pub fn net_in_scope(net: u64) -> bool {
-    net_inum(net) == Some(target())
+pub fn net_in_scope<M: Mem>(net: u64) -> bool {
+    net_inum::<M>(net) == Some(target())
 }
 
 /// Whether `dev` (a `struct net_device *`) lives in the traced namespace.
 #[inline(always)]
-pub fn dev_in_scope(dev: u64) -> bool {
-    match read::<u64>(dev, off!(dev_nd_net)) {
-        Some(net) => net_in_scope(net),
+pub fn dev_in_scope<M: Mem>(dev: u64) -> bool {
+    match read::<M, u64>(dev, off!(dev_nd_net)) {
+        Some(net) => net_in_scope::<M>(net),
         None => false,
     }
 }
 
 #[inline(always)]
-pub fn skb_dev(skb: u64) -> u64 {
-    read::<u64>(skb, off!(skb_dev)).unwrap_or(0)
+pub fn skb_dev<M: Mem>(skb: u64) -> u64 {
+    read::<M, u64>(skb, off!(skb_dev)).unwrap_or(0)
 }
 
 /// Whether the current task's network namespace is the traced one.
 #[inline(always)]
-pub fn task_in_scope() -> bool {
-    let task = unsafe { bpf_get_current_task() };
-    let Some(nsproxy) = read::<u64>(task, off!(task_nsproxy)) else {
+pub fn task_in_scope<M: Mem>() -> bool {
+    // The BTF-typed task pointer allows direct loads; the plain one needs probe reads.
+    let task = if M::DIRECT {
+        unsafe { bpf_get_current_task_btf() as u64 }
+    } else {
+        unsafe { bpf_get_current_task() }
+    };
+    let Some(nsproxy) = read::<M, u64>(task, off!(task_nsproxy)) else {
         return false;
     };
-    match read::<u64>(nsproxy, off!(nsproxy_net_ns)) {
-        Some(net) => net_in_scope(net),
+    match read::<M, u64>(nsproxy, off!(nsproxy_net_ns)) {
+        Some(net) => net_in_scope::<M>(net),
         None => false,
     }
 }
@@ -72,6 +99,17 @@ pub fn task_in_scope() -> bool {
 #[inline(always)]
 pub fn tracked(skb: u64) -> bool {
     SCOPE.get_ptr(&skb).is_some()
+}
+
+/// Takes `skb` into scope unless it already is (a lookup is much cheaper than an LRU update,
+/// which allocates a new element even for a key that exists). True when it was not in scope.
+#[inline(always)]
+pub fn ensure_tracked(skb: u64) -> bool {
+    if tracked(skb) {
+        return false;
+    }
+    track(skb);
+    true
 }
 
 #[inline(always)]

@@ -15,7 +15,7 @@ use loopback_common::{Hook, LOOPBACK_IFINDEX, hdr_kind};
 
 use crate::{
     emit::{capture, emit},
-    kernel::track,
+    kernel::ensure_tracked,
     maps::RX_SKB,
 };
 
@@ -43,7 +43,7 @@ pub fn lo_xdp(ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn lo_tc_egress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb as u64;
-    track(skb);
+    ensure_tracked(skb);
     lo_bytes(Hook::TcEgress, skb, ctx.data(), ctx.len());
     TC_ACT_UNSPEC // TCX_NEXT: continue, the verdict is never ours
 }
@@ -52,7 +52,7 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn lo_tc_ingress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb as u64;
-    track(skb);
+    ensure_tracked(skb);
     lo_bytes(Hook::TcIngress, skb, ctx.data(), ctx.len());
     TC_ACT_UNSPEC
 }

@@ -1,6 +1,9 @@
 //! lotrace kernel programs. Every program observes only: the `lo` programs always let the packet
 //! continue (XDP_PASS / TCX_NEXT) and the tracepoints never change kernel state.
 #![no_std]
+// Inline BPF assembly for the atomic counter add (the build already runs with RUSTC_BOOTSTRAP=1
+// for -Z build-std).
+#![feature(asm_experimental_arch)]
 #![no_main]
 
 mod doctor;

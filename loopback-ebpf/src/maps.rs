@@ -13,7 +13,10 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 /// sk_buffs known to belong to the traced namespace, keyed by address. Entry hooks insert,
 /// the free hooks remove. LRU: frees that fire no tracepoint (some TCP paths) age out.
 #[map]
-pub static SCOPE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(SCOPE_MAP_ENTRIES, 0);
+pub static SCOPE: LruHashMap<u64, u8> = LruHashMap::with_max_entries(SCOPE_MAP_ENTRIES, BPF_F_NO_COMMON_LRU);
+
+/// Per-CPU LRU lists: no lock shared by all CPUs on every insert.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 /// The skb being received on this CPU (written by `netif_receive_skb`; read by generic XDP and
 /// `sk_data_ready`, which run inside that receive on the same CPU with bottom halves disabled).
@@ -23,6 +26,10 @@ pub static RX_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 /// NET_RX softirq raise/entry times on this CPU.
 #[map]
 pub static SOFTIRQ: PerCpuArray<SoftirqState> = PerCpuArray::with_max_entries(1, 0);
+
+/// The task (`pid_tgid`) whose name the last event reserved on this CPU carried.
+#[map]
+pub static LAST_TASK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Loss counters, see `loopback_common::counter`.
 #[map]
@@ -60,10 +67,19 @@ pub static TARGET_NETNS: u32 = 0;
 #[unsafe(no_mangle)]
 pub static SEND_SYSCALLS: [u64; loopback_common::SEND_SYSCALL_SLOTS] = [u64::MAX; loopback_common::SEND_SYSCALL_SLOTS];
 
+/// Adds one to a per-CPU counter; returns the new value (0 if the slot is missing).
 #[inline(always)]
-pub fn count(idx: u32) {
+pub fn count(idx: u32) -> u64 {
     if let Some(p) = COUNTERS.get_ptr_mut(idx) {
-        // Per-CPU slot: no other writer while this program runs on this CPU.
-        unsafe { *p += 1 };
+        // Per-CPU slot, but a program can be interrupted on its CPU by another one (a softirq
+        // program nested in a task-context one): an atomic add loses no count.
+        // (core's AtomicU64 has no read-modify-write on this target, so the instruction is
+        // written out: BPF_ATOMIC | BPF_ADD.) The value read back afterwards may include a
+        // nested increment; callers use it only for pacing.
+        unsafe {
+            core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) 1u64);
+            return core::ptr::read_volatile(p);
+        }
     }
+    0
 }

@@ -9,13 +9,21 @@ use loopback_common::{Hook, NAME_LEN, NET_RX_SOFTIRQ, hdr_kind};
 
 use crate::{
     emit::{capture_data, capture_network_header, emit, set_dev, skb_len},
-    kernel::{dev_in_scope, net_in_scope, off, read, skb_dev, task_in_scope, track, tracked, untrack},
+    kernel::{
+        Mem, dev_in_scope, ensure_tracked, net_in_scope, off, read, skb_dev, task_in_scope, track, tracked, untrack,
+    },
     maps::{RX_SKB, SEND_SYSCALLS, SOFTIRQ},
 };
 
 /// Tracepoint arguments (`TP_PROTO` order), the same for tp_btf and raw tracepoints.
-pub trait Args {
+pub trait Args: Mem {
     fn arg(&self, n: usize) -> u64;
+}
+impl Mem for BtfTracePointContext {
+    const DIRECT: bool = true;
+}
+impl Mem for RawTracePointContext {
+    const DIRECT: bool = false;
 }
 impl Args for BtfTracePointContext {
     #[inline(always)]
@@ -56,34 +64,42 @@ fn set_rx_skb(skb: u64) {
 // Entry point of the transmit half: decides whether the skb belongs to the traced namespace.
 twin!("net_dev_queue", net_dev_queue, raw_net_dev_queue, net_dev_queue_body);
 #[inline(always)]
-fn net_dev_queue_body(ctx: &impl Args) -> i32 {
+fn net_dev_queue_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let dev = skb_dev(skb);
-    if !dev_in_scope(dev) {
+    let dev = skb_dev::<A>(skb);
+    if !dev_in_scope::<A>(dev) {
         untrack(skb);
         return 0;
     }
-    track(skb);
+    // tc egress on lo runs first and has already taken the skb, with its bytes.
+    let fresh = ensure_tracked(skb);
     emit(Hook::DevQueue, skb, |e| {
-        e.len = skb_len(skb);
-        set_dev(e, dev);
-        capture_network_header(e, skb);
+        e.len = skb_len::<A>(skb);
+        set_dev::<A>(e, dev);
+        if fresh {
+            capture_network_header::<A>(e, skb);
+        }
     });
     0
 }
 
 // net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev) — since 4.x.
-twin!("net_dev_start_xmit", net_dev_start_xmit, raw_net_dev_start_xmit, net_dev_start_xmit_body);
+twin!(
+    "net_dev_start_xmit",
+    net_dev_start_xmit,
+    raw_net_dev_start_xmit,
+    net_dev_start_xmit_body
+);
 #[inline(always)]
-fn net_dev_start_xmit_body(ctx: &impl Args) -> i32 {
+fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
     }
     let dev: u64 = ctx.arg(1);
     emit(Hook::Xmit, skb, |e| {
-        e.len = skb_len(skb);
-        set_dev(e, dev);
+        e.len = skb_len::<A>(skb);
+        set_dev::<A>(e, dev);
     });
     0
 }
@@ -91,12 +107,12 @@ fn net_dev_start_xmit_body(ctx: &impl Args) -> i32 {
 // netif_rx(struct sk_buff *skb) — `netif_rx_internal`, before `enqueue_to_backlog`.
 twin!("netif_rx", netif_rx, raw_netif_rx, netif_rx_body);
 #[inline(always)]
-fn netif_rx_body(ctx: &impl Args) -> i32 {
+fn netif_rx_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
     }
-    emit(Hook::BacklogEnqueue, skb, |e| e.len = skb_len(skb));
+    emit(Hook::BacklogEnqueue, skb, |e| e.len = skb_len::<A>(skb));
     0
 }
 
@@ -104,7 +120,7 @@ fn netif_rx_body(ctx: &impl Args) -> i32 {
 // The skb must not be read here: the driver may already have handed it on.
 twin!("net_dev_xmit", net_dev_xmit, raw_net_dev_xmit, net_dev_xmit_body);
 #[inline(always)]
-fn net_dev_xmit_body(ctx: &impl Args) -> i32 {
+fn net_dev_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
@@ -115,7 +131,7 @@ fn net_dev_xmit_body(ctx: &impl Args) -> i32 {
     emit(Hook::XmitDone, skb, |e| {
         e.arg0 = rc as i32 as i64 as u64;
         e.len = len as u32;
-        set_dev(e, dev);
+        set_dev::<A>(e, dev);
     });
     0
 }
@@ -123,7 +139,7 @@ fn net_dev_xmit_body(ctx: &impl Args) -> i32 {
 // softirq_raise(unsigned int vec_nr) — irq:softirq_raise.
 twin!("softirq_raise", softirq_raise, raw_softirq_raise, softirq_raise_body);
 #[inline(always)]
-fn softirq_raise_body(ctx: &impl Args) -> i32 {
+fn softirq_raise_body<A: Args>(ctx: &A) -> i32 {
     let vec: u64 = ctx.arg(0);
     if vec as u32 == NET_RX_SOFTIRQ
         && let Some(s) = SOFTIRQ.get_ptr_mut(0)
@@ -136,7 +152,7 @@ fn softirq_raise_body(ctx: &impl Args) -> i32 {
 // softirq_entry(unsigned int vec_nr) — irq:softirq_entry.
 twin!("softirq_entry", softirq_entry, raw_softirq_entry, softirq_entry_body);
 #[inline(always)]
-fn softirq_entry_body(ctx: &impl Args) -> i32 {
+fn softirq_entry_body<A: Args>(ctx: &A) -> i32 {
     let vec: u64 = ctx.arg(0);
     if vec as u32 == NET_RX_SOFTIRQ
         && let Some(s) = SOFTIRQ.get_ptr_mut(0)
@@ -148,31 +164,40 @@ fn softirq_entry_body(ctx: &impl Args) -> i32 {
 
 // netif_receive_skb(struct sk_buff *skb) — `__netif_receive_skb_core`, in the NET_RX softirq,
 // before generic XDP and tc ingress. Entry point of the receive half.
-twin!("netif_receive_skb", netif_receive_skb, raw_netif_receive_skb, netif_receive_skb_body);
+twin!(
+    "netif_receive_skb",
+    netif_receive_skb,
+    raw_netif_receive_skb,
+    netif_receive_skb_body
+);
 #[inline(always)]
-fn netif_receive_skb_body(ctx: &impl Args) -> i32 {
+fn netif_receive_skb_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let dev = skb_dev(skb);
-    if !dev_in_scope(dev) {
+    let dev = skb_dev::<A>(skb);
+    if !dev_in_scope::<A>(dev) {
         // A packet of ours arriving on another namespace's device (through a veth): say so once,
         // so user space ends its path instead of mixing it with a later skb at this address.
         if tracked(skb) {
-            emit(Hook::LeftNetns, skb, |e| set_dev(e, dev));
+            emit(Hook::LeftNetns, skb, |e| set_dev::<A>(e, dev));
             untrack(skb);
         }
         set_rx_skb(0);
         return 0;
     }
-    track(skb);
+    // A packet transmitted on lo in this namespace is already tracked with its header captured:
+    // no second map update, no second copy of the same bytes.
+    let fresh = ensure_tracked(skb);
     set_rx_skb(skb);
     emit(Hook::Receive, skb, |e| {
-        e.len = skb_len(skb);
-        set_dev(e, dev);
+        e.len = skb_len::<A>(skb);
+        set_dev::<A>(e, dev);
         if let Some(s) = SOFTIRQ.get(0) {
             e.arg0 = s.entry_ts;
             e.arg1 = s.raise_ts;
         }
-        capture_data(e, skb);
+        if fresh {
+            capture_data::<A>(e, skb);
+        }
     });
     0
 }
@@ -180,21 +205,30 @@ fn netif_receive_skb_body(ctx: &impl Args) -> i32 {
 // skb_copy_datagram_iovec(const struct sk_buff *skb, int len) — data copied to the application.
 // Raw sockets receive clones the transmit hooks never saw: those are taken in scope when the
 // receiving task lives in the traced namespace.
-twin!("skb_copy_datagram_iovec", skb_copy_datagram_iovec, raw_skb_copy_datagram_iovec, skb_copy_datagram_iovec_body);
+twin!(
+    "skb_copy_datagram_iovec",
+    skb_copy_datagram_iovec,
+    raw_skb_copy_datagram_iovec,
+    skb_copy_datagram_iovec_body
+);
 #[inline(always)]
-fn skb_copy_datagram_iovec_body(ctx: &impl Args) -> i32 {
+fn skb_copy_datagram_iovec_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    if !tracked(skb) {
-        if !task_in_scope() {
+    let fresh = !tracked(skb);
+    if fresh {
+        if !task_in_scope::<A>() {
             return 0;
         }
         track(skb);
     }
     let len: u64 = ctx.arg(1);
     emit(Hook::CopyToUser, skb, |e| {
-        e.len = skb_len(skb);
+        e.len = skb_len::<A>(skb);
         e.arg0 = len as u32 as u64;
-        capture_network_header(e, skb);
+        // Only a clone seen here first (raw sockets) needs its header.
+        if fresh {
+            capture_network_header::<A>(e, skb);
+        }
     });
     0
 }
@@ -203,7 +237,7 @@ fn skb_copy_datagram_iovec_body(ctx: &impl Args) -> i32 {
 // — the 4-argument form is 6.11+; older kernels have 3 (rx_sk is not read).
 twin!("kfree_skb", kfree_skb, raw_kfree_skb, kfree_skb_body);
 #[inline(always)]
-fn kfree_skb_body(ctx: &impl Args) -> i32 {
+fn kfree_skb_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
@@ -221,7 +255,7 @@ fn kfree_skb_body(ctx: &impl Args) -> i32 {
 // consume_skb(struct sk_buff *skb, void *location) — 6.3+ (location added).
 twin!("consume_skb", consume_skb, raw_consume_skb, consume_skb_body);
 #[inline(always)]
-fn consume_skb_body(ctx: &impl Args) -> i32 {
+fn consume_skb_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
     if !tracked(skb) {
         return 0;
@@ -233,31 +267,31 @@ fn consume_skb_body(ctx: &impl Args) -> i32 {
 }
 
 #[inline(always)]
-fn route_event(family: u8, table: u64, err: u64, nhc: u64, dst: u64, src: u64, addr_len: u64) {
+fn route_event<A: Args>(family: u8, table: u64, err: u64, nhc: u64, dst: u64, src: u64, addr_len: u64) {
     emit(Hook::Route, 0, |e| {
         e.arg0 = table;
         e.arg1 = err;
         if nhc != 0 {
-            let dev = read::<u64>(nhc, off!(nhc_dev)).unwrap_or(0);
+            let dev = read::<A, u64>(nhc, off!(nhc_dev)).unwrap_or(0);
             if dev != 0 {
-                e.ifname = read::<[u8; NAME_LEN]>(dev, off!(dev_name)).unwrap_or([0; NAME_LEN]);
-                e.ifindex = read::<u32>(dev, off!(dev_ifindex)).unwrap_or(0);
+                e.ifname = read::<A, [u8; NAME_LEN]>(dev, off!(dev_name)).unwrap_or([0; NAME_LEN]);
+                e.ifindex = read::<A, u32>(dev, off!(dev_ifindex)).unwrap_or(0);
             }
         }
         e.hdr = [0; loopback_common::HDR_CAP];
         e.hdr[0] = family;
         if addr_len == 4 {
-            if let Some(d) = read::<[u8; 4]>(dst, 0) {
+            if let Some(d) = read::<A, [u8; 4]>(dst, 0) {
                 e.hdr[4..8].copy_from_slice(&d);
             }
-            if let Some(s) = read::<[u8; 4]>(src, 0) {
+            if let Some(s) = read::<A, [u8; 4]>(src, 0) {
                 e.hdr[20..24].copy_from_slice(&s);
             }
         } else {
-            if let Some(d) = read::<[u8; 16]>(dst, 0) {
+            if let Some(d) = read::<A, [u8; 16]>(dst, 0) {
                 e.hdr[4..20].copy_from_slice(&d);
             }
-            if let Some(s) = read::<[u8; 16]>(src, 0) {
+            if let Some(s) = read::<A, [u8; 16]>(src, 0) {
                 e.hdr[20..36].copy_from_slice(&s);
             }
         }
@@ -268,17 +302,22 @@ fn route_event(family: u8, table: u64, err: u64, nhc: u64, dst: u64, src: u64, a
 
 // fib_table_lookup(u32 tb_id, const struct flowi4 *flp, const struct fib_nh_common *nhc, int err)
 // — fib:fib_table_lookup, 4.19+. No namespace argument: scoped by the calling task's namespace.
-twin!("fib_table_lookup", fib_table_lookup, raw_fib_table_lookup, fib_table_lookup_body);
+twin!(
+    "fib_table_lookup",
+    fib_table_lookup,
+    raw_fib_table_lookup,
+    fib_table_lookup_body
+);
 #[inline(always)]
-fn fib_table_lookup_body(ctx: &impl Args) -> i32 {
-    if !task_in_scope() {
+fn fib_table_lookup_body<A: Args>(ctx: &A) -> i32 {
+    if !task_in_scope::<A>() {
         return 0;
     }
     let tb_id: u64 = ctx.arg(0);
     let flp: u64 = ctx.arg(1);
     let nhc: u64 = ctx.arg(2);
     let err: u64 = ctx.arg(3);
-    route_event(
+    route_event::<A>(
         4,
         tb_id as u32 as u64,
         err as i32 as i64 as u64,
@@ -292,19 +331,24 @@ fn fib_table_lookup_body(ctx: &impl Args) -> i32 {
 
 // fib6_table_lookup(const struct net *net, const struct fib6_result *res,
 //                   struct fib6_table *table, const struct flowi6 *flp) — 4.19+.
-twin!("fib6_table_lookup", fib6_table_lookup, raw_fib6_table_lookup, fib6_table_lookup_body);
+twin!(
+    "fib6_table_lookup",
+    fib6_table_lookup,
+    raw_fib6_table_lookup,
+    fib6_table_lookup_body
+);
 #[inline(always)]
-fn fib6_table_lookup_body(ctx: &impl Args) -> i32 {
+fn fib6_table_lookup_body<A: Args>(ctx: &A) -> i32 {
     let net: u64 = ctx.arg(0);
-    if !net_in_scope(net) {
+    if !net_in_scope::<A>(net) {
         return 0;
     }
     let res: u64 = ctx.arg(1);
     let table: u64 = ctx.arg(2);
     let flp: u64 = ctx.arg(3);
-    let tb_id = read::<u32>(table, off!(fib6_table_id)).unwrap_or(0) as u64;
-    let nh = read::<u64>(res, off!(fib6_res_nh)).unwrap_or(0);
-    route_event(6, tb_id, 0, nh, flp + off!(flowi6_daddr), flp + off!(flowi6_saddr), 16);
+    let tb_id = read::<A, u32>(table, off!(fib6_table_id)).unwrap_or(0) as u64;
+    let nh = read::<A, u64>(res, off!(fib6_res_nh)).unwrap_or(0);
+    route_event::<A>(6, tb_id, 0, nh, flp + off!(flowi6_daddr), flp + off!(flowi6_saddr), 16);
     0
 }
 
@@ -313,7 +357,7 @@ fn fib6_table_lookup_body(ctx: &impl Args) -> i32 {
 // for a packet still being received.
 twin!("sk_data_ready", sk_data_ready, raw_sk_data_ready, sk_data_ready_body);
 #[inline(always)]
-fn sk_data_ready_body(ctx: &impl Args) -> i32 {
+fn sk_data_ready_body<A: Args>(ctx: &A) -> i32 {
     let skb = RX_SKB.get(0).copied().unwrap_or(0);
     if skb == 0 || !tracked(skb) {
         return 0;
@@ -324,11 +368,16 @@ fn sk_data_ready_body(ctx: &impl Args) -> i32 {
 }
 
 // sock_recv_length(struct sock *sk, int ret, int flags) — sock:sock_recv_length, 6.4+.
-twin!("sock_recv_length", sock_recv_length, raw_sock_recv_length, sock_recv_length_body);
+twin!(
+    "sock_recv_length",
+    sock_recv_length,
+    raw_sock_recv_length,
+    sock_recv_length_body
+);
 #[inline(always)]
-fn sock_recv_length_body(ctx: &impl Args) -> i32 {
+fn sock_recv_length_body<A: Args>(ctx: &A) -> i32 {
     let ret: u64 = ctx.arg(1);
-    if (ret as i32) < 0 || !task_in_scope() {
+    if (ret as i32) < 0 || !task_in_scope::<A>() {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
@@ -344,13 +393,13 @@ fn sock_recv_length_body(ctx: &impl Args) -> i32 {
 // for the send family.
 twin!("sys_enter", sys_enter, raw_sys_enter, sys_enter_body);
 #[inline(always)]
-fn sys_enter_body(ctx: &impl Args) -> i32 {
+fn sys_enter_body<A: Args>(ctx: &A) -> i32 {
     let id: u64 = ctx.arg(1);
     let nrs = unsafe { core::ptr::read_volatile(&SEND_SYSCALLS) };
     if id != nrs[0] && id != nrs[1] && id != nrs[2] && id != nrs[3] {
         return 0;
     }
-    if !task_in_scope() {
+    if !task_in_scope::<A>() {
         return 0;
     }
     emit(Hook::AppSend, 0, |e| e.arg0 = id);

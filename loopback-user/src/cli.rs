@@ -66,6 +66,11 @@ pub enum Cmd {
         /// to this per hook by itself when the kernel refuses tp_btf).
         #[arg(long)]
         raw_tp: bool,
+        /// Measure the kernel-side cost of every lotrace program (run count and time, from the
+        /// kernel's BPF statistics) and print it in the exit summary. The statistics themselves
+        /// add two clock reads to every BPF program run, so they are off unless asked for.
+        #[arg(long)]
+        kernel_cost: bool,
     },
     /// Prove, with evidence from the running kernel, that traffic to local addresses stays on lo.
     /// With no target: builds a throwaway sandbox namespace and proves 127.0.0.1, another 127/8
@@ -136,6 +141,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             format,
             xdp,
             raw_tp,
+            kernel_cost,
         } => {
             let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
             let netns = match given_netns(netns)? {
@@ -151,6 +157,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 format,
                 xdp,
                 raw_tp,
+                kernel_cost,
             })
             .await?;
             Ok(0)

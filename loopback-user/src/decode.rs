@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{LaxNetSlice, LaxSlicedPacket};
-use loopback_common::{HDR_CAP, Hook, NAME_LEN, RAW_EVENT_SIZE, RawEvent, hdr_kind};
+use loopback_common::{HDR_CAP, HOOK_COMM_CACHED, Hook, NAME_LEN, RAW_EVENT_SIZE, RawEvent, hdr_kind};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -143,13 +143,57 @@ fn cstr(b: &[u8; NAME_LEN]) -> String {
     String::from_utf8_lossy(&b[..end]).into_owned()
 }
 
+/// Decodes records in stream order, restoring task names the kernel left out
+/// ([`HOOK_COMM_CACHED`]): it keeps the last named task of every CPU.
+#[derive(Default)]
+pub struct Decoder {
+    last: Vec<(u64, Name)>,
+    /// Records whose name could not be restored (the record that carried it was lost).
+    pub unnamed: u64,
+}
+
+/// CPUs beyond this are not cached (their names show as "?").
+const MAX_CPUS: usize = 4096;
+
+impl Decoder {
+    pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
+        let (mut e, cached, pid_tgid) = decode_raw(bytes)?;
+        let cpu = e.cpu as usize;
+        if cached {
+            match self.last.get(cpu) {
+                Some(&(p, name)) if p == pid_tgid => e.comm = name,
+                _ => {
+                    e.comm = Name::from("?");
+                    self.unnamed += 1;
+                }
+            }
+        } else if cpu < MAX_CPUS {
+            if self.last.len() <= cpu {
+                self.last.resize(cpu + 1, (u64::MAX, Name::default()));
+            }
+            self.last[cpu] = (pid_tgid, e.comm);
+        }
+        Ok(e)
+    }
+}
+
+/// Decodes one record on its own (a name left out by the kernel shows as "?").
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let (mut e, cached, _) = decode_raw(bytes)?;
+    if cached {
+        e.comm = Name::from("?");
+    }
+    Ok(e)
+}
+
+fn decode_raw(bytes: &[u8]) -> Result<(Event, bool, u64), DecodeError> {
     if bytes.len() < RAW_EVENT_SIZE {
         return Err(DecodeError::Size(bytes.len()));
     }
     // SAFETY: length checked above; RawEvent is plain old data, every bit pattern is valid.
     let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let hook = Hook::try_from(raw.hook).map_err(DecodeError::Hook)?;
+    let cached = raw.hook & HOOK_COMM_CACHED != 0;
+    let hook = Hook::try_from(raw.hook & !HOOK_COMM_CACHED).map_err(DecodeError::Hook)?;
     let n = (raw.hdr_len as usize).min(HDR_CAP);
     let hdr = &raw.hdr[..n];
     let (packet, route) = match raw.hdr_kind {
@@ -158,7 +202,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         hdr_kind::ROUTE => (None, parse_route(hdr, &raw)),
         _ => (None, None),
     };
-    Ok(Event {
+    let e = Event {
         ts_ns: raw.ts_ns,
         skb: raw.skb,
         tgid: (raw.pid_tgid >> 32) as u32,
@@ -173,7 +217,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         arg1: raw.arg1,
         packet,
         route,
-    })
+    };
+    Ok((e, cached, raw.pid_tgid))
 }
 
 fn parse_route(h: &[u8], raw: &RawEvent) -> Option<RouteInfo> {
@@ -392,6 +437,27 @@ mod tests {
         let mut r = blank(Hook::DevQueue);
         r.hook = 99;
         assert_eq!(decode(&encode(&r)), Err(DecodeError::Hook(99)));
+    }
+
+    #[test]
+    fn restores_names_the_kernel_left_out_per_cpu() {
+        let mut d = Decoder::default();
+        let first = blank(Hook::DevQueue);
+        let mut same = blank(Hook::Xmit);
+        same.comm = [0; NAME_LEN];
+        same.hook |= HOOK_COMM_CACHED;
+        assert_eq!(d.decode(&encode(&first)).expect("first").comm, "ping");
+        assert_eq!(d.decode(&encode(&same)).expect("cached").comm, "ping");
+        // Another CPU has no named event yet; another task on this CPU does not match.
+        let mut other_cpu = same;
+        other_cpu.cpu = 0;
+        assert_eq!(d.decode(&encode(&other_cpu)).expect("cpu0").comm, "?");
+        let mut other_task = same;
+        other_task.pid_tgid += 1;
+        assert_eq!(d.decode(&encode(&other_task)).expect("task").comm, "?");
+        assert_eq!(d.unnamed, 2);
+        // The stateless decoder never invents a name.
+        assert_eq!(decode(&encode(&same)).expect("plain").comm, "?");
     }
 
     #[test]

@@ -288,6 +288,10 @@ pub struct Summary {
     pub printed: u64,
     pub kernel: KernelCounters,
     pub undecodable: u64,
+    /// Records read from the ring buffer (equals `kernel.emitted` when the reader kept up).
+    pub received: u64,
+    /// Records whose task name could not be restored (the record naming it was lost).
+    pub unnamed: u64,
     /// Kernel-side cost per program (BPF run-time statistics).
     pub costs: Vec<ProgramCost>,
     /// Why there are no costs (the kernel refused statistics).
@@ -328,6 +332,9 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
             "scope_overflow": sum.kernel.scope_full,
             "read_failures": sum.kernel.read_failed,
             "undecodable_events": sum.undecodable,
+            "events_emitted": sum.kernel.emitted,
+            "events_received": sum.received,
+            "unnamed_events": sum.unnamed,
             "unlinked_lo_events": stats.unlinked_lo_events,
             "expired": stats.expired,
             "in_flight_at_end": stats.in_flight_at_end,
@@ -370,7 +377,9 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     );
     let _ = writeln!(
         s,
-        "    lost events: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | expired: {} | in flight at end: {}",
+        "    events: {} emitted, {} received | lost events: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | expired: {} | in flight at end: {}",
+        sum.kernel.emitted,
+        sum.received,
         sum.kernel.ring_lost,
         sum.kernel.scope_full,
         sum.kernel.read_failed,
@@ -524,9 +533,12 @@ mod tests {
             printed: 3,
             kernel: KernelCounters {
                 ring_lost: 7,
+                emitted: 40,
                 ..Default::default()
             },
             undecodable: 0,
+            received: 33,
+            unnamed: 1,
             costs: vec![
                 ProgramCost {
                     program: "net_dev_queue",
@@ -553,5 +565,13 @@ mod tests {
             "{s}"
         );
         assert_eq!(summary_json(&stats, &sum)["summary"]["lost_events"], 7);
+        assert!(s.contains("events: 40 emitted, 33 received"), "{s}");
+        assert_eq!(
+            (
+                j["summary"]["events_emitted"].as_u64(),
+                j["summary"]["events_received"].as_u64()
+            ),
+            (Some(40), Some(33))
+        );
     }
 }

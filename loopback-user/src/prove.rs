@@ -21,7 +21,7 @@ use crate::{
     netns::{Netns, Sandbox, list_named},
     output::{fmt_ns, stages_out, table_name},
     path::{PacketPath, SoftirqContext, Tracker, TrackerConfig, is_echo_reply, is_echo_request},
-    trace::{Format, pump},
+    trace::{Format, Intake, pump},
     traffic::{EchoError, icmp_echo},
 };
 
@@ -667,8 +667,13 @@ fn user_plan(netns: &Netns, cfg: &ProveConfig, ids: &mut Ids) -> Result<Vec<Step
     Ok(steps)
 }
 
-fn drain(rb: &mut RingBuf<MapData>, tracker: &mut Tracker, out: &mut Vec<PacketPath>, bad: &mut u64) -> Result<()> {
-    pump(rb, tracker, bad, |ps| {
+fn drain(
+    rb: &mut RingBuf<MapData>,
+    tracker: &mut Tracker,
+    out: &mut Vec<PacketPath>,
+    intake: &mut Intake,
+) -> Result<()> {
+    pump(rb, intake, tracker, |ps| {
         out.extend(ps);
         Ok(())
     })
@@ -785,7 +790,7 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
         }
     );
     let mut paths = Vec::new();
-    let mut bad = 0u64;
+    let mut intake = Intake::default();
     let mut probes = Vec::new();
     let mut scenarios: Vec<(&'static str, String)> = Vec::new();
     for step in &steps {
@@ -802,13 +807,13 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
             Step::Probe(t) => {
                 probes.push(probe_one(&netns, t, cfg.count, cancel)?);
                 interrupted(cancel)?;
-                drain(&mut ring, &mut tracker, &mut paths, &mut bad)?;
+                drain(&mut ring, &mut tracker, &mut paths, &mut intake)?;
             }
         }
     }
     // Let the last frees land, then take everything.
     std::thread::sleep(Duration::from_millis(50));
-    drain(&mut ring, &mut tracker, &mut paths, &mut bad)?;
+    drain(&mut ring, &mut tracker, &mut paths, &mut intake)?;
     paths.extend(tracker.flush());
     let kernel = session.counters()?;
     drop(session);
@@ -825,6 +830,7 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
     }
     let proven = reports.iter().filter(|r| r.verdict == Verdict::Proven).count();
     let unexpected: Vec<&Report> = reports.iter().filter(|r| !r.ok()).collect();
+    let bad = intake.undecodable;
     let lost = kernel.ring_lost + kernel.scope_full + bad;
     eprintln!(
         "lotrace prove: {} target(s): {proven} proven, {} as expected; lost events {} (ring full {}, scope full {}, undecodable {bad}){}",

@@ -13,7 +13,7 @@ use tokio::{
 
 use crate::{
     bpf::session::{Session, SessionOptions},
-    decode::decode,
+    decode::Decoder,
     filter::Expr,
     netns::Netns,
     output::{Summary, TextStyle, packet_text, summary_json, summary_text, write_packet_json},
@@ -35,6 +35,7 @@ pub struct TraceConfig {
     pub format: Format,
     pub xdp: bool,
     pub raw_tp: bool,
+    pub kernel_cost: bool,
 }
 
 pub fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -91,19 +92,46 @@ impl Printer<'_> {
     }
 }
 
+/// Where ring-buffer records enter user space: the stateful decoder and the counts that let the
+/// summary account for every record the kernel emitted.
+#[derive(Default)]
+pub struct Intake {
+    pub decoder: Decoder,
+    /// Records read from the ring buffer.
+    pub received: u64,
+    /// Records that did not decode (counted, never dropped silently).
+    pub undecodable: u64,
+}
+
+impl Intake {
+    /// Decodes one record into the tracker, handing finished packets to `sink`.
+    pub fn take(
+        &mut self,
+        bytes: &[u8],
+        tracker: &mut Tracker,
+        sink: &mut impl FnMut(Vec<PacketPath>) -> Result<()>,
+    ) -> Result<()> {
+        self.received += 1;
+        match self.decoder.decode(bytes) {
+            Ok(ev) => sink(tracker.push(ev)),
+            Err(_) => {
+                self.undecodable += 1;
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Decodes and reconstructs everything currently in the ring buffer, handing finished packets
 /// to `sink` (shared by `trace` and `prove`).
 pub fn pump(
     rb: &mut RingBuf<MapData>,
+    intake: &mut Intake,
     tracker: &mut Tracker,
-    undecodable: &mut u64,
     mut sink: impl FnMut(Vec<PacketPath>) -> Result<()>,
 ) -> Result<()> {
     while let Some(item) = rb.next() {
-        match decode(&item) {
-            Ok(ev) => sink(tracker.push(ev))?,
-            Err(_) => *undecodable += 1,
-        }
+        intake.take(&item, tracker, &mut sink)?;
     }
     Ok(())
 }
@@ -112,9 +140,9 @@ fn drain(
     rb: &mut RingBuf<MapData>,
     tracker: &mut Tracker,
     printer: &mut Printer<'_>,
-    undecodable: &mut u64,
+    intake: &mut Intake,
 ) -> Result<()> {
-    pump(rb, tracker, undecodable, |ps| printer.print_all(ps))?;
+    pump(rb, intake, tracker, |ps| printer.print_all(ps))?;
     printer.out.flush()?;
     Ok(())
 }
@@ -123,6 +151,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     let mut session = Session::open(&SessionOptions {
         xdp: cfg.xdp,
         raw_tp: cfg.raw_tp,
+        kernel_cost: cfg.kernel_cost,
         ..SessionOptions::new(cfg.netns.clone())
     })?;
     let ring = session.take_ring()?;
@@ -182,7 +211,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     let deadline = cfg.duration.map(|d| Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
-    let mut undecodable = 0u64;
+    let mut intake = Intake::default();
 
     loop {
         let sleep = async {
@@ -194,13 +223,13 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut tracker, &mut printer, &mut undecodable)?;
+                drain(guard.get_inner_mut(), &mut tracker, &mut printer, &mut intake)?;
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => {
                 // The kernel wakes this reader only per 256 KiB (batched wake-ups); the rest is
                 // picked up here.
-                drain(ring.get_mut(), &mut tracker, &mut printer, &mut undecodable)?;
+                drain(ring.get_mut(), &mut tracker, &mut printer, &mut intake)?;
             }
             _ = tick.tick() => {
                 printer.print_all(tracker.expire(monotonic_ns()))?;
@@ -215,13 +244,15 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         }
     }
     // What is still in the ring, then everything still held.
-    drain(ring.get_mut(), &mut tracker, &mut printer, &mut undecodable)?;
+    drain(ring.get_mut(), &mut tracker, &mut printer, &mut intake)?;
     printer.print_all(tracker.flush())?;
     printer.out.flush()?;
     let summary = Summary {
         printed: printer.printed,
         kernel: session.counters()?,
-        undecodable,
+        undecodable: intake.undecodable,
+        received: intake.received,
+        unnamed: intake.decoder.unnamed,
         costs: session.program_costs(),
         costs_unavailable: session.stats_error.clone(),
     };

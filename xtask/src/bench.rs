@@ -36,6 +36,9 @@ const TRACEPOINTS: &[&str] = &[
 enum Mode {
     Untraced,
     Lotrace,
+    /// lotrace with `--kernel-cost`: gives the kernel time per packet, and shows what the
+    /// kernel's own statistics cost.
+    LotraceCost,
     Bpftrace,
 }
 
@@ -173,10 +176,15 @@ enum Tracer {
 fn start(mode: Mode, lotrace: &Path, ns: &Netns) -> Result<Tracer> {
     match mode {
         Mode::Untraced => Ok(Tracer::None),
-        Mode::Lotrace => {
+        Mode::Lotrace | Mode::LotraceCost => {
             let t0 = Instant::now();
             let mut child = Command::new(lotrace)
                 .args(["trace", "--netns", &ns.0, "--format", "json"])
+                .args(if mode == Mode::LotraceCost {
+                    &["--kernel-cost"][..]
+                } else {
+                    &[]
+                })
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -428,9 +436,9 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     let recon = criterion(root)?;
     let ns = Netns::new()?;
     let workloads = [Workload::PingPong, Workload::UdpStream, Workload::TcpBulk];
-    let modes = [Mode::Untraced, Mode::Lotrace, Mode::Bpftrace];
+    let modes = [Mode::Untraced, Mode::Lotrace, Mode::LotraceCost, Mode::Bpftrace];
     let mut results: BTreeMap<(Workload, Mode), Vec<f64>> = BTreeMap::new();
-    let mut runs: BTreeMap<Workload, Vec<LotraceRun>> = BTreeMap::new();
+    let mut runs: BTreeMap<(Workload, Mode), Vec<LotraceRun>> = BTreeMap::new();
     for rep in 0..reps {
         for w in workloads {
             for m in modes {
@@ -442,7 +450,7 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
                 eprintln!("{v:.3}");
                 results.entry((w, m)).or_default().push(v);
                 if let Some(lr) = lr {
-                    runs.entry(w).or_default().push(lr);
+                    runs.entry((w, m)).or_default().push(lr);
                 }
             }
         }
@@ -456,11 +464,16 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     );
     let mut t = String::new();
     t += &format!("Medians of {reps} interleaved runs of {secs} s each; ratio = traced / untraced ({machine}).\n\n");
-    t += "| workload | untraced | lotrace | ratio | target | bpftrace (count 15 tp) | ratio |\n";
-    t += "|---|---|---|---|---|---|---|\n";
+    t += "| workload | untraced | lotrace | ratio | target | lotrace --kernel-cost | ratio | bpftrace (count 15 tp) | ratio |\n";
+    t += "|---|---|---|---|---|---|---|---|---|\n";
     for w in workloads {
         let m = |mode| median(results.get(&(w, mode)).map(|v| v.as_slice()).unwrap_or(&[]));
-        let (base, lo, bt) = (m(Mode::Untraced), m(Mode::Lotrace), m(Mode::Bpftrace));
+        let (base, lo, lc, bt) = (
+            m(Mode::Untraced),
+            m(Mode::Lotrace),
+            m(Mode::LotraceCost),
+            m(Mode::Bpftrace),
+        );
         let fmt = |v: f64| {
             if v >= 1000.0 {
                 format!("{v:.0}")
@@ -469,27 +482,31 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
             }
         };
         t += &format!(
-            "| {} | {} | {} | {:.2}x | {} | {} | {:.2}x |\n",
+            "| {} | {} | {} | {:.2}x | {} | {} | {:.2}x | {} | {:.2}x |\n",
             w.name(),
             fmt(base),
             fmt(lo),
             lo / base,
             w.target(),
+            fmt(lc),
+            lc / base,
             fmt(bt),
             bt / base
         );
     }
-    t += "\n| lotrace, per workload | packets | complete | lost events | expired | kernel time per packet | peak RSS | start to attached |\n";
+    t += "\n| lotrace, per workload (both modes) | packets | complete | lost events | expired | kernel time per packet (--kernel-cost) | peak RSS | start to attached |\n";
     t += "|---|---|---|---|---|---|---|---|\n";
     for w in workloads {
-        let rs = runs.get(&w).cloned().unwrap_or_default();
+        let mut rs = runs.get(&(w, Mode::Lotrace)).cloned().unwrap_or_default();
+        let costed = runs.get(&(w, Mode::LotraceCost)).cloned().unwrap_or_default();
+        let kns = median(&costed.iter().map(|r| r.kernel_ns_per_packet).collect::<Vec<_>>());
+        rs.extend(costed);
         let packets: u64 = rs.iter().map(|r| r.packets).sum();
         let lost: u64 = rs.iter().map(|r| r.lost).sum();
         let expired: u64 = rs.iter().map(|r| r.expired).sum();
         let complete = median(&rs.iter().map(|r| r.complete_pct).collect::<Vec<_>>());
         let rss = rs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
         let attach = median(&rs.iter().map(|r| r.attach_ms).collect::<Vec<_>>());
-        let kns = median(&rs.iter().map(|r| r.kernel_ns_per_packet).collect::<Vec<_>>());
         t += &format!(
             "| {} | {packets} | {complete:.1}% | {lost} | {expired} | {kns:.0} ns | {:.1} MiB | {attach:.0} ms |\n",
             w.name(),

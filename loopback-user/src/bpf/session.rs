@@ -21,6 +21,10 @@ use super::{
 };
 use crate::netns::Netns;
 
+/// Why the exit summary has no kernel cost when `--kernel-cost` was not given.
+pub const NOT_REQUESTED: &str =
+    "not requested: add --kernel-cost (the kernel's statistics add two clock reads to every BPF program run)";
+
 #[derive(Clone, Debug)]
 pub struct SessionOptions {
     pub netns: Netns,
@@ -33,6 +37,10 @@ pub struct SessionOptions {
     /// Attach the raw tracepoint twins instead of tp_btf (what lotrace falls back to per hook
     /// when tp_btf is refused; forcing it tests that path and helps with a broken tp_btf).
     pub raw_tp: bool,
+    /// Turn on the kernel's per-program run-time statistics (`BPF_ENABLE_STATS`). Off by
+    /// default: while on, the kernel reads the clock twice around every run of every BPF program
+    /// on the machine, which on the loopback path costs more than some of our programs.
+    pub kernel_cost: bool,
 }
 
 impl SessionOptions {
@@ -42,6 +50,7 @@ impl SessionOptions {
             ring_bytes: DEFAULT_RING_BYTES,
             xdp: false,
             raw_tp: false,
+            kernel_cost: false,
         }
     }
 }
@@ -71,6 +80,8 @@ pub struct KernelCounters {
     pub scope_full: u64,
     /// Kernel memory reads that failed (fields left empty).
     pub read_failed: u64,
+    /// Events submitted to the ring buffer.
+    pub emitted: u64,
 }
 
 /// Kernel-side cost of one attached program (BPF_STATS_RUN_TIME, enabled while tracing).
@@ -269,9 +280,13 @@ impl Session {
         }
         // Run time and count per program, for the exit summary (the kernel keeps counting only
         // while some fd holds stats on; a few ns per program run).
-        let (stats_fd, stats_error) = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
-            Ok(fd) => (Some(fd), None),
-            Err(e) => (None, Some(explain(&e, "stats"))),
+        let (stats_fd, stats_error) = if !opts.kernel_cost {
+            (None, Some(NOT_REQUESTED.to_string()))
+        } else {
+            match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+                Ok(fd) => (Some(fd), None),
+                Err(e) => (None, Some(explain(&e, "stats"))),
+            }
         };
         Ok(Self {
             ebpf,
@@ -302,6 +317,7 @@ impl Session {
             ring_lost: sum(counter::RING_LOST)?,
             scope_full: sum(counter::SCOPE_FULL)?,
             read_failed: sum(counter::READ_FAILED)?,
+            emitted: sum(counter::EMITTED)?,
         })
     }
 
