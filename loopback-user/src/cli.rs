@@ -1,7 +1,7 @@
 //! Command line (clap derive) and dispatch. Errors are one line; bad input exits 2.
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use std::sync::{
     Arc,
@@ -15,7 +15,7 @@ use crate::{
     filter,
     netns::Netns,
     prove,
-    trace::{self, Format, TraceConfig},
+    trace::{self, Format, PrintOpts, TraceConfig},
 };
 
 #[derive(Parser, Debug)]
@@ -71,6 +71,28 @@ pub enum Cmd {
         /// add two clock reads to every BPF program run, so they are off unless asked for.
         #[arg(long)]
         kernel_cost: bool,
+        /// Record the raw events to FILE (replay it later, anywhere, without root).
+        #[arg(long, value_name = "FILE")]
+        write: Option<PathBuf>,
+        /// Write the packets seen on lo to OUT as pcapng, each with its kernel path as a comment.
+        #[arg(long, value_name = "OUT")]
+        pcapng: Option<PathBuf>,
+    },
+    /// Reconstruct and print a recording made with `trace --write`, exactly as the live run did.
+    Replay {
+        /// The recording.
+        file: PathBuf,
+        #[arg(long, value_name = "EXPR")]
+        filter: Option<String>,
+        #[arg(long, value_name = "N")]
+        pid: Option<u32>,
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        /// Write the recorded lo packets to OUT as pcapng with their kernel paths as comments.
+        #[arg(long, value_name = "OUT")]
+        pcapng: Option<PathBuf>,
     },
     /// Prove, with evidence from the running kernel, that traffic to local addresses stays on lo.
     /// With no target: builds a throwaway sandbox namespace and proves 127.0.0.1, another 127/8
@@ -142,6 +164,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             xdp,
             raw_tp,
             kernel_cost,
+            write,
+            pcapng,
         } => {
             let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
             let netns = match given_netns(netns)? {
@@ -150,16 +174,41 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             };
             trace::run(TraceConfig {
                 netns,
-                filter,
-                pid,
-                count,
+                print: PrintOpts {
+                    filter,
+                    pid,
+                    count,
+                    format,
+                },
                 duration,
-                format,
                 xdp,
                 raw_tp,
                 kernel_cost,
+                write,
+                pcapng,
             })
             .await?;
+            Ok(0)
+        }
+        Cmd::Replay {
+            file,
+            filter: f,
+            pid,
+            count,
+            format,
+            pcapng,
+        } => {
+            let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
+            trace::replay(trace::ReplayConfig {
+                file,
+                print: PrintOpts {
+                    filter,
+                    pid,
+                    count,
+                    format,
+                },
+                pcapng,
+            })?;
             Ok(0)
         }
         Cmd::Prove {

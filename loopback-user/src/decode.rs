@@ -136,6 +136,9 @@ pub struct Event {
     pub arg1: u64,
     pub packet: Option<PacketInfo>,
     pub route: Option<RouteInfo>,
+    /// Packet bytes from the link layer on, as the `lo` programs saw them; kept only when the
+    /// decoder was asked to (`--pcapng`).
+    pub wire: Option<Box<[u8]>>,
 }
 
 fn cstr(b: &[u8; NAME_LEN]) -> String {
@@ -148,6 +151,8 @@ fn cstr(b: &[u8; NAME_LEN]) -> String {
 #[derive(Default)]
 pub struct Decoder {
     last: Vec<(u64, Name)>,
+    /// Keep the packet bytes of `lo` events ([`Event::wire`]).
+    pub keep_wire: bool,
     /// Records whose name could not be restored (the record that carried it was lost).
     pub unnamed: u64,
 }
@@ -156,8 +161,19 @@ pub struct Decoder {
 const MAX_CPUS: usize = 4096;
 
 impl Decoder {
+    /// A decoder that also keeps the `lo` programs' packet bytes ([`Event::wire`]).
+    pub fn keeping_wire() -> Self {
+        Self {
+            keep_wire: true,
+            ..Self::default()
+        }
+    }
+
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
         let (mut e, cached, pid_tgid) = decode_raw(bytes)?;
+        if self.keep_wire && matches!(e.hook, Hook::TcEgress | Hook::TcIngress | Hook::Xdp) {
+            e.wire = wire_bytes(bytes);
+        }
         let cpu = e.cpu as usize;
         if cached {
             match self.last.get(cpu) {
@@ -184,6 +200,22 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         e.comm = Name::from("?");
     }
     Ok(e)
+}
+
+/// The link-layer bytes of an `lo` record: the header capture, then whatever the record carries
+/// past the fixed part.
+fn wire_bytes(bytes: &[u8]) -> Option<Box<[u8]>> {
+    // SAFETY: decode_raw checked the length; plain old data.
+    let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    if raw.hdr_kind != hdr_kind::ETH {
+        return None;
+    }
+    let n = (raw.hdr_len as usize).min(HDR_CAP);
+    let mut v = raw.hdr[..n].to_vec();
+    if n == HDR_CAP {
+        v.extend_from_slice(&bytes[RAW_EVENT_SIZE..]);
+    }
+    Some(v.into_boxed_slice())
 }
 
 fn decode_raw(bytes: &[u8]) -> Result<(Event, bool, u64), DecodeError> {
@@ -217,6 +249,7 @@ fn decode_raw(bytes: &[u8]) -> Result<(Event, bool, u64), DecodeError> {
         arg1: raw.arg1,
         packet,
         route,
+        wire: None,
     };
     Ok((e, cached, raw.pid_tgid))
 }

@@ -6,6 +6,8 @@ pub mod filter;
 pub mod netns;
 pub mod output;
 pub mod path;
+pub mod pcap;
 pub mod prove;
+pub mod record;
 pub mod trace;
 pub mod traffic;

@@ -541,12 +541,12 @@ mod tests {
             unnamed: 1,
             costs: vec![
                 ProgramCost {
-                    program: "net_dev_queue",
+                    program: "net_dev_queue".into(),
                     runs: 10,
                     total_ns: 1_500,
                 },
                 ProgramCost {
-                    program: "consume_skb",
+                    program: "consume_skb".into(),
                     runs: 10,
                     total_ns: 500,
                 },

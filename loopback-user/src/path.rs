@@ -154,6 +154,17 @@ pub struct PacketPath {
     pub clone_of: Option<u64>,
     pub complete: bool,
     receive_arg: Option<(u64, u64)>,
+    /// The packet's bytes as first seen on `lo` (only when the decoder keeps them).
+    pub wire: Option<Wire>,
+}
+
+/// Captured link-layer bytes of a packet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wire {
+    pub ts_ns: u64,
+    /// Length of the whole packet (the capture may be shorter).
+    pub orig_len: u32,
+    pub bytes: Box<[u8]>,
 }
 
 impl PacketPath {
@@ -308,6 +319,7 @@ impl Tracker {
             clone_of: None,
             complete: false,
             receive_arg: None,
+            wire: None,
         }
     }
 
@@ -378,6 +390,15 @@ impl Tracker {
             }
         };
         let dev = (!e.ifname.is_empty()).then_some(e.ifname);
+        if p.wire.is_none()
+            && let Some(bytes) = &e.wire
+        {
+            p.wire = Some(Wire {
+                ts_ns: e.ts_ns,
+                orig_len: e.len.max(bytes.len() as u32),
+                bytes: bytes.clone(),
+            });
+        }
         if p.info.is_none() && e.packet.is_some() {
             p.info = e.packet.clone();
             // Pair as soon as the headers are known, in transmit order: packets finish late
@@ -787,6 +808,7 @@ pub(crate) mod tests {
                 arg1,
                 packet: info,
                 route: None,
+                wire: None,
             });
             self.t
         }

@@ -4,7 +4,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
 use tokio::{
     io::unix::AsyncFd,
@@ -13,11 +15,14 @@ use tokio::{
 
 use crate::{
     bpf::session::{Session, SessionOptions},
+    cli::usage,
     decode::Decoder,
     filter::Expr,
     netns::Netns,
     output::{Summary, TextStyle, packet_text, summary_json, summary_text, write_packet_json},
-    path::{PacketPath, Tracker, TrackerConfig},
+    path::{PacketPath, Stats, Tracker, TrackerConfig},
+    pcap::PcapOut,
+    record,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -28,14 +33,23 @@ pub enum Format {
 
 pub struct TraceConfig {
     pub netns: Netns,
-    pub filter: Option<Expr>,
-    pub pid: Option<u32>,
-    pub count: Option<u64>,
+    pub print: PrintOpts,
     pub duration: Option<Duration>,
-    pub format: Format,
     pub xdp: bool,
     pub raw_tp: bool,
     pub kernel_cost: bool,
+    /// `--write FILE`: record the raw events.
+    pub write: Option<PathBuf>,
+    /// `--pcapng OUT`.
+    pub pcapng: Option<PathBuf>,
+}
+
+/// What to print (shared by `trace` and `replay`).
+pub struct PrintOpts {
+    pub filter: Option<Expr>,
+    pub pid: Option<u32>,
+    pub count: Option<u64>,
+    pub format: Format,
 }
 
 pub fn clock_ns(clock: libc::clockid_t) -> u64 {
@@ -64,29 +78,73 @@ pub fn wanted(p: &PacketPath, filter: Option<&Expr>, pid: Option<u32>) -> bool {
     true
 }
 
-/// Prints finished packets that pass the filter and `--pid`, up to `--count`.
-struct Printer<'a> {
-    cfg: &'a TraceConfig,
+/// Prints finished packets that pass the filter and `--pid`, up to `--count` (and writes them
+/// to the pcapng file when there is one).
+pub struct Printer {
+    opts: PrintOpts,
     style: TextStyle,
     out: std::io::BufWriter<std::io::Stdout>,
-    printed: u64,
+    pub printed: u64,
+    pub pcap: Option<PcapOut>,
 }
 
-impl Printer<'_> {
-    fn done(&self) -> bool {
-        self.cfg.count.is_some_and(|c| self.printed >= c)
+impl Printer {
+    pub fn new(opts: PrintOpts, wall_offset_ns: i128, pcap: Option<PcapOut>) -> Self {
+        let stdout = std::io::stdout();
+        let color = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        Self {
+            opts,
+            style: TextStyle { color, wall_offset_ns },
+            out: std::io::BufWriter::new(stdout),
+            printed: 0,
+            pcap,
+        }
     }
 
-    fn print_all(&mut self, paths: Vec<PacketPath>) -> Result<()> {
+    pub fn done(&self) -> bool {
+        self.opts.count.is_some_and(|c| self.printed >= c)
+    }
+
+    pub fn print_all(&mut self, paths: Vec<PacketPath>) -> Result<()> {
         for p in paths {
-            if self.done() || !wanted(&p, self.cfg.filter.as_ref(), self.cfg.pid) {
+            if self.done() || !wanted(&p, self.opts.filter.as_ref(), self.opts.pid) {
                 continue;
             }
-            match self.cfg.format {
+            match self.opts.format {
                 Format::Json => write_packet_json(&mut self.out, &p)?,
                 Format::Text => write!(self.out, "{}", packet_text(&p, &self.style))?,
             }
+            if let Some(pc) = &mut self.pcap {
+                pc.packet(&p)?;
+            }
             self.printed += 1;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        self.out.flush()?;
+        Ok(())
+    }
+
+    /// Prints the exit summary (stderr) and closes the pcapng file.
+    pub fn finish(mut self, stats: &Stats, summary: &Summary) -> Result<()> {
+        self.flush()?;
+        match self.opts.format {
+            Format::Json => eprintln!("{}", summary_json(stats, summary)),
+            Format::Text => eprint!("{}", summary_text(stats, summary)),
+        }
+        if let Some(pc) = self.pcap.take() {
+            eprintln!(
+                "lotrace: pcapng: {} packet(s) written{}",
+                pc.written,
+                if pc.without_bytes > 0 {
+                    format!(", {} without bytes captured on lo (not written)", pc.without_bytes)
+                } else {
+                    String::new()
+                }
+            );
+            pc.finish()?;
         }
         Ok(())
     }
@@ -101,9 +159,19 @@ pub struct Intake {
     pub received: u64,
     /// Records that did not decode (counted, never dropped silently).
     pub undecodable: u64,
+    /// `--write`: every record and expiry tick goes to the recording first.
+    pub recorder: Option<record::Writer>,
 }
 
 impl Intake {
+    /// Expires idle packets at `now` (recorded, so that replay expires at the same point).
+    pub fn expire(&mut self, tracker: &mut Tracker, now: u64) -> Result<Vec<PacketPath>> {
+        if let Some(r) = &mut self.recorder {
+            r.tick(now).context("writing the recording")?;
+        }
+        Ok(tracker.expire(now))
+    }
+
     /// Decodes one record into the tracker, handing finished packets to `sink`.
     pub fn take(
         &mut self,
@@ -112,6 +180,9 @@ impl Intake {
         sink: &mut impl FnMut(Vec<PacketPath>) -> Result<()>,
     ) -> Result<()> {
         self.received += 1;
+        if let Some(r) = &mut self.recorder {
+            r.event(bytes).context("writing the recording")?;
+        }
         match self.decoder.decode(bytes) {
             Ok(ev) => sink(tracker.push(ev)),
             Err(_) => {
@@ -136,14 +207,12 @@ pub fn pump(
     Ok(())
 }
 
-fn drain(
-    rb: &mut RingBuf<MapData>,
-    tracker: &mut Tracker,
-    printer: &mut Printer<'_>,
-    intake: &mut Intake,
-) -> Result<()> {
+fn drain(rb: &mut RingBuf<MapData>, tracker: &mut Tracker, printer: &mut Printer, intake: &mut Intake) -> Result<()> {
     pump(rb, intake, tracker, |ps| printer.print_all(ps))?;
-    printer.out.flush()?;
+    printer.flush()?;
+    if let Some(r) = &mut intake.recorder {
+        r.flush().context("writing the recording")?;
+    }
     Ok(())
 }
 
@@ -158,17 +227,19 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     // SAFETY: the ring buffer owns its map fd and lives as long as the AsyncFd.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|_| anyhow::anyhow!("cannot poll the ring buffer fd"))?;
     let mut tracker = Tracker::new(TrackerConfig::default(), session.drop_reasons.clone());
-    let stdout = std::io::stdout();
-    let color = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let mut printer = Printer {
-        cfg: &cfg,
-        style: TextStyle {
-            color,
-            wall_offset_ns: clock_ns(libc::CLOCK_REALTIME) as i128 - monotonic_ns() as i128,
-        },
-        out: std::io::BufWriter::new(stdout),
-        printed: 0,
-    };
+    let header = recording_header(&session);
+    let mut intake = Intake::default();
+    intake.decoder.keep_wire = cfg.pcapng.is_some();
+    if let Some(path) = &cfg.write {
+        intake.recorder =
+            Some(record::Writer::create(path, &header).with_context(|| format!("cannot create {}", path.display()))?);
+    }
+    let pcap = cfg
+        .pcapng
+        .as_deref()
+        .map(|p| PcapOut::create(p, header.snaplen, header.wall_offset_ns()))
+        .transpose()?;
+    let mut printer = Printer::new(cfg.print, header.wall_offset_ns(), pcap);
     let attached = session.outcomes.iter().filter(|o| o.attached).count();
     let missing: Vec<String> = session
         .missing()
@@ -211,7 +282,6 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     let deadline = cfg.duration.map(|d| Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
-    let mut intake = Intake::default();
 
     loop {
         let sleep = async {
@@ -232,8 +302,9 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
                 drain(ring.get_mut(), &mut tracker, &mut printer, &mut intake)?;
             }
             _ = tick.tick() => {
-                printer.print_all(tracker.expire(monotonic_ns()))?;
-                printer.out.flush()?;
+                let done = intake.expire(&mut tracker, monotonic_ns())?;
+                printer.print_all(done)?;
+                printer.flush()?;
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -246,19 +317,120 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     // What is still in the ring, then everything still held.
     drain(ring.get_mut(), &mut tracker, &mut printer, &mut intake)?;
     printer.print_all(tracker.flush())?;
-    printer.out.flush()?;
-    let summary = Summary {
-        printed: printer.printed,
+    let trailer = record::Trailer {
         kernel: session.counters()?,
-        undecodable: intake.undecodable,
-        received: intake.received,
-        unnamed: intake.decoder.unnamed,
         costs: session.program_costs(),
         costs_unavailable: session.stats_error.clone(),
     };
-    match printer.cfg.format {
-        Format::Json => eprintln!("{}", summary_json(&tracker.stats, &summary)),
-        Format::Text => eprint!("{}", summary_text(&tracker.stats, &summary)),
+    let summary = Summary {
+        printed: printer.printed,
+        kernel: trailer.kernel,
+        undecodable: intake.undecodable,
+        received: intake.received,
+        unnamed: intake.decoder.unnamed,
+        costs: trailer.costs.clone(),
+        costs_unavailable: trailer.costs_unavailable.clone(),
+    };
+    if let Some(r) = intake.recorder.take() {
+        r.finish(&trailer).context("writing the recording")?;
     }
-    Ok(())
+    printer.finish(&tracker.stats, &summary)
+}
+
+/// The self-describing header of a recording (also the clock reference of a live run).
+fn recording_header(session: &Session) -> record::Header {
+    let (monotonic_ns, realtime_ns) = (monotonic_ns(), clock_ns(libc::CLOCK_REALTIME));
+    record::Header {
+        format_version: record::FORMAT_VERSION,
+        lotrace_version: env!("CARGO_PKG_VERSION").to_string(),
+        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        record_size: loopback_common::RAW_EVENT_SIZE as u32,
+        netns_label: session.netns.label.clone(),
+        netns_inode: session.netns.inode,
+        monotonic_ns,
+        realtime_ns,
+        snaplen: loopback_common::HDR_CAP as u32,
+        hooks: session
+            .outcomes
+            .iter()
+            .filter(|o| o.requested)
+            .map(|o| record::HookInfo {
+                program: o.used.to_string(),
+                kind: o.kind.to_string(),
+                attached: o.attached,
+                fallback_reason: o.fallback_reason.clone(),
+            })
+            .collect(),
+        drop_reasons: session.drop_reasons.iter().map(|(k, v)| (*k, v.clone())).collect(),
+    }
+}
+
+pub struct ReplayConfig {
+    pub file: PathBuf,
+    pub print: PrintOpts,
+    pub pcapng: Option<PathBuf>,
+}
+
+/// `lotrace replay FILE`: the same reconstruction and output as the live run, from a recording.
+/// A malformed file is a usage error naming the byte offset; what was read before it is printed.
+pub fn replay(cfg: ReplayConfig) -> Result<()> {
+    let name = cfg.file.display().to_string();
+    let bad = |e: record::RecordingError| usage(format!("{name}: {e}"));
+    let mut reader = record::Reader::open(&cfg.file).map_err(bad)?;
+    let h = reader.header.clone();
+    eprintln!(
+        "lotrace: replaying {name}: recorded by lotrace {} on kernel {}, network namespace {} (inode {}), {}/{} hooks attached",
+        h.lotrace_version,
+        h.kernel_release,
+        h.netns_label,
+        h.netns_inode,
+        h.hooks.iter().filter(|x| x.attached).count(),
+        h.hooks.len()
+    );
+    let mut tracker = Tracker::new(TrackerConfig::default(), h.drop_reasons.clone().into_iter().collect());
+    let mut intake = Intake::default();
+    intake.decoder.keep_wire = cfg.pcapng.is_some();
+    let pcap = cfg
+        .pcapng
+        .as_deref()
+        .map(|p| PcapOut::create(p, h.snaplen, h.wall_offset_ns()))
+        .transpose()?;
+    let mut printer = Printer::new(cfg.print, h.wall_offset_ns(), pcap);
+    let mut trailer = None;
+    loop {
+        let frame = match reader.next_frame() {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                printer.flush()?;
+                return Err(bad(e));
+            }
+        };
+        match frame {
+            record::Frame::Event(bytes) => intake.take(&bytes, &mut tracker, &mut |ps| printer.print_all(ps))?,
+            record::Frame::Tick(now) => {
+                let done = intake.expire(&mut tracker, now)?;
+                printer.print_all(done)?;
+            }
+            record::Frame::Trailer(t) => trailer = Some(t),
+        }
+    }
+    printer.print_all(tracker.flush())?;
+    let t = trailer.unwrap_or_else(|| {
+        eprintln!("lotrace: {name}: no trailer (the recording was cut short): the kernel's loss counters are unknown");
+        record::Trailer::default()
+    });
+    let summary = Summary {
+        printed: printer.printed,
+        kernel: t.kernel,
+        undecodable: intake.undecodable,
+        received: intake.received,
+        unnamed: intake.decoder.unnamed,
+        costs: t.costs,
+        costs_unavailable: t.costs_unavailable,
+    };
+    printer.finish(&tracker.stats, &summary)
 }

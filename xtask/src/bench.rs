@@ -110,28 +110,42 @@ fn have(bin: &str) -> bool {
 
 /// Installs the peers (Debian packages) when missing.
 fn ensure_tools() -> Result<()> {
-    let missing: Vec<&str> = [
-        ("sockperf", "sockperf"),
-        ("bpftrace", "bpftrace"),
-        ("iperf3", "iperf3"),
-        ("taskset", "util-linux"),
-    ]
-    .into_iter()
-    .filter(|(bin, _)| !have(bin))
-    .map(|(_, pkg)| pkg)
-    .collect();
+    ensure_packages(
+        "bench",
+        &[
+            ("sockperf", "sockperf"),
+            ("bpftrace", "bpftrace"),
+            ("iperf3", "iperf3"),
+            ("taskset", "util-linux"),
+        ],
+    )
+}
+
+/// Installs the Debian packages of the commands (command, package) that are missing; fast when
+/// none is. Refreshes the package lists once if the first try fails (a fresh machine).
+pub fn ensure_packages(who: &str, tools: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|(bin, _)| !have(bin))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
-    eprintln!("xtask bench: installing {}", missing.join(" "));
-    let st = Command::new("apt-get")
-        .args(["install", "-y", "-qq"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("apt-get")?;
-    if !st.success() {
-        bail!("apt-get install {} failed", missing.join(" "));
+    eprintln!("xtask {who}: installing {}", missing.join(" "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("apt-get")
+    };
+    if !install()?.success() {
+        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        if !install()?.success() {
+            bail!("apt-get install {} failed", missing.join(" "));
+        }
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench`.
+//! Project tasks: `cargo xtask setup | build | run -- ARGS | test | bench | fuzz`.
 //! Every task first makes sure the toolchain pieces exist (rust-src, bpf-linker built against the
 //! LLVM inside the installed rustc), installing them when missing; quick when already there.
 use std::{
@@ -29,8 +29,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Run every test: unit tests, then the privileged tests (root, one thread).
+    /// Run every test: unit tests, then the privileged tests (root, one thread), then every fuzz
+    /// target for a few seconds.
     Test,
+    /// Run every fuzz target (cargo fuzz; installed if missing) for longer.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 300)]
+        secs: u32,
+    },
     /// Benchmarks (root): traced vs untraced workloads and bpftrace, as ratios; reconstruction speed.
     Bench {
         /// Repetitions of every (workload, mode) pair.
@@ -49,6 +56,9 @@ fn main() -> ExitCode {
         Cmd::Build => setup().and_then(|_| build()),
         Cmd::Run { args } => setup().and_then(|_| build()).and_then(|_| run(&args)),
         Cmd::Test => setup().and_then(|_| test()),
+        Cmd::Fuzz { secs } => setup()
+            .and_then(|_| fuzz(secs))
+            .and_then(|ok| if ok { Ok(()) } else { bail!("a fuzz target failed") }),
         Cmd::Bench { reps, secs } => {
             if !is_root() {
                 eprintln!("xtask: bench needs root (it loads lotrace and bpftrace): run `sudo -E cargo xtask bench`");
@@ -261,6 +271,48 @@ fn run_tests(cmd: &mut Command, passed: &mut u64, failed: &mut u64) -> bool {
     out.status.success()
 }
 
+/// The fuzz targets (fuzz/fuzz_targets): recording reader + replay, event decoder, filter parser.
+const FUZZ_TARGETS: &[&str] = &["recording", "decode", "filter"];
+/// Seconds per fuzz target inside `cargo xtask test`.
+const FUZZ_TEST_SECS: u32 = 10;
+
+/// Runs every fuzz target for `secs` seconds (installs cargo-fuzz when missing). Ok(false): a
+/// target found a crash (cargo fuzz printed it and saved the input under fuzz/artifacts).
+fn fuzz(secs: u32) -> Result<bool> {
+    let have_fuzz = Command::new(cargo_bin_dir().join("cargo-fuzz"))
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_fuzz {
+        eprintln!("xtask: installing cargo-fuzz (about a minute)");
+        status(cargo().args(["install", "cargo-fuzz", "--locked"])).context("cannot install cargo-fuzz")?;
+    }
+    let mut all_ok = true;
+    for t in FUZZ_TARGETS {
+        eprintln!("xtask: fuzzing {t} for {secs} s");
+        // libFuzzer needs nightly-only flags (RUSTC_BOOTSTRAP, as for the eBPF build); no
+        // sanitizer: the code is safe Rust, a panic is what we look for. The eBPF object is
+        // not needed by the fuzzed code (stub).
+        let st = cargo()
+            .current_dir(root().join("fuzz"))
+            .args(["fuzz", "run", "-s", "none", t, "--"])
+            .arg(format!("-max_total_time={secs}"))
+            .env("RUSTC_BOOTSTRAP", "1")
+            .env("LOTRACE_EBPF_STUB", "1")
+            .status()
+            .context("cargo fuzz")?;
+        if st.success() {
+            println!("fuzz {t}: {secs} s without a crash");
+        } else {
+            println!("fuzz {t}: FAILED (input saved under fuzz/artifacts/{t})");
+            all_ok = false;
+        }
+    }
+    Ok(all_ok)
+}
+
 fn test() -> Result<()> {
     let (mut passed, mut failed) = (0u64, 0u64);
     let mut ok = true;
@@ -282,6 +334,9 @@ fn test() -> Result<()> {
             bail!("CI=true but not root: the privileged tests must run as root");
         }
         eprintln!("xtask: not root: privileged tests will skip (run `sudo -E cargo xtask test` to run them)");
+    } else {
+        // The pcapng test also checks the file with tcpdump.
+        bench::ensure_packages("test", &[("tcpdump", "tcpdump")])?;
     }
     ok &= run_tests(
         cargo().args([
@@ -296,6 +351,19 @@ fn test() -> Result<()> {
         &mut passed,
         &mut failed,
     );
+    // 4. fuzz targets, briefly (`cargo xtask fuzz` for a longer run)
+    match fuzz(FUZZ_TEST_SECS) {
+        Ok(true) => passed += FUZZ_TARGETS.len() as u64,
+        Ok(false) => {
+            failed += 1;
+            ok = false;
+        }
+        Err(e) => {
+            eprintln!("xtask: fuzzing could not run: {e:#}");
+            failed += 1;
+            ok = false;
+        }
+    }
     println!("\nsummary: {passed} passed, {failed} failed");
     if !ok || failed > 0 {
         bail!("tests failed");

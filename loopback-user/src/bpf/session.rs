@@ -72,7 +72,7 @@ pub struct AttachOutcome {
 }
 
 /// Kernel-side loss counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct KernelCounters {
     /// Events the kernel could not put in the ring buffer (full).
     pub ring_lost: u64,
@@ -85,9 +85,9 @@ pub struct KernelCounters {
 }
 
 /// Kernel-side cost of one attached program (BPF_STATS_RUN_TIME, enabled while tracing).
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ProgramCost {
-    pub program: &'static str,
+    pub program: String,
     pub runs: u64,
     pub total_ns: u64,
 }
@@ -332,7 +332,7 @@ impl Session {
             .filter_map(|o| {
                 let info = self.ebpf.program(o.used)?.info().ok()?;
                 Some(ProgramCost {
-                    program: o.used,
+                    program: o.used.to_string(),
                     runs: info.run_count(),
                     total_ns: info.run_time().as_nanos() as u64,
                 })
