@@ -8,6 +8,9 @@
 /// 96 bytes hold an Ethernet header, an IPv6 header and a TCP header with most options.
 pub const HDR_CAP: usize = 96;
 
+/// Most packet bytes a tc egress record may carry past `RawEvent` (`--snaplen`); a power of two.
+pub const SNAP_EXTRA: usize = 2048;
+
 /// Length of a kernel task name (`TASK_COMM_LEN`) and of an interface name (`IFNAMSIZ`).
 pub const NAME_LEN: usize = 16;
 

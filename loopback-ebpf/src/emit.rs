@@ -3,11 +3,12 @@ use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     generated::bpf_probe_read_kernel as probe_read_raw,
 };
-use loopback_common::{HDR_CAP, HOOK_COMM_CACHED, Hook, NAME_LEN, RawEvent, counter, hdr_kind};
+use aya_ebpf::helpers::generated::bpf_ringbuf_output;
+use loopback_common::{HDR_CAP, HOOK_COMM_CACHED, Hook, NAME_LEN, RAW_EVENT_SIZE, RawEvent, SNAP_EXTRA, counter, hdr_kind};
 
 use crate::{
     kernel::{Mem, off, read},
-    maps::{EVENTS, LAST_TASK, count},
+    maps::{EVENTS, LAST_TASK, SCRATCH, count},
 };
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -29,6 +30,69 @@ pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
         return;
     };
     let e = unsafe { &mut *entry.as_mut_ptr() };
+    fill_common(e, hook, skb, pid_tgid, cached, last);
+    fill(e);
+    entry.submit(wakeup_flags());
+}
+
+/// Like [`emit`], for a record followed by `extra` more bytes that `fill` writes (up to
+/// `SNAP_EXTRA`): built in a per-CPU scratch buffer and copied into the ring (a reservation
+/// must have a constant size). Returns nothing: a failed output is counted as lost.
+#[inline(always)]
+pub fn emit_long(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent, *mut u8) -> u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let last = LAST_TASK.get_ptr_mut(0);
+    let cached = last.is_some_and(|p| unsafe { *p } == pid_tgid);
+    let Some(buf) = SCRATCH.get_ptr_mut(0) else {
+        count(counter::RING_LOST);
+        return;
+    };
+    let base = buf as *mut u8;
+    let e = unsafe { &mut *(base as *mut RawEvent) };
+    let extra = fill_and(e, hook, skb, pid_tgid, cached, last, |e| fill(e, unsafe { base.add(RAW_EVENT_SIZE) }));
+    let size = (RAW_EVENT_SIZE as u32 + (extra & (SNAP_EXTRA as u32 - 1))) as u64;
+    let rc = unsafe {
+        bpf_ringbuf_output(
+            &EVENTS as *const _ as *mut core::ffi::c_void,
+            base as *mut core::ffi::c_void,
+            size,
+            wakeup_flags(),
+        )
+    };
+    if rc != 0 {
+        count(counter::RING_LOST);
+    }
+}
+
+#[inline(always)]
+fn fill_and<R>(
+    e: &mut RawEvent,
+    hook: Hook,
+    skb: u64,
+    pid_tgid: u64,
+    cached: bool,
+    last: Option<*mut u64>,
+    fill: impl FnOnce(&mut RawEvent) -> R,
+) -> R {
+    fill_common(e, hook, skb, pid_tgid, cached, last);
+    fill(e)
+}
+
+/// Batched wake-ups: waking the reader costs the traced task an irq_work per event when the
+/// reader keeps up. Wake it once per WAKEUP_EVERY events of this CPU (a per-CPU count, no
+/// helper call); it also drains on a 10 ms timer.
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    let n = count(counter::EMITTED);
+    if n & (WAKEUP_EVERY - 1) == 0 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
+#[inline(always)]
+fn fill_common(e: &mut RawEvent, hook: Hook, skb: u64, pid_tgid: u64, cached: bool, last: Option<*mut u64>) {
     e.ts_ns = unsafe { bpf_ktime_get_ns() };
     e.skb = skb;
     e.pid_tgid = pid_tgid;
@@ -49,17 +113,6 @@ pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
     e.hook = hook as u8 | if cached { HOOK_COMM_CACHED } else { 0 };
     e.hdr_kind = hdr_kind::NONE;
     e.hdr_len = 0;
-    fill(e);
-    // Batched wake-ups: waking the reader costs the traced task an irq_work per event when the
-    // reader keeps up. Wake it once per WAKEUP_EVERY events of this CPU (a per-CPU count, no
-    // helper call); it also drains on a 10 ms timer.
-    let n = count(counter::EMITTED);
-    let flags = if n & (WAKEUP_EVERY - 1) == 0 {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags);
 }
 
 /// Copies `HDR_CAP` bytes of packet header starting at kernel address `src`.

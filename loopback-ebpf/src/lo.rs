@@ -11,12 +11,13 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use loopback_common::{Hook, LOOPBACK_IFINDEX, hdr_kind};
+use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
+use loopback_common::{HDR_CAP, Hook, LOOPBACK_IFINDEX, SNAP_EXTRA, counter, hdr_kind};
 
 use crate::{
-    emit::{capture, emit},
+    emit::{capture, emit, emit_long},
     kernel::ensure_tracked,
-    maps::RX_SKB,
+    maps::{RX_SKB, SNAP_EXTRA_BYTES, count},
 };
 
 #[inline(always)]
@@ -39,12 +40,48 @@ pub fn lo_xdp(ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
-/// tcx egress on `lo` (runs in `__dev_queue_xmit` after `net_dev_queue`).
+/// tcx egress on `lo` (runs in `__dev_queue_xmit` after `net_dev_queue`). With `--snaplen`
+/// beyond the header capture, its record carries that many more packet bytes (for pcapng): each
+/// packet crosses tc egress exactly once.
 #[classifier]
 pub fn lo_tc_egress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb as u64;
     ensure_tracked(skb);
-    lo_bytes(Hook::TcEgress, skb, ctx.data(), ctx.len());
+    let want = unsafe { core::ptr::read_volatile(&SNAP_EXTRA_BYTES) };
+    let len = ctx.len();
+    if want == 0 || len <= HDR_CAP as u32 {
+        lo_bytes(Hook::TcEgress, skb, ctx.data(), len);
+        return TC_ACT_UNSPEC;
+    }
+    let data = ctx.data();
+    emit_long(Hook::TcEgress, skb, |e, tail| {
+        e.len = len;
+        e.ifindex = LOOPBACK_IFINDEX;
+        e.ifname[..2].copy_from_slice(b"lo");
+        capture(e, hdr_kind::ETH, data as u64, len);
+        let mut extra = len - HDR_CAP as u32;
+        if extra > want {
+            extra = want;
+        }
+        // Bounded for the verifier: 1 ..= SNAP_EXTRA - 1.
+        let extra = extra & (SNAP_EXTRA as u32 - 1);
+        if extra == 0 {
+            return 0;
+        }
+        let rc = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                HDR_CAP as u32,
+                tail as *mut core::ffi::c_void,
+                extra,
+            )
+        };
+        if rc != 0 {
+            count(counter::READ_FAILED);
+            return 0;
+        }
+        extra
+    });
     TC_ACT_UNSPEC // TCX_NEXT: continue, the verdict is never ours
 }
 

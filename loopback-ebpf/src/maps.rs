@@ -31,6 +31,16 @@ pub static SOFTIRQ: PerCpuArray<SoftirqState> = PerCpuArray::with_max_entries(1,
 #[map]
 pub static LAST_TASK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// Where a record longer than `RawEvent` (tc egress with `--snaplen`) is built.
+#[map]
+pub static SCRATCH: PerCpuArray<[u8; loopback_common::RAW_EVENT_SIZE + loopback_common::SNAP_EXTRA]> =
+    PerCpuArray::with_max_entries(1, 0);
+
+/// Packet bytes to capture per packet on lo beyond the fixed header capture (0: none).
+/// Written at load time (`--snaplen`).
+#[unsafe(no_mangle)]
+pub static SNAP_EXTRA_BYTES: u32 = 0;
+
 /// Loss counters, see `loopback_common::counter`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);

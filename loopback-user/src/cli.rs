@@ -77,6 +77,10 @@ pub enum Cmd {
         /// Write the packets seen on lo to OUT as pcapng, each with its kernel path as a comment.
         #[arg(long, value_name = "OUT")]
         pcapng: Option<PathBuf>,
+        /// Packet bytes to capture per packet on lo for --pcapng / --write (the first 96 are
+        /// always captured for the headers; more are copied by the tc egress program).
+        #[arg(long, value_name = "BYTES", default_value = "96", value_parser = clap::value_parser!(u32).range(14..=2048))]
+        snaplen: u32,
     },
     /// Reconstruct and print a recording made with `trace --write`, exactly as the live run did.
     Replay {
@@ -166,6 +170,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             kernel_cost,
             write,
             pcapng,
+            snaplen,
         } => {
             let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
             let netns = match given_netns(netns)? {
@@ -186,6 +191,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 kernel_cost,
                 write,
                 pcapng,
+                snaplen,
             })
             .await?;
             Ok(0)

@@ -21,6 +21,7 @@ use crate::{
 
 pub struct PcapOut {
     w: PcapNgWriter<BufWriter<File>>,
+    snaplen: usize,
     style: TextStyle,
     /// Packets written.
     pub written: u64,
@@ -46,6 +47,7 @@ impl PcapOut {
         w.write_pcapng_block(idb).context("pcapng interface block")?;
         Ok(Self {
             w,
+            snaplen: snaplen as usize,
             style: TextStyle {
                 color: false,
                 wall_offset_ns,
@@ -66,7 +68,7 @@ impl PcapOut {
             interface_id: 0,
             timestamp: Duration::new((wall / 1_000_000_000) as u64, (wall % 1_000_000_000) as u32),
             original_len: wire.orig_len,
-            data: Cow::Borrowed(&wire.bytes),
+            data: Cow::Borrowed(&wire.bytes[..wire.bytes.len().min(self.snaplen)]),
             options: vec![EnhancedPacketOption::Comment(Cow::Owned(comment))],
         };
         self.w.write_pcapng_block(epb).context("pcapng write")?;

@@ -42,6 +42,8 @@ pub struct TraceConfig {
     pub write: Option<PathBuf>,
     /// `--pcapng OUT`.
     pub pcapng: Option<PathBuf>,
+    /// `--snaplen N`: packet bytes captured on lo.
+    pub snaplen: u32,
 }
 
 /// What to print (shared by `trace` and `replay`).
@@ -221,13 +223,14 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         xdp: cfg.xdp,
         raw_tp: cfg.raw_tp,
         kernel_cost: cfg.kernel_cost,
+        snaplen: cfg.snaplen,
         ..SessionOptions::new(cfg.netns.clone())
     })?;
     let ring = session.take_ring()?;
     // SAFETY: the ring buffer owns its map fd and lives as long as the AsyncFd.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|_| anyhow::anyhow!("cannot poll the ring buffer fd"))?;
     let mut tracker = Tracker::new(TrackerConfig::default(), session.drop_reasons.clone());
-    let header = recording_header(&session);
+    let header = recording_header(&session, cfg.snaplen);
     let mut intake = Intake::default();
     intake.decoder.keep_wire = cfg.pcapng.is_some();
     if let Some(path) = &cfg.write {
@@ -338,7 +341,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
 }
 
 /// The self-describing header of a recording (also the clock reference of a live run).
-fn recording_header(session: &Session) -> record::Header {
+fn recording_header(session: &Session, snaplen: u32) -> record::Header {
     let (monotonic_ns, realtime_ns) = (monotonic_ns(), clock_ns(libc::CLOCK_REALTIME));
     record::Header {
         format_version: record::FORMAT_VERSION,
@@ -352,7 +355,7 @@ fn recording_header(session: &Session) -> record::Header {
         netns_inode: session.netns.inode,
         monotonic_ns,
         realtime_ns,
-        snaplen: loopback_common::HDR_CAP as u32,
+        snaplen,
         hooks: session
             .outcomes
             .iter()

@@ -41,9 +41,18 @@ pub struct SessionOptions {
     /// default: while on, the kernel reads the clock twice around every run of every BPF program
     /// on the machine, which on the loopback path costs more than some of our programs.
     pub kernel_cost: bool,
+    /// Packet bytes to capture on lo (tc egress); 0 or up to `HDR_CAP`: the header capture only.
+    pub snaplen: u32,
 }
 
 impl SessionOptions {
+    /// Bytes the tc egress record carries past the fixed header capture.
+    pub fn snap_extra(&self) -> u32 {
+        self.snaplen
+            .saturating_sub(loopback_common::HDR_CAP as u32)
+            .min(loopback_common::SNAP_EXTRA as u32 - 1)
+    }
+
     pub fn new(netns: Netns) -> Self {
         Self {
             netns,
@@ -51,6 +60,7 @@ impl SessionOptions {
             xdp: false,
             raw_tp: false,
             kernel_cost: false,
+            snaplen: 0,
         }
     }
 }
@@ -227,6 +237,7 @@ impl Session {
             .override_global("OFFSETS", &offsets, true)
             .override_global("TARGET_NETNS", &opts.netns.inode, true)
             .override_global("SEND_SYSCALLS", &send_syscalls(), true)
+            .override_global("SNAP_EXTRA_BYTES", &opts.snap_extra(), true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(obj)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", explain(&e, "load")))?;
