@@ -82,6 +82,21 @@ pub enum Cmd {
         #[arg(long, value_name = "BYTES", default_value = "96", value_parser = clap::value_parser!(u32).range(14..=2048))]
         snaplen: u32,
     },
+    /// Live dashboard of the loopback path (root), or of a recording (--replay, no root needed).
+    Tui {
+        /// Network namespace to watch (name from `ip netns` or a path; default: lotrace's own).
+        #[arg(long, value_name = "NAME|PATH", conflicts_with = "replay")]
+        netns: Option<String>,
+        /// Initial filter (edit it in the dashboard with `/`).
+        #[arg(long, value_name = "EXPR")]
+        filter: Option<String>,
+        /// Drive the dashboard from a recording made with `trace --write`.
+        #[arg(long, value_name = "FILE")]
+        replay: Option<PathBuf>,
+        /// Replay speed: 1 = as recorded, 10 = ten times faster, 0 = as fast as possible.
+        #[arg(long, value_name = "X", default_value = "1", value_parser = parse_speed, requires = "replay")]
+        speed: f64,
+    },
     /// Reconstruct and print a recording made with `trace --write`, exactly as the live run did.
     Replay {
         /// The recording.
@@ -119,6 +134,13 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+}
+
+fn parse_speed(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1e6).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a speed (a number from 0 to 1000000)")),
+    }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -192,6 +214,26 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 write,
                 pcapng,
                 snaplen,
+            })
+            .await?;
+            Ok(0)
+        }
+        Cmd::Tui {
+            netns,
+            filter: f,
+            replay,
+            speed,
+        } => {
+            let filter = match f {
+                Some(text) => Some((text.clone(), filter::parse(&text).map_err(usage)?)),
+                None => None,
+            };
+            let netns = given_netns(netns)?;
+            crate::tui::run(crate::tui::TuiConfig {
+                netns,
+                filter,
+                replay,
+                speed,
             })
             .await?;
             Ok(0)

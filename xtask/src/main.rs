@@ -328,7 +328,13 @@ fn test() -> Result<()> {
         &mut passed,
         &mut failed,
     );
-    // 3. privileged tests: real programs in throwaway namespaces, one thread
+    // 3. the dashboard in a pseudo-terminal (unprivileged)
+    ok &= run_tests(
+        cargo().args(["test", "-p", "loopback-user", "--test", "tui"]),
+        &mut passed,
+        &mut failed,
+    );
+    // 4. privileged tests: real programs in throwaway namespaces, one thread
     if !is_root() {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
             bail!("CI=true but not root: the privileged tests must run as root");
@@ -336,7 +342,7 @@ fn test() -> Result<()> {
         eprintln!("xtask: not root: privileged tests will skip (run `sudo -E cargo xtask test` to run them)");
     } else {
         // The pcapng test also checks the file with tcpdump.
-        bench::ensure_packages("test", &[("tcpdump", "tcpdump")])?;
+        bench::ensure_packages("test", &[("tcpdump", "tcpdump"), ("script", "bsdutils")])?;
     }
     ok &= run_tests(
         cargo().args([
@@ -351,7 +357,7 @@ fn test() -> Result<()> {
         &mut passed,
         &mut failed,
     );
-    // 4. fuzz targets, briefly (`cargo xtask fuzz` for a longer run)
+    // 5. fuzz targets, briefly (`cargo xtask fuzz` for a longer run)
     match fuzz(FUZZ_TEST_SECS) {
         Ok(true) => passed += FUZZ_TARGETS.len() as u64,
         Ok(false) => {

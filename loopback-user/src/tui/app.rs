@@ -1,0 +1,614 @@
+//! Dashboard state and its one mutation point, [`App::update`]: testable without a terminal.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use hdrhistogram::Histogram;
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
+
+use crate::{
+    bpf::session::{KernelCounters, ProgramCost},
+    decode::proto_name,
+    filter::{self, Expr},
+    path::{PacketPath, SoftirqContext},
+};
+
+/// One step of the loopback path as the dashboard draws it, top to bottom.
+pub struct Step {
+    pub name: &'static str,
+    /// Stages (path.rs names) that belong to this step; empty: not observable here.
+    pub stages: &'static [&'static str],
+    /// Why it is not observable (when `stages` is empty).
+    pub why_not: &'static str,
+}
+
+pub const STEPS: &[Step] = &[
+    Step {
+        name: "app send",
+        stages: &["app_send"],
+        why_not: "",
+    },
+    Step {
+        name: "socket send",
+        stages: &[],
+        why_not: "no tracepoint in sock_sendmsg",
+    },
+    Step {
+        name: "route",
+        stages: &["route"],
+        why_not: "",
+    },
+    Step {
+        name: "IP out, dev queue",
+        stages: &["tc_egress", "dev_queue"],
+        why_not: "",
+    },
+    Step {
+        name: "lo transmit",
+        stages: &["xmit", "xmit_done"],
+        why_not: "",
+    },
+    Step {
+        name: "backlog (per CPU)",
+        stages: &["backlog_enqueue"],
+        why_not: "",
+    },
+    Step {
+        name: "NET_RX softirq",
+        stages: &["softirq_raise", "softirq_entry"],
+        why_not: "",
+    },
+    Step {
+        name: "IP receive",
+        stages: &["receive", "tc_ingress", "xdp"],
+        why_not: "",
+    },
+    Step {
+        name: "socket queue",
+        stages: &["sock_queue", "copy_to_user"],
+        why_not: "",
+    },
+    Step {
+        name: "app recv",
+        stages: &["app_recv"],
+        why_not: "",
+    },
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Panel {
+    Path,
+    Flows,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortKey {
+    Packets,
+    Bytes,
+    P99,
+}
+
+impl SortKey {
+    fn next(self) -> Self {
+        match self {
+            SortKey::Packets => SortKey::Bytes,
+            SortKey::Bytes => SortKey::P99,
+            SortKey::P99 => SortKey::Packets,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            SortKey::Packets => "packets",
+            SortKey::Bytes => "bytes",
+            SortKey::P99 => "p99",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub proto: String,
+    pub src: String,
+    pub dst: String,
+}
+
+pub struct Flow {
+    pub packets: u64,
+    pub bytes: u64,
+    pub latency: Histogram<u64>,
+    /// The most recent packets (for the inspector), oldest first.
+    pub recent: VecDeque<PacketPath>,
+    pub last_seen: u64,
+}
+
+/// Per step: packets seen in this and the last interval, and stage latencies.
+#[derive(Default)]
+pub struct StepStat {
+    pub window: u64,
+    pub rate: f64,
+    pub latency: Option<Histogram<u64>>,
+}
+
+pub struct Inspector {
+    pub flow: FlowKey,
+    /// Index into the flow's recent packets.
+    pub index: usize,
+}
+
+/// Inputs of [`App::update`].
+pub enum Msg {
+    Key(KeyEvent),
+    /// Finished packets from the reconstruction.
+    Packets(Vec<PacketPath>),
+    /// Once a second: kernel counters, expired packets so far, program costs, own CPU share.
+    Tick {
+        secs: f64,
+        kernel: KernelCounters,
+        expired: u64,
+        costs: Vec<ProgramCost>,
+        cpu_share: f64,
+    },
+    /// The input ended (replay reached the end of the recording).
+    End,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    None,
+    Quit,
+}
+
+pub const MAX_FLOWS: usize = 4096;
+pub const RECENT_PER_FLOW: usize = 32;
+/// Samples of the softirq context chart (one per tick).
+pub const HISTORY: usize = 60;
+
+pub struct App {
+    /// What is traced: "netns X (inode N)" or "recording FILE".
+    pub source: String,
+    /// Hooks that are not attached (or were not in the recording), with why.
+    pub missing: Vec<String>,
+    pub paused: bool,
+    pub ended: bool,
+    pub filter: Option<Expr>,
+    pub filter_text: String,
+    /// Some while the filter line is being edited.
+    pub editing: Option<String>,
+    pub error: Option<String>,
+    pub focus: Panel,
+    pub path_row: usize,
+    pub flow_row: usize,
+    pub sort: SortKey,
+    pub inspector: Option<Inspector>,
+    pub help: bool,
+    pub packets: u64,
+    /// Packets that arrived while paused (not shown).
+    pub skipped: u64,
+    pub steps: Vec<StepStat>,
+    pub flows: HashMap<FlowKey, Flow>,
+    /// Per CPU: [inline, ksoftirqd, other] in the current interval, and the history of shares.
+    pub softirq_now: BTreeMap<u32, [u64; 3]>,
+    pub softirq_hist: BTreeMap<u32, VecDeque<[u64; 3]>>,
+    pub drops: BTreeMap<String, u64>,
+    pub kernel: KernelCounters,
+    pub expired: u64,
+    pub costs: Vec<ProgramCost>,
+    pub cpu_share: f64,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("valid histogram bounds")
+}
+
+impl App {
+    pub fn new(source: String, missing: Vec<String>) -> Self {
+        Self {
+            source,
+            missing,
+            paused: false,
+            ended: false,
+            filter: None,
+            filter_text: String::new(),
+            editing: None,
+            error: None,
+            focus: Panel::Flows,
+            path_row: 0,
+            flow_row: 0,
+            sort: SortKey::Packets,
+            inspector: None,
+            help: false,
+            packets: 0,
+            skipped: 0,
+            steps: STEPS.iter().map(|_| StepStat::default()).collect(),
+            flows: HashMap::new(),
+            softirq_now: BTreeMap::new(),
+            softirq_hist: BTreeMap::new(),
+            drops: BTreeMap::new(),
+            kernel: KernelCounters::default(),
+            expired: 0,
+            costs: Vec::new(),
+            cpu_share: 0.0,
+        }
+    }
+
+    pub fn update(&mut self, msg: Msg) -> Action {
+        match msg {
+            Msg::Key(k) => return self.key(k),
+            Msg::Packets(ps) => {
+                for p in ps {
+                    if self.paused {
+                        self.skipped += 1;
+                    } else if self.wanted(&p) {
+                        self.add(p);
+                    }
+                }
+            }
+            Msg::Tick {
+                secs,
+                kernel,
+                expired,
+                costs,
+                cpu_share,
+            } => {
+                self.kernel = kernel;
+                self.expired = expired;
+                self.costs = costs;
+                self.cpu_share = cpu_share;
+                if !self.paused {
+                    for s in &mut self.steps {
+                        s.rate = if secs > 0.0 { s.window as f64 / secs } else { 0.0 };
+                        s.window = 0;
+                    }
+                    for (cpu, now) in std::mem::take(&mut self.softirq_now) {
+                        let h = self.softirq_hist.entry(cpu).or_default();
+                        h.push_back(now);
+                        if h.len() > HISTORY {
+                            h.pop_front();
+                        }
+                    }
+                }
+            }
+            Msg::End => self.ended = true,
+        }
+        Action::None
+    }
+
+    fn wanted(&self, p: &PacketPath) -> bool {
+        match (&self.filter, &p.info) {
+            (None, _) => true,
+            (Some(f), Some(i)) => f.matches(i),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Counts one finished packet into every view.
+    fn add(&mut self, p: PacketPath) {
+        self.packets += 1;
+        for (i, step) in STEPS.iter().enumerate() {
+            let seen = p.stages.iter().filter(|s| step.stages.contains(&s.stage)).count();
+            if seen > 0 {
+                self.steps[i].window += 1;
+            }
+        }
+        // Latency of a step: from the previous stage of the packet to this step's first stage.
+        for w in p.stages.windows(2) {
+            if let Some(i) = STEPS.iter().position(|s| s.stages.contains(&w[1].stage)) {
+                let d = w[1].t_ns.saturating_sub(w[0].t_ns).max(1);
+                let _ = self.steps[i].latency.get_or_insert_with(hist).record(d);
+            }
+        }
+        if let Some(s) = &p.softirq {
+            let slot = match s.context {
+                SoftirqContext::Inline => 0,
+                SoftirqContext::Ksoftirqd => 1,
+                SoftirqContext::Other => 2,
+            };
+            self.softirq_now.entry(s.cpu).or_default()[slot] += 1;
+        }
+        if let Some(r) = &p.drop_reason {
+            *self.drops.entry(r.clone()).or_default() += 1;
+        }
+        let key = flow_key(&p);
+        if !self.flows.contains_key(&key) && self.flows.len() >= MAX_FLOWS {
+            // Bounded memory: forget the flow seen least recently.
+            if let Some(old) = self
+                .flows
+                .iter()
+                .min_by_key(|(_, f)| f.last_seen)
+                .map(|(k, _)| k.clone())
+            {
+                self.flows.remove(&old);
+            }
+        }
+        let f = self.flows.entry(key).or_insert_with(|| Flow {
+            packets: 0,
+            bytes: 0,
+            latency: hist(),
+            recent: VecDeque::new(),
+            last_seen: 0,
+        });
+        f.packets += 1;
+        f.bytes += p.len as u64;
+        f.last_seen = p.last_ts();
+        let _ = f.latency.record(p.last_ts().saturating_sub(p.first_ts()).max(1));
+        f.recent.push_back(p);
+        if f.recent.len() > RECENT_PER_FLOW {
+            f.recent.pop_front();
+        }
+    }
+
+    /// Flows in display order.
+    pub fn flow_rows(&self) -> Vec<(&FlowKey, &Flow)> {
+        let mut v: Vec<(&FlowKey, &Flow)> = self.flows.iter().collect();
+        match self.sort {
+            SortKey::Packets => v.sort_by(|a, b| b.1.packets.cmp(&a.1.packets).then(a.0.cmp(b.0))),
+            SortKey::Bytes => v.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(b.0))),
+            SortKey::P99 => v.sort_by(|a, b| {
+                b.1.latency
+                    .value_at_quantile(0.99)
+                    .cmp(&a.1.latency.value_at_quantile(0.99))
+                    .then(a.0.cmp(b.0))
+            }),
+        }
+        v
+    }
+
+    fn reset_views(&mut self) {
+        self.packets = 0;
+        self.steps = STEPS.iter().map(|_| StepStat::default()).collect();
+        self.flows.clear();
+        self.softirq_now.clear();
+        self.softirq_hist.clear();
+        self.drops.clear();
+        self.flow_row = 0;
+        self.inspector = None;
+    }
+
+    fn key(&mut self, k: KeyEvent) -> Action {
+        let ctrl_c = k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+        if ctrl_c {
+            return Action::Quit;
+        }
+        if let Some(text) = &mut self.editing {
+            match k.code {
+                KeyCode::Esc => self.editing = None,
+                KeyCode::Enter => {
+                    let text = std::mem::take(text);
+                    self.editing = None;
+                    if text.trim().is_empty() {
+                        self.filter = None;
+                        self.filter_text.clear();
+                        self.error = None;
+                        self.reset_views();
+                    } else {
+                        match filter::parse(&text) {
+                            Ok(f) => {
+                                self.filter = Some(f);
+                                self.filter_text = text;
+                                self.error = None;
+                                self.reset_views();
+                            }
+                            // A bad filter keeps the old one.
+                            Err(e) => self.error = Some(format!("filter {text:?}: {e}")),
+                        }
+                    }
+                }
+                KeyCode::Backspace => {
+                    text.pop();
+                }
+                KeyCode::Char(c) => text.push(c),
+                _ => {}
+            }
+            return Action::None;
+        }
+        if self.help {
+            self.help = false;
+            return if k.code == KeyCode::Char('q') {
+                Action::Quit
+            } else {
+                Action::None
+            };
+        }
+        if let Some(ins) = &mut self.inspector {
+            let n = self.flows.get(&ins.flow).map(|f| f.recent.len()).unwrap_or(0);
+            match k.code {
+                KeyCode::Esc | KeyCode::Enter | KeyCode::Backspace => self.inspector = None,
+                KeyCode::Left | KeyCode::Up => ins.index = ins.index.saturating_sub(1),
+                KeyCode::Right | KeyCode::Down => ins.index = (ins.index + 1).min(n.saturating_sub(1)),
+                KeyCode::Char('q') => return Action::Quit,
+                _ => {}
+            }
+            return Action::None;
+        }
+        match k.code {
+            KeyCode::Char('q') => return Action::Quit,
+            KeyCode::Char('p') => self.paused = !self.paused,
+            KeyCode::Char('/') => self.editing = Some(self.filter_text.clone()),
+            KeyCode::Char('?') => self.help = true,
+            KeyCode::Char('s') => self.sort = self.sort.next(),
+            KeyCode::Tab | KeyCode::BackTab => {
+                self.focus = match self.focus {
+                    Panel::Path => Panel::Flows,
+                    Panel::Flows => Panel::Path,
+                }
+            }
+            KeyCode::Up => match self.focus {
+                Panel::Path => self.path_row = self.path_row.saturating_sub(1),
+                Panel::Flows => self.flow_row = self.flow_row.saturating_sub(1),
+            },
+            KeyCode::Down => match self.focus {
+                Panel::Path => self.path_row = (self.path_row + 1).min(STEPS.len() - 1),
+                Panel::Flows => self.flow_row = (self.flow_row + 1).min(self.flows.len().saturating_sub(1)),
+            },
+            KeyCode::Enter if self.focus == Panel::Flows => {
+                if let Some((key, f)) = self.flow_rows().get(self.flow_row) {
+                    self.inspector = Some(Inspector {
+                        flow: (*key).clone(),
+                        index: f.recent.len().saturating_sub(1),
+                    });
+                }
+            }
+            _ => {}
+        }
+        Action::None
+    }
+}
+
+pub fn flow_key(p: &PacketPath) -> FlowKey {
+    match &p.info {
+        Some(i) => {
+            let ep = |a: &std::net::IpAddr, port: Option<u16>| match port {
+                Some(port) if a.is_ipv6() => format!("[{a}]:{port}"),
+                Some(port) => format!("{a}:{port}"),
+                None => a.to_string(),
+            };
+            FlowKey {
+                proto: proto_name(i.proto),
+                src: ep(&i.src, i.sport),
+                dst: ep(&i.dst, i.dport),
+            }
+        }
+        None => FlowKey {
+            proto: "?".into(),
+            src: "?".into(),
+            dst: "?".into(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        decode::Decoder,
+        fixture,
+        path::{Tracker, TrackerConfig},
+    };
+
+    pub fn fed(rounds: u64) -> App {
+        let mut app = App::new("fixture".into(), vec!["fib_table_lookup (not attached)".into()]);
+        let mut d = Decoder::default();
+        let mut t = Tracker::new(TrackerConfig::default(), fixture::drop_reasons().into_iter().collect());
+        for b in fixture::session(rounds) {
+            let done = t.push(d.decode(&b).expect("decodes"));
+            app.update(Msg::Packets(done));
+        }
+        app.update(Msg::Packets(t.flush()));
+        app
+    }
+
+    fn key(c: KeyCode) -> Msg {
+        Msg::Key(KeyEvent::new(c, KeyModifiers::NONE))
+    }
+
+    #[test]
+    fn packets_fill_steps_flows_contexts_and_drops() {
+        let app = fed(12);
+        assert_eq!(app.packets, 32);
+        let rows = app.flow_rows();
+        assert_eq!(rows[0].1.packets, 12, "UDP request flow first");
+        assert_eq!(app.drops.get("NO_SOCKET"), Some(&2));
+        let ctx: u64 = app.softirq_now.values().map(|c| c[1]).sum();
+        assert!(ctx >= 2, "ksoftirqd runs counted");
+        let route = STEPS.iter().position(|s| s.name == "lo transmit").expect("step");
+        assert_eq!(app.steps[route].window, 32);
+    }
+
+    #[test]
+    fn keys_pause_sort_select_and_inspect() {
+        let mut app = fed(12);
+        assert_eq!(app.update(key(KeyCode::Char('p'))), Action::None);
+        assert!(app.paused);
+        app.update(Msg::Packets(
+            fed(1).flows.values().flat_map(|f| f.recent.clone()).collect(),
+        ));
+        assert_eq!(
+            (app.packets, app.skipped),
+            (32, 4),
+            "paused: nothing counted, all accounted"
+        );
+        app.update(key(KeyCode::Char('p')));
+        app.update(key(KeyCode::Char('s')));
+        assert_eq!(app.sort, SortKey::Bytes);
+        app.update(key(KeyCode::Down));
+        assert_eq!(app.flow_row, 1);
+        app.update(key(KeyCode::Enter));
+        let ins = app.inspector.as_ref().expect("inspector open");
+        let last = ins.index;
+        app.update(key(KeyCode::Left));
+        assert_eq!(app.inspector.as_ref().map(|i| i.index), Some(last - 1));
+        app.update(key(KeyCode::Esc));
+        assert!(app.inspector.is_none());
+        app.update(key(KeyCode::Tab));
+        assert_eq!(app.focus, Panel::Path);
+        app.update(key(KeyCode::Down));
+        assert_eq!(app.path_row, 1);
+        app.update(key(KeyCode::Char('?')));
+        assert!(app.help);
+        app.update(key(KeyCode::Char('x')));
+        assert!(!app.help);
+        assert_eq!(app.update(key(KeyCode::Char('q'))), Action::Quit);
+        assert_eq!(
+            app.update(Msg::Key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL))),
+            Action::Quit
+        );
+    }
+
+    #[test]
+    fn a_bad_filter_shows_an_error_and_keeps_the_old_one() {
+        let mut app = fed(12);
+        for c in "/icmp".chars() {
+            app.update(key(KeyCode::Char(c)));
+        }
+        app.update(key(KeyCode::Enter));
+        assert_eq!(app.filter_text, "icmp");
+        assert!(app.error.is_none());
+        assert_eq!(app.packets, 0, "views restart under the new filter");
+        app.update(key(KeyCode::Char('/')));
+        for _ in 0..4 {
+            app.update(key(KeyCode::Backspace));
+        }
+        for c in "port 99999".chars() {
+            app.update(key(KeyCode::Char(c)));
+        }
+        app.update(key(KeyCode::Enter));
+        assert_eq!(app.filter_text, "icmp", "old filter kept");
+        assert!(
+            app.error.as_deref().is_some_and(|e| e.contains("99999")),
+            "{:?}",
+            app.error
+        );
+        // Only ICMP counts now.
+        app.update(Msg::Packets(
+            fed(4).flows.values().flat_map(|f| f.recent.clone()).collect(),
+        ));
+        assert!(
+            app.flows.keys().all(|k| k.proto == "icmp"),
+            "{:?}",
+            app.flows.keys().collect::<Vec<_>>()
+        );
+        // Esc cancels an edit.
+        app.update(key(KeyCode::Char('/')));
+        app.update(key(KeyCode::Char('x')));
+        app.update(key(KeyCode::Esc));
+        assert!(app.editing.is_none() && app.filter_text == "icmp");
+    }
+
+    #[test]
+    fn ticks_turn_windows_into_rates_and_history() {
+        let mut app = fed(12);
+        app.update(Msg::Tick {
+            secs: 2.0,
+            kernel: KernelCounters {
+                ring_lost: 3,
+                ..Default::default()
+            },
+            expired: 1,
+            costs: vec![],
+            cpu_share: 0.5,
+        });
+        let i = STEPS.iter().position(|s| s.name == "lo transmit").expect("step");
+        assert_eq!(app.steps[i].rate, 16.0);
+        assert_eq!(app.steps[i].window, 0);
+        assert_eq!(app.kernel.ring_lost, 3);
+        assert!(app.softirq_now.is_empty() && !app.softirq_hist.is_empty());
+    }
+}

@@ -1,0 +1,76 @@
+//! The real `lotrace tui` binary in a pseudo-terminal (util-linux `script`), driven by a
+//! recording: it draws, answers keys, quits on `q`, and leaves the terminal as it found it.
+//! Needs no privileges.
+use std::{
+    io::{Read, Write},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lotrace");
+
+#[test]
+fn tui_replays_a_recording_in_a_terminal_and_restores_it() {
+    let dir = std::env::temp_dir().join(format!("lotrace-tui-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let rec = dir.join("fixture.lotrace");
+    loopback_user::fixture::write_recording(&rec, 50).expect("recording");
+    let cmd = format!(
+        "stty cols 100 rows 30; {BIN} tui --replay {} --speed 0; echo EXIT=$?; stty -a",
+        rec.display()
+    );
+    let mut child = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    // Keys, with time for the dashboard to start and draw: help, close it, inspect, quit.
+    for (wait, keys) in [(1500, "?"), (400, "x"), (400, "\r"), (400, "q")] {
+        std::thread::sleep(Duration::from_millis(wait));
+        stdin.write_all(keys.as_bytes()).expect("key");
+        stdin.flush().expect("flush");
+    }
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("lotrace tui did not quit on q");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    drop(stdin);
+    let out = String::from_utf8_lossy(&reader.join().expect("reader")).to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Ok(p) = std::env::var("LOTRACE_TUI_TEST_DUMP") {
+        let _ = std::fs::write(p, &out);
+    }
+    assert!(status.success(), "{out}");
+    assert!(out.contains("EXIT=0"), "tui exit code: {out}");
+    // The terminal output moves the cursor over blanks, so words are checked, not phrases:
+    // the dashboard, the softirq panel, the flows, the help ("keys"), the inspector ("stage").
+    for want in ["lotrace", "loopback", "softirq", "flows", "keys", "stage", "delta"] {
+        assert!(out.contains(want), "screen lacks {want:?}");
+    }
+    // Restored: alternate screen left and cursor shown after the last draw, and the tty is back
+    // in canonical mode with echo (stty -a prints "icanon" and "echo", not "-icanon"/"-echo").
+    let leave = out.rfind("\x1b[?1049l").expect("left the alternate screen");
+    assert!(out.rfind("\x1b[?1049h").is_some_and(|enter| enter < leave));
+    assert!(out[leave..].contains("\x1b[?25h") || out[..leave].rfind("\x1b[?25h").is_some());
+    let stty = &out[out.find("EXIT=").expect("exit")..];
+    assert!(
+        stty.contains(" icanon") && stty.contains(" echo") && !stty.contains("-icanon"),
+        "{stty}"
+    );
+}
