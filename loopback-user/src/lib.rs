@@ -1,5 +1,6 @@
 //! lotrace: trace packets through the Linux loopback path with eBPF.
 pub mod bpf;
+pub mod caps;
 pub mod cli;
 pub mod decode;
 pub mod filter;

@@ -43,11 +43,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-    {
+    // One thread: the tracing commands drop every capability once attached, and capabilities
+    // belong to threads (see caps.rs).
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("lotrace: cannot start the runtime: {e}");

@@ -243,6 +243,11 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         .map(|p| PcapOut::create(p, header.snaplen, header.wall_offset_ns()))
         .transpose()?;
     let mut printer = Printer::new(cfg.print, header.wall_offset_ns(), pcap);
+    // Everything is attached and every file is open: nothing from here on needs a capability.
+    let privileges = match crate::caps::drop_all() {
+        Ok(()) => "; all capabilities dropped".to_string(),
+        Err(e) => format!("; capabilities kept ({e})"),
+    };
     let attached = session.outcomes.iter().filter(|o| o.attached).count();
     let missing: Vec<String> = session
         .missing()
@@ -266,7 +271,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         ),
     };
     eprintln!(
-        "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{fallbacks}{}. Ctrl-C to stop.",
+        "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{fallbacks}{}{privileges}. Ctrl-C to stop.",
         cfg.netns.label,
         cfg.netns.inode,
         session.outcomes.iter().filter(|o| o.requested).count(),

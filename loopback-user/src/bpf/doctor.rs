@@ -46,9 +46,40 @@ pub struct DoctorReport {
     pub privileges: Privileges,
     pub attach_types: Vec<AttachTypeReport>,
     pub plan: Vec<PlanRow>,
+    /// XDP on `lo` of the namespace doctor runs in: whose, and what `trace --xdp` does about it.
+    pub lo_xdp: LoXdp,
     pub can_trace: bool,
     /// Why tracing is impossible, when it is.
     pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoXdp {
+    /// Program id of an XDP program already attached to lo (not ours), if any.
+    pub prog_id: Option<u64>,
+    pub prog_name: Option<String>,
+    pub plan: String,
+}
+
+fn lo_xdp_report() -> LoXdp {
+    let json = crate::netns::Netns::current()
+        .ok()
+        .and_then(|n| n.ip_json(&["-d", "link", "show", "dev", "lo"]).ok()?.ok());
+    let prog = json.as_ref().map(|v| v[0]["xdp"]["prog"].clone()).unwrap_or_default();
+    match prog["id"].as_u64() {
+        Some(id) => LoXdp {
+            prog_id: Some(id),
+            prog_name: prog["name"].as_str().map(str::to_string),
+            plan: format!(
+                "lo already carries XDP program {id}: `trace --xdp` leaves it in place and takes ingress bytes from tc"
+            ),
+        },
+        None => LoXdp {
+            prog_id: None,
+            prog_name: None,
+            plan: "lo has no XDP program: `trace --xdp` may attach generic XDP (tc is used either way)".into(),
+        },
+    }
 }
 
 pub fn kernel_release() -> String {
@@ -235,6 +266,7 @@ pub fn run() -> Result<DoctorReport> {
         privileges: privs,
         attach_types,
         plan,
+        lo_xdp: lo_xdp_report(),
         can_trace: reason.is_none(),
         reason,
     })
@@ -282,6 +314,7 @@ pub fn render_text(r: &DoctorReport) -> String {
             if row.required { " (required)" } else { "" }
         );
     }
+    let _ = writeln!(s, "\nlo XDP      {}", r.lo_xdp.plan);
     let _ = writeln!(s);
     match &r.reason {
         None => {

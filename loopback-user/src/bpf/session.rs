@@ -65,6 +65,18 @@ impl SessionOptions {
     }
 }
 
+/// The XDP program already on `lo` in `netns`, described ("lo already carries XDP program 42
+/// (name)"), if there is one.
+pub fn lo_xdp(netns: &Netns) -> Option<String> {
+    let v = netns.ip_json(&["-d", "link", "show", "dev", "lo"]).ok()?.ok()?;
+    let prog = &v[0]["xdp"]["prog"];
+    let id = prog["id"].as_u64()?;
+    Some(format!(
+        "lo already carries XDP program {id} ({})",
+        prog["name"].as_str().unwrap_or("unnamed")
+    ))
+}
+
 /// What happened to one hook point.
 #[derive(Clone, Debug, Serialize)]
 pub struct AttachOutcome {
@@ -253,6 +265,22 @@ impl Session {
                     fallback_reason: None,
                     requested: false,
                     error: Some("not requested (--xdp): generic XDP would make the kernel copy every lo packet".into()),
+                });
+                continue;
+            }
+            if hp.attach == Attach::XdpLo
+                && let Some(x) = lo_xdp(&opts.netns)
+            {
+                // Never replace someone else's program: XDP on a device is exclusive.
+                outcomes.push(AttachOutcome {
+                    program: hp.program,
+                    kind: hp.attach.kind(),
+                    target: hp.attach.target(),
+                    attached: false,
+                    used: hp.program,
+                    fallback_reason: None,
+                    requested: true,
+                    error: Some(format!("{x}: left in place; ingress bytes come from tc")),
                 });
                 continue;
             }

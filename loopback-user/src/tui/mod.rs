@@ -130,6 +130,11 @@ pub async fn run(cfg: TuiConfig) -> Result<()> {
         app.filter = Some(f);
         app.filter_text = text;
     }
+    // Attached (or reading a file): no capability is needed any more (see caps.rs). Dropped
+    // before the keyboard thread exists.
+    if let Err(e) = crate::caps::drop_all() {
+        app.missing.push(format!("capabilities kept: {e}"));
+    }
     let mut terminal = ratatui::try_init().context("cannot set up the terminal")?;
     let res = event_loop(&mut terminal, &mut app, &mut source, &mut tracker, cfg.speed).await;
     ratatui::restore();

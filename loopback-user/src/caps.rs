@@ -1,0 +1,65 @@
+//! Dropping privileges once everything is attached. Afterwards lotrace only reads the ring buffer
+//! and maps through file descriptors it already holds, asks for program statistics on them, and
+//! detaches by closing them; none of that needs a capability. So every capability goes: bounding
+//! set, ambient, inheritable, permitted and effective. Capabilities belong to threads, so this
+//! must run while the process has one thread (lotrace's runtime is single-threaded, and the
+//! tracing commands start no thread before this).
+use anyhow::{Result, bail};
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+/// Highest capability number the running kernel knows.
+fn last_cap() -> u64 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+}
+
+#[repr(C)]
+struct Header {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct Data {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Threads of this process (a capability drop covers only the calling thread).
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Drops every capability of the process for good.
+pub fn drop_all() -> Result<()> {
+    let threads = thread_count();
+    if threads != 1 {
+        bail!("{threads} threads are running (capabilities are per thread)");
+    }
+    // The bounding set needs CAP_SETPCAP, which is still effective now.
+    for cap in 0..=last_cap() {
+        unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+    }
+    unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    let mut hdr = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [Data::default(); 2];
+    let rc = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) };
+    if rc != 0 {
+        bail!("capset: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// This thread's effective capability mask, from /proc (for messages and tests).
+pub fn effective() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
