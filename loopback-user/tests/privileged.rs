@@ -724,11 +724,11 @@ fn trace_leaves_nothing_behind_however_it_ends() {
         ("sigint", &[], &[], |c| unsafe {
             libc::kill(c.id() as i32, libc::SIGINT);
         }),
-        ("sigterm", &[], &[], |c| unsafe {
+        ("sigterm", &["--xdp"], &[], |c| unsafe {
             libc::kill(c.id() as i32, libc::SIGTERM);
         }),
         ("panic", &[], &[("LOTRACE_FAULT", "panic-after-attach")], |_| {}),
-        ("kill -9", &[], &[], |c| {
+        ("kill -9", &["--xdp"], &[], |c| {
             c.kill().expect("kill");
         }),
     ];
@@ -746,6 +746,11 @@ fn trace_leaves_nothing_behind_however_it_ends() {
         err.read_line(&mut line).expect("read");
         assert!(line.contains("hooks attached"), "{what}: {line}");
         assert_eq!(tcx_on_lo(&sb).len(), 2, "{what}: tcx programs attached while running");
+        assert_eq!(
+            xdp_on_lo(&sb).is_some(),
+            args.contains(&"--xdp"),
+            "{what}: XDP while running"
+        );
         if what == "count" {
             sb.netns
                 .run(|| traffic::icmp_echo("127.0.0.1".parse().unwrap(), 0, 0x4d01, 1, Duration::from_secs(2)))
@@ -773,6 +778,7 @@ fn trace_leaves_nothing_behind_however_it_ends() {
         assert!(left.is_empty(), "{what}: programs left behind: {left:?}");
         let maps = our_maps_loaded();
         assert!(maps.is_empty(), "{what}: maps left behind: {maps:?}");
+        assert_eq!(xdp_on_lo(&sb), None, "{what}: XDP left on lo");
     }
 }
 
@@ -1301,4 +1307,54 @@ fn someone_elses_xdp_on_lo_is_left_in_place() {
         libc::close(link);
         libc::close(prog);
     }
+}
+
+#[test]
+fn a_missing_hook_degrades_to_partial_tracing_and_a_missing_required_one_is_one_line() {
+    if !privileged() {
+        return;
+    }
+    let sb = Sandbox::new("lt-degr").expect("sandbox");
+    // An optional hook missing (as on a kernel before 6.7 without sock:sk_data_ready): tracing
+    // goes on without that stage, and the first line says what is missing and why.
+    let mut child = Command::new(BIN)
+        .args(["trace", "--netns", &sb.name, "--format", "json", "--filter", "icmp"])
+        .env("LOTRACE_FAULT", "refuse-hook:sk_data_ready")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    err.read_line(&mut line).expect("read");
+    assert!(
+        line.contains("16/17 hooks attached") && line.contains("NOT attached: sk_data_ready (refused"),
+        "{line}"
+    );
+    let t = Tracer {
+        stdout_rx: read_all(child.stdout.take().expect("stdout")),
+        stderr_rx: read_all(err),
+        first_line: line,
+        child,
+    };
+    sb.netns
+        .run(|| traffic::icmp_echo("127.0.0.1".parse().expect("ip"), 0, 0x6e6e, 1, Duration::from_secs(2)))
+        .expect("netns")
+        .expect("echo");
+    let (ps, _) = stop(t);
+    assert_eq!(core_stages(find_echo(&ps, 8, 0x6e6e)), LO_PATH);
+    // A required hook missing: nothing is traced, one line says which and why, exit 1.
+    let out = Command::new(BIN)
+        .args(["trace", "--netns", &sb.name, "--count", "1"])
+        .env("LOTRACE_FAULT", "refuse-hook:net_dev_queue")
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot attach net_dev_queue") && err.contains("refused"),
+        "{err}"
+    );
+    assert!(our_programs_loaded().is_empty());
 }

@@ -74,3 +74,35 @@ fn tui_replays_a_recording_in_a_terminal_and_restores_it() {
         "{stty}"
     );
 }
+
+#[test]
+fn a_panic_in_the_dashboard_restores_the_terminal_and_prints_one_line() {
+    let dir = std::env::temp_dir().join(format!("lotrace-tui-panic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let rec = dir.join("fixture.lotrace");
+    loopback_user::fixture::write_recording(&rec, 50).expect("recording");
+    let cmd = format!(
+        "stty cols 100 rows 30; LOTRACE_FAULT=panic-in-tui {BIN} tui --replay {} --speed 0; echo EXIT=$?; stty -a",
+        rec.display()
+    );
+    let out = Command::new("script")
+        .args(["-qfec", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("script (util-linux)");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    let leave = out.rfind("\x1b[?1049l").expect("left the alternate screen");
+    let after = &out[leave..];
+    assert!(
+        after.contains("lotrace: internal error: LOTRACE_FAULT=panic-in-tui"),
+        "{after}"
+    );
+    assert!(!after.contains("stack backtrace"), "{after}");
+    assert!(after.contains("EXIT=101") || after.contains("EXIT=1"), "{after}");
+    let stty = &out[out.find("EXIT=").expect("exit")..];
+    assert!(
+        stty.contains(" icanon") && stty.contains(" echo") && !stty.contains("-icanon"),
+        "{stty}"
+    );
+}

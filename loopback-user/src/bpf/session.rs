@@ -254,6 +254,11 @@ impl Session {
             .load(obj)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", explain(&e, "load")))?;
         let mut outcomes = Vec::new();
+        // Fault injection (README, Tests): LOTRACE_FAULT=refuse-hook:PROGRAM makes that hook fail
+        // as on a kernel without it, to test how lotrace degrades.
+        let refused = std::env::var("LOTRACE_FAULT")
+            .ok()
+            .and_then(|v| v.strip_prefix("refuse-hook:").map(str::to_string));
         for hp in PLAN {
             if hp.attach == Attach::XdpLo && !opts.xdp {
                 outcomes.push(AttachOutcome {
@@ -287,12 +292,17 @@ impl Session {
             // Fallback chain: tp_btf, then the raw tracepoint twin.
             let (mut kind, mut used) = (hp.attach.kind(), hp.program);
             let mut fallback_reason = None;
-            let first = if opts.raw_tp && hp.fallback.is_some() {
+            let refuse = refused.as_deref() == Some(hp.program);
+            const REFUSED: &str = "refused (LOTRACE_FAULT: simulating a kernel without this hook)";
+            let first = if refuse {
+                Err(REFUSED.to_string())
+            } else if opts.raw_tp && hp.fallback.is_some() {
                 Err("raw tracepoints requested (--raw-tp)".to_string())
             } else {
                 attach_one(&mut ebpf, hp, &btf, &opts.netns).map_err(|e| explain(e.as_ref(), hp.attach.kind()))
             };
             let res = match (first, hp.fallback, hp.attach) {
+                (Err(why), Some(_), Attach::TpBtf(_)) if refuse => Err(why),
                 (Err(why), Some(raw), Attach::TpBtf(tp)) => {
                     (kind, used) = ("raw_tracepoint", raw);
                     fallback_reason = Some(why);

@@ -220,7 +220,13 @@ async fn event_loop(
                 app.update(Msg::Tick { secs, kernel, expired: tracker.stats.expired, costs, cpu_share: if secs > 0.0 { (cpu - last_cpu) / secs } else { 0.0 } });
                 (last_tick, last_cpu) = (now, cpu);
             }
-            _ = redraw.tick() => { terminal.draw(|f| view::view(app, f))?; }
+            _ = redraw.tick() => {
+                terminal.draw(|f| view::view(app, f))?;
+                // Fault injection for the terminal-restore test (README, Tests).
+                if std::env::var("LOTRACE_FAULT").is_ok_and(|v| v == "panic-in-tui") && app.packets > 0 {
+                    panic!("LOTRACE_FAULT=panic-in-tui");
+                }
+            }
             _ = sigterm.recv() => quit = true,
             _ = sigint.recv() => quit = true,
         }
