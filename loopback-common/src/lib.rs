@@ -21,7 +21,7 @@ pub const LOOPBACK_IFINDEX: u32 = 1;
 pub const NET_RX_SOFTIRQ: u32 = 3;
 
 /// Default ring buffer size in bytes (power of two, multiple of the page size).
-pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+pub const DEFAULT_RING_BYTES: u32 = 16 << 20;
 
 /// Capacity of the in-kernel map of sk_buffs currently in scope.
 pub const SCOPE_MAP_ENTRIES: u32 = 65536;

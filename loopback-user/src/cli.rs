@@ -43,20 +43,11 @@ pub enum Cmd {
         /// (default: the namespace lotrace runs in).
         #[arg(long, value_name = "NAME|PATH")]
         netns: Option<String>,
-        /// tcpdump-like filter, e.g. "icmp or (udp and port 53)".
-        #[arg(long, value_name = "EXPR")]
-        filter: Option<String>,
-        /// Only packets sent or received by this process id.
-        #[arg(long, value_name = "N")]
-        pid: Option<u32>,
-        /// Stop after printing N packets.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-        count: Option<u64>,
+        #[command(flatten)]
+        print: PrintArgs,
         /// Stop after SECS seconds (fractions allowed).
         #[arg(long, value_name = "SECS", value_parser = parse_secs)]
         duration: Option<Duration>,
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
         /// Also attach generic XDP on lo. Off by default: generic XDP makes the kernel copy every
         /// loopback packet into a new skb (and drop it if that copy fails); tc ingress sees the
         /// same bytes without that.
@@ -101,14 +92,8 @@ pub enum Cmd {
     Replay {
         /// The recording.
         file: PathBuf,
-        #[arg(long, value_name = "EXPR")]
-        filter: Option<String>,
-        #[arg(long, value_name = "N")]
-        pid: Option<u32>,
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-        count: Option<u64>,
-        #[arg(long, value_enum, default_value = "text")]
-        format: Format,
+        #[command(flatten)]
+        print: PrintArgs,
         /// Write the recorded lo packets to OUT as pcapng with their kernel paths as comments.
         #[arg(long, value_name = "OUT")]
         pcapng: Option<PathBuf>,
@@ -134,6 +119,34 @@ pub enum Cmd {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
+}
+
+/// What to print: shared by `trace` and `replay`.
+#[derive(clap::Args, Debug)]
+pub struct PrintArgs {
+    /// tcpdump-like filter, e.g. "icmp or (udp and port 53)".
+    #[arg(long, value_name = "EXPR")]
+    filter: Option<String>,
+    /// Only packets sent or received by this process id.
+    #[arg(long, value_name = "N")]
+    pid: Option<u32>,
+    /// Stop after printing N packets.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+}
+
+impl PrintArgs {
+    /// Parses the filter; a bad one is a usage error.
+    fn opts(self) -> Result<PrintOpts> {
+        Ok(PrintOpts {
+            filter: self.filter.as_deref().map(filter::parse).transpose().map_err(usage)?,
+            pid: self.pid,
+            count: self.count,
+            format: self.format,
+        })
+    }
 }
 
 fn parse_speed(s: &str) -> Result<f64, String> {
@@ -182,11 +195,8 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Trace {
             netns,
-            filter: f,
-            pid,
-            count,
+            print,
             duration,
-            format,
             xdp,
             raw_tp,
             kernel_cost,
@@ -194,19 +204,14 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             pcapng,
             snaplen,
         } => {
-            let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
+            let print = print.opts()?;
             let netns = match given_netns(netns)? {
                 Some(n) => n,
                 None => Netns::current()?,
             };
             trace::run(TraceConfig {
                 netns,
-                print: PrintOpts {
-                    filter,
-                    pid,
-                    count,
-                    format,
-                },
+                print,
                 duration,
                 xdp,
                 raw_tp,
@@ -238,23 +243,10 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             .await?;
             Ok(0)
         }
-        Cmd::Replay {
-            file,
-            filter: f,
-            pid,
-            count,
-            format,
-            pcapng,
-        } => {
-            let filter = f.as_deref().map(filter::parse).transpose().map_err(usage)?;
+        Cmd::Replay { file, print, pcapng } => {
             trace::replay(trace::ReplayConfig {
                 file,
-                print: PrintOpts {
-                    filter,
-                    pid,
-                    count,
-                    format,
-                },
+                print: print.opts()?,
                 pcapng,
             })?;
             Ok(0)

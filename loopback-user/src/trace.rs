@@ -330,15 +330,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         costs: session.program_costs(),
         costs_unavailable: session.stats_error.clone(),
     };
-    let summary = Summary {
-        printed: printer.printed,
-        kernel: trailer.kernel,
-        undecodable: intake.undecodable,
-        received: intake.received,
-        unnamed: intake.decoder.unnamed,
-        costs: trailer.costs.clone(),
-        costs_unavailable: trailer.costs_unavailable.clone(),
-    };
+    let summary = summary(&printer, &intake, trailer.clone());
     if let Some(r) = intake.recorder.take() {
         r.finish(&trailer).context("writing the recording")?;
     }
@@ -431,7 +423,13 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
         eprintln!("lotrace: {name}: no trailer (the recording was cut short): the kernel's loss counters are unknown");
         record::Trailer::default()
     });
-    let summary = Summary {
+    let summary = summary(&printer, &intake, t);
+    printer.finish(&tracker.stats, &summary)
+}
+
+/// The exit summary: what was printed and read here, what the kernel counted (trailer).
+fn summary(printer: &Printer, intake: &Intake, t: record::Trailer) -> Summary {
+    Summary {
         printed: printer.printed,
         kernel: t.kernel,
         undecodable: intake.undecodable,
@@ -439,6 +437,5 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
         unnamed: intake.decoder.unnamed,
         costs: t.costs,
         costs_unavailable: t.costs_unavailable,
-    };
-    printer.finish(&tracker.stats, &summary)
+    }
 }

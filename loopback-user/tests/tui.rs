@@ -9,12 +9,18 @@ use std::{
 
 const BIN: &str = env!("CARGO_BIN_EXE_lotrace");
 
-#[test]
-fn tui_replays_a_recording_in_a_terminal_and_restores_it() {
-    let dir = std::env::temp_dir().join(format!("lotrace-tui-test-{}", std::process::id()));
+/// A fixture recording in a fresh directory: (directory, file).
+fn recording(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!("lotrace-tui-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let rec = dir.join("fixture.lotrace");
     loopback_user::fixture::write_recording(&rec, 50).expect("recording");
+    (dir, rec)
+}
+
+#[test]
+fn tui_replays_a_recording_in_a_terminal_and_restores_it() {
+    let (dir, rec) = recording("keys");
     let cmd = format!(
         "stty cols 100 rows 30; {BIN} tui --replay {} --speed 0; echo EXIT=$?; stty -a",
         rec.display()
@@ -77,10 +83,7 @@ fn tui_replays_a_recording_in_a_terminal_and_restores_it() {
 
 #[test]
 fn a_panic_in_the_dashboard_restores_the_terminal_and_prints_one_line() {
-    let dir = std::env::temp_dir().join(format!("lotrace-tui-panic-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let rec = dir.join("fixture.lotrace");
-    loopback_user::fixture::write_recording(&rec, 50).expect("recording");
+    let (dir, rec) = recording("panic");
     let cmd = format!(
         "stty cols 100 rows 30; LOTRACE_FAULT=panic-in-tui {BIN} tui --replay {} --speed 0; echo EXIT=$?; stty -a",
         rec.display()

@@ -260,33 +260,28 @@ impl Session {
             .ok()
             .and_then(|v| v.strip_prefix("refuse-hook:").map(str::to_string));
         for hp in PLAN {
+            let skipped = |requested: bool, why: String| AttachOutcome {
+                program: hp.program,
+                kind: hp.attach.kind(),
+                target: hp.attach.target(),
+                attached: false,
+                used: hp.program,
+                fallback_reason: None,
+                requested,
+                error: Some(why),
+            };
             if hp.attach == Attach::XdpLo && !opts.xdp {
-                outcomes.push(AttachOutcome {
-                    program: hp.program,
-                    kind: hp.attach.kind(),
-                    target: hp.attach.target(),
-                    attached: false,
-                    used: hp.program,
-                    fallback_reason: None,
-                    requested: false,
-                    error: Some("not requested (--xdp): generic XDP would make the kernel copy every lo packet".into()),
-                });
+                outcomes.push(skipped(
+                    false,
+                    "not requested (--xdp): generic XDP would make the kernel copy every lo packet".into(),
+                ));
                 continue;
             }
             if hp.attach == Attach::XdpLo
                 && let Some(x) = lo_xdp(&opts.netns)
             {
                 // Never replace someone else's program: XDP on a device is exclusive.
-                outcomes.push(AttachOutcome {
-                    program: hp.program,
-                    kind: hp.attach.kind(),
-                    target: hp.attach.target(),
-                    attached: false,
-                    used: hp.program,
-                    fallback_reason: None,
-                    requested: true,
-                    error: Some(format!("{x}: left in place; ingress bytes come from tc")),
-                });
+                outcomes.push(skipped(true, format!("{x}: left in place; ingress bytes come from tc")));
                 continue;
             }
             // Fallback chain: tp_btf, then the raw tracepoint twin.
