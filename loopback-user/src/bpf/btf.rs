@@ -8,12 +8,23 @@ use loopback_common::KernelOffsets;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// Whether the kernel exposes its BTF (`LOTRACE_FAULT=no-btf` simulates a kernel without it,
+/// for the degradation test).
+pub fn kernel_has_btf() -> bool {
+    !std::env::var("LOTRACE_FAULT").is_ok_and(|v| v == "no-btf") && std::path::Path::new(VMLINUX_BTF).exists()
+}
+
 pub struct KernelBtf {
     btf: Btf,
 }
 
 impl KernelBtf {
     pub fn load() -> Result<Self> {
+        if !kernel_has_btf() {
+            return Err(anyhow!(
+                "this kernel has no BTF ({VMLINUX_BTF} missing): lotrace needs CONFIG_DEBUG_INFO_BTF=y; nothing was attached"
+            ));
+        }
         let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| {
             anyhow!("cannot read kernel BTF at {VMLINUX_BTF}: {e} (CONFIG_DEBUG_INFO_BTF=y is required)")
         })?;

@@ -204,7 +204,7 @@ pub const KINDS: [&str; 7] = [
 
 pub fn run() -> Result<DoctorReport> {
     let privs = privileges();
-    let btf = std::path::Path::new(VMLINUX_BTF).exists();
+    let btf = super::btf::kernel_has_btf();
     let mut reason = None;
     let not_tried = |why: &str| -> Vec<AttachTypeReport> {
         KINDS
