@@ -20,14 +20,18 @@ use crate::{
     maps::{RX_SKB, SNAP_EXTRA_BYTES, count},
 };
 
+/// The part every `lo` record shares: device, length, the first bytes of the frame.
+#[inline(always)]
+fn fill_lo(e: &mut loopback_common::RawEvent, data: usize, len: u32) {
+    e.len = len;
+    e.ifindex = LOOPBACK_IFINDEX;
+    e.ifname[..2].copy_from_slice(b"lo");
+    capture(e, hdr_kind::ETH, data as u64, len);
+}
+
 #[inline(always)]
 fn lo_bytes(hook: Hook, skb: u64, data: usize, len: u32) {
-    emit(hook, skb, |e| {
-        e.len = len;
-        e.ifindex = LOOPBACK_IFINDEX;
-        e.ifname[..2].copy_from_slice(b"lo");
-        capture(e, hdr_kind::ETH, data as u64, len);
-    });
+    emit(hook, skb, |e| fill_lo(e, data, len));
 }
 
 /// Generic-mode XDP on `lo` (runs in `__netif_receive_skb_core` after `netif_receive_skb`).
@@ -55,10 +59,7 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
     }
     let data = ctx.data();
     emit_long(Hook::TcEgress, skb, |e, tail| {
-        e.len = len;
-        e.ifindex = LOOPBACK_IFINDEX;
-        e.ifname[..2].copy_from_slice(b"lo");
-        capture(e, hdr_kind::ETH, data as u64, len);
+        fill_lo(e, data, len);
         let mut extra = len - HDR_CAP as u32;
         if extra > want {
             extra = want;

@@ -231,18 +231,11 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|_| anyhow::anyhow!("cannot poll the ring buffer fd"))?;
     let mut tracker = Tracker::new(TrackerConfig::default(), session.drop_reasons.clone());
     let header = recording_header(&session, cfg.snaplen);
-    let mut intake = Intake::default();
-    intake.decoder.keep_wire = cfg.pcapng.is_some();
+    let (mut intake, mut printer) = outputs(cfg.print, cfg.pcapng.as_deref(), &header)?;
     if let Some(path) = &cfg.write {
         intake.recorder =
             Some(record::Writer::create(path, &header).with_context(|| format!("cannot create {}", path.display()))?);
     }
-    let pcap = cfg
-        .pcapng
-        .as_deref()
-        .map(|p| PcapOut::create(p, header.snaplen, header.wall_offset_ns()))
-        .transpose()?;
-    let mut printer = Printer::new(cfg.print, header.wall_offset_ns(), pcap);
     // Everything is attached and every file is open: nothing from here on needs a capability.
     let privileges = match crate::caps::drop_all() {
         Ok(()) => "; all capabilities dropped".to_string(),
@@ -391,14 +384,7 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
         h.hooks.len()
     );
     let mut tracker = Tracker::new(TrackerConfig::default(), h.drop_reasons.clone().into_iter().collect());
-    let mut intake = Intake::default();
-    intake.decoder.keep_wire = cfg.pcapng.is_some();
-    let pcap = cfg
-        .pcapng
-        .as_deref()
-        .map(|p| PcapOut::create(p, h.snaplen, h.wall_offset_ns()))
-        .transpose()?;
-    let mut printer = Printer::new(cfg.print, h.wall_offset_ns(), pcap);
+    let (mut intake, mut printer) = outputs(cfg.print, cfg.pcapng.as_deref(), &h)?;
     let mut trailer = None;
     loop {
         let frame = match reader.next_frame() {
@@ -425,6 +411,17 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
     });
     let summary = summary(&printer, &intake, t);
     printer.finish(&tracker.stats, &summary)
+}
+
+/// The intake (keeping packet bytes when there is a pcapng file) and the printer of a run, live
+/// or replayed, with the clock reference and snaplen of its header.
+fn outputs(print: PrintOpts, pcapng: Option<&std::path::Path>, h: &record::Header) -> Result<(Intake, Printer)> {
+    let mut intake = Intake::default();
+    intake.decoder.keep_wire = pcapng.is_some();
+    let pcap = pcapng
+        .map(|p| PcapOut::create(p, h.snaplen, h.wall_offset_ns()))
+        .transpose()?;
+    Ok((intake, Printer::new(print, h.wall_offset_ns(), pcap)))
 }
 
 /// The exit summary: what was printed and read here, what the kernel counted (trailer).
