@@ -8,7 +8,7 @@ use loopback_common::{HDR_CAP, HOOK_COMM_CACHED, Hook, NAME_LEN, RAW_EVENT_SIZE,
 
 use crate::{
     kernel::{Mem, off, read},
-    maps::{EVENTS, LAST_TASK, SCRATCH, count},
+    maps::{EVENTS, LAST_TASK, SCRATCH, count, peek},
 };
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -16,74 +16,79 @@ const BPF_RB_FORCE_WAKEUP: u64 = 2;
 /// Wake the reader once per this many events per CPU (a power of two).
 const WAKEUP_EVERY: u64 = 1024;
 
+/// The current task, and whether the last event reserved on this CPU already named it.
+/// Decided before the reservation: a program nested on this CPU (same task) that runs between
+/// our reservation and our update of LAST_TASK then still carries the name itself.
+struct Task {
+    pid_tgid: u64,
+    last: Option<*mut u64>,
+    cached: bool,
+}
+
+impl Task {
+    #[inline(always)]
+    fn current() -> Self {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let last = LAST_TASK.get_ptr_mut(0);
+        let cached = last.is_some_and(|p| unsafe { *p } == pid_tgid);
+        Self { pid_tgid, last, cached }
+    }
+}
+
 /// Fills the common header, lets `fill` add the hook-specific part, submits.
 /// A failed reservation is counted as lost (never silent).
 #[inline(always)]
 pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // Decided before the reservation: a program nested on this CPU (same task) that runs between
-    // our reservation and our update of LAST_TASK then still carries the name itself.
-    let last = LAST_TASK.get_ptr_mut(0);
-    let cached = last.is_some_and(|p| unsafe { *p } == pid_tgid);
+    let task = Task::current();
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count(counter::RING_LOST);
         return;
     };
     let e = unsafe { &mut *entry.as_mut_ptr() };
-    fill_common(e, hook, skb, pid_tgid, cached, last);
+    fill_common(e, hook, skb, &task);
     fill(e);
-    entry.submit(wakeup_flags());
+    entry.submit(wakeup_flags(count(counter::EMITTED)));
 }
 
 /// Like [`emit`], for a record followed by `extra` more bytes that `fill` writes (up to
 /// `SNAP_EXTRA`): built in a per-CPU scratch buffer and copied into the ring (a reservation
-/// must have a constant size). Returns nothing: a failed output is counted as lost.
+/// must have a constant size). A failed output is counted as lost, not as emitted.
 #[inline(always)]
 pub fn emit_long(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent, *mut u8) -> u32) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let last = LAST_TASK.get_ptr_mut(0);
-    let cached = last.is_some_and(|p| unsafe { *p } == pid_tgid);
+    let task = Task::current();
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         count(counter::RING_LOST);
         return;
     };
     let base = buf as *mut u8;
     let e = unsafe { &mut *(base as *mut RawEvent) };
-    let extra = fill_and(e, hook, skb, pid_tgid, cached, last, |e| fill(e, unsafe { base.add(RAW_EVENT_SIZE) }));
+    fill_common(e, hook, skb, &task);
+    let extra = fill(e, unsafe { base.add(RAW_EVENT_SIZE) });
     let size = (RAW_EVENT_SIZE as u32 + (extra & (SNAP_EXTRA as u32 - 1))) as u64;
     let rc = unsafe {
         bpf_ringbuf_output(
             &EVENTS as *const _ as *mut core::ffi::c_void,
             base as *mut core::ffi::c_void,
             size,
-            wakeup_flags(),
+            wakeup_flags(peek(counter::EMITTED) + 1),
         )
     };
-    if rc != 0 {
+    if rc == 0 {
+        count(counter::EMITTED);
+    } else {
         count(counter::RING_LOST);
+        // The record that carried the task name is gone: the next event must name it again.
+        if let Some(p) = task.last {
+            unsafe { *p = u64::MAX };
+        }
     }
 }
 
-#[inline(always)]
-fn fill_and<R>(
-    e: &mut RawEvent,
-    hook: Hook,
-    skb: u64,
-    pid_tgid: u64,
-    cached: bool,
-    last: Option<*mut u64>,
-    fill: impl FnOnce(&mut RawEvent) -> R,
-) -> R {
-    fill_common(e, hook, skb, pid_tgid, cached, last);
-    fill(e)
-}
-
 /// Batched wake-ups: waking the reader costs the traced task an irq_work per event when the
-/// reader keeps up. Wake it once per WAKEUP_EVERY events of this CPU (a per-CPU count, no
-/// helper call); it also drains on a 10 ms timer.
+/// reader keeps up. Wake it once per WAKEUP_EVERY events of this CPU (`n`: this CPU's emitted
+/// count; no helper call); it also drains on a 10 ms timer.
 #[inline(always)]
-fn wakeup_flags() -> u64 {
-    let n = count(counter::EMITTED);
+fn wakeup_flags(n: u64) -> u64 {
     if n & (WAKEUP_EVERY - 1) == 0 {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -92,25 +97,25 @@ fn wakeup_flags() -> u64 {
 }
 
 #[inline(always)]
-fn fill_common(e: &mut RawEvent, hook: Hook, skb: u64, pid_tgid: u64, cached: bool, last: Option<*mut u64>) {
+fn fill_common(e: &mut RawEvent, hook: Hook, skb: u64, task: &Task) {
     e.ts_ns = unsafe { bpf_ktime_get_ns() };
     e.skb = skb;
-    e.pid_tgid = pid_tgid;
+    e.pid_tgid = task.pid_tgid;
     e.arg0 = 0;
     e.arg1 = 0;
-    if cached {
+    if task.cached {
         e.comm = [0; NAME_LEN];
     } else {
         e.comm = bpf_get_current_comm().unwrap_or([0; NAME_LEN]);
-        if let Some(p) = last {
-            unsafe { *p = pid_tgid };
+        if let Some(p) = task.last {
+            unsafe { *p = task.pid_tgid };
         }
     }
     e.ifname = [0; NAME_LEN];
     e.cpu = unsafe { bpf_get_smp_processor_id() };
     e.len = 0;
     e.ifindex = 0;
-    e.hook = hook as u8 | if cached { HOOK_COMM_CACHED } else { 0 };
+    e.hook = hook as u8 | if task.cached { HOOK_COMM_CACHED } else { 0 };
     e.hdr_kind = hdr_kind::NONE;
     e.hdr_len = 0;
 }

@@ -77,6 +77,12 @@ pub static TARGET_NETNS: u32 = 0;
 #[unsafe(no_mangle)]
 pub static SEND_SYSCALLS: [u64; loopback_common::SEND_SYSCALL_SLOTS] = [u64::MAX; loopback_common::SEND_SYSCALL_SLOTS];
 
+/// A per-CPU counter's current value on this CPU.
+#[inline(always)]
+pub fn peek(idx: u32) -> u64 {
+    COUNTERS.get(idx).copied().unwrap_or(0)
+}
+
 /// Adds one to a per-CPU counter; returns the new value (0 if the slot is missing).
 #[inline(always)]
 pub fn count(idx: u32) -> u64 {

@@ -193,6 +193,15 @@ impl Decoder {
     }
 }
 
+/// The kernel time of a raw record (its first field), without decoding it; 0 if too short.
+pub fn record_ts(bytes: &[u8]) -> u64 {
+    bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
+}
+
 /// Decodes one record on its own (a name left out by the kernel shows as "?").
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let (mut e, cached, _) = decode_raw(bytes)?;

@@ -324,7 +324,7 @@ impl Tracker {
     }
 
     /// Feeds one event; returns the packets it finished (in order).
-    pub fn push(&mut self, e: Event) -> Vec<PacketPath> {
+    pub fn push(&mut self, mut e: Event) -> Vec<PacketPath> {
         let mut done = Vec::new();
         self.release_clone_waiters(e.ts_ns, &mut done);
         if e.hook == Hook::Route {
@@ -391,12 +391,12 @@ impl Tracker {
         };
         let dev = (!e.ifname.is_empty()).then_some(e.ifname);
         if p.wire.is_none()
-            && let Some(bytes) = &e.wire
+            && let Some(bytes) = e.wire.take()
         {
             p.wire = Some(Wire {
                 ts_ns: e.ts_ns,
                 orig_len: e.len.max(bytes.len() as u32),
-                bytes: bytes.clone(),
+                bytes,
             });
         }
         if p.info.is_none() && e.packet.is_some() {

@@ -62,14 +62,13 @@ pub struct LoXdp {
 }
 
 fn lo_xdp_report() -> LoXdp {
-    let json = crate::netns::Netns::current()
+    match crate::netns::Netns::current()
         .ok()
-        .and_then(|n| n.ip_json(&["-d", "link", "show", "dev", "lo"]).ok()?.ok());
-    let prog = json.as_ref().map(|v| v[0]["xdp"]["prog"].clone()).unwrap_or_default();
-    match prog["id"].as_u64() {
-        Some(id) => LoXdp {
+        .and_then(|n| super::session::lo_xdp_prog(&n))
+    {
+        Some((id, name)) => LoXdp {
             prog_id: Some(id),
-            prog_name: prog["name"].as_str().map(str::to_string),
+            prog_name: name,
             plan: format!(
                 "lo already carries XDP program {id}: `trace --xdp` leaves it in place and takes ingress bytes from tc"
             ),

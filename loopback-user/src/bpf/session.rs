@@ -65,15 +65,19 @@ impl SessionOptions {
     }
 }
 
-/// The XDP program already on `lo` in `netns`, described ("lo already carries XDP program 42
-/// (name)"), if there is one.
-pub fn lo_xdp(netns: &Netns) -> Option<String> {
+/// The XDP program already on `lo` in `netns` (id, name), if there is one.
+pub fn lo_xdp_prog(netns: &Netns) -> Option<(u64, Option<String>)> {
     let v = netns.ip_json(&["-d", "link", "show", "dev", "lo"]).ok()?.ok()?;
     let prog = &v[0]["xdp"]["prog"];
-    let id = prog["id"].as_u64()?;
+    Some((prog["id"].as_u64()?, prog["name"].as_str().map(str::to_string)))
+}
+
+/// [`lo_xdp_prog`], described: "lo already carries XDP program 42 (name)".
+pub fn lo_xdp(netns: &Netns) -> Option<String> {
+    let (id, name) = lo_xdp_prog(netns)?;
     Some(format!(
         "lo already carries XDP program {id} ({})",
-        prog["name"].as_str().unwrap_or("unnamed")
+        name.as_deref().unwrap_or("unnamed")
     ))
 }
 

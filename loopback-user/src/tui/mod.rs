@@ -268,10 +268,7 @@ fn replay_step(
         };
         match frame {
             Frame::Event(bytes) => {
-                let ts = bytes
-                    .get(..8)
-                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-                    .unwrap_or(0);
+                let ts = crate::decode::record_ts(&bytes);
                 let (t0, w0) = *start.get_or_insert((ts, Instant::now()));
                 if speed > 0.0 {
                     let due = Duration::from_secs_f64(ts.saturating_sub(t0) as f64 / 1e9 / speed);
