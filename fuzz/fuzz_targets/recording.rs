@@ -15,9 +15,9 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(f)) = r.next_frame() {
         match f {
             Frame::Event(b) => {
-                if let Ok(e) = decoder.decode(&b) {
+                let _ = decoder.decode_each(&b, |e| {
                     let _ = tracker.push(e);
-                }
+                });
             }
             Frame::Tick(now) => {
                 let _ = tracker.expire(now);

@@ -94,6 +94,61 @@ impl Hook {
 /// call, and most hooks of one packet run in one task. User space keeps the last name per CPU.
 pub const HOOK_COMM_CACHED: u8 = 0x80;
 
+/// Set in [`RawEvent::hook`] of a *run record*: the record is a [`RunRecord`] whose head is the
+/// first of several consecutive hooks of one skb on one CPU (the `lo` transmit chain, or the `lo`
+/// receive chain), and whose tail lists the others. The kernel stages those hooks in per-CPU
+/// memory and sends one record per chain instead of one per hook (a ring reservation costs more
+/// than everything else a hook does).
+pub const HOOK_RUN: u8 = 0x40;
+
+/// Hook bits of [`RawEvent::hook`] that are flags, not the hook id.
+pub const HOOK_FLAGS: u8 = HOOK_COMM_CACHED | HOOK_RUN;
+
+/// Most hooks in the tail of a run record (a power of two).
+pub const MAX_RUN: usize = 8;
+
+/// One hook of a run after the first. Task, CPU and skb are the head's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunStage {
+    pub ts_ns: u64,
+    pub arg0: u64,
+    pub arg1: u64,
+    pub len: u32,
+    /// Device index (the head's `ifname` names it when the indexes match); 0: no device.
+    pub ifindex: u32,
+    /// [`Hook`] as `u8`.
+    pub hook: u8,
+    pub _pad: [u8; 7],
+}
+
+/// What follows the head of a run record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RunTail {
+    /// Valid entries in `stages` (1 ..= MAX_RUN).
+    pub n: u8,
+    /// Which hook of the run captured the head's `hdr`: 0 is the head, i is `stages[i - 1]`.
+    pub hdr_stage: u8,
+    pub _pad: [u8; 6],
+    pub stages: [RunStage; MAX_RUN],
+}
+
+/// A run record: the head is an ordinary event (the run's first hook), the tail the others. Only
+/// `RAW_EVENT_SIZE + RUN_TAIL_FIXED + n * RUN_STAGE_SIZE` bytes of it are sent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct RunRecord {
+    pub head: RawEvent,
+    pub tail: RunTail,
+}
+
+pub const RUN_STAGE_SIZE: usize = core::mem::size_of::<RunStage>();
+pub const RUN_TAIL_FIXED: usize = 8;
+pub const RUN_RECORD_SIZE: usize = core::mem::size_of::<RunRecord>();
+const _: () = assert!(RUN_STAGE_SIZE == 40);
+const _: () = assert!(RUN_RECORD_SIZE == RAW_EVENT_SIZE + RUN_TAIL_FIXED + MAX_RUN * RUN_STAGE_SIZE);
+
 impl TryFrom<u8> for Hook {
     type Error = u8;
     fn try_from(v: u8) -> Result<Self, u8> {
@@ -216,6 +271,7 @@ mod pod {
     unsafe impl aya::Pod for super::RawEvent {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SoftirqState {}
+    unsafe impl aya::Pod for super::RunRecord {}
 }
 
 #[cfg(test)]
@@ -229,5 +285,8 @@ mod tests {
         }
         assert_eq!(Hook::try_from(0), Err(0));
         assert_eq!(Hook::try_from(200), Err(200));
+        for h in Hook::ALL {
+            assert_eq!(h as u8 & HOOK_FLAGS, 0, "{h:?} collides with a flag bit");
+        }
     }
 }

@@ -4,11 +4,14 @@ use aya_ebpf::helpers::{
     generated::bpf_probe_read_kernel as probe_read_raw,
 };
 use aya_ebpf::helpers::generated::bpf_ringbuf_output;
-use loopback_common::{HDR_CAP, HOOK_COMM_CACHED, Hook, NAME_LEN, RAW_EVENT_SIZE, RawEvent, SNAP_EXTRA, counter, hdr_kind};
+use loopback_common::{
+    HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE, RUN_STAGE_SIZE,
+    RUN_TAIL_FIXED, RawEvent, RunStage, SNAP_EXTRA, counter, hdr_kind,
+};
 
 use crate::{
     kernel::{Mem, off, read},
-    maps::{EVENTS, LAST_TASK, SCRATCH, count, peek},
+    maps::{EVENTS, LAST_TASK, RUN, RunSlot, SCRATCH, count, count_by, peek},
 };
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -48,6 +51,181 @@ pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
     fill_common(e, hook, skb, &task);
     fill(e);
     entry.submit(wakeup_flags(count(counter::EMITTED)));
+}
+
+/// What one hook hit carries besides the common header.
+#[derive(Clone, Copy, Default)]
+pub struct Hit {
+    pub len: u32,
+    pub arg0: u64,
+    pub arg1: u64,
+    /// `struct net_device *` of the hook (0: none).
+    pub dev: u64,
+    /// The device is the traced `lo` (the `lo` programs have no device pointer).
+    pub lo: bool,
+    /// Packet bytes to capture: `hdr_kind` and kernel address (0: none); `len` of them belong
+    /// to the packet.
+    pub cap_kind: u8,
+    pub cap_src: u64,
+}
+
+impl Hit {
+    #[inline(always)]
+    fn head<M: Mem>(&self, e: &mut RawEvent) {
+        e.len = self.len;
+        e.arg0 = self.arg0;
+        e.arg1 = self.arg1;
+        if self.lo {
+            e.ifindex = LOOPBACK_IFINDEX;
+            e.ifname[..2].copy_from_slice(b"lo");
+        } else {
+            set_dev::<M>(e, self.dev);
+        }
+        if self.cap_src != 0 {
+            capture(e, self.cap_kind, self.cap_src, self.len);
+        }
+    }
+}
+
+/// One record for one hook (not staged).
+#[inline(always)]
+pub fn emit_hit<M: Mem>(hook: Hook, skb: u64, hit: Hit) {
+    emit(hook, skb, |e| hit.head::<M>(e));
+}
+
+#[inline(always)]
+fn run_slot() -> Option<&'static mut RunSlot> {
+    RUN.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// The skb of this CPU's open run (0: none).
+#[inline(always)]
+pub fn run_skb() -> u64 {
+    RUN.get(0).map(|s| s.open).unwrap_or(0)
+}
+
+/// The skb of the last run this CPU sent.
+#[inline(always)]
+pub fn last_run_skb() -> u64 {
+    RUN.get(0).map(|s| s.last).unwrap_or(0)
+}
+
+/// Opens a run on this CPU with this hit of `skb` as its head, sending a run still open first.
+///
+/// Runs are staged only by hooks that run with bottom halves disabled (the `lo` transmit chain
+/// inside `__dev_queue_xmit`, the `lo` receive chain inside the NET_RX softirq), and every run is
+/// closed inside the same section (`net_dev_xmit`, tc ingress, or a free): no other program on
+/// this CPU touches the slot meanwhile (hard interrupts run none of the staging hooks), and no
+/// other CPU can see the skb before the record is sent, so the stream keeps each skb's order.
+#[inline(always)]
+/// `hdr_known`: an earlier record of this skb carried its bytes; the run's hooks capture none.
+pub fn open_run<M: Mem>(hook: Hook, skb: u64, hit: Hit, hdr_known: bool) {
+    let Some(slot) = run_slot() else {
+        emit_hit::<M>(hook, skb, hit);
+        return;
+    };
+    if slot.open != 0 {
+        send_run(slot);
+    }
+    let task = Task::current();
+    let e = &mut slot.rec.head;
+    fill_common(e, hook, skb, &task);
+    hit.head::<M>(e);
+    slot.rec.tail.n = 0;
+    slot.rec.tail.hdr_stage = 0;
+    slot.hdr_known = hdr_known as u64;
+    slot.open = skb;
+}
+
+/// Adds a hook to this CPU's open run (the caller checked [`run_skb`]); `close` sends the run.
+#[inline(always)]
+pub fn run_stage<M: Mem>(hook: Hook, hit: Hit, close: bool) {
+    let Some(slot) = run_slot() else {
+        return;
+    };
+    let n = slot.rec.tail.n as usize;
+    if n >= MAX_RUN {
+        // Longer than any chain: send what is staged, this hook goes on its own.
+        let skb = slot.open;
+        send_run(slot);
+        emit_hit::<M>(hook, skb, hit);
+        return;
+    }
+    let st: &mut RunStage = &mut slot.rec.tail.stages[n & (MAX_RUN - 1)];
+    st.ts_ns = unsafe { bpf_ktime_get_ns() };
+    st.hook = hook as u8;
+    st.len = hit.len;
+    st.arg0 = hit.arg0;
+    st.arg1 = hit.arg1;
+    st.ifindex = if hit.lo {
+        LOOPBACK_IFINDEX
+    } else {
+        read::<M, u32>(hit.dev, off!(dev_ifindex)).unwrap_or(0)
+    };
+    let head = &mut slot.rec.head;
+    if hit.cap_src != 0 && slot.hdr_known == 0 && head.hdr_kind == hdr_kind::NONE {
+        capture(head, hit.cap_kind, hit.cap_src, hit.len);
+        if head.hdr_kind != hdr_kind::NONE {
+            slot.rec.tail.hdr_stage = n as u8 + 1;
+        }
+    }
+    slot.rec.tail.n = n as u8 + 1;
+    if close {
+        send_run(slot);
+    }
+}
+
+/// Sends this CPU's open run, if any (callers: the staging hooks, see [`open_run`]).
+#[inline(always)]
+pub fn close_run() {
+    if let Some(slot) = run_slot()
+        && slot.open != 0
+    {
+        send_run(slot);
+    }
+}
+
+/// One ring record for the whole run; lost and emitted counts are in hooks, not records.
+#[inline(always)]
+fn send_run(slot: &mut RunSlot) {
+    let n = slot.rec.tail.n as u64;
+    slot.last = slot.open;
+    slot.open = 0;
+    let (size, events) = if n == 0 {
+        (RAW_EVENT_SIZE as u64, 1)
+    } else {
+        slot.rec.head.hook |= HOOK_RUN;
+        let n = if n > MAX_RUN as u64 { MAX_RUN as u64 } else { n };
+        ((RAW_EVENT_SIZE + RUN_TAIL_FIXED) as u64 + n * RUN_STAGE_SIZE as u64, n + 1)
+    };
+    let before = peek(counter::EMITTED);
+    let rc = unsafe {
+        bpf_ringbuf_output(
+            &EVENTS as *const _ as *mut core::ffi::c_void,
+            &mut slot.rec as *mut _ as *mut core::ffi::c_void,
+            size,
+            wake_across(before, events),
+        )
+    };
+    if rc == 0 {
+        count_by(counter::EMITTED, events);
+    } else {
+        count_by(counter::RING_LOST, events);
+        if let Some(p) = LAST_TASK.get_ptr_mut(0) {
+            unsafe { *p = u64::MAX };
+        }
+    }
+}
+
+/// [`wakeup_flags`] for `k` events at once: wake when the count crosses a multiple of
+/// WAKEUP_EVERY.
+#[inline(always)]
+fn wake_across(before: u64, k: u64) -> u64 {
+    if (before + k) / WAKEUP_EVERY != before / WAKEUP_EVERY {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 /// Like [`emit`], for a record followed by `extra` more bytes that `fill` writes (up to
@@ -150,21 +328,19 @@ pub fn set_dev<M: Mem>(e: &mut RawEvent, dev: u64) {
     e.ifname = read::<M, [u8; NAME_LEN]>(dev, off!(dev_name)).unwrap_or([0; NAME_LEN]);
 }
 
-/// Packet header from `skb->head + skb->network_header` (valid from IP output onwards).
+/// Where the packet header is: `skb->head + skb->network_header` (valid from IP output
+/// onwards); 0 if unknown.
 #[inline(always)]
-pub fn capture_network_header<M: Mem>(e: &mut RawEvent, skb: u64) {
+pub fn network_header<M: Mem>(skb: u64) -> u64 {
     let head = read::<M, u64>(skb, off!(skb_head)).unwrap_or(0);
     let nh = read::<M, u16>(skb, off!(skb_network_header)).unwrap_or(0);
-    if head != 0 && nh != u16::MAX {
-        capture(e, hdr_kind::L3, head + nh as u64, e.len);
-    }
+    if head != 0 && nh != u16::MAX { head + nh as u64 } else { 0 }
 }
 
-/// Packet header from `skb->data` (at receive, after `eth_type_trans`, this is the IP header).
+/// `skb->data` (at receive, after `eth_type_trans`, the IP header).
 #[inline(always)]
-pub fn capture_data<M: Mem>(e: &mut RawEvent, skb: u64) {
-    let data = read::<M, u64>(skb, off!(skb_data)).unwrap_or(0);
-    capture(e, hdr_kind::L3, data, e.len);
+pub fn skb_data<M: Mem>(skb: u64) -> u64 {
+    read::<M, u64>(skb, off!(skb_data)).unwrap_or(0)
 }
 
 #[inline(always)]

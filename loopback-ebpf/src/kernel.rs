@@ -20,6 +20,12 @@ pub trait Mem {
     const DIRECT: bool;
 }
 
+/// Untyped access (`bpf_probe_read_kernel`), for programs without BTF-typed pointers (tc, XDP).
+pub struct ProbeMem;
+impl Mem for ProbeMem {
+    const DIRECT: bool = false;
+}
+
 /// Reads a `T` at `base + offset`; `None` (and a READ_FAILED count) when the read faults.
 #[inline(always)]
 pub fn read<M: Mem, T>(base: u64, offset: u64) -> Option<T> {

@@ -15,23 +15,21 @@ use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
 use loopback_common::{HDR_CAP, Hook, LOOPBACK_IFINDEX, SNAP_EXTRA, counter, hdr_kind};
 
 use crate::{
-    emit::{capture, emit, emit_long},
-    kernel::ensure_tracked,
+    emit::{Hit, capture, close_run, emit_hit, emit_long, open_run, run_skb, run_stage},
+    kernel::{ProbeMem, ensure_tracked},
     maps::{RX_SKB, SNAP_EXTRA_BYTES, count},
 };
 
-/// The part every `lo` record shares: device, length, the first bytes of the frame.
+/// What every `lo` record carries: the device, the length, the first bytes of the frame.
 #[inline(always)]
-fn fill_lo(e: &mut loopback_common::RawEvent, data: usize, len: u32) {
-    e.len = len;
-    e.ifindex = LOOPBACK_IFINDEX;
-    e.ifname[..2].copy_from_slice(b"lo");
-    capture(e, hdr_kind::ETH, data as u64, len);
-}
-
-#[inline(always)]
-fn lo_bytes(hook: Hook, skb: u64, data: usize, len: u32) {
-    emit(hook, skb, |e| fill_lo(e, data, len));
+fn lo_hit(data: usize, len: u32) -> Hit {
+    Hit {
+        len,
+        lo: true,
+        cap_kind: hdr_kind::ETH,
+        cap_src: data as u64,
+        ..Hit::default()
+    }
 }
 
 /// Generic-mode XDP on `lo` (runs in `__netif_receive_skb_core` after `netif_receive_skb`).
@@ -40,13 +38,19 @@ fn lo_bytes(hook: Hook, skb: u64, data: usize, len: u32) {
 pub fn lo_xdp(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u32;
     let skb = RX_SKB.get(0).copied().unwrap_or(0);
-    lo_bytes(Hook::Xdp, skb, ctx.data(), len);
+    let hit = lo_hit(ctx.data(), len);
+    if skb != 0 && run_skb() == skb {
+        run_stage::<ProbeMem>(Hook::Xdp, hit, false);
+    } else {
+        emit_hit::<ProbeMem>(Hook::Xdp, skb, hit);
+    }
     xdp_action::XDP_PASS
 }
 
-/// tcx egress on `lo` (runs in `__dev_queue_xmit` after `net_dev_queue`). With `--snaplen`
-/// beyond the header capture, its record carries that many more packet bytes (for pcapng): each
-/// packet crosses tc egress exactly once.
+/// tcx egress on `lo` (runs in `__dev_queue_xmit` before `net_dev_queue`): the first hook of a
+/// transmitted skb, so it takes the skb into scope and opens its run. With `--snaplen` beyond the
+/// header capture, its record carries that many more packet bytes (for pcapng) and goes out on
+/// its own: each packet crosses tc egress exactly once.
 #[classifier]
 pub fn lo_tc_egress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb as u64;
@@ -54,12 +58,16 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
     let want = unsafe { core::ptr::read_volatile(&SNAP_EXTRA_BYTES) };
     let len = ctx.len();
     if want == 0 || len <= HDR_CAP as u32 {
-        lo_bytes(Hook::TcEgress, skb, ctx.data(), len);
+        open_run::<ProbeMem>(Hook::TcEgress, skb, lo_hit(ctx.data(), len), false);
         return TC_ACT_UNSPEC;
     }
+    close_run();
     let data = ctx.data();
     emit_long(Hook::TcEgress, skb, |e, tail| {
-        fill_lo(e, data, len);
+        e.len = len;
+        e.ifindex = LOOPBACK_IFINDEX;
+        e.ifname[..2].copy_from_slice(b"lo");
+        capture(e, hdr_kind::ETH, data as u64, len);
         let mut extra = len - HDR_CAP as u32;
         if extra > want {
             extra = want;
@@ -86,11 +94,16 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC // TCX_NEXT: continue, the verdict is never ours
 }
 
-/// tcx ingress on `lo`.
+/// tcx ingress on `lo`: the end of the receive chain's run.
 #[classifier]
 pub fn lo_tc_ingress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb as u64;
-    ensure_tracked(skb);
-    lo_bytes(Hook::TcIngress, skb, ctx.data(), ctx.len());
+    let hit = lo_hit(ctx.data(), ctx.len());
+    if run_skb() == skb {
+        run_stage::<ProbeMem>(Hook::TcIngress, hit, true);
+    } else {
+        ensure_tracked(skb);
+        emit_hit::<ProbeMem>(Hook::TcIngress, skb, hit);
+    }
     TC_ACT_UNSPEC
 }

@@ -1,9 +1,9 @@
 //! Maps and load-time globals shared by every program.
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
-use loopback_common::{DEFAULT_RING_BYTES, KernelOffsets, SCOPE_MAP_ENTRIES, SoftirqState, counter};
+use loopback_common::{DEFAULT_RING_BYTES, KernelOffsets, RunRecord, SCOPE_MAP_ENTRIES, SoftirqState, counter};
 
 /// Every event goes through this one ring buffer: one buffer shared by all CPUs keeps the
 /// events of one sk_buff in the order they happened, even when they come from different CPUs.
@@ -35,6 +35,28 @@ pub static LAST_TASK: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static SCRATCH: PerCpuArray<[u8; loopback_common::RAW_EVENT_SIZE + loopback_common::SNAP_EXTRA]> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's open run: consecutive hooks of one skb staged here and sent as one record
+/// (see `emit::open_run`).
+#[repr(C)]
+pub struct RunSlot {
+    /// The skb of the open run; 0 when none is open.
+    pub open: u64,
+    /// The skb of the last run sent from this CPU (in scope and tracked: a packet received
+    /// right after its own transmit needs no scope lookup).
+    pub last: u64,
+    /// The open run's packet bytes were captured by an earlier record: its hooks capture none.
+    pub hdr_known: u64,
+    pub rec: RunRecord,
+}
+
+#[map]
+pub static RUN: PerCpuArray<RunSlot> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether our tc ingress program is attached on the traced `lo` (written by the loader after
+/// attaching it): only then may the receive hook open a run that tc ingress closes.
+#[map]
+pub static LO_INGRESS: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Packet bytes to capture per packet on lo beyond the fixed header capture (0: none).
 /// Written at load time (`--snaplen`).
@@ -86,6 +108,12 @@ pub fn peek(idx: u32) -> u64 {
 /// Adds one to a per-CPU counter; returns the new value (0 if the slot is missing).
 #[inline(always)]
 pub fn count(idx: u32) -> u64 {
+    count_by(idx, 1)
+}
+
+/// Adds `by` to a per-CPU counter; returns the new value (0 if the slot is missing).
+#[inline(always)]
+pub fn count_by(idx: u32, by: u64) -> u64 {
     if let Some(p) = COUNTERS.get_ptr_mut(idx) {
         // Per-CPU slot, but a program can be interrupted on its CPU by another one (a softirq
         // program nested in a task-context one): an atomic add loses no count.
@@ -93,7 +121,7 @@ pub fn count(idx: u32) -> u64 {
         // written out: BPF_ATOMIC | BPF_ADD.) The value read back afterwards may include a
         // nested increment; callers use it only for pacing.
         unsafe {
-            core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) 1u64);
+            core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) by);
             return core::ptr::read_volatile(p);
         }
     }

@@ -5,15 +5,34 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use loopback_common::{Hook, NAME_LEN, NET_RX_SOFTIRQ, hdr_kind};
+use loopback_common::{Hook, LOOPBACK_IFINDEX, NAME_LEN, NET_RX_SOFTIRQ, hdr_kind};
 
 use crate::{
-    emit::{capture_data, capture_network_header, emit, set_dev, skb_len},
+    emit::{
+        Hit, emit, emit_hit, last_run_skb, network_header, open_run, run_skb, run_stage, set_dev, skb_data, skb_len,
+    },
     kernel::{
         Mem, dev_in_scope, ensure_tracked, net_in_scope, off, read, skb_dev, task_in_scope, track, tracked, untrack,
     },
-    maps::{RX_SKB, SEND_SYSCALLS, SOFTIRQ},
+    maps::{LO_INGRESS, RX_SKB, SEND_SYSCALLS, SOFTIRQ},
 };
+
+/// Whether `dev` is its namespace's loopback device.
+#[inline(always)]
+fn is_lo<M: Mem>(dev: u64) -> bool {
+    read::<M, u32>(dev, off!(dev_ifindex)) == Some(LOOPBACK_IFINDEX)
+}
+
+/// A hook of the transmit chain after the first (`skb` already in scope): staged into the open
+/// run of this skb, or its own record when none is open (a device other than `lo`).
+#[inline(always)]
+fn tx_hook<M: Mem>(hook: Hook, skb: u64, hit: Hit, close: bool) {
+    if run_skb() == skb {
+        run_stage::<M>(hook, hit, close);
+    } else if tracked(skb) {
+        emit_hit::<M>(hook, skb, hit);
+    }
+}
 
 /// Tracepoint arguments (`TP_PROTO` order), the same for tp_btf and raw tracepoints.
 pub trait Args: Mem {
@@ -71,15 +90,26 @@ fn net_dev_queue_body<A: Args>(ctx: &A) -> i32 {
         untrack(skb);
         return 0;
     }
-    // tc egress on lo runs first and has already taken the skb, with its bytes.
+    let mut hit = Hit {
+        len: skb_len::<A>(skb),
+        dev,
+        ..Hit::default()
+    };
+    // tc egress on lo runs first: it has opened this skb's run, with the bytes.
+    if run_skb() == skb {
+        run_stage::<A>(Hook::DevQueue, hit, false);
+        return 0;
+    }
     let fresh = ensure_tracked(skb);
-    emit(Hook::DevQueue, skb, |e| {
-        e.len = skb_len::<A>(skb);
-        set_dev::<A>(e, dev);
-        if fresh {
-            capture_network_header::<A>(e, skb);
-        }
-    });
+    if fresh {
+        hit.cap_kind = hdr_kind::L3;
+        hit.cap_src = network_header::<A>(skb);
+    }
+    if is_lo::<A>(dev) {
+        open_run::<A>(Hook::DevQueue, skb, hit, !fresh);
+    } else {
+        emit_hit::<A>(Hook::DevQueue, skb, hit);
+    }
     0
 }
 
@@ -93,14 +123,12 @@ twin!(
 #[inline(always)]
 fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    if !tracked(skb) {
-        return 0;
-    }
-    let dev: u64 = ctx.arg(1);
-    emit(Hook::Xmit, skb, |e| {
-        e.len = skb_len::<A>(skb);
-        set_dev::<A>(e, dev);
-    });
+    let hit = Hit {
+        len: skb_len::<A>(skb),
+        dev: ctx.arg(1),
+        ..Hit::default()
+    };
+    tx_hook::<A>(Hook::Xmit, skb, hit, false);
     0
 }
 
@@ -109,10 +137,11 @@ twin!("netif_rx", netif_rx, raw_netif_rx, netif_rx_body);
 #[inline(always)]
 fn netif_rx_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    if !tracked(skb) {
-        return 0;
-    }
-    emit(Hook::BacklogEnqueue, skb, |e| e.len = skb_len::<A>(skb));
+    let hit = Hit {
+        len: skb_len::<A>(skb),
+        ..Hit::default()
+    };
+    tx_hook::<A>(Hook::BacklogEnqueue, skb, hit, false);
     0
 }
 
@@ -122,17 +151,16 @@ twin!("net_dev_xmit", net_dev_xmit, raw_net_dev_xmit, net_dev_xmit_body);
 #[inline(always)]
 fn net_dev_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    if !tracked(skb) {
-        return 0;
-    }
     let rc: u64 = ctx.arg(1);
-    let dev: u64 = ctx.arg(2);
     let len: u64 = ctx.arg(3);
-    emit(Hook::XmitDone, skb, |e| {
-        e.arg0 = rc as i32 as i64 as u64;
-        e.len = len as u32;
-        set_dev::<A>(e, dev);
-    });
+    let hit = Hit {
+        len: len as u32,
+        arg0: rc as i32 as i64 as u64,
+        dev: ctx.arg(2),
+        ..Hit::default()
+    };
+    // The end of the transmit chain: closes the run.
+    tx_hook::<A>(Hook::XmitDone, skb, hit, true);
     0
 }
 
@@ -184,21 +212,31 @@ fn netif_receive_skb_body<A: Args>(ctx: &A) -> i32 {
         set_rx_skb(0);
         return 0;
     }
-    // A packet transmitted on lo in this namespace is already tracked with its header captured:
-    // no second map update, no second copy of the same bytes.
-    let fresh = ensure_tracked(skb);
     set_rx_skb(skb);
-    emit(Hook::Receive, skb, |e| {
-        e.len = skb_len::<A>(skb);
-        set_dev::<A>(e, dev);
-        if let Some(s) = SOFTIRQ.get(0) {
-            e.arg0 = s.entry_ts;
-            e.arg1 = s.raise_ts;
-        }
-        if fresh {
-            capture_data::<A>(e, skb);
-        }
-    });
+    let mut hit = Hit {
+        len: skb_len::<A>(skb),
+        dev,
+        ..Hit::default()
+    };
+    if let Some(s) = SOFTIRQ.get(0) {
+        hit.arg0 = s.entry_ts;
+        hit.arg1 = s.raise_ts;
+    }
+    // A packet received on lo right after its own transmit on this CPU is in scope already (every
+    // lo packet went through our tc egress); any other is looked up, and taken into scope with its
+    // header when new (it came in through a veth).
+    let lo = is_lo::<A>(dev);
+    let fresh = !(lo && skb == last_run_skb()) && ensure_tracked(skb);
+    if fresh {
+        hit.cap_kind = hdr_kind::L3;
+        hit.cap_src = skb_data::<A>(skb);
+    }
+    // The run is closed by our tc ingress program, so only while it is attached.
+    if lo && LO_INGRESS.get(0).is_some_and(|v| *v != 0) {
+        open_run::<A>(Hook::Receive, skb, hit, !fresh);
+    } else {
+        emit_hit::<A>(Hook::Receive, skb, hit);
+    }
     0
 }
 
@@ -222,14 +260,17 @@ fn skb_copy_datagram_iovec_body<A: Args>(ctx: &A) -> i32 {
         track(skb);
     }
     let len: u64 = ctx.arg(1);
-    emit(Hook::CopyToUser, skb, |e| {
-        e.len = skb_len::<A>(skb);
-        e.arg0 = len as u32 as u64;
-        // Only a clone seen here first (raw sockets) needs its header.
-        if fresh {
-            capture_network_header::<A>(e, skb);
-        }
-    });
+    let mut hit = Hit {
+        len: skb_len::<A>(skb),
+        arg0: len as u32 as u64,
+        ..Hit::default()
+    };
+    // Only a clone seen here first (raw sockets) needs its header.
+    if fresh {
+        hit.cap_kind = hdr_kind::L3;
+        hit.cap_src = network_header::<A>(skb);
+    }
+    emit_hit::<A>(Hook::CopyToUser, skb, hit);
     0
 }
 
@@ -239,16 +280,14 @@ twin!("kfree_skb", kfree_skb, raw_kfree_skb, kfree_skb_body);
 #[inline(always)]
 fn kfree_skb_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    if !tracked(skb) {
-        return 0;
-    }
-    untrack(skb);
     let location: u64 = ctx.arg(1);
     let reason: u64 = ctx.arg(2);
-    emit(Hook::Free, skb, |e| {
-        e.arg0 = reason as u32 as u64;
-        e.arg1 = location;
-    });
+    let hit = Hit {
+        arg0: reason as u32 as u64,
+        arg1: location,
+        ..Hit::default()
+    };
+    freed::<A>(Hook::Free, skb, hit);
     0
 }
 
@@ -257,13 +296,29 @@ twin!("consume_skb", consume_skb, raw_consume_skb, consume_skb_body);
 #[inline(always)]
 fn consume_skb_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
+    let location: u64 = ctx.arg(1);
+    let hit = Hit {
+        arg1: location,
+        ..Hit::default()
+    };
+    freed::<A>(Hook::Consume, skb, hit);
+    0
+}
+
+/// A free ends the skb's scope; freed inside its own run (a drop in the transmit or receive
+/// chain), it ends the run too.
+#[inline(always)]
+fn freed<A: Args>(hook: Hook, skb: u64, hit: Hit) {
+    if run_skb() == skb {
+        untrack(skb);
+        run_stage::<A>(hook, hit, true);
+        return;
+    }
     if !tracked(skb) {
-        return 0;
+        return;
     }
     untrack(skb);
-    let location: u64 = ctx.arg(1);
-    emit(Hook::Consume, skb, |e| e.arg1 = location);
-    0
+    emit_hit::<A>(hook, skb, hit);
 }
 
 #[inline(always)]
@@ -359,7 +414,7 @@ twin!("sk_data_ready", sk_data_ready, raw_sk_data_ready, sk_data_ready_body);
 #[inline(always)]
 fn sk_data_ready_body<A: Args>(ctx: &A) -> i32 {
     let skb = RX_SKB.get(0).copied().unwrap_or(0);
-    if skb == 0 || !tracked(skb) {
+    if skb == 0 || (skb != last_run_skb() && !tracked(skb)) {
         return 0;
     }
     let sk: u64 = ctx.arg(0);

@@ -3,7 +3,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{LaxNetSlice, LaxSlicedPacket};
-use loopback_common::{HDR_CAP, HOOK_COMM_CACHED, Hook, NAME_LEN, RAW_EVENT_SIZE, RawEvent, hdr_kind};
+use loopback_common::{
+    HDR_CAP, HOOK_COMM_CACHED, HOOK_FLAGS, HOOK_RUN, Hook, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE, RUN_STAGE_SIZE,
+    RUN_TAIL_FIXED, RawEvent, RunStage, hdr_kind,
+};
 use serde::Serialize;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -12,6 +15,10 @@ pub enum DecodeError {
     Size(usize),
     #[error("unknown hook id {0}")]
     Hook(u8),
+    #[error("run record of {0} bytes does not match its hook count")]
+    Run(usize),
+    #[error("a run record holds several events")]
+    Several,
 }
 
 pub const PROTO_ICMP: u8 = 1;
@@ -169,11 +176,41 @@ impl Decoder {
         }
     }
 
+    /// Decodes a record that holds one event (an error for a run record: see [`Self::decode_each`]).
     pub fn decode(&mut self, bytes: &[u8]) -> Result<Event, DecodeError> {
-        let (mut e, cached, pid_tgid) = decode_raw(bytes)?;
-        if self.keep_wire && matches!(e.hook, Hook::TcEgress | Hook::TcIngress | Hook::Xdp) {
-            e.wire = wire_bytes(bytes);
+        let mut one = None;
+        let mut several = false;
+        self.decode_each(bytes, |e| {
+            several |= one.is_some();
+            one = Some(e);
+        })?;
+        match one {
+            Some(e) if !several => Ok(e),
+            _ => Err(DecodeError::Several),
         }
+    }
+
+    /// Decodes one ring record into its events, in the order the hooks ran: one for an ordinary
+    /// record, the head and then each staged hook for a run record ([`HOOK_RUN`]). Returns how
+    /// many events it handed to `f` (nothing on error).
+    pub fn decode_each(&mut self, bytes: &[u8], mut f: impl FnMut(Event)) -> Result<u64, DecodeError> {
+        let stages = run_stages(bytes)?;
+        let (mut e, cached, pid_tgid) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)])?;
+        let hdr_at = if stages.is_empty() {
+            0
+        } else {
+            bytes[RAW_EVENT_SIZE + 1] as usize
+        };
+        let lo_hook = |h: Hook| matches!(h, Hook::TcEgress | Hook::TcIngress | Hook::Xdp);
+        let hdr_hook = if hdr_at == 0 {
+            Some(e.hook)
+        } else {
+            stages.get(hdr_at - 1).map(|(h, _)| *h)
+        };
+        let wire = match hdr_hook {
+            Some(h) if self.keep_wire && lo_hook(h) => wire_bytes(bytes, stages.is_empty()),
+            _ => None,
+        };
         let cpu = e.cpu as usize;
         if cached {
             match self.last.get(cpu) {
@@ -189,8 +226,69 @@ impl Decoder {
             }
             self.last[cpu] = (pid_tgid, e.comm);
         }
-        Ok(e)
+        if stages.is_empty() {
+            e.wire = wire;
+            f(e);
+            return Ok(1);
+        }
+        // The head's captured bytes belong to the hook that captured them.
+        let (mut packet, mut wire) = (e.packet.take(), wire);
+        let template = e.clone();
+        if hdr_at == 0 {
+            e.packet = packet.take();
+            e.wire = wire.take();
+        }
+        f(e);
+        for (i, (hook, st)) in stages.iter().enumerate() {
+            let mut s = template.clone();
+            s.ts_ns = st.ts_ns;
+            s.hook = *hook;
+            s.len = st.len;
+            s.arg0 = st.arg0;
+            s.arg1 = st.arg1;
+            s.ifindex = st.ifindex;
+            if st.ifindex == 0 || st.ifindex != template.ifindex {
+                s.ifname = Name::default();
+            }
+            if hdr_at == i + 1 {
+                s.packet = packet.take();
+                s.wire = wire.take();
+            }
+            f(s);
+        }
+        Ok(1 + stages.len() as u64)
     }
+}
+
+/// How many events a raw record holds (1 unless it is a well-formed run record).
+pub fn record_events(bytes: &[u8]) -> u64 {
+    run_stages(bytes).map(|s| 1 + s.len() as u64).unwrap_or(1)
+}
+
+/// The staged hooks of a run record (empty for an ordinary record), checked: the count must
+/// match the length exactly and every hook id must be known.
+fn run_stages(bytes: &[u8]) -> Result<Vec<(Hook, RunStage)>, DecodeError> {
+    let hook_at = std::mem::offset_of!(RawEvent, hook);
+    let Some(&hook) = bytes.get(hook_at) else {
+        return Err(DecodeError::Size(bytes.len()));
+    };
+    if hook & HOOK_RUN == 0 {
+        return Ok(Vec::new());
+    }
+    let n = bytes.get(RAW_EVENT_SIZE).copied().unwrap_or(0) as usize;
+    let hdr_at = bytes.get(RAW_EVENT_SIZE + 1).copied().unwrap_or(0) as usize;
+    if n == 0 || n > MAX_RUN || hdr_at > n || bytes.len() != RAW_EVENT_SIZE + RUN_TAIL_FIXED + n * RUN_STAGE_SIZE {
+        return Err(DecodeError::Run(bytes.len()));
+    }
+    (0..n)
+        .map(|i| {
+            let at = RAW_EVENT_SIZE + RUN_TAIL_FIXED + i * RUN_STAGE_SIZE;
+            // SAFETY: the length was checked above; RunStage is plain old data.
+            let st: RunStage = unsafe { std::ptr::read_unaligned(bytes[at..].as_ptr().cast()) };
+            let h = Hook::try_from(st.hook).map_err(DecodeError::Hook)?;
+            Ok((h, st))
+        })
+        .collect()
 }
 
 /// The kernel time of a raw record (its first field), without decoding it; 0 if too short.
@@ -204,6 +302,9 @@ pub fn record_ts(bytes: &[u8]) -> u64 {
 
 /// Decodes one record on its own (a name left out by the kernel shows as "?").
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if !run_stages(bytes)?.is_empty() {
+        return Err(DecodeError::Several);
+    }
     let (mut e, cached, _) = decode_raw(bytes)?;
     if cached {
         e.comm = Name::from("?");
@@ -211,9 +312,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     Ok(e)
 }
 
-/// The link-layer bytes of an `lo` record: the header capture, then whatever the record carries
-/// past the fixed part.
-fn wire_bytes(bytes: &[u8]) -> Option<Box<[u8]>> {
+/// The link-layer bytes of an `lo` record: the header capture, then whatever an ordinary record
+/// carries past the fixed part (`--snaplen`; a run record's tail is not packet bytes).
+fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
     // SAFETY: decode_raw checked the length; plain old data.
     let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     if raw.hdr_kind != hdr_kind::ETH {
@@ -221,7 +322,7 @@ fn wire_bytes(bytes: &[u8]) -> Option<Box<[u8]>> {
     }
     let n = (raw.hdr_len as usize).min(HDR_CAP);
     let mut v = raw.hdr[..n].to_vec();
-    if n == HDR_CAP {
+    if n == HDR_CAP && with_tail {
         v.extend_from_slice(&bytes[RAW_EVENT_SIZE..]);
     }
     Some(v.into_boxed_slice())
@@ -234,7 +335,7 @@ fn decode_raw(bytes: &[u8]) -> Result<(Event, bool, u64), DecodeError> {
     // SAFETY: length checked above; RawEvent is plain old data, every bit pattern is valid.
     let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let cached = raw.hook & HOOK_COMM_CACHED != 0;
-    let hook = Hook::try_from(raw.hook & !HOOK_COMM_CACHED).map_err(DecodeError::Hook)?;
+    let hook = Hook::try_from(raw.hook & !HOOK_FLAGS).map_err(DecodeError::Hook)?;
     let n = (raw.hdr_len as usize).min(HDR_CAP);
     let hdr = &raw.hdr[..n];
     let (packet, route) = match raw.hdr_kind {
@@ -388,6 +489,32 @@ pub fn encode(raw: &RawEvent) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts((raw as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) }.to_vec()
 }
 
+/// The bytes of a run record as the kernel sends it: `head` with [`HOOK_RUN`], then one stage per
+/// event of `rest` (their task, CPU, skb and captured bytes are the head's), `hdr_stage` naming
+/// the hook that captured the head's bytes (0: the head). For fixtures and tests.
+pub fn encode_run(head: &RawEvent, rest: &[RawEvent], hdr_stage: u8) -> Vec<u8> {
+    let mut h = *head;
+    h.hook |= HOOK_RUN;
+    let mut out = encode(&h);
+    out.extend_from_slice(&[rest.len() as u8, hdr_stage, 0, 0, 0, 0, 0, 0]);
+    for e in rest {
+        let st = RunStage {
+            ts_ns: e.ts_ns,
+            arg0: e.arg0,
+            arg1: e.arg1,
+            len: e.len,
+            ifindex: e.ifindex,
+            hook: e.hook & !HOOK_FLAGS,
+            _pad: [0; 7],
+        };
+        // SAFETY: RunStage is repr(C) plain old data.
+        out.extend_from_slice(unsafe {
+            std::slice::from_raw_parts((&st as *const RunStage).cast::<u8>(), RUN_STAGE_SIZE)
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,6 +536,94 @@ mod tests {
             hdr_len: 0,
             hdr: [0; HDR_CAP],
         }
+    }
+
+    #[test]
+    fn run_record_expands_to_its_hooks_in_order() {
+        let mut head = blank(Hook::TcEgress);
+        let eth: Vec<u8> = [vec![0u8; 12], vec![0x08, 0x00], icmp_echo_v4()].concat();
+        head.hdr[..eth.len().min(HDR_CAP)].copy_from_slice(&eth[..eth.len().min(HDR_CAP)]);
+        head.hdr_kind = hdr_kind::ETH;
+        head.hdr_len = eth.len().min(HDR_CAP) as u16;
+        let rest: Vec<RawEvent> = [Hook::DevQueue, Hook::Xmit, Hook::BacklogEnqueue, Hook::XmitDone]
+            .iter()
+            .enumerate()
+            .map(|(i, &h)| RawEvent {
+                ts_ns: 10 + i as u64,
+                arg0: i as u64 * 7,
+                ifindex: if h == Hook::BacklogEnqueue { 0 } else { 1 },
+                ..blank(h)
+            })
+            .collect();
+        let bytes = encode_run(&head, &rest, 0);
+        assert_eq!(record_events(&bytes), 5);
+        let mut d = Decoder::keeping_wire();
+        let mut got = Vec::new();
+        assert_eq!(d.decode_each(&bytes, |e| got.push(e)), Ok(5));
+        let hooks: Vec<Hook> = got.iter().map(|e| e.hook).collect();
+        assert_eq!(
+            hooks,
+            [
+                Hook::TcEgress,
+                Hook::DevQueue,
+                Hook::Xmit,
+                Hook::BacklogEnqueue,
+                Hook::XmitDone
+            ]
+        );
+        assert_eq!(got.iter().map(|e| e.ts_ns).collect::<Vec<_>>(), [1, 10, 11, 12, 13]);
+        assert_eq!(got[4].arg0, 21);
+        assert!(
+            got.iter()
+                .all(|e| e.skb == head.skb && e.tid == 43 && e.comm == "ping" && e.cpu == 1)
+        );
+        // The device name follows the index; the captured bytes stay with the hook that took them.
+        assert_eq!((got[2].ifname.as_str(), got[3].ifname.as_str()), ("lo", ""));
+        assert!(got[0].packet.as_ref().is_some_and(|p| p.proto == PROTO_ICMP) && got[0].wire.is_some());
+        assert!(got[1..].iter().all(|e| e.packet.is_none() && e.wire.is_none()));
+        // A single-event API refuses a run rather than dropping its tail.
+        assert_eq!(d.decode(&bytes), Err(DecodeError::Several));
+        assert_eq!(decode(&bytes), Err(DecodeError::Several));
+
+        // Captured by a later hook: the bytes go to that hook.
+        let bytes = encode_run(&head, &rest, 2);
+        let mut got = Vec::new();
+        d.decode_each(&bytes, |e| got.push(e)).expect("decodes");
+        assert!(got[0].packet.is_none() && got[2].packet.is_some());
+    }
+
+    #[test]
+    fn malformed_run_records_are_refused_whole() {
+        let head = blank(Hook::Receive);
+        let rest = [blank(Hook::TcIngress)];
+        let good = encode_run(&head, &rest, 0);
+        let mut d = Decoder::default();
+        let mut n = 0;
+        // Cut, padded, a count that disagrees with the length, an unknown stage hook.
+        for bad in [
+            good[..good.len() - 1].to_vec(),
+            [good.clone(), vec![0; 8]].concat(),
+            {
+                let mut b = good.clone();
+                b[RAW_EVENT_SIZE] = 2;
+                b
+            },
+            {
+                let mut b = good.clone();
+                b[RAW_EVENT_SIZE] = 0;
+                b
+            },
+            {
+                let mut b = good.clone();
+                b[RAW_EVENT_SIZE + RUN_TAIL_FIXED + std::mem::offset_of!(RunStage, hook)] = 99;
+                b
+            },
+        ] {
+            assert!(d.decode_each(&bad, |_| n += 1).is_err());
+            assert_eq!(record_events(&bad), 1);
+        }
+        assert_eq!(n, 0, "nothing of a bad record is handed on");
+        assert_eq!(d.decode_each(&good, |_| n += 1), Ok(2));
     }
 
     fn icmp_echo_v4() -> Vec<u8> {
@@ -477,8 +692,11 @@ mod tests {
     fn rejects_short_records_and_unknown_hooks() {
         assert_eq!(decode(&[0u8; 10]), Err(DecodeError::Size(10)));
         let mut r = blank(Hook::DevQueue);
-        r.hook = 99;
-        assert_eq!(decode(&encode(&r)), Err(DecodeError::Hook(99)));
+        r.hook = 33;
+        assert_eq!(decode(&encode(&r)), Err(DecodeError::Hook(33)));
+        // The run flag on a record without a valid tail.
+        r.hook = Hook::DevQueue as u8 | HOOK_RUN;
+        assert_eq!(decode(&encode(&r)), Err(DecodeError::Run(RAW_EVENT_SIZE)));
     }
 
     #[test]

@@ -157,7 +157,14 @@ enum End {
 /// `rounds` rounds of: a UDP request (client -> server) and its response, plus every 4th round
 /// an ICMP echo and reply, every 6th a UDP datagram to a closed port (dropped NO_SOCKET), and every
 /// 5th round's request received by ksoftirqd. Rounds are 100 us apart.
+/// The session as the kernel sends it: the `lo` transmit and receive chains staged into run
+/// records (see [`pack_runs`]).
 pub fn session(rounds: u64) -> Vec<Vec<u8>> {
+    pack_runs(&unstaged_session(rounds))
+}
+
+/// The session with one record per hook.
+pub fn unstaged_session(rounds: u64) -> Vec<Vec<u8>> {
     let mut g = Gen {
         ts: 1_000_000_000,
         out: Vec::new(),
@@ -185,6 +192,63 @@ pub fn session(rounds: u64) -> Vec<Vec<u8>> {
         g.ts = g.ts.max(start + 100_000);
     }
     g.out
+}
+
+/// Stages one-record-per-hook input the way the kernel programs do: the `lo` transmit chain
+/// (tc egress .. net_dev_xmit) and the `lo` receive chain (netif_receive_skb .. tc ingress) of
+/// one skb on one CPU become one run record each. The receive chain of a packet whose bytes were
+/// captured at transmit captures none again.
+pub fn pack_runs(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    use loopback_common::RAW_EVENT_SIZE;
+    let mut out = Vec::new();
+    let mut run: Vec<RawEvent> = Vec::new();
+    let flush = |run: &mut Vec<RawEvent>, out: &mut Vec<Vec<u8>>| match run.len() {
+        0 => {}
+        1 => out.push(encode(&run[0])),
+        _ => {
+            let hdr_stage = run.iter().position(|e| e.hdr_kind != hdr_kind::NONE).unwrap_or(0);
+            let mut head = run[0];
+            if hdr_stage != 0 {
+                head.hdr = run[hdr_stage].hdr;
+                head.hdr_kind = run[hdr_stage].hdr_kind;
+                head.hdr_len = run[hdr_stage].hdr_len;
+            }
+            out.push(crate::decode::encode_run(&head, &run[1..], hdr_stage as u8));
+            run.clear();
+        }
+    };
+    for b in records {
+        if b.len() != RAW_EVENT_SIZE {
+            flush(&mut run, &mut out);
+            run.clear();
+            out.push(b.clone());
+            continue;
+        }
+        // SAFETY: length checked; plain old data.
+        let mut e: RawEvent = unsafe { std::ptr::read_unaligned(b.as_ptr().cast()) };
+        let hook = Hook::try_from(e.hook).ok();
+        let same = run.first().is_some_and(|h| h.skb == e.skb && h.cpu == e.cpu);
+        match hook {
+            Some(Hook::TcEgress) | Some(Hook::Receive) if e.ifindex == 1 => {
+                flush(&mut run, &mut out);
+                run.clear();
+                run.push(e);
+            }
+            Some(Hook::DevQueue | Hook::Xmit | Hook::BacklogEnqueue | Hook::Xdp) if same => run.push(e),
+            Some(Hook::XmitDone | Hook::TcIngress) if same => {
+                if hook == Some(Hook::TcIngress) && run[0].hook == Hook::Receive as u8 {
+                    e.hdr_kind = hdr_kind::NONE;
+                    e.hdr_len = 0;
+                }
+                run.push(e);
+                flush(&mut run, &mut out);
+                run.clear();
+            }
+            _ => out.push(b.clone()),
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// Writes `session(rounds)` as a recording (for tests of `replay` and `tui --replay`).
@@ -226,13 +290,47 @@ mod tests {
         path::{Tracker, TrackerConfig, Verdict},
     };
 
+    /// Reconstructs `records` to the finished paths' JSON lines.
+    fn paths_of(records: &[Vec<u8>]) -> Vec<String> {
+        let mut d = Decoder::default();
+        let mut t = Tracker::new(TrackerConfig::default(), drop_reasons().into_iter().collect());
+        let mut done = Vec::new();
+        for b in records {
+            d.decode_each(b, |e| done.extend(t.push(e))).expect("decodes");
+        }
+        done.extend(t.flush());
+        done.iter().map(|p| format!("{p:?}")).collect()
+    }
+
+    #[test]
+    fn staged_runs_reconstruct_exactly_like_one_record_per_hook() {
+        let flat = unstaged_session(12);
+        let staged = session(12);
+        assert!(
+            staged.len() * 2 < flat.len(),
+            "the lo chains were staged: {} records for {}",
+            staged.len(),
+            flat.len()
+        );
+        assert_eq!(
+            staged.iter().map(|b| crate::decode::record_events(b)).sum::<u64>(),
+            flat.len() as u64,
+            "every hook is still there"
+        );
+        let (a, b) = (paths_of(&flat), paths_of(&staged));
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x, y);
+        }
+    }
+
     #[test]
     fn fixture_reconstructs_to_complete_paths_with_every_context() {
         let mut d = Decoder::default();
         let mut t = Tracker::new(TrackerConfig::default(), drop_reasons().into_iter().collect());
         let mut done = Vec::new();
         for b in session(12) {
-            done.extend(t.push(d.decode(&b).expect("decodes")));
+            d.decode_each(&b, |e| done.extend(t.push(e))).expect("decodes");
         }
         done.extend(t.flush());
         // 24 UDP + 3 ICMP pairs + 2 drops

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! 0   magic "LOTRACE\0"                      8 bytes
-//! 8   format version (u32)                   currently 1
+//! 8   format version (u32)                   currently 2 (1: no run records; still read)
 //! 12  header length H (u32)
 //! 16  header: H bytes of JSON (see [`Header`])
 //! then frames until the end of the file:
@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::bpf::session::{KernelCounters, ProgramCost};
 
 pub const MAGIC: &[u8; 8] = b"LOTRACE\0";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 pub const KIND_EVENT: u32 = 1;
 pub const KIND_TICK: u32 = 2;
 pub const KIND_TRAILER: u32 = 3;
@@ -285,7 +285,10 @@ mod tests {
     }
 
     fn sample() -> (Vec<u8>, Trailer) {
-        let dir = std::env::temp_dir().join(format!("lotrace-rec-{}", std::process::id()));
+        // One file per call: the tests run in parallel in one process.
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("lotrace-rec-{}-{n}", std::process::id()));
         let trailer = Trailer {
             kernel: KernelCounters {
                 ring_lost: 3,

@@ -157,9 +157,9 @@ impl Printer {
 #[derive(Default)]
 pub struct Intake {
     pub decoder: Decoder,
-    /// Records read from the ring buffer.
+    /// Events read from the ring buffer (a run record holds several).
     pub received: u64,
-    /// Records that did not decode (counted, never dropped silently).
+    /// Events whose record did not decode (counted, never dropped silently).
     pub undecodable: u64,
     /// `--write`: every record and expiry tick goes to the recording first.
     pub recorder: Option<record::Writer>,
@@ -181,17 +181,21 @@ impl Intake {
         tracker: &mut Tracker,
         sink: &mut impl FnMut(Vec<PacketPath>) -> Result<()>,
     ) -> Result<()> {
-        self.received += 1;
+        let events = crate::decode::record_events(bytes);
+        self.received += events;
         if let Some(r) = &mut self.recorder {
             r.event(bytes).context("writing the recording")?;
         }
-        match self.decoder.decode(bytes) {
-            Ok(ev) => sink(tracker.push(ev)),
-            Err(_) => {
-                self.undecodable += 1;
-                Ok(())
+        let mut result = Ok(());
+        let decoded = self.decoder.decode_each(bytes, |ev| {
+            if result.is_ok() {
+                result = sink(tracker.push(ev));
             }
+        });
+        if decoded.is_err() {
+            self.undecodable += events;
         }
+        result
     }
 }
 

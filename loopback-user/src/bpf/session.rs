@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
         BtfTracePoint, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions,
     },
@@ -325,6 +325,15 @@ impl Session {
                 requested: true,
                 error,
             });
+        }
+        // The receive hook stages the lo receive chain into one record only while our tc ingress
+        // program is there to close it.
+        if outcomes.iter().any(|o| o.attached && o.program == "lo_tc_ingress") {
+            let map = ebpf
+                .map_mut("LO_INGRESS")
+                .ok_or_else(|| anyhow!("LO_INGRESS map missing"))?;
+            let mut flag: Array<&mut MapData, u32> = Array::try_from(map)?;
+            flag.set(0, 1, 0).context("setting LO_INGRESS")?;
         }
         // Run time and count per program, for the exit summary (the kernel keeps counting only
         // while some fd holds stats on; a few ns per program run).

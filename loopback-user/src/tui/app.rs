@@ -488,7 +488,8 @@ mod tests {
         let mut d = Decoder::default();
         let mut t = Tracker::new(TrackerConfig::default(), fixture::drop_reasons().into_iter().collect());
         for b in fixture::session(rounds) {
-            let done = t.push(d.decode(&b).expect("decodes"));
+            let mut done = Vec::new();
+            d.decode_each(&b, |e| done.extend(t.push(e))).expect("decodes");
             app.update(Msg::Packets(done));
         }
         app.update(Msg::Packets(t.flush()));
