@@ -265,30 +265,54 @@ pub fn record_events(bytes: &[u8]) -> u64 {
     run_stages(bytes).map(|s| 1 + s.len() as u64).unwrap_or(1)
 }
 
-/// The staged hooks of a run record (empty for an ordinary record), checked: the count must
+/// The staged hooks of a run record, on the stack (no allocation per record).
+struct Stages {
+    n: usize,
+    at: [(Hook, RunStage); MAX_RUN],
+}
+
+impl Stages {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+    fn get(&self, i: usize) -> Option<&(Hook, RunStage)> {
+        self.at[..self.n].get(i)
+    }
+    fn iter(&self) -> std::slice::Iter<'_, (Hook, RunStage)> {
+        self.at[..self.n].iter()
+    }
+}
+
+/// The staged hooks of a run record (none for an ordinary record), checked: the count must
 /// match the length exactly and every hook id must be known.
-fn run_stages(bytes: &[u8]) -> Result<Vec<(Hook, RunStage)>, DecodeError> {
+fn run_stages(bytes: &[u8]) -> Result<Stages, DecodeError> {
+    let mut out = Stages {
+        n: 0,
+        at: [(Hook::Route, RunStage::default()); MAX_RUN],
+    };
     let hook_at = std::mem::offset_of!(RawEvent, hook);
     let Some(&hook) = bytes.get(hook_at) else {
         return Err(DecodeError::Size(bytes.len()));
     };
     if hook & HOOK_RUN == 0 {
-        return Ok(Vec::new());
+        return Ok(out);
     }
     let n = bytes.get(RAW_EVENT_SIZE).copied().unwrap_or(0) as usize;
     let hdr_at = bytes.get(RAW_EVENT_SIZE + 1).copied().unwrap_or(0) as usize;
     if n == 0 || n > MAX_RUN || hdr_at > n || bytes.len() != RAW_EVENT_SIZE + RUN_TAIL_FIXED + n * RUN_STAGE_SIZE {
         return Err(DecodeError::Run(bytes.len()));
     }
-    (0..n)
-        .map(|i| {
-            let at = RAW_EVENT_SIZE + RUN_TAIL_FIXED + i * RUN_STAGE_SIZE;
-            // SAFETY: the length was checked above; RunStage is plain old data.
-            let st: RunStage = unsafe { std::ptr::read_unaligned(bytes[at..].as_ptr().cast()) };
-            let h = Hook::try_from(st.hook).map_err(DecodeError::Hook)?;
-            Ok((h, st))
-        })
-        .collect()
+    for i in 0..n {
+        let at = RAW_EVENT_SIZE + RUN_TAIL_FIXED + i * RUN_STAGE_SIZE;
+        // SAFETY: the length was checked above; RunStage is plain old data.
+        let st: RunStage = unsafe { std::ptr::read_unaligned(bytes[at..].as_ptr().cast()) };
+        out.at[i] = (Hook::try_from(st.hook).map_err(DecodeError::Hook)?, st);
+    }
+    out.n = n;
+    Ok(out)
 }
 
 /// The kernel time of a raw record (its first field), without decoding it; 0 if too short.
