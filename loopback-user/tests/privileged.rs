@@ -886,6 +886,26 @@ fn recordings_replay_exactly_and_export_pcapng() {
         ls["summary"]["events_emitted"], ls["summary"]["events_received"],
         "{ls}"
     );
+    // The kernel staged each lo chain into one run record: every packet that crossed lo is one
+    // transmit run (tc egress is on its own here, for --snaplen) and one receive run.
+    let crossed_lo = live
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|p| stages(p).contains(&"xmit_done") && stages(p).contains(&"tc_ingress"))
+        .count() as u64;
+    let bytes = std::fs::read(&rec).expect("rec");
+    let mut reader = loopback_user::record::Reader::new(bytes.as_slice()).expect("reader");
+    let (mut runs, mut events) = (0u64, 0u64);
+    while let Some(frame) = reader.next_frame().expect("frame") {
+        if let loopback_user::record::Frame::Event(b) = frame {
+            let k = loopback_user::decode::record_events(&b);
+            events += k;
+            runs += (k > 1) as u64;
+        }
+    }
+    assert!(crossed_lo >= 8, "{live}");
+    assert_eq!(runs, 2 * crossed_lo, "one transmit and one receive run per lo packet");
+    assert_eq!(Value::from(events), ls["summary"]["events_received"]);
     // Filters apply to replays like to live runs; replay needs no privileges at all.
     let (rc, icmp_only, _) = run_bin(&["replay", rec_s, "--format", "json", "--filter", "icmp or icmp6"]);
     assert_eq!(rc, 0);
