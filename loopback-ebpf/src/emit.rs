@@ -117,8 +117,8 @@ pub fn last_run_skb() -> u64 {
 /// closed inside the same section (`net_dev_xmit`, tc ingress, or a free): no other program on
 /// this CPU touches the slot meanwhile (hard interrupts run none of the staging hooks), and no
 /// other CPU can see the skb before the record is sent, so the stream keeps each skb's order.
-#[inline(always)]
 /// `hdr_known`: an earlier record of this skb carried its bytes; the run's hooks capture none.
+#[inline(always)]
 pub fn open_run<M: Mem>(hook: Hook, skb: u64, hit: Hit, hdr_known: bool) {
     let Some(slot) = run_slot() else {
         emit_hit::<M>(hook, skb, hit);
