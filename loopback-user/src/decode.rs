@@ -86,7 +86,11 @@ impl Name {
     }
     pub fn as_str(&self) -> &str {
         // Only ASCII is ever stored.
-        std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("?")
+        std::str::from_utf8(self.as_bytes()).unwrap_or("?")
+    }
+    /// The name's bytes (ASCII).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
     }
 }
 
