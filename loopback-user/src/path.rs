@@ -238,7 +238,8 @@ type FlowKey = (IpAddr, u16, IpAddr, u16);
 
 pub struct Tracker {
     cfg: TrackerConfig,
-    inflight: FxHashMap<u64, PacketPath>,
+    /// Boxed: a packet moves out of and back into the map on every event.
+    inflight: FxHashMap<u64, Box<PacketPath>>,
     next_id: u64,
     /// Latest route lookup per thread: the next transmit of that thread used it.
     last_route: FxHashMap<u32, (Stage, RouteInfo)>,
@@ -366,12 +367,12 @@ impl Tracker {
             && old.has("dev_queue")
             && let Some(old) = self.inflight.remove(&e.skb)
         {
-            self.finish(old, Verdict::FreedUntraced, &mut done);
+            self.finish(*old, Verdict::FreedUntraced, &mut done);
         }
         let mut p = match self.inflight.remove(&e.skb) {
             Some(p) => p,
             None => {
-                let mut p = self.new_packet(&e);
+                let mut p = Box::new(self.new_packet(&e));
                 // The send syscall this thread entered just before: the start of the path.
                 if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
                     && let Some(st) = self.last_send.remove(&e.tid)
@@ -421,8 +422,8 @@ impl Tracker {
         }
         p.stages.push(Stage::of(&e, dev));
         match e.hook {
-            Hook::Consume => self.finish(p, Verdict::Consumed, &mut done),
-            Hook::LeftNetns => self.finish(p, Verdict::LeftNetns, &mut done),
+            Hook::Consume => self.finish(*p, Verdict::Consumed, &mut done),
+            Hook::LeftNetns => self.finish(*p, Verdict::LeftNetns, &mut done),
             Hook::Free => {
                 let name = self
                     .drop_names
@@ -436,9 +437,9 @@ impl Tracker {
                         .is_some_and(|i| i.proto == PROTO_ICMP || i.proto == PROTO_ICMPV6);
                 if waits_for_clone {
                     p.verdict = Verdict::Dropped;
-                    self.awaiting_clone.push_back(p);
+                    self.awaiting_clone.push_back(*p);
                 } else {
-                    self.finish(p, Verdict::Dropped, &mut done);
+                    self.finish(*p, Verdict::Dropped, &mut done);
                 }
             }
             Hook::CopyToUser if p.stages.len() == 1 && p.clone_of.is_none() => {
@@ -467,7 +468,7 @@ impl Tracker {
                 if q.is_empty() {
                     self.sock_queues.remove(&e.arg0);
                 }
-                self.finish(p, Verdict::Delivered, done);
+                self.finish(*p, Verdict::Delivered, done);
                 return;
             }
         }
@@ -518,7 +519,7 @@ impl Tracker {
         for (_, k) in by_age.into_iter().take(excess) {
             if let Some(p) = self.inflight.remove(&k) {
                 let v = self.idle_verdict(&p);
-                self.finish(p, v, done);
+                self.finish(*p, v, done);
             }
         }
     }
@@ -542,7 +543,10 @@ impl Tracker {
             .filter(|(_, p)| now.saturating_sub(p.last_ts()) > self.cfg.max_idle_ns)
             .map(|(k, _)| *k)
             .collect();
-        let mut stale_paths: Vec<PacketPath> = stale.into_iter().filter_map(|k| self.inflight.remove(&k)).collect();
+        let mut stale_paths: Vec<PacketPath> = stale
+            .into_iter()
+            .filter_map(|k| self.inflight.remove(&k).map(|p| *p))
+            .collect();
         stale_paths.sort_by_key(|p| p.id);
         for p in stale_paths {
             let v = self.idle_verdict(&p);
@@ -559,7 +563,7 @@ impl Tracker {
         while let Some(p) = self.awaiting_clone.pop_front() {
             self.finish(p, Verdict::Dropped, &mut done);
         }
-        let mut rest: Vec<PacketPath> = self.inflight.drain().map(|(_, p)| p).collect();
+        let mut rest: Vec<PacketPath> = self.inflight.drain().map(|(_, p)| *p).collect();
         rest.sort_by_key(|p| p.id);
         for p in rest {
             let v = if p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP) && p.has("receive") {
