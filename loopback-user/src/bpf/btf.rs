@@ -25,9 +25,17 @@ impl KernelBtf {
                 "this kernel has no BTF ({VMLINUX_BTF} missing): lotrace needs CONFIG_DEBUG_INFO_BTF=y; nothing was attached"
             ));
         }
-        let btf = Btf::from_file(VMLINUX_BTF).map_err(|e| {
-            anyhow!("cannot read kernel BTF at {VMLINUX_BTF}: {e} (CONFIG_DEBUG_INFO_BTF=y is required)")
-        })?;
+        // Memory-mapped and read on demand: lotrace looks up a dozen types, and a full parse of
+        // the 5 MB file (btf-rs's default) was most of its start-up time. Kernels that cannot map
+        // the file (before 6.16) get it read whole and parsed from memory.
+        let btf = Btf::from_file_with_backend(VMLINUX_BTF, btf_rs::Backend::Mmap)
+            .or_else(|_| {
+                let bytes = std::fs::read(VMLINUX_BTF)?;
+                Btf::from_bytes(&bytes)
+            })
+            .map_err(|e| {
+                anyhow!("cannot read kernel BTF at {VMLINUX_BTF}: {e} (CONFIG_DEBUG_INFO_BTF=y is required)")
+            })?;
         Ok(Self { btf })
     }
 
