@@ -70,8 +70,9 @@ pub struct Hit {
 }
 
 impl Hit {
+    /// Writes this hit into a full record.
     #[inline(always)]
-    fn head<M: Mem>(&self, e: &mut RawEvent) {
+    pub fn head<M: Mem>(&self, e: &mut RawEvent) {
         e.len = self.len;
         e.arg0 = self.arg0;
         e.arg1 = self.arg1;

@@ -12,10 +12,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
-use loopback_common::{HDR_CAP, Hook, LOOPBACK_IFINDEX, SNAP_EXTRA, counter, hdr_kind};
+use loopback_common::{HDR_CAP, Hook, SNAP_EXTRA, counter, hdr_kind};
 
 use crate::{
-    emit::{Hit, capture, close_run, emit_hit, emit_long, open_run, run_skb, run_stage},
+    emit::{Hit, close_run, emit_hit, emit_long, open_run, run_skb, run_stage},
     kernel::{ProbeMem, ensure_tracked},
     maps::{RX_SKB, SNAP_EXTRA_BYTES, count},
 };
@@ -64,10 +64,7 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
     close_run();
     let data = ctx.data();
     emit_long(Hook::TcEgress, skb, |e, tail| {
-        e.len = len;
-        e.ifindex = LOOPBACK_IFINDEX;
-        e.ifname[..2].copy_from_slice(b"lo");
-        capture(e, hdr_kind::ETH, data as u64, len);
+        lo_hit(data, len).head::<ProbeMem>(e);
         let mut extra = len - HDR_CAP as u32;
         if extra > want {
             extra = want;

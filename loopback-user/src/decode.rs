@@ -230,35 +230,34 @@ impl Decoder {
             }
             self.last[cpu] = (pid_tgid, e.comm);
         }
-        if stages.is_empty() {
-            e.wire = wire;
-            f(e);
-            return Ok(1);
-        }
-        // The head's captured bytes belong to the hook that captured them.
-        let (mut packet, mut wire) = (e.packet.take(), wire);
-        let template = e.clone();
-        if hdr_at == 0 {
-            e.packet = packet.take();
-            e.wire = wire.take();
-        }
+        // The captured bytes go to the hook that captured them (0: the head).
+        let mut captured = Some((e.packet.take(), wire));
+        let mut give = |i: usize, ev: &mut Event| {
+            if i == hdr_at
+                && let Some((packet, wire)) = captured.take()
+            {
+                ev.packet = packet;
+                ev.wire = wire;
+            }
+        };
+        let template = (!stages.is_empty()).then(|| e.clone());
+        give(0, &mut e);
         f(e);
-        for (i, (hook, st)) in stages.iter().enumerate() {
-            let mut s = template.clone();
-            s.ts_ns = st.ts_ns;
-            s.hook = *hook;
-            s.len = st.len;
-            s.arg0 = st.arg0;
-            s.arg1 = st.arg1;
-            s.ifindex = st.ifindex;
-            if st.ifindex == 0 || st.ifindex != template.ifindex {
-                s.ifname = Name::default();
+        if let Some(template) = template {
+            for (i, (hook, st)) in stages.iter().enumerate() {
+                let mut s = template.clone();
+                s.ts_ns = st.ts_ns;
+                s.hook = *hook;
+                s.len = st.len;
+                s.arg0 = st.arg0;
+                s.arg1 = st.arg1;
+                s.ifindex = st.ifindex;
+                if st.ifindex == 0 || st.ifindex != template.ifindex {
+                    s.ifname = Name::default();
+                }
+                give(i + 1, &mut s);
+                f(s);
             }
-            if hdr_at == i + 1 {
-                s.packet = packet.take();
-                s.wire = wire.take();
-            }
-            f(s);
         }
         Ok(1 + stages.len() as u64)
     }

@@ -202,10 +202,11 @@ pub fn pack_runs(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
     use loopback_common::RAW_EVENT_SIZE;
     let mut out = Vec::new();
     let mut run: Vec<RawEvent> = Vec::new();
-    let flush = |run: &mut Vec<RawEvent>, out: &mut Vec<Vec<u8>>| match run.len() {
-        0 => {}
-        1 => out.push(encode(&run[0])),
-        _ => {
+    // Sends the staged run (and empties it).
+    let flush = |run: &mut Vec<RawEvent>, out: &mut Vec<Vec<u8>>| match std::mem::take(run).as_slice() {
+        [] => {}
+        [one] => out.push(encode(one)),
+        run => {
             let hdr_stage = run.iter().position(|e| e.hdr_kind != hdr_kind::NONE).unwrap_or(0);
             let mut head = run[0];
             if hdr_stage != 0 {
@@ -214,13 +215,11 @@ pub fn pack_runs(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
                 head.hdr_len = run[hdr_stage].hdr_len;
             }
             out.push(crate::decode::encode_run(&head, &run[1..], hdr_stage as u8));
-            run.clear();
         }
     };
     for b in records {
         if b.len() != RAW_EVENT_SIZE {
             flush(&mut run, &mut out);
-            run.clear();
             out.push(b.clone());
             continue;
         }
@@ -231,7 +230,6 @@ pub fn pack_runs(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
         match hook {
             Some(Hook::TcEgress) | Some(Hook::Receive) if e.ifindex == 1 => {
                 flush(&mut run, &mut out);
-                run.clear();
                 run.push(e);
             }
             Some(Hook::DevQueue | Hook::Xmit | Hook::BacklogEnqueue | Hook::Xdp) if same => run.push(e),
@@ -242,7 +240,6 @@ pub fn pack_runs(records: &[Vec<u8>]) -> Vec<Vec<u8>> {
                 }
                 run.push(e);
                 flush(&mut run, &mut out);
-                run.clear();
             }
             _ => out.push(b.clone()),
         }

@@ -181,19 +181,22 @@ impl Intake {
         tracker: &mut Tracker,
         sink: &mut impl FnMut(Vec<PacketPath>) -> Result<()>,
     ) -> Result<()> {
-        let events = crate::decode::record_events(bytes);
-        self.received += events;
         if let Some(r) = &mut self.recorder {
             r.event(bytes).context("writing the recording")?;
         }
         let mut result = Ok(());
-        let decoded = self.decoder.decode_each(bytes, |ev| {
+        match self.decoder.decode_each(bytes, |ev| {
             if result.is_ok() {
                 result = sink(tracker.push(ev));
             }
-        });
-        if decoded.is_err() {
-            self.undecodable += events;
+        }) {
+            Ok(events) => self.received += events,
+            Err(_) => {
+                // As many events as the record claims to hold (1 if it cannot tell).
+                let events = crate::decode::record_events(bytes);
+                self.received += events;
+                self.undecodable += events;
+            }
         }
         result
     }
