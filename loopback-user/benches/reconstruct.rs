@@ -6,7 +6,7 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use loopback_user::{
     decode::{self, Decoder},
-    fixture,
+    fixture, output,
     path::{Tracker, TrackerConfig},
 };
 
@@ -19,6 +19,26 @@ fn replay(events: &[Vec<u8>]) -> u64 {
             .expect("valid record");
     }
     finished + t.flush().len() as u64
+}
+
+/// The whole user-space pipeline of `trace --format json`: decode, reconstruct, one JSON line per
+/// packet (into memory, so no write is timed).
+fn to_json(events: &[Vec<u8>], out: &mut Vec<u8>) -> usize {
+    out.clear();
+    let mut t = Tracker::new(TrackerConfig::default(), fixture::drop_reasons().into_iter().collect());
+    let mut d = Decoder::default();
+    for b in events {
+        d.decode_each(b, |e| {
+            for p in t.push(e) {
+                output::write_packet_json(out, &p).expect("write to memory");
+            }
+        })
+        .expect("valid record");
+    }
+    for p in t.flush() {
+        output::write_packet_json(out, &p).expect("write to memory");
+    }
+    out.len()
 }
 
 fn bench(c: &mut Criterion) {
@@ -39,6 +59,13 @@ fn bench(c: &mut Criterion) {
             events.iter().filter_map(|e| d.decode_each(e, |_| {}).ok()).sum::<u64>()
         })
     });
+    g.finish();
+    // Per packet: what `trace --format json` costs in user space for each packet it prints.
+    let mut g = c.benchmark_group("json");
+    g.throughput(Throughput::Elements(packets));
+    g.sample_size(20);
+    let mut out = Vec::new();
+    g.bench_function("lo_session_packets", |b| b.iter(|| to_json(&events, &mut out)));
     g.finish();
 }
 

@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use crate::{
     bpf::session::{KernelCounters, ProgramCost},
     decode::{Icmp, Name, Tcp, proto_name},
-    path::{PacketPath, Stats},
+    path::{PacketPath, StageKind, Stats},
 };
 
 /// Route table ids with a name (include/uapi/linux/rtnetlink.h).
@@ -92,7 +92,7 @@ pub fn stages_out(p: &PacketPath) -> Vec<StageOut> {
             let d = s.t_ns.saturating_sub(prev);
             prev = s.t_ns;
             StageOut {
-                stage: s.stage,
+                stage: s.stage.as_str(),
                 t_ns: s.t_ns,
                 delta_ns: d,
                 cpu: s.cpu,
@@ -386,7 +386,7 @@ mod json {
                 b.push(b',');
             }
             b.extend_from_slice(b"{\"stage\":");
-            plain(b, s.stage);
+            plain(b, s.stage.as_str());
             b.extend_from_slice(b",\"t_ns\":");
             num(b, s.t_ns);
             b.extend_from_slice(b",\"delta_ns\":");
@@ -504,7 +504,7 @@ pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
         let d = stg.t_ns.saturating_sub(prev);
         prev = stg.t_ns;
         let extra = match &p.route {
-            Some(r) if stg.stage == "route" => format!("table {} dev {}", table_name(r.table), r.dev),
+            Some(r) if stg.stage == StageKind::Route => format!("table {} dev {}", table_name(r.table), r.dev),
             _ => stg.dev.map(|d| d.to_string()).unwrap_or_default(),
         };
         let _ = writeln!(
@@ -567,7 +567,7 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
         .iter()
         .map(|(k, h)| {
             (
-                (*k).to_string(),
+                k.as_str().to_string(),
                 json!({"count": h.len(), "p50_ns": h.value_at_quantile(0.5), "p99_ns": h.value_at_quantile(0.99)}),
             )
         })
@@ -838,7 +838,7 @@ mod tests {
         routed.stages.insert(
             0,
             Stage {
-                stage: "route",
+                stage: StageKind::Route,
                 ..routed.stages[0].clone()
             },
         );

@@ -17,33 +17,98 @@ use rustc_hash::FxHashMap;
 
 use crate::decode::{Event, Name, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PacketInfo, RouteInfo};
 
-/// Stable stage names (part of the JSON schema).
-pub fn stage_name(h: Hook) -> &'static str {
-    match h {
-        Hook::Route => "route",
-        Hook::DevQueue => "dev_queue",
-        Hook::TcEgress => "tc_egress",
-        Hook::Xmit => "xmit",
-        Hook::BacklogEnqueue => "backlog_enqueue",
-        Hook::XmitDone => "xmit_done",
-        Hook::Receive => "receive",
-        Hook::Xdp => "xdp",
-        Hook::TcIngress => "tc_ingress",
-        Hook::CopyToUser => "copy_to_user",
-        Hook::Free => "free",
-        Hook::Consume => "consume",
-        Hook::SockQueue => "sock_queue",
-        Hook::AppRecv => "app_recv",
-        Hook::LeftNetns => "left_netns",
-        Hook::AppSend => "app_send",
+/// A stage of a packet's path. Compared and indexed as a small integer on the per-event hot
+/// path; its name ([`StageKind::as_str`]) is part of the JSON schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StageKind {
+    AppSend,
+    Route,
+    TcEgress,
+    DevQueue,
+    Xmit,
+    BacklogEnqueue,
+    SoftirqRaise,
+    XmitDone,
+    SoftirqEntry,
+    Receive,
+    Xdp,
+    TcIngress,
+    SockQueue,
+    CopyToUser,
+    AppRecv,
+    Free,
+    Consume,
+    LeftNetns,
+}
+
+impl StageKind {
+    /// The stage a hook marks.
+    pub const fn of(h: Hook) -> Self {
+        match h {
+            Hook::Route => Self::Route,
+            Hook::DevQueue => Self::DevQueue,
+            Hook::TcEgress => Self::TcEgress,
+            Hook::Xmit => Self::Xmit,
+            Hook::BacklogEnqueue => Self::BacklogEnqueue,
+            Hook::XmitDone => Self::XmitDone,
+            Hook::Receive => Self::Receive,
+            Hook::Xdp => Self::Xdp,
+            Hook::TcIngress => Self::TcIngress,
+            Hook::CopyToUser => Self::CopyToUser,
+            Hook::Free => Self::Free,
+            Hook::Consume => Self::Consume,
+            Hook::SockQueue => Self::SockQueue,
+            Hook::AppRecv => Self::AppRecv,
+            Hook::LeftNetns => Self::LeftNetns,
+            Hook::AppSend => Self::AppSend,
+        }
+    }
+
+    /// Stable stage names (part of the JSON schema).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::AppSend => "app_send",
+            Self::Route => "route",
+            Self::TcEgress => "tc_egress",
+            Self::DevQueue => "dev_queue",
+            Self::Xmit => "xmit",
+            Self::BacklogEnqueue => "backlog_enqueue",
+            Self::SoftirqRaise => "softirq_raise",
+            Self::XmitDone => "xmit_done",
+            Self::SoftirqEntry => "softirq_entry",
+            Self::Receive => "receive",
+            Self::Xdp => "xdp",
+            Self::TcIngress => "tc_ingress",
+            Self::SockQueue => "sock_queue",
+            Self::CopyToUser => "copy_to_user",
+            Self::AppRecv => "app_recv",
+            Self::Free => "free",
+            Self::Consume => "consume",
+            Self::LeftNetns => "left_netns",
+        }
     }
 }
-pub const STAGE_SOFTIRQ_RAISE: &str = "softirq_raise";
-pub const STAGE_SOFTIRQ_ENTRY: &str = "softirq_entry";
+
+impl std::fmt::Display for StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl PartialEq<&str> for StageKind {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// Stable stage names (part of the JSON schema).
+pub fn stage_name(h: Hook) -> &'static str {
+    StageKind::of(h).as_str()
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stage {
-    pub stage: &'static str,
+    pub stage: StageKind,
     pub t_ns: u64,
     pub cpu: u32,
     pub pid: u32,
@@ -56,7 +121,7 @@ impl Stage {
     /// The stage an event marks, taken from the event itself.
     pub fn of(e: &Event, dev: Option<Name>) -> Self {
         Stage {
-            stage: stage_name(e.hook),
+            stage: StageKind::of(e.hook),
             t_ns: e.ts_ns,
             cpu: e.cpu,
             pid: e.tgid,
@@ -177,15 +242,15 @@ impl PacketPath {
     pub fn last_ts(&self) -> u64 {
         self.stages.last().map(|s| s.t_ns).unwrap_or(0)
     }
-    pub fn has(&self, stage: &str) -> bool {
+    pub fn has(&self, stage: StageKind) -> bool {
         self.stages.iter().any(|s| s.stage == stage)
     }
     pub fn stage_names(&self) -> Vec<&'static str> {
-        self.stages.iter().map(|s| s.stage).collect()
+        self.stages.iter().map(|s| s.stage.as_str()).collect()
     }
     /// Task that queued the packet for transmit (the sender), if seen.
     pub fn sender(&self) -> Option<&Stage> {
-        self.stages.iter().find(|s| s.stage == "dev_queue")
+        self.stages.iter().find(|s| s.stage == StageKind::DevQueue)
     }
     pub fn is_drop(&self) -> bool {
         self.verdict == Verdict::Dropped
@@ -203,7 +268,7 @@ pub struct Stats {
     /// Events of the `lo` programs that could not be linked to an skb.
     pub unlinked_lo_events: u64,
     /// Per stage: latency from the previous stage, in ns.
-    pub stage_latency: BTreeMap<&'static str, Histogram<u64>>,
+    pub stage_latency: BTreeMap<StageKind, Histogram<u64>>,
     pub by_context: BTreeMap<&'static str, u64>,
 }
 
@@ -351,7 +416,7 @@ impl Tracker {
             // Only meaningful for a UDP packet still being received, queued once.
             let queued = match self.inflight.get(&e.skb) {
                 Some(p) => {
-                    p.has("receive") && !p.has("sock_queue") && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
+                    p.has(StageKind::Receive) && !p.has(StageKind::SockQueue) && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
                 }
                 None => false,
             };
@@ -364,7 +429,7 @@ impl Tracker {
         // paths) ends that packet: the address was reused.
         if matches!(e.hook, Hook::TcEgress | Hook::DevQueue)
             && let Some(old) = self.inflight.get(&e.skb)
-            && old.has("dev_queue")
+            && old.has(StageKind::DevQueue)
             && let Some(old) = self.inflight.remove(&e.skb)
         {
             self.finish(*old, Verdict::FreedUntraced, &mut done);
@@ -526,7 +591,7 @@ impl Tracker {
 
     fn idle_verdict(&self, p: &PacketPath) -> Verdict {
         let tcp = p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP);
-        if tcp && p.has("receive") {
+        if tcp && p.has(StageKind::Receive) {
             Verdict::FreedUntraced
         } else {
             Verdict::Expired
@@ -566,7 +631,7 @@ impl Tracker {
         let mut rest: Vec<PacketPath> = self.inflight.drain().map(|(_, p)| *p).collect();
         rest.sort_by_key(|p| p.id);
         for p in rest {
-            let v = if p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP) && p.has("receive") {
+            let v = if p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP) && p.has(StageKind::Receive) {
                 Verdict::FreedUntraced
             } else {
                 Verdict::InFlight
@@ -590,10 +655,10 @@ impl Tracker {
 
     /// Softirq context from the receive event: who ran it, and whether this packet raised it.
     fn add_softirq_stages(&self, p: &mut PacketPath) {
-        let Some(recv) = p.stages.iter().find(|s| s.stage == "receive").cloned() else {
+        let Some(recv) = p.stages.iter().find(|s| s.stage == StageKind::Receive).cloned() else {
             return;
         };
-        let enq = p.stages.iter().find(|s| s.stage == "backlog_enqueue").map(|s| s.t_ns);
+        let enq = p.stages.iter().find(|s| s.stage == StageKind::BacklogEnqueue).map(|s| s.t_ns);
         let (entry_ts, raise_ts) = p.receive_arg.unwrap_or((0, 0));
         let after_enqueue = |t: u64| enq.is_some_and(|q| t >= q && t <= recv.t_ns);
         let raised = after_enqueue(raise_ts);
@@ -615,10 +680,10 @@ impl Tracker {
             dev: None,
         };
         if raised {
-            p.stages.push(mk(STAGE_SOFTIRQ_RAISE, raise_ts));
+            p.stages.push(mk(StageKind::SoftirqRaise, raise_ts));
         }
         if new_run {
-            p.stages.push(mk(STAGE_SOFTIRQ_ENTRY, entry_ts));
+            p.stages.push(mk(StageKind::SoftirqEntry, entry_ts));
         }
         if raised || new_run {
             p.stages.sort_by_key(|s| s.t_ns);
@@ -724,13 +789,14 @@ impl Tracker {
 /// a packet sent on lo must show xmit, backlog enqueue and receive; the end is a free tracepoint,
 /// or for TCP a receive followed by a free path that has no tracepoint.
 pub fn is_complete(p: &PacketPath) -> bool {
+    use StageKind as K;
     let first = p
         .stages
         .iter()
         .map(|s| s.stage)
-        .find(|s| *s != "route" && *s != "app_send");
-    let sent_here = matches!(first, Some("tc_egress") | Some("dev_queue"));
-    let started = sent_here || matches!(first, Some("receive") | Some("tc_ingress") | Some("copy_to_user"));
+        .find(|s| !matches!(s, K::Route | K::AppSend));
+    let sent_here = matches!(first, Some(K::TcEgress | K::DevQueue));
+    let started = sent_here || matches!(first, Some(K::Receive | K::TcIngress | K::CopyToUser));
     let ended = matches!(
         p.verdict,
         Verdict::Consumed
@@ -741,7 +807,7 @@ pub fn is_complete(p: &PacketPath) -> bool {
             | Verdict::LeftNetns
     );
     let through_lo = if sent_here && p.tx_dev.as_deref() == Some("lo") {
-        p.has("xmit") && p.has("backlog_enqueue") && p.has("receive")
+        p.has(StageKind::Xmit) && p.has(StageKind::BacklogEnqueue) && p.has(StageKind::Receive)
     } else {
         true
     };
@@ -920,7 +986,7 @@ pub(crate) mod tests {
             (SoftirqContext::Inline, true, true)
         );
         // The reply rode the already-running softirq: no raise, no new run.
-        assert!(!rep.has("softirq_raise") && !rep.has("softirq_entry"));
+        assert!(!rep.has(StageKind::SoftirqRaise) && !rep.has(StageKind::SoftirqEntry));
         assert_eq!(rep.reply_of, Some(req.id));
         assert_eq!(rep.verdict, Verdict::DeliveredClone);
         assert!(rep.complete);
@@ -1082,7 +1148,7 @@ pub(crate) mod tests {
         assert_eq!(paths[0].verdict, Verdict::Delivered);
         assert!(paths[0].complete);
         assert_eq!(paths[0].stage_names().iter().filter(|s| **s == "sock_queue").count(), 1);
-        assert_eq!(paths[0].stages.last().map(|s| (s.stage, s.tid)), Some(("app_recv", 2)));
+        assert_eq!(paths[0].stages.last().map(|s| (s.stage, s.tid)), Some((StageKind::AppRecv, 2)));
     }
 
     #[test]

@@ -8,14 +8,14 @@ use crate::{
     bpf::session::{KernelCounters, ProgramCost},
     decode::proto_name,
     filter::{self, Expr},
-    path::{PacketPath, SoftirqContext},
+    path::{PacketPath, SoftirqContext, StageKind},
 };
 
 /// One step of the loopback path as the dashboard draws it, top to bottom.
 pub struct Step {
     pub name: &'static str,
     /// Stages (path.rs names) that belong to this step; empty: not observable here.
-    pub stages: &'static [&'static str],
+    pub stages: &'static [StageKind],
     /// Why it is not observable (when `stages` is empty).
     pub why_not: &'static str,
 }
@@ -23,7 +23,7 @@ pub struct Step {
 pub const STEPS: &[Step] = &[
     Step {
         name: "app send",
-        stages: &["app_send"],
+        stages: &[StageKind::AppSend],
         why_not: "",
     },
     Step {
@@ -33,42 +33,42 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "route",
-        stages: &["route"],
+        stages: &[StageKind::Route],
         why_not: "",
     },
     Step {
         name: "IP out, dev queue",
-        stages: &["tc_egress", "dev_queue"],
+        stages: &[StageKind::TcEgress, StageKind::DevQueue],
         why_not: "",
     },
     Step {
         name: "lo transmit",
-        stages: &["xmit", "xmit_done"],
+        stages: &[StageKind::Xmit, StageKind::XmitDone],
         why_not: "",
     },
     Step {
         name: "backlog (per CPU)",
-        stages: &["backlog_enqueue"],
+        stages: &[StageKind::BacklogEnqueue],
         why_not: "",
     },
     Step {
         name: "NET_RX softirq",
-        stages: &["softirq_raise", "softirq_entry"],
+        stages: &[StageKind::SoftirqRaise, StageKind::SoftirqEntry],
         why_not: "",
     },
     Step {
         name: "IP receive",
-        stages: &["receive", "tc_ingress", "xdp"],
+        stages: &[StageKind::Receive, StageKind::TcIngress, StageKind::Xdp],
         why_not: "",
     },
     Step {
         name: "socket queue",
-        stages: &["sock_queue", "copy_to_user"],
+        stages: &[StageKind::SockQueue, StageKind::CopyToUser],
         why_not: "",
     },
     Step {
         name: "app recv",
-        stages: &["app_recv"],
+        stages: &[StageKind::AppRecv],
         why_not: "",
     },
 ];

@@ -156,7 +156,7 @@ fn path_view(app: &App, f: &mut Frame, r: Rect) {
                 Cell::from(rate(st.rate)),
                 Cell::from(p50),
                 Cell::from(p99),
-                Cell::from(s.stages.join(", ")),
+                Cell::from(s.stages.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ")),
             ])
         };
         if selected {
@@ -386,7 +386,7 @@ fn inspector_view(app: &App, f: &mut Frame, r: Rect) {
         let d = s.t_ns.saturating_sub(prev);
         prev = s.t_ns;
         Row::new(vec![
-            Cell::from(s.stage),
+            Cell::from(s.stage.as_str()),
             Cell::from(format!("+{}", fmt_ns(d))),
             Cell::from(format!("cpu{}", s.cpu)),
             Cell::from(format!("{}/{}", s.comm, s.tid)),
