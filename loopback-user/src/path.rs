@@ -416,7 +416,9 @@ impl Tracker {
             // Only meaningful for a UDP packet still being received, queued once.
             let queued = match self.inflight.get(&e.skb) {
                 Some(p) => {
-                    p.has(StageKind::Receive) && !p.has(StageKind::SockQueue) && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
+                    p.has(StageKind::Receive)
+                        && !p.has(StageKind::SockQueue)
+                        && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
                 }
                 None => false,
             };
@@ -658,7 +660,11 @@ impl Tracker {
         let Some(recv) = p.stages.iter().find(|s| s.stage == StageKind::Receive).cloned() else {
             return;
         };
-        let enq = p.stages.iter().find(|s| s.stage == StageKind::BacklogEnqueue).map(|s| s.t_ns);
+        let enq = p
+            .stages
+            .iter()
+            .find(|s| s.stage == StageKind::BacklogEnqueue)
+            .map(|s| s.t_ns);
         let (entry_ts, raise_ts) = p.receive_arg.unwrap_or((0, 0));
         let after_enqueue = |t: u64| enq.is_some_and(|q| t >= q && t <= recv.t_ns);
         let raised = after_enqueue(raise_ts);
@@ -1148,7 +1154,10 @@ pub(crate) mod tests {
         assert_eq!(paths[0].verdict, Verdict::Delivered);
         assert!(paths[0].complete);
         assert_eq!(paths[0].stage_names().iter().filter(|s| **s == "sock_queue").count(), 1);
-        assert_eq!(paths[0].stages.last().map(|s| (s.stage, s.tid)), Some((StageKind::AppRecv, 2)));
+        assert_eq!(
+            paths[0].stages.last().map(|s| (s.stage, s.tid)),
+            Some((StageKind::AppRecv, 2))
+        );
     }
 
     #[test]

@@ -225,13 +225,14 @@ fn start(mode: Mode, lotrace: &Path, ns: &Netns) -> Result<Tracer> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            // tracefs is mounted in a private mount namespace only: the host is left as it is.
+            // tracefs is mounted in a private mount namespace only, and only when the host has not
+            // mounted it already: the host is left as it is.
             let mut child = Command::new("unshare")
                 .args([
                     "-m",
                     "sh",
                     "-c",
-                    "mount -t tracefs nodev /sys/kernel/tracing && exec bpftrace -e \"$0\"",
+                    "{ mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; } && exec bpftrace -e \"$0\"",
                     &prog,
                 ])
                 .stdout(Stdio::piped())
@@ -398,8 +399,16 @@ fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Offline reconstruction speed (criterion); returns Melem/s.
-fn criterion(root: &Path) -> Result<f64> {
+/// Criterion's estimates for the user-space benches, in elements per second.
+struct UserSpeed {
+    /// Decode + path reconstruction, in hook events per second.
+    recon_events: f64,
+    /// Decode + reconstruction + one JSON line per packet, in packets per second.
+    json_packets: f64,
+}
+
+/// Runs the criterion benches of `loopback-user/benches/reconstruct.rs`.
+fn criterion(root: &Path) -> Result<UserSpeed> {
     let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .current_dir(root)
         .args([
@@ -417,29 +426,35 @@ fn criterion(root: &Path) -> Result<f64> {
     if !out.status.success() {
         bail!("cargo bench failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    // "thrpt:  [2.7794 Melem/s 2.8509 Melem/s 2.9232 Melem/s]": the middle one is the estimate.
-    let line = text
-        .lines()
-        .find(|l| l.contains("thrpt:"))
-        .ok_or_else(|| anyhow!("no throughput in criterion output"))?;
+    let get = |id: &str| throughput(&text, id).ok_or_else(|| anyhow!("no throughput for {id} in criterion output"));
+    Ok(UserSpeed {
+        recon_events: get("reconstruct/lo_session_events")?,
+        json_packets: get("json/lo_session_packets")?,
+    })
+}
+
+/// The estimate of the first `thrpt:` line after bench `id`'s name, in elements per second.
+/// "thrpt:  [2.7794 Melem/s 2.8509 Melem/s 2.9232 Melem/s]": the middle one is the estimate (a
+/// later "change" block repeats `thrpt:` with percentages; only the first counts).
+fn throughput(text: &str, id: &str) -> Option<f64> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with(id));
+    let first = lines.next()?;
+    let line = std::iter::once(first).chain(lines).find(|l| l.contains("thrpt:"))?;
     let nums: Vec<(f64, &str)> = line
         .split('[')
-        .nth(1)
-        .unwrap_or("")
+        .nth(1)?
         .split_whitespace()
         .collect::<Vec<_>>()
         .chunks(2)
         .filter_map(|c| Some((c[0].parse::<f64>().ok()?, *c.get(1)?)))
         .collect();
-    let (v, unit) = nums
-        .get(1)
-        .copied()
-        .ok_or_else(|| anyhow!("bad throughput line {line}"))?;
-    Ok(match unit.trim_end_matches(']') {
-        "Gelem/s" => v * 1e3,
-        "Melem/s" => v,
-        "Kelem/s" => v / 1e3,
-        _ => v / 1e6,
+    let (v, unit) = nums.get(1).copied()?;
+    Some(match unit.trim_end_matches(']') {
+        "Gelem/s" => v * 1e9,
+        "Melem/s" => v * 1e6,
+        "Kelem/s" => v * 1e3,
+        "elem/s" => v,
+        _ => return None,
     })
 }
 
@@ -447,7 +462,7 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     ensure_tools()?;
     let lotrace = root.join("target/release/lotrace");
     eprintln!("xtask bench: offline reconstruction (criterion)...");
-    let recon = criterion(root)?;
+    let user = criterion(root)?;
     let ns = Netns::new()?;
     let workloads = [Workload::PingPong, Workload::UdpStream, Workload::TcpBulk];
     let modes = [Mode::Untraced, Mode::Lotrace, Mode::LotraceCost, Mode::Bpftrace];
@@ -528,7 +543,12 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
         );
     }
     t += &format!(
-        "\nOffline reconstruction (decode + path reconstruction, one core, criterion): {recon:.2} M events/s (target >= 5).\n"
+        "\nOffline reconstruction (decode + path reconstruction, one core, criterion): {:.2} M events/s (target >= 5).\n",
+        user.recon_events / 1e6
+    );
+    t += &format!(
+        "User space per packet of `trace --format json` (decode + reconstruction + JSON line, criterion, fixture session): {:.2} µs.\n",
+        1e6 / user.json_packets
     );
     println!("\n{t}");
     let dir = root.join("target/bench");
@@ -536,4 +556,40 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     std::fs::write(dir.join("latest.md"), &t)?;
     eprintln!("xtask bench: table written to target/bench/latest.md");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::throughput;
+
+    /// Criterion's own layout: a bench's name, its time, its throughput, then a "change" block
+    /// that repeats `thrpt:` with percentages; short names share the line with `time:`.
+    const OUT: &str = "\
+reconstruct/lo_session_events
+                        time:   [34.893 ms 34.950 ms 35.019 ms]
+                        thrpt:  [5.9395 Melem/s 5.9513 Melem/s 5.9611 Melem/s]
+                 change:
+                        time:   [-8.2387% -1.8303% +3.8629%] (p = 0.62 > 0.05)
+                        thrpt:  [-3.7192% +1.8645% +8.9784%]
+reconstruct/decode_only time:   [12.698 ms 12.764 ms 12.819 ms]
+                        thrpt:  [16.226 Melem/s 16.296 Melem/s 16.380 Melem/s]
+json/lo_session_packets time:   [62.858 ms 63.053 ms 63.240 ms]
+                        thrpt:  [337.33 Kelem/s 338.34 Kelem/s 339.38 Kelem/s]
+";
+
+    fn close(got: Option<f64>, want: f64) -> bool {
+        got.is_some_and(|g| (g - want).abs() < want * 1e-9)
+    }
+
+    #[test]
+    fn criterion_estimates_are_read_per_bench() {
+        assert!(close(throughput(OUT, "reconstruct/lo_session_events"), 5.9513e6));
+        assert!(close(throughput(OUT, "reconstruct/decode_only"), 16.296e6));
+        assert!(close(throughput(OUT, "json/lo_session_packets"), 338.34e3));
+        assert_eq!(throughput(OUT, "json/missing"), None);
+        assert_eq!(
+            throughput("json/x time: [1 ms]\n thrpt: [-1% +2% +3%]\n", "json/x"),
+            None
+        );
+    }
 }
