@@ -1,9 +1,9 @@
 //! The single reserve / fill / submit path of every event.
+use aya_ebpf::helpers::generated::bpf_ringbuf_output;
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     generated::bpf_probe_read_kernel as probe_read_raw,
 };
-use aya_ebpf::helpers::generated::bpf_ringbuf_output;
 use loopback_common::{
     HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE, RUN_STAGE_SIZE,
     RUN_TAIL_FIXED, RawEvent, RunStage, SNAP_EXTRA, counter, hdr_kind,
@@ -197,7 +197,10 @@ fn send_run(slot: &mut RunSlot) {
     } else {
         slot.rec.head.hook |= HOOK_RUN;
         let n = if n > MAX_RUN as u64 { MAX_RUN as u64 } else { n };
-        ((RAW_EVENT_SIZE + RUN_TAIL_FIXED) as u64 + n * RUN_STAGE_SIZE as u64, n + 1)
+        (
+            (RAW_EVENT_SIZE + RUN_TAIL_FIXED) as u64 + n * RUN_STAGE_SIZE as u64,
+            n + 1,
+        )
     };
     let before = peek(counter::EMITTED);
     let rc = unsafe {
@@ -335,7 +338,11 @@ pub fn set_dev<M: Mem>(e: &mut RawEvent, dev: u64) {
 pub fn network_header<M: Mem>(skb: u64) -> u64 {
     let head = read::<M, u64>(skb, off!(skb_head)).unwrap_or(0);
     let nh = read::<M, u16>(skb, off!(skb_network_header)).unwrap_or(0);
-    if head != 0 && nh != u16::MAX { head + nh as u64 } else { 0 }
+    if head != 0 && nh != u16::MAX {
+        head + nh as u64
+    } else {
+        0
+    }
 }
 
 /// `skb->data` (at receive, after `eth_type_trans`, the IP header).

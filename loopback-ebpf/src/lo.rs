@@ -6,12 +6,12 @@
 //! to see a transmitted skb and takes it into scope itself (it only runs on the traced `lo`).
 //! Generic XDP sees an `xdp_buff`, not the skb: the per-CPU RX_SKB slot written just before by
 //! `netif_receive_skb` on the same CPU links it.
+use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use aya_ebpf::helpers::generated::bpf_skb_load_bytes;
 use loopback_common::{HDR_CAP, Hook, SNAP_EXTRA, counter, hdr_kind};
 
 use crate::{
