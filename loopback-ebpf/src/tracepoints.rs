@@ -23,14 +23,15 @@ fn is_lo<M: Mem>(dev: u64) -> bool {
     read::<M, u32>(dev, off!(dev_ifindex)) == Some(LOOPBACK_IFINDEX)
 }
 
-/// A hook of the transmit chain after the first (`skb` already in scope): staged into the open
-/// run of this skb, or its own record when none is open (a device other than `lo`).
+/// A hook of the transmit chain after the first: staged into the open run of this skb, or its own
+/// record when none is open (a device other than `lo`) and the skb is in scope. These tracepoints
+/// fire for every packet of the host, so `hit` reads the skb only once it is known to be ours.
 #[inline(always)]
-fn tx_hook<M: Mem>(hook: Hook, skb: u64, hit: Hit, close: bool) {
+fn tx_hook<M: Mem>(hook: Hook, skb: u64, close: bool, hit: impl FnOnce() -> Hit) {
     if run_skb() == skb {
-        run_stage::<M>(hook, hit, close);
+        run_stage::<M>(hook, hit(), close);
     } else if tracked(skb) {
-        emit_hit::<M>(hook, skb, hit);
+        emit_hit::<M>(hook, skb, hit());
     }
 }
 
@@ -123,12 +124,11 @@ twin!(
 #[inline(always)]
 fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let hit = Hit {
+    tx_hook::<A>(Hook::Xmit, skb, false, || Hit {
         len: skb_len::<A>(skb),
         dev: ctx.arg(1),
         ..Hit::default()
-    };
-    tx_hook::<A>(Hook::Xmit, skb, hit, false);
+    });
     0
 }
 
@@ -137,11 +137,10 @@ twin!("netif_rx", netif_rx, raw_netif_rx, netif_rx_body);
 #[inline(always)]
 fn netif_rx_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let hit = Hit {
+    tx_hook::<A>(Hook::BacklogEnqueue, skb, false, || Hit {
         len: skb_len::<A>(skb),
         ..Hit::default()
-    };
-    tx_hook::<A>(Hook::BacklogEnqueue, skb, hit, false);
+    });
     0
 }
 
@@ -153,14 +152,13 @@ fn net_dev_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
     let rc: u64 = ctx.arg(1);
     let len: u64 = ctx.arg(3);
-    let hit = Hit {
+    // The end of the transmit chain: closes the run.
+    tx_hook::<A>(Hook::XmitDone, skb, true, || Hit {
         len: len as u32,
         arg0: rc as i32 as i64 as u64,
         dev: ctx.arg(2),
         ..Hit::default()
-    };
-    // The end of the transmit chain: closes the run.
-    tx_hook::<A>(Hook::XmitDone, skb, hit, true);
+    });
     0
 }
 
