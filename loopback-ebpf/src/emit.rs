@@ -50,7 +50,7 @@ pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
     let e = unsafe { &mut *entry.as_mut_ptr() };
     fill_common(e, hook, skb, &task);
     fill(e);
-    entry.submit(wakeup_flags(count(counter::EMITTED)));
+    entry.submit(wake_across(count(counter::EMITTED).wrapping_sub(1), 1));
 }
 
 /// What one hook hit carries besides the common header.
@@ -221,8 +221,9 @@ fn send_run(slot: &mut RunSlot) {
     }
 }
 
-/// [`wakeup_flags`] for `k` events at once: wake when the count crosses a multiple of
-/// WAKEUP_EVERY.
+/// Batched wake-ups: waking the reader costs the traced task an irq_work per event when the
+/// reader keeps up. Wake it when this CPU's emitted count (`before`, then `k` more events; no
+/// helper call) crosses a multiple of WAKEUP_EVERY; the reader also drains on a 10 ms timer.
 #[inline(always)]
 fn wake_across(before: u64, k: u64) -> u64 {
     if (before + k) / WAKEUP_EVERY != before / WAKEUP_EVERY {
@@ -252,7 +253,7 @@ pub fn emit_long(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent, *mut u8)
             &EVENTS as *const _ as *mut core::ffi::c_void,
             base as *mut core::ffi::c_void,
             size,
-            wakeup_flags(peek(counter::EMITTED) + 1),
+            wake_across(peek(counter::EMITTED), 1),
         )
     };
     if rc == 0 {
@@ -263,18 +264,6 @@ pub fn emit_long(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent, *mut u8)
         if let Some(p) = task.last {
             unsafe { *p = u64::MAX };
         }
-    }
-}
-
-/// Batched wake-ups: waking the reader costs the traced task an irq_work per event when the
-/// reader keeps up. Wake it once per WAKEUP_EVERY events of this CPU (`n`: this CPU's emitted
-/// count; no helper call); it also drains on a 10 ms timer.
-#[inline(always)]
-fn wakeup_flags(n: u64) -> u64 {
-    if n & (WAKEUP_EVERY - 1) == 0 {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
     }
 }
 
