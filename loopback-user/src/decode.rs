@@ -200,11 +200,7 @@ impl Decoder {
     pub fn decode_each(&mut self, bytes: &[u8], mut f: impl FnMut(Event)) -> Result<u64, DecodeError> {
         let stages = run_stages(bytes)?;
         let (mut e, cached, pid_tgid) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)])?;
-        let hdr_at = if stages.is_empty() {
-            0
-        } else {
-            bytes[RAW_EVENT_SIZE + 1] as usize
-        };
+        let hdr_at = stages.hdr_at;
         let lo_hook = |h: Hook| matches!(h, Hook::TcEgress | Hook::TcIngress | Hook::Xdp);
         let hdr_hook = if hdr_at == 0 {
             Some(e.hook)
@@ -272,6 +268,8 @@ pub fn record_events(bytes: &[u8]) -> u64 {
 struct Stages {
     n: usize,
     at: [(Hook, RunStage); MAX_RUN],
+    /// Which event captured the head's bytes: 0 the head, i the i-th staged hook.
+    hdr_at: usize,
 }
 
 impl Stages {
@@ -295,6 +293,7 @@ fn run_stages(bytes: &[u8]) -> Result<Stages, DecodeError> {
     let mut out = Stages {
         n: 0,
         at: [(Hook::Route, RunStage::default()); MAX_RUN],
+        hdr_at: 0,
     };
     let hook_at = std::mem::offset_of!(RawEvent, hook);
     let Some(&hook) = bytes.get(hook_at) else {
@@ -315,6 +314,7 @@ fn run_stages(bytes: &[u8]) -> Result<Stages, DecodeError> {
         out.at[i] = (Hook::try_from(st.hook).map_err(DecodeError::Hook)?, st);
     }
     out.n = n;
+    out.hdr_at = hdr_at;
     Ok(out)
 }
 
