@@ -95,17 +95,6 @@ impl std::fmt::Display for StageKind {
     }
 }
 
-impl PartialEq<&str> for StageKind {
-    fn eq(&self, other: &&str) -> bool {
-        self.as_str() == *other
-    }
-}
-
-/// Stable stage names (part of the JSON schema).
-pub fn stage_name(h: Hook) -> &'static str {
-    StageKind::of(h).as_str()
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Stage {
     pub stage: StageKind,
@@ -939,10 +928,10 @@ pub(crate) mod tests {
         s.lo_path(0xb0, 7, "app", info, true);
         s.ev(Hook::Consume, 0xb0, 7, "app", "", None, 0, 0);
         let (ps, _) = run(s.events);
-        assert_eq!(ps[0].stages[0].stage, "app_send");
+        assert_eq!(ps[0].stages[0].stage, StageKind::AppSend);
         assert_eq!(ps[0].stages[0].tid, 7, "linked by thread, not to thread 8's send");
-        assert_eq!(ps[0].stages[1].stage, "tc_egress");
-        assert_eq!(ps[1].stages[0].stage, "tc_egress", "stale send not linked");
+        assert_eq!(ps[0].stages[1].stage, StageKind::TcEgress);
+        assert_eq!(ps[1].stages[0].stage, StageKind::TcEgress, "stale send not linked");
         assert!(ps.iter().all(|p| p.complete));
     }
 

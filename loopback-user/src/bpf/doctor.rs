@@ -236,7 +236,7 @@ pub fn run() -> Result<DoctorReport> {
         .map(|hp| PlanRow {
             stage: hp
                 .hook
-                .map(|h| crate::path::stage_name(h).to_string())
+                .map(|h| crate::path::StageKind::of(h).as_str().to_string())
                 .unwrap_or_else(|| "(softirq state)".into()),
             program: hp.program,
             attach: hp.attach.kind(),
