@@ -283,8 +283,7 @@ impl App {
     fn add(&mut self, p: PacketPath) {
         self.packets += 1;
         for (i, step) in STEPS.iter().enumerate() {
-            let seen = p.stages.iter().filter(|s| step.stages.contains(&s.stage)).count();
-            if seen > 0 {
+            if p.stages.iter().any(|s| step.stages.contains(&s.stage)) {
                 self.steps[i].window += 1;
             }
         }
