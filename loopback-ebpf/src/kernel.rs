@@ -104,7 +104,7 @@ pub fn task_in_scope<M: Mem>() -> bool {
 
 #[inline(always)]
 pub fn tracked(skb: u64) -> bool {
-    SCOPE.get_ptr(&skb).is_some()
+    SCOPE.get_ptr(skb).is_some()
 }
 
 /// Takes `skb` into scope unless it already is (a lookup is much cheaper than an LRU update,
@@ -120,12 +120,12 @@ pub fn ensure_tracked(skb: u64) -> bool {
 
 #[inline(always)]
 pub fn track(skb: u64) {
-    if SCOPE.insert(&skb, &1, 0).is_err() {
+    if SCOPE.insert(skb, 1, 0).is_err() {
         count(counter::SCOPE_FULL);
     }
 }
 
 #[inline(always)]
 pub fn untrack(skb: u64) {
-    let _ = SCOPE.remove(&skb);
+    let _ = SCOPE.remove(skb);
 }

@@ -182,11 +182,12 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
     match cli.cmd {
         Cmd::Doctor { json } => {
             let r = doctor::run()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+            let text = if json {
+                serde_json::to_string_pretty(&r)? + "\n"
             } else {
-                print!("{}", doctor::render_text(&r));
-            }
+                doctor::render_text(&r)
+            };
+            write_stdout(&text)?;
             if let Err(e) = doctor::require_can_trace(&r) {
                 eprintln!("lotrace: {e}");
                 return Ok(1);
@@ -286,8 +287,27 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 }
                 // Every prove failure is exit 2 (bad target, unresolvable name, no privileges,
                 // cannot trace): 1 is reserved for "disproven".
+                Err(e) if output_closed(&e) => Err(e),
                 Err(e) => Err(usage(format!("{e:#}"))),
             }
         }
     }
+}
+
+/// Writes `text` to stdout and flushes it; a closed pipe comes back as an error (which `main`
+/// turns into a quiet exit), never a panic as with `print!`.
+pub fn write_stdout(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Whether `e` is, anywhere in its chain, a write to a closed pipe.
+pub fn output_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -3,6 +3,7 @@ pub mod bpf;
 pub mod caps;
 pub mod cli;
 pub mod decode;
+pub mod fault;
 pub mod filter;
 pub mod fixture;
 pub mod netns;

@@ -1,5 +1,7 @@
+use std::io::Write as _;
+
 use clap::Parser;
-use loopback_user::cli::{Cli, UsageError, dispatch};
+use loopback_user::cli::{Cli, UsageError, dispatch, output_closed};
 
 fn main() {
     // A bug must still end in one line, not a backtrace. Everything lotrace attached is owned by
@@ -15,7 +17,11 @@ fn main() {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!("lotrace: internal error: {msg}{at} (please report this)");
+        // Not eprintln!: it panics when stderr is gone, and a panic inside the hook aborts.
+        let _ = writeln!(
+            std::io::stderr(),
+            "lotrace: internal error: {msg}{at} (please report this)"
+        );
     }));
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -54,6 +60,9 @@ fn main() {
     };
     let code = match rt.block_on(dispatch(cli)) {
         Ok(code) => code,
+        // The reader of our output went away (`lotrace doctor | head -5`): stop quietly, as other
+        // command-line tools do. Everything was already cleaned up on the way here.
+        Err(e) if output_closed(&e) => 0,
         Err(e) => {
             let line = format!("{e:#}").replace('\n', " ");
             eprintln!("lotrace: {line}");

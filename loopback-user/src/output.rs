@@ -597,12 +597,15 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
     })
 }
 
-fn pct(a: u64, b: u64) -> f64 {
-    if b == 0 {
-        100.0
-    } else {
-        (a as f64 * 1000.0 / b as f64).round() / 10.0
-    }
+/// `a` as a percentage of `b`, to one decimal; None when `b` is 0 (an empty run is not "100%
+/// complete": JSON `null`, text "n/a").
+fn pct(a: u64, b: u64) -> Option<f64> {
+    (b > 0).then(|| (a as f64 * 1000.0 / b as f64).round() / 10.0)
+}
+
+/// `pct` for text: "12.5%" or "n/a".
+fn pct_text(a: u64, b: u64) -> String {
+    pct(a, b).map_or_else(|| "n/a".to_string(), |p| format!("{p}%"))
 }
 
 pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
@@ -619,11 +622,11 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     };
     let _ = writeln!(
         s,
-        "--- lotrace summary: {} packets ({} printed), {} complete ({}%), drops: {}",
+        "--- lotrace summary: {} packets ({} printed), {} complete ({}), drops: {}",
         stats.packets,
         sum.printed,
         stats.complete,
-        pct(stats.complete, stats.packets),
+        pct_text(stats.complete, stats.packets),
         drops
     );
     let _ = writeln!(
@@ -695,6 +698,18 @@ mod tests {
         decode::RouteInfo,
         path::{Stage, Tracker, TrackerConfig, tests::raw_ping_sequence},
     };
+
+    /// An empty run is not "100% complete": the share is unknown (JSON null, text "n/a").
+    #[test]
+    fn an_empty_run_has_no_complete_share() {
+        let sum = Summary::default();
+        let empty = Stats::default();
+        assert_eq!(summary_json(&empty, &sum)["summary"]["complete_pct"], Value::Null);
+        assert!(summary_text(&empty, &sum).contains("0 complete (n/a)"));
+        let (_, stats) = paths();
+        assert!(summary_json(&stats, &sum)["summary"]["complete_pct"].as_f64().is_some());
+        assert!(summary_text(&stats, &sum).contains("%)"));
+    }
 
     fn paths() -> (Vec<PacketPath>, Stats) {
         let mut t = Tracker::new(TrackerConfig::default(), HashMap::from([(2, "NO_SOCKET".into())]));

@@ -1049,6 +1049,7 @@ pub(crate) mod tests {
         assert_eq!(stats.by_context.get("ksoftirqd"), Some(&1));
     }
 
+    #[allow(clippy::too_many_arguments)] // a TCP header's fields, in header order
     fn tcp(src: &str, sport: u16, dst: &str, dport: u16, seq: u32, ack: u32, flags: u8, payload: u32) -> PacketInfo {
         PacketInfo {
             src: ip(src),

@@ -820,14 +820,11 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
     drop(sandbox);
 
     let reports: Vec<Report> = probes.into_iter().map(|p| evaluate(p, &paths)).collect();
-    match cfg.format {
-        Format::Json => {
-            for r in &reports {
-                println!("{}", report_json(r));
-            }
-        }
-        Format::Text => print!("{}", render_text(&reports, &scenarios)),
-    }
+    let text = match cfg.format {
+        Format::Json => reports.iter().map(|r| report_json(r).to_string() + "\n").collect(),
+        Format::Text => render_text(&reports, &scenarios),
+    };
+    crate::cli::write_stdout(&text)?;
     let proven = reports.iter().filter(|r| r.verdict == Verdict::Proven).count();
     let unexpected: Vec<&Report> = reports.iter().filter(|r| !r.ok()).collect();
     let bad = intake.undecodable;

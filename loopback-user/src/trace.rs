@@ -281,11 +281,13 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
             format!("; NOT attached: {}", missing.join(", "))
         }
     );
-    // Fault injection for the "nothing left behind" tests (README, Tests).
-    if std::env::var("LOTRACE_FAULT").is_ok_and(|v| v == "panic-after-attach") {
-        panic!("LOTRACE_FAULT=panic-after-attach");
-    }
     let mut sigint = signal(SignalKind::interrupt())?;
+    // Fault injection for the "nothing left behind" tests (README, Tests): SIGUSR1 is only
+    // listened to when the fault is on (otherwise it keeps its default action).
+    let mut fault_signal = match crate::fault::get() {
+        crate::fault::Fault::PanicOnSigusr1 => Some(signal(SignalKind::user_defined1())?),
+        _ => None,
+    };
     let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = cfg.duration.map(|d| Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -298,7 +300,14 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
                 None => std::future::pending().await,
             }
         };
+        let fault = async {
+            match &mut fault_signal {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
+            _ = fault => panic!("LOTRACE_FAULT=panic-on-sigusr1"),
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
                 drain(guard.get_inner_mut(), &mut tracker, &mut printer, &mut intake)?;

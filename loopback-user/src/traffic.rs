@@ -234,11 +234,43 @@ pub fn tcp_exchange(addr: IpAddr, payload: &[u8]) -> Result<(u16, u16)> {
     c.write_all(payload)?;
     let mut back = vec![0u8; payload.len()];
     c.read_exact(&mut back)?;
-    drop(c);
+    c.shutdown(std::net::Shutdown::Write)?;
     server.join().map_err(|_| anyhow!("TCP server thread panicked"))??;
-    // Let the FIN/ACK exchange finish before the caller stops tracing.
-    std::thread::sleep(Duration::from_millis(50));
+    // The server closed after our FIN; wait until our side has seen its FIN and acknowledged
+    // it (the socket leaves FIN_WAIT for CLOSE), so the whole exchange is on the wire when
+    // this returns. On lo this has normally happened inside the server's close().
+    let start = Instant::now();
+    while tcp_state(&c)? != TCP_CLOSE {
+        if start.elapsed() > Duration::from_secs(2) {
+            bail!("TCP close handshake did not finish within 2 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     Ok((client_port, server_addr.port()))
+}
+
+/// `TCP_CLOSE` of the kernel's `include/net/tcp_states.h`.
+const TCP_CLOSE: u8 = 7;
+
+/// The kernel's TCP state of `s` (`TCP_INFO`'s `tcpi_state`).
+fn tcp_state(s: &TcpStream) -> Result<u8> {
+    // SAFETY: tcp_info is plain data; the kernel writes at most `len` bytes into it and `s` is an
+    // open TCP socket for the duration of the call.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(info.tcpi_state)
 }
 
 #[cfg(test)]

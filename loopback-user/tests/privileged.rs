@@ -10,6 +10,12 @@ use std::{
 };
 
 use loopback_user::{netns::Sandbox, traffic};
+
+// The declared list of external tools (`cargo xtask test` installs them): a missing one fails
+// with one line naming it and its Debian package.
+#[allow(dead_code)]
+#[path = "../../xtask/src/tools.rs"]
+mod tools;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lotrace");
@@ -118,9 +124,11 @@ fn start(sb: &Sandbox, extra: &[&str]) -> Tracer {
     }
 }
 
-/// Sends SIGINT, waits for exit, returns (packets, summary).
+/// Sends SIGINT, waits for exit, returns (packets, summary). No waiting beforehand: the traffic
+/// helpers return only once their exchange is over (on lo the receive side runs inline in the
+/// sender's system call, and TCP waits for its close handshake), so every event of theirs is in
+/// the ring buffer already, and lotrace drains the ring and prints what is in flight on SIGINT.
 fn stop(mut t: Tracer) -> (Vec<Value>, Value) {
-    std::thread::sleep(Duration::from_millis(300)); // let the last events arrive
     unsafe { libc::kill(t.child.id() as i32, libc::SIGINT) };
     let status = t.child.wait().expect("wait");
     let out = t.stdout_rx.recv_timeout(Duration::from_secs(10)).expect("stdout");
@@ -393,7 +401,7 @@ fn run_bin(args: &[&str]) -> (i32, String, String) {
 }
 
 fn run_as_nobody(args: &[&str]) -> (i32, String) {
-    let out = Command::new("setpriv")
+    let out = Command::new(tools::require("setpriv"))
         .args([
             "--reuid=65534",
             "--regid=65534",
@@ -733,7 +741,8 @@ fn trace_leaves_nothing_behind_however_it_ends() {
     }
     let sb = Sandbox::new("lt-left").expect("sandbox");
     type Ender = fn(&mut Child);
-    let endings: [(&str, &[&str], &[(&str, &str)], Ender); 5] = [
+    type Ending<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], Ender);
+    let endings: [Ending; 5] = [
         ("count", &["--count", "1"], &[], |_| {}),
         ("sigint", &[], &[], |c| unsafe {
             libc::kill(c.id() as i32, libc::SIGINT);
@@ -741,7 +750,9 @@ fn trace_leaves_nothing_behind_however_it_ends() {
         ("sigterm", &["--xdp"], &[], |c| unsafe {
             libc::kill(c.id() as i32, libc::SIGTERM);
         }),
-        ("panic", &[], &[("LOTRACE_FAULT", "panic-after-attach")], |_| {}),
+        ("panic", &[], &[("LOTRACE_FAULT", "panic-on-sigusr1")], |c| unsafe {
+            libc::kill(c.id() as i32, libc::SIGUSR1);
+        }),
         ("kill -9", &["--xdp"], &[], |c| {
             c.kill().expect("kill");
         }),
@@ -836,7 +847,6 @@ fn record_run(sb: &Sandbox, format: &str, extra: &[&str]) -> (String, String) {
             traffic::tcp_exchange(lo, &[9u8; 3000]).expect("tcp");
         })
         .expect("netns");
-    std::thread::sleep(Duration::from_millis(400));
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let st = child.wait().expect("wait");
     let out = out_rx.recv_timeout(Duration::from_secs(10)).expect("stdout");
@@ -955,7 +965,7 @@ fn recordings_replay_exactly_and_export_pcapng() {
         "the TCP data segments are longer than the 96-byte header capture"
     );
     assert!(written >= 8, "{live_err}");
-    let td = Command::new("tcpdump")
+    let td = Command::new(tools::require("tcpdump"))
         .args(["-nn", "-r", pcap_s])
         .output()
         .expect("tcpdump");
@@ -1012,7 +1022,7 @@ fn flood_ping(sb: &Sandbox, n: u32) -> (u64, u64) {
             "netns",
             "exec",
             &sb.name,
-            "ping",
+            tools::require("ping"),
             "-f",
             "-q",
             "-c",
@@ -1059,8 +1069,9 @@ fn flood_ping_loses_nothing_with_or_without_lotrace() {
             .collect();
         let (mut child, _, err) = launch(&sb, &args, &[], Stdio::null());
         let err_rx = read_all(err);
+        // ping has its replies (or gave up) when it returns: every event is in the ring, and
+        // lotrace drains it on SIGINT.
         let got = flood_ping(&sb, N);
-        std::thread::sleep(Duration::from_millis(300));
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         assert!(child.wait().expect("wait").success());
         let err = err_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
@@ -1208,7 +1219,6 @@ fn honest_under_sustained_load() {
     let (mut child, _, err) = launch(&sb, &["--format", "json"], &[], Stdio::null());
     let err_rx = read_all(err);
     pressure(&sb, secs);
-    std::thread::sleep(Duration::from_millis(300));
     let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
         .expect("status")
         .lines()
@@ -1358,4 +1368,90 @@ fn a_missing_hook_degrades_to_partial_tracing_and_a_missing_required_one_is_one_
         "{err}"
     );
     assert!(our_programs_loaded().is_empty());
+}
+
+/// A stdout whose reader is already closed: the first write fails with EPIPE, every run.
+fn closed_pipe() -> Stdio {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    Stdio::from(writer)
+}
+
+/// `lotrace doctor | head -5`, `lotrace trace | head -1`, `lotrace prove | head -1`: when the
+/// reader of stdout goes away, lotrace stops quietly (exit 0, nothing on stderr but its opening
+/// line), and still removes everything it set up.
+#[test]
+fn output_into_a_closed_pipe_stops_quietly_and_leaves_nothing() {
+    if !privileged() {
+        return;
+    }
+    let quiet = |what: &str, out: std::process::Output, allowed: &[&str]| {
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "{what}: {err}");
+        for l in err.lines() {
+            assert!(
+                allowed.iter().any(|a| l.contains(a)),
+                "{what}: unexpected stderr line {l:?}"
+            );
+        }
+    };
+    for args in [&["doctor"][..], &["doctor", "--json"][..]] {
+        let out = Command::new(BIN)
+            .args(args)
+            .stdout(closed_pipe())
+            .output()
+            .expect("doctor");
+        quiet("doctor", out, &[]);
+    }
+    let sb = Sandbox::new("lt-pipe").expect("sandbox");
+    for format in ["text", "json"] {
+        let mut child = Command::new(BIN)
+            .args(["trace", "--netns", &sb.name, "--format", format])
+            .stdout(closed_pipe())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("trace");
+        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        err.read_line(&mut line).expect("read stderr");
+        assert!(line.contains("hooks attached"), "{line}");
+        // The first packet printed meets the closed pipe; lotrace must then end by itself.
+        let start = std::time::Instant::now();
+        let status = loop {
+            sb.netns
+                .run(|| traffic::icmp_echo("127.0.0.1".parse().expect("ip"), 0, 0x7a7a, 1, Duration::from_secs(2)))
+                .expect("netns")
+                .expect("echo");
+            if let Some(st) = child.try_wait().expect("wait") {
+                break st;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("{format}: trace went on writing into a closed pipe");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let rest = read_all(err).recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        assert_eq!(status.code(), Some(0), "{format}: {rest}");
+        assert!(rest.trim().is_empty(), "{format}: quiet: {rest}");
+        assert!(tcx_on_lo(&sb).is_empty(), "{format}: tcx left on lo");
+        assert!(our_programs_loaded().is_empty(), "{format}: programs left behind");
+    }
+    let out = Command::new(BIN)
+        .args(["prove", "--count", "1", "--format", "json"])
+        .stdout(closed_pipe())
+        .output()
+        .expect("prove");
+    quiet("prove", out, &["lotrace prove: ", "removed sandbox"]);
+    let left: Vec<String> = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("lotrace-prove-"))
+        .map(str::to_string)
+        .collect();
+    assert!(left.is_empty(), "prove's sandbox left behind: {left:?}");
+    assert!(our_programs_loaded().is_empty(), "prove: programs left behind");
 }

@@ -34,14 +34,38 @@ fn tui_replays_a_recording_in_a_terminal_and_restores_it() {
         .expect("script (util-linux)");
     let mut stdin = child.stdin.take().expect("stdin");
     let mut stdout = child.stdout.take().expect("stdout");
+    let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = screen.clone();
     let reader = std::thread::spawn(move || {
-        let mut out = Vec::new();
-        let _ = stdout.read_to_end(&mut out);
-        out
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = stdout.read(&mut chunk) {
+            sink.lock().expect("screen").extend_from_slice(&chunk[..n]);
+        }
     });
-    // Keys, with time for the dashboard to start and draw: help, close it, inspect, quit.
-    for (wait, keys) in [(1500, "?"), (400, "x"), (400, "\r"), (400, "q")] {
-        std::thread::sleep(Duration::from_millis(wait));
+    // Each key is pressed once the screen shows what the previous one should have drawn (new
+    // output only), never after a fixed pause: the dashboard, help, then (any key closes help,
+    // Enter opens the inspector) the inspector, then quit.
+    let mut seen = 0;
+    for (wait_for, keys) in [("top flows", "?"), ("any key closes this help", "x\r"), ("delta", "q")] {
+        let start = Instant::now();
+        loop {
+            let out = screen.lock().expect("screen").clone();
+            if let Some(i) = out[seen..]
+                .windows(wait_for.len())
+                .position(|w| w == wait_for.as_bytes())
+            {
+                seen += i + wait_for.len();
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!(
+                    "the screen never showed {wait_for:?}: {}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         stdin.write_all(keys.as_bytes()).expect("key");
         stdin.flush().expect("flush");
     }
@@ -57,7 +81,8 @@ fn tui_replays_a_recording_in_a_terminal_and_restores_it() {
         std::thread::sleep(Duration::from_millis(50));
     };
     drop(stdin);
-    let out = String::from_utf8_lossy(&reader.join().expect("reader")).to_string();
+    reader.join().expect("reader");
+    let out = String::from_utf8_lossy(&screen.lock().expect("screen")).to_string();
     let _ = std::fs::remove_dir_all(&dir);
     if let Ok(p) = std::env::var("LOTRACE_TUI_TEST_DUMP") {
         let _ = std::fs::write(p, &out);

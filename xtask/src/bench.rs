@@ -11,6 +11,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, anyhow, bail};
+
+use crate::{ensure_tools, tools::Need};
 use serde_json::Value;
 
 /// The tracepoints lotrace attaches (see loopback-user/src/bpf/probes.rs), as bpftrace names them.
@@ -96,56 +98,6 @@ fn run_ok(c: &mut Command) -> Result<()> {
     let out = c.output().with_context(|| format!("{c:?}"))?;
     if !out.status.success() {
         bail!("{c:?}: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
-}
-
-fn have(bin: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {bin}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Installs the peers (Debian packages) when missing.
-fn ensure_tools() -> Result<()> {
-    ensure_packages(
-        "bench",
-        &[
-            ("sockperf", "sockperf"),
-            ("bpftrace", "bpftrace"),
-            ("iperf3", "iperf3"),
-            ("taskset", "util-linux"),
-        ],
-    )
-}
-
-/// Installs the Debian packages of the commands (command, package) that are missing; fast when
-/// none is. Refreshes the package lists once if the first try fails (a fresh machine).
-pub fn ensure_packages(who: &str, tools: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .filter(|(bin, _)| !have(bin))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("xtask {who}: installing {}", missing.join(" "));
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .context("apt-get")
-    };
-    if !install()?.success() {
-        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-        if !install()?.success() {
-            bail!("apt-get install {} failed", missing.join(" "));
-        }
     }
     Ok(())
 }
@@ -459,7 +411,8 @@ fn throughput(text: &str, id: &str) -> Option<f64> {
 }
 
 pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
-    ensure_tools()?;
+    ensure_tools("bench", Need::Test)?;
+    ensure_tools("bench", Need::Bench)?;
     let lotrace = root.join("target/release/lotrace");
     eprintln!("xtask bench: offline reconstruction (criterion)...");
     let user = criterion(root)?;

@@ -7,9 +7,11 @@ use std::{
 };
 
 mod bench;
+mod tools;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
+use tools::Need;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -218,6 +220,44 @@ fn build() -> Result<()> {
     Ok(())
 }
 
+/// Installs the Debian packages of the declared tools (`tools.rs`) that `need` requires and that
+/// are missing; fast when none is. Refreshes the package lists once if the first try fails (a
+/// fresh machine).
+pub fn ensure_tools(who: &str, need: Need) -> Result<()> {
+    let missing = crate::tools::missing(need);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let mut pkgs: Vec<&str> = missing.iter().map(|t| t.package).collect();
+    pkgs.sort_unstable();
+    pkgs.dedup();
+    let bins: Vec<&str> = missing.iter().map(|t| t.bin).collect();
+    eprintln!("xtask {who}: installing {} (for {})", pkgs.join(" "), bins.join(", "));
+    let install = || {
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .context("apt-get")
+    };
+    if !install()?.success() {
+        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        if !install()?.success() {
+            bail!("apt-get install {} failed", pkgs.join(" "));
+        }
+    }
+    let still = crate::tools::missing(need);
+    if let Some(t) = still.first() {
+        bail!(
+            "`{}` is still missing after installing Debian package {}",
+            t.bin,
+            t.package
+        );
+    }
+    Ok(())
+}
+
 fn is_root() -> bool {
     output("id", &["-u"]).map(|s| s.trim() == "0").unwrap_or(false)
 }
@@ -239,36 +279,59 @@ fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Adds up cargo's "test result:" lines.
-fn count(out: &str, passed: &mut u64, failed: &mut u64) {
-    for l in out.lines().filter(|l| l.starts_with("test result:")) {
-        let num = |key: &str| -> u64 {
-            l.split(';')
-                .find(|p| p.contains(key))
-                .and_then(|p| p.split_whitespace().rev().nth(1).and_then(|n| n.parse().ok()))
-                .unwrap_or(0)
-        };
-        *passed += num(" passed");
-        *failed += num(" failed");
-    }
+/// What a test run counted: the closing line is `summary: N passed, N failed, N skipped`.
+#[derive(Default, Debug, PartialEq)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    skipped: u64,
 }
 
-fn run_tests(cmd: &mut Command, passed: &mut u64, failed: &mut u64) -> bool {
-    let out = match cmd.stderr(Stdio::inherit()).output() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("xtask: {e}");
-            *failed += 1;
-            return false;
+impl Tally {
+    /// Adds up cargo's "test result:" lines (libtest's "ignored" count as skipped).
+    fn count(&mut self, out: &str) {
+        for l in out.lines().filter(|l| l.starts_with("test result:")) {
+            let num = |key: &str| -> u64 {
+                l.split(';')
+                    .find(|p| p.contains(key))
+                    .and_then(|p| p.split_whitespace().rev().nth(1).and_then(|n| n.parse().ok()))
+                    .unwrap_or(0)
+            };
+            self.passed += num(" passed");
+            self.failed += num(" failed");
+            self.skipped += num(" ignored");
         }
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    print!("{text}");
-    count(&text, passed, failed);
-    if !out.status.success() && !text.contains("test result:") {
-        *failed += 1; // it did not even run (build error)
     }
-    out.status.success()
+
+    /// Runs a libtest binary through cargo, echoing its output, and counts it. A run that did
+    /// not even reach its tests (a build error) counts as one failure.
+    fn run(&mut self, cmd: &mut Command) {
+        let out = match cmd.stderr(Stdio::inherit()).output() {
+            Ok(o) => o,
+            Err(e) => {
+                eprintln!("xtask: {e}");
+                self.failed += 1;
+                return;
+            }
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        print!("{text}");
+        self.count(&text);
+        if !out.status.success() && !text.contains("test result:") {
+            self.failed += 1;
+        }
+    }
+
+    /// A check that is not a libtest run (formatting, a lint pass, a fuzz target).
+    fn check(&mut self, what: &str, r: Result<()>) {
+        match r {
+            Ok(()) => self.passed += 1,
+            Err(e) => {
+                eprintln!("xtask: {what} FAILED: {e:#}");
+                self.failed += 1;
+            }
+        }
+    }
 }
 
 /// The fuzz targets (fuzz/fuzz_targets): recording reader + replay, event decoder, filter parser.
@@ -313,66 +376,164 @@ fn fuzz(secs: u32) -> Result<bool> {
     Ok(all_ok)
 }
 
+/// The tests of a libtest target, by name (`--list`), without running them.
+fn list_tests(args: &[&str]) -> Result<Vec<String>> {
+    let out = cargo()
+        .args(["test", "-q"])
+        .args(args)
+        .args(["--", "--list", "--format", "terse"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --list")?;
+    if !out.status.success() {
+        bail!("cargo test {} --list failed", args.join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Lints with warnings as errors: every workspace crate with its tests and benches, the fuzz
+/// crate, and the eBPF crate for its own target.
+fn clippy() -> Result<()> {
+    status(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    status(
+        cargo()
+            .current_dir(root().join("fuzz"))
+            .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+            .env("LOTRACE_EBPF_STUB", "1"),
+    )?;
+    status(
+        cargo()
+            .current_dir(root().join("loopback-ebpf"))
+            .args([
+                "clippy",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("RUSTC_BOOTSTRAP", "1"),
+    )
+}
+
 fn test() -> Result<()> {
-    let (mut passed, mut failed) = (0u64, 0u64);
-    let mut ok = true;
+    let mut t = Tally::default();
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let root_user = is_root();
+    // 0. the declared external tools (tools.rs), installed when missing (needs root)
+    if root_user {
+        ensure_tools("test", Need::Test)?;
+    } else if let Some(m) = tools::missing(Need::Test).first() {
+        eprintln!(
+            "xtask: `{}` is missing (Debian package {}) and only root can install it; tests that run it will say so",
+            m.bin, m.package
+        );
+    }
     // 1. formatting and lints
-    ok &= status(cargo().args(["fmt", "--all", "--", "--check"])).is_ok();
-    if !ok {
-        eprintln!("xtask: `cargo fmt --all` needed");
-        failed += 1;
-    }
+    t.check(
+        "cargo fmt --check (run `cargo fmt --all`)",
+        status(cargo().args(["fmt", "--all", "--", "--check"])),
+    );
+    t.check("clippy -D warnings", clippy());
     // 2. unit tests of every crate (unprivileged, pure)
-    ok &= run_tests(
-        cargo().args(["test", "--workspace", "--lib", "--bins"]),
-        &mut passed,
-        &mut failed,
-    );
-    // 3. the dashboard in a pseudo-terminal (unprivileged)
-    ok &= run_tests(
-        cargo().args(["test", "-p", "loopback-user", "--test", "tui"]),
-        &mut passed,
-        &mut failed,
-    );
+    t.run(cargo().args(["test", "--workspace", "--lib", "--bins"]));
+    // 3. the real binary, unprivileged: the dashboard in a pseudo-terminal, CLI edges
+    t.run(cargo().args(["test", "-p", "loopback-user", "--test", "tui", "--test", "cli"]));
     // 4. privileged tests: real programs in throwaway namespaces, one thread
-    if !is_root() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            bail!("CI=true but not root: the privileged tests must run as root");
-        }
-        eprintln!("xtask: not root: privileged tests will skip (run `sudo -E cargo xtask test` to run them)");
+    let privileged = ["-p", "loopback-user", "--test", "privileged"];
+    if root_user {
+        t.run(cargo().args(privileged).args(["--", "--test-threads=1"]));
+    } else if ci {
+        bail!("CI=true but not root: the privileged tests must run as root");
     } else {
-        // The pcapng test also checks the file with tcpdump.
-        bench::ensure_packages("test", &[("tcpdump", "tcpdump"), ("script", "bsdutils")])?;
+        let names = list_tests(&privileged)?;
+        println!(
+            "skipped: {} privileged tests: they load eBPF programs and create network namespaces, which needs root (run `sudo -E cargo xtask test`)",
+            names.len()
+        );
+        t.skipped += names.len() as u64;
     }
-    ok &= run_tests(
-        cargo().args([
-            "test",
-            "-p",
-            "loopback-user",
-            "--test",
-            "privileged",
-            "--",
-            "--test-threads=1",
-        ]),
-        &mut passed,
-        &mut failed,
-    );
     // 5. fuzz targets, briefly (`cargo xtask fuzz` for a longer run)
     match fuzz(FUZZ_TEST_SECS) {
-        Ok(true) => passed += FUZZ_TARGETS.len() as u64,
-        Ok(false) => {
-            failed += 1;
-            ok = false;
-        }
-        Err(e) => {
-            eprintln!("xtask: fuzzing could not run: {e:#}");
-            failed += 1;
-            ok = false;
-        }
+        Ok(true) => t.passed += FUZZ_TARGETS.len() as u64,
+        Ok(false) => t.failed += 1,
+        Err(e) => t.check("fuzzing", Err(e)),
     }
-    println!("\nsummary: {passed} passed, {failed} failed");
-    if !ok || failed > 0 {
+    println!(
+        "\nsummary: {} passed, {} failed, {} skipped",
+        t.passed, t.failed, t.skipped
+    );
+    if t.failed > 0 {
         bail!("tests failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_result_lines_are_added_up_with_ignored_as_skipped() {
+        let mut t = Tally::default();
+        t.count("running 3 tests\ntest result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s\n");
+        t.count("test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s\n");
+        assert_eq!(
+            t,
+            Tally {
+                passed: 7,
+                failed: 2,
+                skipped: 1
+            }
+        );
+    }
+
+    /// Every crate opts into the workspace lints; the two crates outside the workspace (eBPF,
+    /// fuzz) carry the same [workspace.lints.clippy] table as their own [lints.clippy].
+    #[test]
+    fn every_crate_has_the_workspace_lints() {
+        let read = |p: &str| std::fs::read_to_string(root().join(p)).expect(p);
+        let table = |text: &str, head: &str| -> String {
+            let start = text.find(head).unwrap_or_else(|| panic!("no {head}"));
+            text[start + head.len()..]
+                .lines()
+                .skip(1)
+                .take_while(|l| !l.starts_with('['))
+                .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let want = table(&read("Cargo.toml"), "[workspace.lints.clippy]");
+        assert!(!want.is_empty());
+        for member in ["loopback-user", "loopback-common", "xtask"] {
+            let text = read(&format!("{member}/Cargo.toml"));
+            assert!(
+                text.contains("[lints]\nworkspace = true"),
+                "{member} does not opt into the workspace lints"
+            );
+        }
+        for outside in ["loopback-ebpf", "fuzz"] {
+            assert_eq!(
+                table(&read(&format!("{outside}/Cargo.toml")), "[lints.clippy]"),
+                want,
+                "{outside}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_tool_has_a_package_and_is_declared_once() {
+        for (i, t) in tools::TOOLS.iter().enumerate() {
+            assert!(!t.package.is_empty() && !t.bin.contains('/'), "{t:?}");
+            assert!(tools::TOOLS[..i].iter().all(|o| o.bin != t.bin), "{} twice", t.bin);
+        }
+        assert!(tools::find("ping").is_some_and(|t| t.package == "iputils-ping"));
+    }
 }

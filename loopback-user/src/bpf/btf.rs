@@ -11,7 +11,7 @@ pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// Whether the kernel exposes its BTF (`LOTRACE_FAULT=no-btf` simulates a kernel without it,
 /// for the degradation test).
 pub fn kernel_has_btf() -> bool {
-    !std::env::var("LOTRACE_FAULT").is_ok_and(|v| v == "no-btf") && std::path::Path::new(VMLINUX_BTF).exists()
+    *crate::fault::get() != crate::fault::Fault::NoBtf && std::path::Path::new(VMLINUX_BTF).exists()
 }
 
 pub struct KernelBtf {

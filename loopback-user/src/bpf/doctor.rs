@@ -215,8 +215,8 @@ pub fn run() -> Result<DoctorReport> {
             })
             .collect()
     };
-    let attach_types: Vec<AttachTypeReport> = if !privs.sufficient() {
-        reason = Some(privs.require().unwrap_err().to_string());
+    let attach_types: Vec<AttachTypeReport> = if let Err(e) = privs.require() {
+        reason = Some(e.to_string());
         not_tried("insufficient privileges")
     } else if let Err(e) = object::check_built() {
         reason = Some(e.to_string());

@@ -260,9 +260,7 @@ impl Session {
         let mut outcomes = Vec::new();
         // Fault injection (README, Tests): LOTRACE_FAULT=refuse-hook:PROGRAM makes that hook fail
         // as on a kernel without it, to test how lotrace degrades.
-        let refused = std::env::var("LOTRACE_FAULT")
-            .ok()
-            .and_then(|v| v.strip_prefix("refuse-hook:").map(str::to_string));
+        let refused = crate::fault::refused_hook();
         for hp in PLAN {
             let skipped = |requested: bool, why: String| AttachOutcome {
                 program: hp.program,
@@ -291,7 +289,7 @@ impl Session {
             // Fallback chain: tp_btf, then the raw tracepoint twin.
             let (mut kind, mut used) = (hp.attach.kind(), hp.program);
             let mut fallback_reason = None;
-            let refuse = refused.as_deref() == Some(hp.program);
+            let refuse = refused == Some(hp.program);
             const REFUSED: &str = "refused (LOTRACE_FAULT: simulating a kernel without this hook)";
             let first = if refuse {
                 Err(REFUSED.to_string())

@@ -223,7 +223,7 @@ async fn event_loop(
             _ = redraw.tick() => {
                 terminal.draw(|f| view::view(app, f))?;
                 // Fault injection for the terminal-restore test (README, Tests).
-                if std::env::var("LOTRACE_FAULT").is_ok_and(|v| v == "panic-in-tui") && app.packets > 0 {
+                if *crate::fault::get() == crate::fault::Fault::PanicInTui && app.packets > 0 {
                     panic!("LOTRACE_FAULT=panic-in-tui");
                 }
             }

@@ -1,0 +1,63 @@
+//! Fault injection for the tests (README, Tests): `LOTRACE_FAULT`, read once, at the first use.
+//! Unset (as in every normal run) it is `Fault::None` and nothing below changes behaviour.
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    None,
+    /// `panic-on-sigusr1`: once attached, `trace` panics when SIGUSR1 arrives, so a test can
+    /// check what is attached while it runs and then make it panic, with no race.
+    PanicOnSigusr1,
+    /// `panic-in-tui`: the dashboard panics after drawing its first packet.
+    PanicInTui,
+    /// `no-btf`: behave as on a kernel without BTF.
+    NoBtf,
+    /// `refuse-hook:PROGRAM`: that hook fails to attach, as on a kernel without it.
+    RefuseHook(String),
+}
+
+impl Fault {
+    fn parse(v: &str) -> Fault {
+        match v {
+            "" => Fault::None,
+            "panic-on-sigusr1" => Fault::PanicOnSigusr1,
+            "panic-in-tui" => Fault::PanicInTui,
+            "no-btf" => Fault::NoBtf,
+            _ => match v.strip_prefix("refuse-hook:") {
+                Some(p) => Fault::RefuseHook(p.to_string()),
+                None => Fault::None,
+            },
+        }
+    }
+}
+
+/// The fault switched on for this process.
+pub fn get() -> &'static Fault {
+    static FAULT: OnceLock<Fault> = OnceLock::new();
+    FAULT.get_or_init(|| Fault::parse(&std::env::var("LOTRACE_FAULT").unwrap_or_default()))
+}
+
+/// The program `refuse-hook:` names, if that is the fault.
+pub fn refused_hook() -> Option<&'static str> {
+    match get() {
+        Fault::RefuseHook(p) => Some(p),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_parse_and_unknown_ones_do_nothing() {
+        assert_eq!(Fault::parse("panic-on-sigusr1"), Fault::PanicOnSigusr1);
+        assert_eq!(
+            Fault::parse("refuse-hook:sk_data_ready"),
+            Fault::RefuseHook("sk_data_ready".into())
+        );
+        assert_eq!(Fault::parse("no-btf"), Fault::NoBtf);
+        assert_eq!(Fault::parse("panic-after-attach"), Fault::None);
+        assert_eq!(Fault::parse(""), Fault::None);
+    }
+}

@@ -1,0 +1,77 @@
+//! THE list of external programs the tests and benches run, with the Debian package that brings
+//! each. `cargo xtask test` / `bench` install the missing ones (quick when all are present), and
+//! the privileged tests include this same file (`#[path]`) so a test that still finds a tool
+//! missing fails with one line naming the tool and its package.
+
+/// Which step needs a tool.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Need {
+    /// `cargo xtask test` (unit, pseudo-terminal and privileged tests).
+    Test,
+    /// `cargo xtask bench` (the workloads and the bpftrace baseline).
+    Bench,
+}
+
+/// One external program: its command name, the Debian package that installs it, who needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct Tool {
+    pub bin: &'static str,
+    pub package: &'static str,
+    pub need: Need,
+}
+
+const fn t(bin: &'static str, package: &'static str, need: Need) -> Tool {
+    Tool { bin, package, need }
+}
+
+pub const TOOLS: &[Tool] = &[
+    // Privileged tests: namespaces and veths, flood ping, reading pcapng, running as nobody.
+    t("ip", "iproute2", Need::Test),
+    t("ping", "iputils-ping", Need::Test),
+    t("tcpdump", "tcpdump", Need::Test),
+    t("setpriv", "util-linux", Need::Test),
+    // The dashboard in a pseudo-terminal.
+    t("script", "bsdutils", Need::Test),
+    // Bench: workloads, CPU pinning, the bpftrace baseline in a private mount namespace.
+    t("sockperf", "sockperf", Need::Bench),
+    t("iperf3", "iperf3", Need::Bench),
+    t("bpftrace", "bpftrace", Need::Bench),
+    t("taskset", "util-linux", Need::Bench),
+    t("unshare", "util-linux", Need::Bench),
+    t("mountpoint", "util-linux", Need::Bench),
+];
+
+/// Whether `bin` is an executable file on PATH.
+pub fn on_path(bin: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(std::path::PathBuf::from))
+        .any(|d| std::fs::metadata(d.join(bin)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// The declared tool `bin` (None: not in the list).
+pub fn find(bin: &str) -> Option<&'static Tool> {
+    TOOLS.iter().find(|t| t.bin == bin)
+}
+
+/// The tools `need` requires that are missing on this machine.
+pub fn missing(need: Need) -> Vec<&'static Tool> {
+    TOOLS.iter().filter(|t| t.need == need && !on_path(t.bin)).collect()
+}
+
+/// For tests: the path-free command name of a declared tool, after checking that it is present.
+/// A missing one is a one-line failure naming the tool and its package.
+#[allow(dead_code)] // used by the tests that include this file, not by xtask itself
+pub fn require(bin: &'static str) -> &'static str {
+    let Some(tool) = find(bin) else {
+        panic!("test bug: `{bin}` is not declared in xtask/src/tools.rs");
+    };
+    if !on_path(bin) {
+        panic!(
+            "missing tool `{bin}` (Debian package {}): `cargo xtask test` installs it",
+            tool.package
+        );
+    }
+    bin
+}
