@@ -94,6 +94,16 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     _pad: 0,
 };
 
+/// How many arguments the running kernel's `consume_skb` and `kfree_skb` tracepoints have, from
+/// its BTF (`btf_trace_<name>` prototypes; written at load time). `consume_skb` gained `location`
+/// (2 arguments), `kfree_skb` its `reason` (3) and `rx_sk` (4) over the years; a program that
+/// reads an argument the tracepoint lacks is refused at load (tp_btf) or attach (raw
+/// tracepoint). The verifier sees these as constants and drops the branch that would read it.
+#[unsafe(no_mangle)]
+pub static CONSUME_SKB_ARGS: u32 = 2;
+#[unsafe(no_mangle)]
+pub static KFREE_SKB_ARGS: u32 = 3;
+
 /// Inode number of the traced network namespace (written at load time).
 #[unsafe(no_mangle)]
 pub static TARGET_NETNS: u32 = 0;

@@ -14,7 +14,7 @@ use crate::{
     kernel::{
         Mem, dev_in_scope, ensure_tracked, net_in_scope, off, read, skb_dev, task_in_scope, track, tracked, untrack,
     },
-    maps::{LO_INGRESS, RX_SKB, SEND_SYSCALLS, SOFTIRQ},
+    maps::{CONSUME_SKB_ARGS, KFREE_SKB_ARGS, LO_INGRESS, RX_SKB, SEND_SYSCALLS, SOFTIRQ},
 };
 
 /// Whether `dev` is its namespace's loopback device.
@@ -272,14 +272,20 @@ fn skb_copy_datagram_iovec_body<A: Args>(ctx: &A) -> i32 {
     0
 }
 
-// kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct sock *rx_sk)
+// kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, struct sock *rx_sk):
+// `reason` only where the kernel's BTF prototype has it (KFREE_SKB_ARGS); `rx_sk` is not read.
 // — the 4-argument form is 6.11+; older kernels have 3 (rx_sk is not read).
 twin!("kfree_skb", kfree_skb, raw_kfree_skb, kfree_skb_body);
 #[inline(always)]
 fn kfree_skb_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
     let location: u64 = ctx.arg(1);
-    let reason: u64 = ctx.arg(2);
+    // SAFETY: a plain read of a read-only global the loader wrote before loading.
+    let reason: u64 = if unsafe { core::ptr::read_volatile(&KFREE_SKB_ARGS) } >= 3 {
+        ctx.arg(2)
+    } else {
+        0
+    };
     let hit = Hit {
         arg0: reason as u32 as u64,
         arg1: location,
@@ -289,12 +295,18 @@ fn kfree_skb_body<A: Args>(ctx: &A) -> i32 {
     0
 }
 
-// consume_skb(struct sk_buff *skb, void *location) — 6.3+ (location added).
+// consume_skb(struct sk_buff *skb, void *location): `location` only where the kernel's BTF
+// prototype has it (CONSUME_SKB_ARGS).
 twin!("consume_skb", consume_skb, raw_consume_skb, consume_skb_body);
 #[inline(always)]
 fn consume_skb_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let location: u64 = ctx.arg(1);
+    // SAFETY: a plain read of a read-only global the loader wrote before loading.
+    let location: u64 = if unsafe { core::ptr::read_volatile(&CONSUME_SKB_ARGS) } >= 2 {
+        ctx.arg(1)
+    } else {
+        0
+    };
     let hit = Hit {
         arg1: location,
         ..Hit::default()

@@ -449,7 +449,7 @@ fn test() -> Result<()> {
     // 4. privileged tests: real programs in throwaway namespaces, one thread
     let privileged = ["-p", "loopback-user", "--test", "privileged"];
     if root_user {
-        t.run(cargo().args(privileged).args(["--", "--test-threads=1"]));
+        t.run(cargo().arg("test").args(privileged).args(["--", "--test-threads=1"]));
     } else if ci {
         bail!("CI=true but not root: the privileged tests must run as root");
     } else {

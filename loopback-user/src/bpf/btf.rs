@@ -170,6 +170,23 @@ impl KernelBtf {
         Ok(out)
     }
 
+    /// How many arguments the tracepoint `name` passes on this kernel, from its BTF prototype
+    /// `typedef void (*btf_trace_<name>)(void *__data, ARGS...)`; None when the kernel has no
+    /// such tracepoint. This is how lotrace knows a tracepoint's shape without a version number.
+    pub fn tracepoint_args(&self, name: &str) -> Option<u32> {
+        let types = self.btf.resolve_types_by_name(&format!("btf_trace_{name}")).ok()?;
+        types.into_iter().find_map(|t| {
+            let Type::Typedef(td) = t else { return None };
+            let Type::Ptr(p) = self.btf.resolve_chained_type(&td).ok()? else {
+                return None;
+            };
+            match self.btf.resolve_chained_type(&p).ok()? {
+                Type::FuncProto(f) => Some(f.parameters.len().saturating_sub(1) as u32),
+                _ => None,
+            }
+        })
+    }
+
     pub fn inner(&self) -> &Btf {
         &self.btf
     }
@@ -203,6 +220,12 @@ mod tests {
         assert!(o.skb_data > o.skb_head || o.skb_head > 0);
         assert_ne!(o.dev_name, o.dev_ifindex);
         assert_eq!(o.flowi4_daddr, o.flowi4_saddr + 4, "flowi4: saddr then daddr");
+        // The tracepoints' shapes come from BTF: net_dev_xmit(skb, rc, dev, len) everywhere;
+        // consume_skb has 1 or 2 arguments, kfree_skb 2 to 4, depending on the kernel.
+        assert_eq!(k.tracepoint_args("net_dev_xmit"), Some(4));
+        assert!(k.tracepoint_args("consume_skb").is_some_and(|n| (1..=2).contains(&n)));
+        assert!(k.tracepoint_args("kfree_skb").is_some_and(|n| (2..=4).contains(&n)));
+        assert_eq!(k.tracepoint_args("no_such_tracepoint_here"), None);
         let reasons = k.enum_names("skb_drop_reason").expect("drop reasons");
         assert!(reasons.values().any(|n| n == "SKB_DROP_REASON_NO_SOCKET"));
     }

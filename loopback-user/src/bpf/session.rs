@@ -245,6 +245,10 @@ impl Session {
                     .collect()
             })
             .unwrap_or_default();
+        // The free tracepoints' argument counts on this kernel (kept at the compiled-in default
+        // when BTF does not say: the attach then reports the problem).
+        let consume_args = kbtf.tracepoint_args("consume_skb").unwrap_or(2);
+        let kfree_args = kbtf.tracepoint_args("kfree_skb").unwrap_or(3);
         // Free btf-rs's parse before aya parses the same BTF: the two together set the process's
         // peak memory.
         drop(kbtf);
@@ -254,6 +258,8 @@ impl Session {
             .override_global("TARGET_NETNS", &opts.netns.inode, true)
             .override_global("SEND_SYSCALLS", &send_syscalls(), true)
             .override_global("SNAP_EXTRA_BYTES", &opts.snap_extra(), true)
+            .override_global("CONSUME_SKB_ARGS", &consume_args, true)
+            .override_global("KFREE_SKB_ARGS", &kfree_args, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(obj)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", explain(&e, "load")))?;
