@@ -11,7 +11,7 @@ use loopback_common::{
 
 use crate::{
     kernel::{Mem, off, read},
-    maps::{EVENTS, LAST_TASK, RUN, RunSlot, SCRATCH, count, count_by, peek},
+    maps::{EVENTS, LAST_TASK, LO_TASK_HELPERS, RUN, RunSlot, SCRATCH, count, count_by, peek},
 };
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
@@ -26,23 +26,48 @@ struct Task {
     pid_tgid: u64,
     last: Option<*mut u64>,
     cached: bool,
+    /// Unknown: a `lo` program on a kernel that gives it no task helpers (the record carries
+    /// pid 0 and no name, and does not count as naming anyone).
+    unknown: bool,
+}
+
+/// Whether a program on `lo` may call the task helpers here (see `LO_TASK_HELPERS`).
+#[inline(always)]
+fn lo_task_helpers() -> bool {
+    // SAFETY: a plain read of a read-only global the loader wrote before loading.
+    unsafe { core::ptr::read_volatile(&LO_TASK_HELPERS) != 0 }
 }
 
 impl Task {
+    /// The current task; `lo`: the caller is a `lo` program (a constant at every call site).
     #[inline(always)]
-    fn current() -> Self {
+    fn current(lo: bool) -> Self {
+        if lo && !lo_task_helpers() {
+            return Self {
+                pid_tgid: 0,
+                last: None,
+                cached: false,
+                unknown: true,
+            };
+        }
         let pid_tgid = bpf_get_current_pid_tgid();
         let last = LAST_TASK.get_ptr_mut(0);
+        // SAFETY: a per-CPU array slot, valid for the whole program run.
         let cached = last.is_some_and(|p| unsafe { *p } == pid_tgid);
-        Self { pid_tgid, last, cached }
+        Self {
+            pid_tgid,
+            last,
+            cached,
+            unknown: false,
+        }
     }
 }
 
 /// Fills the common header, lets `fill` add the hook-specific part, submits.
 /// A failed reservation is counted as lost (never silent).
 #[inline(always)]
-pub fn emit(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent)) {
-    let task = Task::current();
+pub fn emit(hook: Hook, skb: u64, lo: bool, fill: impl FnOnce(&mut RawEvent)) {
+    let task = Task::current(lo);
     let Some(mut entry) = EVENTS.reserve::<RawEvent>(0) else {
         count(counter::RING_LOST);
         return;
@@ -91,7 +116,7 @@ impl Hit {
 /// One record for one hook (not staged).
 #[inline(always)]
 pub fn emit_hit<M: Mem>(hook: Hook, skb: u64, hit: Hit) {
-    emit(hook, skb, |e| hit.head::<M>(e));
+    emit(hook, skb, hit.lo, |e| hit.head::<M>(e));
 }
 
 #[inline(always)]
@@ -128,7 +153,7 @@ pub fn open_run<M: Mem>(hook: Hook, skb: u64, hit: Hit, hdr_known: bool) {
     if slot.open != 0 {
         send_run(slot);
     }
-    let task = Task::current();
+    let task = Task::current(hit.lo);
     let e = &mut slot.rec.head;
     fill_common(e, hook, skb, &task);
     hit.head::<M>(e);
@@ -164,6 +189,12 @@ pub fn run_stage<M: Mem>(hook: Hook, hit: Hit, close: bool) {
         read::<M, u32>(hit.dev, off!(dev_ifindex)).unwrap_or(0)
     };
     let head = &mut slot.rec.head;
+    // A `lo` program opened this run without knowing the task: the first tracepoint to join
+    // it (same CPU, same context) names it.
+    if !hit.lo && !lo_task_helpers() && head.pid_tgid == 0 {
+        head.pid_tgid = bpf_get_current_pid_tgid();
+        head.comm = bpf_get_current_comm().unwrap_or([0; NAME_LEN]);
+    }
     if hit.cap_src != 0 && slot.hdr_known == 0 && head.hdr_kind == hdr_kind::NONE {
         capture(head, hit.cap_kind, hit.cap_src, hit.len);
         if head.hdr_kind != hdr_kind::NONE {
@@ -236,9 +267,10 @@ fn wake_across(before: u64, k: u64) -> u64 {
 /// Like [`emit`], for a record followed by `extra` more bytes that `fill` writes (up to
 /// `SNAP_EXTRA`): built in a per-CPU scratch buffer and copied into the ring (a reservation
 /// must have a constant size). A failed output is counted as lost, not as emitted.
+/// Its only caller is tc egress on `lo`.
 #[inline(always)]
 pub fn emit_long(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent, *mut u8) -> u32) {
-    let task = Task::current();
+    let task = Task::current(true);
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         count(counter::RING_LOST);
         return;
@@ -274,7 +306,7 @@ fn fill_common(e: &mut RawEvent, hook: Hook, skb: u64, task: &Task) {
     e.pid_tgid = task.pid_tgid;
     e.arg0 = 0;
     e.arg1 = 0;
-    if task.cached {
+    if task.cached || task.unknown {
         e.comm = [0; NAME_LEN];
     } else {
         e.comm = bpf_get_current_comm().unwrap_or([0; NAME_LEN]);

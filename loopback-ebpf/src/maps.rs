@@ -104,6 +104,15 @@ pub static CONSUME_SKB_ARGS: u32 = 2;
 #[unsafe(no_mangle)]
 pub static KFREE_SKB_ARGS: u32 = 3;
 
+/// Whether the `lo` programs (tc, XDP) may ask for the current task
+/// (`bpf_get_current_pid_tgid`, `bpf_get_current_comm`): not every kernel gives those helpers to
+/// networking programs (Debian 12's 6.1 does not). The loader finds out by loading a
+/// three-instruction program that calls it, and writes 0 or 1 here; the verifier then sees a
+/// constant and drops the calls the kernel would refuse. Without them a run that a `lo`
+/// program opens takes its task from the first tracepoint that joins it.
+#[unsafe(no_mangle)]
+pub static LO_TASK_HELPERS: u32 = 1;
+
 /// Inode number of the traced network namespace (written at load time).
 #[unsafe(no_mangle)]
 pub static TARGET_NETNS: u32 = 0;

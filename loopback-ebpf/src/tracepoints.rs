@@ -204,7 +204,7 @@ fn netif_receive_skb_body<A: Args>(ctx: &A) -> i32 {
         // A packet of ours arriving on another namespace's device (through a veth): say so once,
         // so user space ends its path instead of mixing it with a later skb at this address.
         if tracked(skb) {
-            emit(Hook::LeftNetns, skb, |e| set_dev::<A>(e, dev));
+            emit(Hook::LeftNetns, skb, false, |e| set_dev::<A>(e, dev));
             untrack(skb);
         }
         set_rx_skb(0);
@@ -333,7 +333,7 @@ fn freed<A: Args>(hook: Hook, skb: u64, hit: Hit) {
 
 #[inline(always)]
 fn route_event<A: Args>(family: u8, table: u64, err: u64, nhc: u64, dst: u64, src: u64, addr_len: u64) {
-    emit(Hook::Route, 0, |e| {
+    emit(Hook::Route, 0, false, |e| {
         e.arg0 = table;
         e.arg1 = err;
         if nhc != 0 {
@@ -428,7 +428,7 @@ fn sk_data_ready_body<A: Args>(ctx: &A) -> i32 {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
-    emit(Hook::SockQueue, skb, |e| e.arg0 = sk);
+    emit(Hook::SockQueue, skb, false, |e| e.arg0 = sk);
     0
 }
 
@@ -446,7 +446,7 @@ fn sock_recv_length_body<A: Args>(ctx: &A) -> i32 {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
-    emit(Hook::AppRecv, 0, |e| {
+    emit(Hook::AppRecv, 0, false, |e| {
         e.arg0 = sk;
         e.arg1 = ret as i32 as u64;
     });
@@ -467,6 +467,6 @@ fn sys_enter_body<A: Args>(ctx: &A) -> i32 {
     if !task_in_scope::<A>() {
         return 0;
     }
-    emit(Hook::AppSend, 0, |e| e.arg0 = id);
+    emit(Hook::AppSend, 0, false, |e| e.arg0 = id);
     0
 }

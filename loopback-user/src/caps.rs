@@ -34,14 +34,26 @@ pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
 }
 
+/// CAP_NET_ADMIN and CAP_SYS_ADMIN: what removing classic tc filters at exit needs (a netlink
+/// request inside the traced namespace, entered with setns). Kept only when lotrace added such
+/// filters (kernels without tcx); tcx and every other attachment go away by closing fds.
+pub const CLASSIC_TC_CAPS: u64 = (1 << 12) | (1 << 21);
+
 /// Drops every capability of the process for good.
 pub fn drop_all() -> Result<()> {
+    drop_all_but(0)
+}
+
+/// Drops every capability of the process for good, except those in the mask `keep` (bit N is
+/// capability N), which stay permitted and effective (and in the bounding set).
+pub fn drop_all_but(keep: u64) -> Result<()> {
     let threads = thread_count();
     if threads != 1 {
         bail!("{threads} threads are running (capabilities are per thread)");
     }
     // The bounding set needs CAP_SETPCAP, which is still effective now.
-    for cap in 0..=last_cap() {
+    for cap in (0..=last_cap()).filter(|c| keep & (1 << c) == 0) {
+        // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
     }
     unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
@@ -49,7 +61,20 @@ pub fn drop_all() -> Result<()> {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [Data::default(); 2];
+    let lo = keep as u32;
+    let hi = (keep >> 32) as u32;
+    let data = [
+        Data {
+            effective: lo,
+            permitted: lo,
+            inheritable: 0,
+        },
+        Data {
+            effective: hi,
+            permitted: hi,
+            inheritable: 0,
+        },
+    ];
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) };
     if rc != 0 {
         bail!("capset: {}", std::io::Error::last_os_error());

@@ -36,6 +36,9 @@ pub enum Cmd {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also print the verifier's whole log for each attach type the kernel refused.
+        #[arg(long)]
+        verbose: bool,
     },
     /// Trace every packet of a network namespace through the kernel, one block per packet.
     Trace {
@@ -180,8 +183,8 @@ fn given_netns(spec: Option<String>) -> Result<Option<Netns>> {
 
 pub async fn dispatch(cli: Cli) -> Result<i32> {
     match cli.cmd {
-        Cmd::Doctor { json } => {
-            let r = doctor::run()?;
+        Cmd::Doctor { json, verbose } => {
+            let r = doctor::run(verbose)?;
             let text = if json {
                 serde_json::to_string_pretty(&r)? + "\n"
             } else {

@@ -12,6 +12,9 @@ pub enum Fault {
     PanicInTui,
     /// `no-btf`: behave as on a kernel without BTF.
     NoBtf,
+    /// `no-tcx`: tcx attachments fail, as on a kernel before 6.6 (the `lo` programs then go
+    /// in as classic tc filters).
+    NoTcx,
     /// `refuse-hook:PROGRAM`: that hook fails to attach, as on a kernel without it.
     RefuseHook(String),
 }
@@ -23,6 +26,7 @@ impl Fault {
             "panic-on-sigusr1" => Fault::PanicOnSigusr1,
             "panic-in-tui" => Fault::PanicInTui,
             "no-btf" => Fault::NoBtf,
+            "no-tcx" => Fault::NoTcx,
             _ => match v.strip_prefix("refuse-hook:") {
                 Some(p) => Fault::RefuseHook(p.to_string()),
                 None => Fault::None,

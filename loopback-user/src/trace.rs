@@ -132,10 +132,12 @@ impl Printer {
     /// Prints the exit summary (stderr) and closes the pcapng file.
     pub fn finish(mut self, stats: &Stats, summary: &Summary) -> Result<()> {
         self.flush()?;
-        match self.opts.format {
-            Format::Json => eprintln!("{}", summary_json(stats, summary)),
-            Format::Text => eprint!("{}", summary_text(stats, summary)),
-        }
+        // Not eprintln!, which panics when stderr is gone: the summary is then just not shown.
+        let text = match self.opts.format {
+            Format::Json => format!("{}\n", summary_json(stats, summary)),
+            Format::Text => summary_text(stats, summary),
+        };
+        let _ = std::io::stderr().write_all(text.as_bytes());
         if let Some(pc) = self.pcap.take() {
             eprintln!(
                 "lotrace: pcapng: {} packet(s) written{}",
@@ -244,9 +246,19 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
             Some(record::Writer::create(path, &header).with_context(|| format!("cannot create {}", path.display()))?);
     }
     // Everything is attached and every file is open: nothing from here on needs a capability.
-    let privileges = match crate::caps::drop_all() {
-        Ok(()) => "; all capabilities dropped".to_string(),
-        Err(e) => format!("; capabilities kept ({e})"),
+    for note in &session.notes {
+        eprintln!("lotrace: {note}");
+    }
+    let privileges = match (
+        crate::caps::drop_all_but(session.caps_to_keep()),
+        session.caps_to_keep(),
+    ) {
+        (Ok(()), 0) => "; all capabilities dropped".to_string(),
+        (Ok(()), _) => {
+            "; all capabilities dropped but CAP_NET_ADMIN and CAP_SYS_ADMIN (to remove the classic tc filters at exit)"
+                .to_string()
+        }
+        (Err(e), _) => format!("; capabilities kept ({e})"),
     };
     let attached = session.outcomes.iter().filter(|o| o.attached).count();
     let missing: Vec<String> = session

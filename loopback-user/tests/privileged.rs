@@ -100,9 +100,13 @@ fn launch(
         .spawn()
         .expect("spawn lotrace");
     let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+    // Lines before the "hooks attached" one say what lotrace cleaned up first; they are kept.
     let mut line = String::new();
-    err.read_line(&mut line).expect("read stderr");
-    assert!(line.contains("hooks attached"), "lotrace did not start: {line}");
+    while !line.contains("hooks attached") {
+        let before = line.len();
+        err.read_line(&mut line).expect("read stderr");
+        assert!(line.len() > before, "lotrace did not start: {line}");
+    }
     (child, line, err)
 }
 
@@ -473,7 +477,8 @@ fn doctor_tries_every_attach_type_and_detaches() {
             "raw_tracepoint",
             "tracepoint",
             "xdp_generic",
-            "tcx"
+            "tcx",
+            "tc_classic"
         ]
     );
     for a in v["attach_types"].as_array().expect("kinds") {
@@ -491,7 +496,15 @@ fn doctor_tries_every_attach_type_and_detaches() {
             .iter()
             .any(|a| a["kind"] == k && a["available"] == true)
     };
-    assert!(avail("tp_btf") && avail("tcx") && avail("xdp_generic"), "{v}");
+    assert!(
+        avail("tp_btf") && (avail("tcx") || avail("tc_classic")) && avail("xdp_generic"),
+        "{v}"
+    );
+    // Each refusal is one line (a verifier log is cut to its reason; --verbose has it whole).
+    for a in v["attach_types"].as_array().expect("kinds") {
+        assert!(!a["error"].as_str().unwrap_or("").contains('\n'), "{a}");
+        assert!(a.get("log").is_none(), "no log without --verbose: {a}");
+    }
     assert_eq!(v["can_trace"], true);
     assert!(
         v["plan"]
@@ -715,10 +728,12 @@ fn prove_bad_targets_and_interrupts() {
     assert!(our_programs_loaded().is_empty(), "programs left behind after kill -9");
 }
 
-/// tcx programs on the namespace's lo, by name.
+/// lotrace's programs on the namespace's lo, by name: tcx links, and classic tc filters (the
+/// way lotrace attaches on kernels without tcx).
 fn tcx_on_lo(sb: &Sandbox) -> Vec<String> {
     use aya::programs::{SchedClassifier, TcAttachType};
-    sb.netns
+    let mut names = sb
+        .netns
         .run(|| {
             let mut names = Vec::new();
             for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
@@ -728,7 +743,62 @@ fn tcx_on_lo(sb: &Sandbox) -> Vec<String> {
             }
             names
         })
-        .expect("netns")
+        .expect("netns");
+    names.extend(classic_filters(sb).into_iter().filter(|n| n.starts_with("lo_tc_")));
+    names
+}
+
+/// Classic tc filters on the namespace's lo (both directions), by the name `tc` shows.
+fn classic_filters(sb: &Sandbox) -> Vec<String> {
+    let mut names = Vec::new();
+    for dir in ["ingress", "egress"] {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &sb.name,
+                tools::require("tc"),
+                "filter",
+                "show",
+                "dev",
+                "lo",
+                dir,
+            ])
+            .output()
+            .expect("tc");
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(i) = l.find(" bpf ") {
+                // "filter protocol all pref 49152 bpf chain 0 handle 0x1 NAME direct-action ..."
+                let after: Vec<&str> = l[i..].split_whitespace().collect();
+                if let Some(pos) = after.iter().position(|w| w.starts_with("0x") || *w == "handle") {
+                    let name = after
+                        .iter()
+                        .skip(pos)
+                        .find(|w| !w.starts_with("0x") && **w != "handle" && **w != "[not_in_hw]");
+                    names.push(name.map_or_else(|| l.to_string(), |n| n.to_string()));
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Whether the namespace's lo has a clsact qdisc.
+fn has_clsact(sb: &Sandbox) -> bool {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sb.name,
+            tools::require("tc"),
+            "qdisc",
+            "show",
+            "dev",
+            "lo",
+        ])
+        .output()
+        .expect("tc");
+    String::from_utf8_lossy(&out.stdout).contains("clsact")
 }
 
 /// Normal end, SIGINT, SIGTERM, a panic and kill -9: afterwards no lotrace program is loaded
@@ -1144,9 +1214,22 @@ fn capabilities_are_dropped_once_attached() {
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").collect();
     assert_eq!(tasks.len(), 1, "one thread");
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    for key in ["CapEff:", "CapPrm:", "CapInh:", "CapBnd:", "CapAmb:"] {
+    // Without tcx (classic tc filters), the two capabilities that remove them at exit stay.
+    let kept = if t.first_line.contains("but CAP_NET_ADMIN and CAP_SYS_ADMIN") {
+        loopback_user::caps::CLASSIC_TC_CAPS
+    } else {
+        assert!(t.first_line.contains("all capabilities dropped."), "{}", t.first_line);
+        0
+    };
+    for (key, want) in [
+        ("CapEff:", kept),
+        ("CapPrm:", kept),
+        ("CapInh:", 0),
+        ("CapBnd:", kept),
+        ("CapAmb:", 0),
+    ] {
         let v = status.lines().find_map(|l| l.strip_prefix(key)).expect(key).trim();
-        assert_eq!(u64::from_str_radix(v, 16).expect("hex"), 0, "{key} {v}");
+        assert_eq!(u64::from_str_radix(v, 16).expect("hex"), want, "{key} {v}");
     }
     // Still traces, still reads its counters and the kernel statistics, still detaches.
     sb.netns
@@ -1454,4 +1537,111 @@ fn output_into_a_closed_pipe_stops_quietly_and_leaves_nothing() {
         .collect();
     assert!(left.is_empty(), "prove's sandbox left behind: {left:?}");
     assert!(our_programs_loaded().is_empty(), "prove: programs left behind");
+}
+
+/// `tc` in the sandbox (for someone else's qdisc and filter).
+fn tc_in(sb: &Sandbox, args: &[&str]) {
+    let st = Command::new("ip")
+        .args(["netns", "exec", &sb.name, tools::require("tc")])
+        .args(args)
+        .status()
+        .expect("tc");
+    assert!(st.success(), "tc {args:?}");
+}
+
+/// Kernels without tcx (before 6.6; simulated here with `LOTRACE_FAULT=no-tcx`): the lo
+/// programs go in as classic tc filters with the same promises. They trace the full path; they
+/// are removed on exit, with the clsact qdisc lotrace added; someone else's qdisc and filter
+/// stay; and after `kill -9` the next run, or doctor, removes what the killed one left.
+#[test]
+fn without_tcx_lo_programs_are_classic_filters_and_leave_nothing() {
+    if !privileged() {
+        return;
+    }
+    let sb = Sandbox::new("lt-ctc").expect("sandbox");
+    let no_tcx = [("LOTRACE_FAULT", "no-tcx")];
+    let echo = |id: u16| {
+        sb.netns
+            .run(|| traffic::icmp_echo("127.0.0.1".parse().expect("ip"), 0, id, 1, Duration::from_secs(2)))
+            .expect("netns")
+            .expect("echo");
+    };
+    let ours = |sb: &Sandbox| -> Vec<String> {
+        let mut v: Vec<String> = classic_filters(sb)
+            .into_iter()
+            .filter(|n| n.starts_with("lo_tc_"))
+            .collect();
+        v.sort();
+        v
+    };
+    // 1. lo had no qdisc: lotrace adds clsact and its two filters, and removes all of it.
+    assert!(!has_clsact(&sb));
+    let (mut child, line, err) = launch(&sb, &["--format", "json", "--filter", "icmp"], &no_tcx, Stdio::piped());
+    assert!(line.contains("but CAP_NET_ADMIN and CAP_SYS_ADMIN"), "{line}");
+    assert_eq!(ours(&sb), ["lo_tc_egress", "lo_tc_ingress"], "while running");
+    assert!(has_clsact(&sb));
+    let t = Tracer {
+        stdout_rx: read_all(child.stdout.take().expect("stdout")),
+        stderr_rx: read_all(err),
+        first_line: line,
+        child,
+    };
+    echo(0x7c01);
+    let (ps, _) = stop(t);
+    assert_eq!(core_stages(find_echo(&ps, 8, 0x7c01)), LO_PATH);
+    assert!(ours(&sb).is_empty(), "filters left behind");
+    assert!(!has_clsact(&sb), "the clsact lotrace added is removed");
+    assert!(our_programs_loaded().is_empty());
+
+    // 2. Someone else's clsact and filter: used and left as they were.
+    tc_in(&sb, &["qdisc", "add", "dev", "lo", "clsact"]);
+    // A u32 filter that matches nothing (no IP header starts with 0xff): present, harmless.
+    tc_in(
+        &sb,
+        &[
+            "filter", "add", "dev", "lo", "egress", "protocol", "all", "prio", "10", "u32", "match", "u8", "0xff",
+            "0xff", "at", "0", "flowid", "1:1",
+        ],
+    );
+    let theirs = |sb: &Sandbox| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &sb.name, "tc", "filter", "show", "dev", "lo", "egress"])
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).matches("flowid 1:1").count()
+    };
+    assert_eq!(theirs(&sb), 1);
+    let (mut child, _, _stderr) = launch(&sb, &["--format", "json"], &no_tcx, Stdio::null());
+    assert_eq!(ours(&sb).len(), 2);
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().expect("wait").success());
+    assert!(ours(&sb).is_empty());
+    assert!(
+        has_clsact(&sb) && theirs(&sb) == 1,
+        "someone else's qdisc and filter stay"
+    );
+
+    // 3. kill -9: the filters outlive the process; the next run removes them and says so.
+    let (mut child, _, _stderr) = launch(&sb, &["--format", "json"], &no_tcx, Stdio::null());
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    assert_eq!(ours(&sb).len(), 2, "a killed run leaves its classic filters");
+    let (mut child, line, _) = launch(&sb, &["--format", "json"], &no_tcx, Stdio::null());
+    assert!(line.contains("removed 2 classic tc filter(s)"), "{line}");
+    assert_eq!(ours(&sb).len(), 2, "only the new run's own");
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    assert!(child.wait().expect("wait").success());
+    // ... and doctor does the same.
+    let (mut child, _, _stderr) = launch(&sb, &["--format", "json"], &no_tcx, Stdio::null());
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+    let (code, out, err) = run_bin(&["doctor"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("cleaned     removed 2 classic tc filter(s)"), "{out}");
+    assert!(ours(&sb).is_empty());
+    assert!(
+        has_clsact(&sb) && theirs(&sb) == 1,
+        "someone else's qdisc and filter stay"
+    );
+    assert!(our_programs_loaded().is_empty(), "programs left behind");
 }

@@ -4,10 +4,12 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, ExitCode, Stdio},
+    time::Duration,
 };
 
 mod bench;
 mod tools;
+mod vm;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
@@ -32,8 +34,13 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Run every test: unit tests, then the privileged tests (root, one thread), then every fuzz
-    /// target for a few seconds.
-    Test,
+    /// target for a few seconds. The privileged suite runs on this machine's kernel and inside
+    /// QEMU guests of Debian's newest 6.1 and 6.12 kernels.
+    Test {
+        /// Only these kernels: `host`, `6.1`, `6.12` (repeatable; default: all of them).
+        #[arg(long, value_name = "host|6.1|6.12")]
+        kernel: Vec<String>,
+    },
     /// Run every fuzz target (cargo fuzz; installed if missing) for longer.
     Fuzz {
         /// Seconds per target.
@@ -57,7 +64,7 @@ fn main() -> ExitCode {
         Cmd::Setup => setup(),
         Cmd::Build => setup().and_then(|_| build()),
         Cmd::Run { args } => setup().and_then(|_| build()).and_then(|_| run(&args)),
-        Cmd::Test => setup().and_then(|_| test()),
+        Cmd::Test { kernel } => setup().and_then(|_| test(&kernel)),
         Cmd::Fuzz { secs } => setup()
             .and_then(|_| fuzz(secs))
             .and_then(|ok| if ok { Ok(()) } else { bail!("a fuzz target failed") }),
@@ -423,7 +430,80 @@ fn clippy() -> Result<()> {
     )
 }
 
-fn test() -> Result<()> {
+/// The privileged test binary (built by cargo), for running it inside a guest.
+fn privileged_test_binary() -> Result<PathBuf> {
+    let out = cargo()
+        .args([
+            "test",
+            "--no-run",
+            "--message-format=json",
+            "-p",
+            "loopback-user",
+            "--test",
+            "privileged",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cargo test --no-run")?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["target"]["name"] == "privileged" && v["executable"].is_string())
+        .and_then(|v| v["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| anyhow!("cargo built no privileged test binary"))
+}
+
+/// Runs the privileged suite inside a guest of kernel series `series` and counts its results.
+/// A guest that cannot boot, or dies before its marker line, is one failure with its reason.
+fn guest_suite(t: &mut Tally, series: &str, bin: &Path) {
+    let Some(k) = vm::kernel(series) else {
+        t.check(
+            &format!("kernel {series}"),
+            Err(anyhow!("unknown kernel series {series}")),
+        );
+        return;
+    };
+    let payload = format!(
+        "#!/bin/sh\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=true\n\
+         echo \"guest kernel $(uname -r)\"\ncd {}\nexec {} --test-threads=1 --color never\n",
+        root().join("loopback-user").display(),
+        bin.display()
+    );
+    match vm::run_payload(&root(), k, &payload, Duration::from_secs(VM_TIMEOUT_SECS)) {
+        Ok(run) => {
+            let before = t.failed;
+            t.count(&run.output);
+            println!(
+                "kernel {series} ({}): guest finished in {:.0} s, payload rc={}",
+                run.package,
+                run.secs,
+                run.rc.map_or("none".into(), |r| r.to_string())
+            );
+            if run.rc != Some(0) && t.failed == before {
+                t.check(
+                    &format!("kernel {series} guest"),
+                    Err(anyhow!("the suite did not finish in the guest (rc {:?})", run.rc)),
+                );
+            }
+        }
+        Err(e) => t.check(&format!("kernel {series} guest"), Err(e)),
+    }
+}
+
+/// Upper bound of one guest run (boot, the privileged suite under emulation, power-off).
+const VM_TIMEOUT_SECS: u64 = 600;
+
+fn test(kernels: &[String]) -> Result<()> {
+    let all = kernels.is_empty();
+    let on = |k: &str| all || kernels.iter().any(|x| x == k);
+    for k in kernels {
+        if k != "host" && vm::kernel(k).is_none() {
+            bail!(
+                "--kernel {k}: not one of host, {}",
+                vm::KERNELS.iter().map(|k| k.series).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
     let mut t = Tally::default();
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     let root_user = is_root();
@@ -449,7 +529,18 @@ fn test() -> Result<()> {
     // 4. privileged tests: real programs in throwaway namespaces, one thread
     let privileged = ["-p", "loopback-user", "--test", "privileged"];
     if root_user {
-        t.run(cargo().arg("test").args(privileged).args(["--", "--test-threads=1"]));
+        if on("host") {
+            t.run(cargo().arg("test").args(privileged).args(["--", "--test-threads=1"]));
+        }
+        // ... and inside a QEMU guest of each other kernel.
+        let guests: Vec<&str> = vm::KERNELS.iter().map(|k| k.series).filter(|s| on(s)).collect();
+        if !guests.is_empty() {
+            ensure_tools("test", Need::Vm)?;
+            let bin = privileged_test_binary()?;
+            for series in guests {
+                guest_suite(&mut t, series, &bin);
+            }
+        }
     } else if ci {
         bail!("CI=true but not root: the privileged tests must run as root");
     } else {

@@ -10,6 +10,8 @@ pub enum Need {
     Test,
     /// `cargo xtask bench` (the workloads and the bpftrace baseline).
     Bench,
+    /// The kernel guests of `cargo xtask test` (QEMU, Debian's kernel packages, an initramfs).
+    Vm,
 }
 
 /// One external program: its command name, the Debian package that installs it, who needs it.
@@ -27,6 +29,7 @@ const fn t(bin: &'static str, package: &'static str, need: Need) -> Tool {
 pub const TOOLS: &[Tool] = &[
     // Privileged tests: namespaces and veths, flood ping, reading pcapng, running as nobody.
     t("ip", "iproute2", Need::Test),
+    t("tc", "iproute2", Need::Test),
     t("ping", "iputils-ping", Need::Test),
     t("tcpdump", "tcpdump", Need::Test),
     t("setpriv", "util-linux", Need::Test),
@@ -39,15 +42,41 @@ pub const TOOLS: &[Tool] = &[
     t("taskset", "util-linux", Need::Bench),
     t("unshare", "util-linux", Need::Bench),
     t("mountpoint", "util-linux", Need::Bench),
+    // Kernel guests: fetch and unpack Debian's kernel packages, build an initramfs, boot.
+    t("qemu-system-x86_64", "qemu-system-x86", Need::Vm),
+    t("busybox", "busybox-static", Need::Vm),
+    t("cpio", "cpio", Need::Vm),
+    t("modprobe", "kmod", Need::Vm),
+    t("depmod", "kmod", Need::Vm),
+    t("dpkg-deb", "dpkg", Need::Vm),
+    t("xz", "xz-utils", Need::Vm),
+    t("zstd", "zstd", Need::Vm),
+    t("gzip", "gzip", Need::Vm),
+    t("ldd", "libc-bin", Need::Vm),
 ];
 
-/// Whether `bin` is an executable file on PATH.
-pub fn on_path(bin: &str) -> bool {
+/// Where `bin` is: the first executable file of that name on PATH (or in /usr/sbin, /sbin).
+pub fn find_on_path(bin: &str) -> Option<std::path::PathBuf> {
     use std::os::unix::fs::PermissionsExt as _;
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].map(std::path::PathBuf::from))
-        .any(|d| std::fs::metadata(d.join(bin)).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(std::path::PathBuf::from))
+        .map(|d| d.join(bin))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// Whether `bin` is an executable file on PATH.
+pub fn on_path(bin: &str) -> bool {
+    find_on_path(bin).is_some()
+}
+
+/// The path of a declared tool; a missing one is an error naming its package.
+#[allow(dead_code)] // used by xtask, not by the tests that include this file
+pub fn path_of(bin: &str) -> Result<std::path::PathBuf, String> {
+    find_on_path(bin).ok_or_else(|| match find(bin) {
+        Some(t) => format!("missing tool `{bin}` (Debian package {})", t.package),
+        None => format!("missing tool `{bin}`"),
+    })
 }
 
 /// The declared tool `bin` (None: not in the list).

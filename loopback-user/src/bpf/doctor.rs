@@ -17,14 +17,18 @@ use super::{
     btf::{KernelBtf, VMLINUX_BTF},
     object,
     probes::PLAN,
-    session::{Privileges, explain, privileges},
+    session::{KernelShape, Privileges, explain, privileges, verifier_log},
 };
 
 #[derive(Debug, Serialize)]
 pub struct AttachTypeReport {
     pub kind: &'static str,
     pub available: bool,
+    /// Why not, on one line (errno and a plain cause; a verifier log cut to its reason).
     pub error: Option<String>,
+    /// The verifier's whole log (`--verbose` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -51,6 +55,8 @@ pub struct DoctorReport {
     pub can_trace: bool,
     /// Why tracing is impossible, when it is.
     pub reason: Option<String>,
+    /// What doctor cleaned up: classic tc filters a killed lotrace left behind.
+    pub cleaned: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -107,7 +113,11 @@ fn in_private_netns(f: impl FnOnce(&mut Ebpf) -> Result<(), DynErr> + Send + 'st
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(Box::new(std::io::Error::last_os_error()));
         }
-        let mut ebpf = EbpfLoader::new()
+        // The same kernel shape as tracing uses (tracepoint arguments, helpers of tc/XDP).
+        let shape = KernelShape::of(KernelBtf::load().ok().as_ref());
+        let mut loader = EbpfLoader::new();
+        shape.apply(&mut loader);
+        let mut ebpf = loader
             .override_global("OFFSETS", &KernelOffsets::default(), true)
             .override_global("TARGET_NETNS", &0u32, true)
             .load(obj)?;
@@ -129,7 +139,7 @@ where
     Ok(p.try_into()?)
 }
 
-fn probe(kind: &'static str) -> AttachTypeReport {
+fn probe(kind: &'static str, verbose: bool) -> AttachTypeReport {
     let r = in_private_netns(move |ebpf| {
         match kind {
             "fentry" => {
@@ -180,6 +190,18 @@ fn probe(kind: &'static str) -> AttachTypeReport {
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )?;
             }
+            "tc_classic" => {
+                // A clsact qdisc and a direct-action filter on this private namespace's lo;
+                // both go away with the namespace when this thread ends.
+                let p: &mut SchedClassifier = prog(ebpf, "lo_tc_egress")?;
+                p.load()?;
+                aya::programs::tc::qdisc_add_clsact("lo")?;
+                p.attach_with_options(
+                    "lo",
+                    TcAttachType::Egress,
+                    TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()),
+                )?;
+            }
             _ => return Err(format!("unknown kind {kind}").into()),
         }
         Ok(())
@@ -187,11 +209,16 @@ fn probe(kind: &'static str) -> AttachTypeReport {
     AttachTypeReport {
         kind,
         available: r.is_ok(),
+        log: r
+            .as_ref()
+            .err()
+            .and_then(|e| verifier_log(e.as_ref()))
+            .filter(|_| verbose),
         error: r.err().map(|e| explain(e.as_ref(), kind)),
     }
 }
 
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 8] = [
     "fentry",
     "kprobe",
     "tp_btf",
@@ -199,9 +226,16 @@ pub const KINDS: [&str; 7] = [
     "tracepoint",
     "xdp_generic",
     "tcx",
+    "tc_classic",
 ];
 
-pub fn run() -> Result<DoctorReport> {
+/// `verbose`: keep each failure's whole verifier log.
+pub fn run(verbose: bool) -> Result<DoctorReport> {
+    let cleaned = if privileges().sufficient() {
+        super::classic_tc::remove_leftovers()
+    } else {
+        Vec::new()
+    };
     let privs = privileges();
     let btf = super::btf::kernel_has_btf();
     let mut reason = None;
@@ -212,6 +246,7 @@ pub fn run() -> Result<DoctorReport> {
                 kind: k,
                 available: false,
                 error: Some(format!("not tried: {why}")),
+                log: None,
             })
             .collect()
     };
@@ -222,7 +257,7 @@ pub fn run() -> Result<DoctorReport> {
         reason = Some(e.to_string());
         not_tried("no eBPF object")
     } else {
-        KINDS.iter().map(|k| probe(k)).collect()
+        KINDS.iter().map(|k| probe(k, verbose)).collect()
     };
     let avail = |kind: &str| attach_types.iter().any(|a| a.kind == kind && a.available);
     if reason.is_none() && btf {
@@ -243,7 +278,7 @@ pub fn run() -> Result<DoctorReport> {
             target: hp.attach.target(),
             kernel_fn: hp.kernel_fn,
             required: hp.required,
-            available: avail(hp.attach.kind()),
+            available: avail(hp.attach.kind()) || (hp.attach.kind() == "tcx" && avail("tc_classic")),
         })
         .collect();
     if reason.is_none() {
@@ -268,6 +303,7 @@ pub fn run() -> Result<DoctorReport> {
         lo_xdp: lo_xdp_report(),
         can_trace: reason.is_none(),
         reason,
+        cleaned,
     })
 }
 
@@ -299,6 +335,11 @@ pub fn render_text(r: &DoctorReport) -> String {
             if a.available { "yes" } else { "no" },
             a.error.as_deref().unwrap_or("")
         );
+        if let Some(log) = &a.log {
+            for l in log.lines() {
+                let _ = writeln!(s, "      | {l}");
+            }
+        }
     }
     let _ = writeln!(s, "\nhook plan for tracing on this kernel:");
     for row in &r.plan {
@@ -314,6 +355,9 @@ pub fn render_text(r: &DoctorReport) -> String {
         );
     }
     let _ = writeln!(s, "\nlo XDP      {}", r.lo_xdp.plan);
+    for c in &r.cleaned {
+        let _ = writeln!(s, "cleaned     {c}");
+    }
     let _ = writeln!(s);
     match &r.reason {
         None => {

@@ -1,5 +1,6 @@
 //! Kernel side plumbing: the embedded object, BTF, the hook plan, sessions and doctor.
 pub mod btf;
+pub mod classic_tc;
 pub mod doctor;
 pub mod object;
 pub mod probes;

@@ -19,6 +19,7 @@ use super::{
     object,
     probes::{Attach, HookPoint, PLAN},
 };
+use crate::bpf::classic_tc::ClassicTc;
 use crate::netns::Netns;
 
 /// Why the exit summary has no kernel cost when `--kernel-cost` was not given.
@@ -127,6 +128,10 @@ pub struct Session {
     pub outcomes: Vec<AttachOutcome>,
     pub drop_reasons: HashMap<u64, String>,
     pub netns: Netns,
+    /// The `lo` programs attached as classic tc filters (kernels without tcx); removed on drop.
+    pub classic_tc: ClassicTc,
+    /// What lotrace cleaned up before attaching (filters a killed lotrace left behind).
+    pub notes: Vec<String>,
 }
 
 /// Root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN (or CAP_SYS_ADMIN).
@@ -199,8 +204,41 @@ pub fn errno_of(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
 }
 
 /// A one-line explanation of an attach/load failure: errno name and plain-language cause.
+/// The verifier's log inside an error's text, if there is one (for `doctor --verbose`).
+pub fn verifier_log(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let text = e.to_string();
+    text.split_once("Verifier output:")
+        .map(|(_, log)| log.trim().to_string())
+}
+
+/// An error's text on one line: a verifier log (dozens of lines of register states) is cut to
+/// the line that says why, e.g. "unknown func bpf_get_current_pid_tgid#14".
+pub fn one_line(text: &str) -> String {
+    let Some((head, log)) = text.split_once("Verifier output:") else {
+        return text.split_whitespace().collect::<Vec<_>>().join(" ");
+    };
+    let lines: Vec<&str> = log.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    // The reason is the last line before the statistics the verifier prints at the end.
+    let end = lines
+        .iter()
+        .position(|l| l.starts_with("verification time") || l.starts_with("processed "))
+        .unwrap_or(lines.len());
+    let why = lines[..end]
+        .iter()
+        .rev()
+        .find(|l| {
+            !l.starts_with(';')
+                && !l.starts_with(|c: char| c.is_ascii_digit())
+                && !l.starts_with("R")
+                && !l.starts_with("frame")
+        })
+        .copied()
+        .unwrap_or("see `lotrace doctor --verbose`");
+    format!("{} verifier: {why}", head.trim().trim_end_matches('.'))
+}
+
 pub fn explain(e: &(dyn std::error::Error + 'static), kind: &str) -> String {
-    let msg = e.to_string();
+    let msg = one_line(&e.to_string());
     match errno_of(e) {
         Some(libc::EPERM) => format!(
             "EPERM: the kernel refused ({}): {msg}",
@@ -245,25 +283,25 @@ impl Session {
                     .collect()
             })
             .unwrap_or_default();
-        // The free tracepoints' argument counts on this kernel (kept at the compiled-in default
-        // when BTF does not say: the attach then reports the problem).
-        let consume_args = kbtf.tracepoint_args("consume_skb").unwrap_or(2);
-        let kfree_args = kbtf.tracepoint_args("kfree_skb").unwrap_or(3);
+        let shape = KernelShape::of(Some(&kbtf));
         // Free btf-rs's parse before aya parses the same BTF: the two together set the process's
         // peak memory.
         drop(kbtf);
         let btf = aya::Btf::from_sys_fs().context("parsing kernel BTF for tp_btf programs")?;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        shape.apply(&mut loader);
+        let mut ebpf = loader
             .override_global("OFFSETS", &offsets, true)
             .override_global("TARGET_NETNS", &opts.netns.inode, true)
             .override_global("SEND_SYSCALLS", &send_syscalls(), true)
             .override_global("SNAP_EXTRA_BYTES", &opts.snap_extra(), true)
-            .override_global("CONSUME_SKB_ARGS", &consume_args, true)
-            .override_global("KFREE_SKB_ARGS", &kfree_args, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(obj)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", explain(&e, "load")))?;
         let mut outcomes = Vec::new();
+        // Classic tc filters a killed lotrace left behind go first (they are not fd-owned).
+        let notes = crate::bpf::classic_tc::remove_leftovers();
+        let mut classic_tc = ClassicTc::new(&opts.netns);
         // Fault injection (README, Tests): LOTRACE_FAULT=refuse-hook:PROGRAM makes that hook fail
         // as on a kernel without it, to test how lotrace degrades.
         let refused = crate::fault::refused_hook();
@@ -306,6 +344,12 @@ impl Session {
             };
             let res = match (first, hp.fallback, hp.attach) {
                 (Err(why), Some(_), Attach::TpBtf(_)) if refuse => Err(why),
+                // No tcx (before 6.6): a clsact qdisc and a direct-action filter.
+                (Err(why), None, Attach::TcEgressLo | Attach::TcIngressLo) if !refuse => {
+                    kind = "tc (classic)";
+                    fallback_reason = Some(why);
+                    attach_classic(&mut ebpf, hp, &mut classic_tc).map_err(|e| one_line(&format!("{e:#}")))
+                }
                 (Err(why), Some(raw), Attach::TpBtf(tp)) => {
                     (kind, used) = ("raw_tracepoint", raw);
                     fallback_reason = Some(why);
@@ -356,6 +400,8 @@ impl Session {
             outcomes,
             drop_reasons,
             netns: opts.netns.clone(),
+            classic_tc,
+            notes,
         })
     }
 
@@ -401,6 +447,16 @@ impl Session {
             .collect()
     }
 
+    /// The capabilities lotrace must keep after attaching: those that remove classic tc filters
+    /// at exit, when it added some; none otherwise.
+    pub fn caps_to_keep(&self) -> u64 {
+        if self.classic_tc.is_empty() {
+            0
+        } else {
+            crate::caps::CLASSIC_TC_CAPS
+        }
+    }
+
     /// Hook points that could not be attached (optional ones; required ones abort `open`).
     /// Hooks left out on purpose are not missing.
     pub fn missing(&self) -> impl Iterator<Item = &AttachOutcome> {
@@ -430,6 +486,27 @@ fn attach_raw(ebpf: &mut Ebpf, program: &str, tp: &str) -> Result<(), DynErr> {
     Ok(())
 }
 
+/// The `lo` tc program of `hp` as a classic filter (the program may already be loaded by the
+/// tcx attempt).
+fn attach_classic(ebpf: &mut Ebpf, hp: &HookPoint, classic: &mut ClassicTc) -> Result<()> {
+    let prog = ebpf
+        .program_mut(hp.program)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hp.program))?;
+    let p: &mut SchedClassifier = prog.try_into()?;
+    if p.fd().is_err() {
+        p.load()?;
+    }
+    classic.attach(p, tc_dir(hp.attach))
+}
+
+fn tc_dir(a: Attach) -> TcAttachType {
+    if a == Attach::TcEgressLo {
+        TcAttachType::Egress
+    } else {
+        TcAttachType::Ingress
+    }
+}
+
 fn attach_one(ebpf: &mut Ebpf, hp: &HookPoint, btf: &aya::Btf, netns: &Netns) -> Result<(), DynErr> {
     let prog = ebpf
         .program_mut(hp.program)
@@ -451,11 +528,10 @@ fn attach_one(ebpf: &mut Ebpf, hp: &HookPoint, btf: &aya::Btf, netns: &Netns) ->
         Attach::TcEgressLo | Attach::TcIngressLo => {
             let p: &mut SchedClassifier = prog.try_into()?;
             p.load()?;
-            let dir = if hp.attach == Attach::TcEgressLo {
-                TcAttachType::Egress
-            } else {
-                TcAttachType::Ingress
-            };
+            let dir = tc_dir(hp.attach);
+            if *crate::fault::get() == crate::fault::Fault::NoTcx {
+                return Err("refused (LOTRACE_FAULT=no-tcx: simulating a kernel without tcx)".into());
+            }
             // tcx links append after existing programs and never replace them.
             netns
                 .run(|| {
@@ -466,4 +542,84 @@ fn attach_one(ebpf: &mut Ebpf, hp: &HookPoint, btf: &aya::Btf, netns: &Netns) ->
         }
     }
     Ok(())
+}
+
+/// What the programs must know about the running kernel's shape before they are loaded (the
+/// verifier sees these read-only globals as constants and drops what the kernel cannot serve).
+/// Found by reading its BTF and by trying, never from its version number. `trace`, `prove`,
+/// `tui` and `doctor` all load the object with the same shape.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelShape {
+    /// Arguments of the `consume_skb` tracepoint (2 since `location` was added, else 1).
+    pub consume_skb_args: u32,
+    /// Arguments of the `kfree_skb` tracepoint (2 to 4).
+    pub kfree_skb_args: u32,
+    /// tc and XDP programs may call the task helpers (1) or not (0).
+    pub lo_task_helpers: u32,
+}
+
+impl KernelShape {
+    /// From the kernel's BTF (None: unknown, the compiled-in defaults) and a load attempt.
+    pub fn of(btf: Option<&KernelBtf>) -> Self {
+        let args = |tp: &str, default: u32| btf.and_then(|b| b.tracepoint_args(tp)).unwrap_or(default);
+        Self {
+            consume_skb_args: args("consume_skb", 2),
+            kfree_skb_args: args("kfree_skb", 3),
+            lo_task_helpers: u32::from(lo_task_helpers_allowed()),
+        }
+    }
+
+    pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        loader
+            .override_global("CONSUME_SKB_ARGS", &self.consume_skb_args, true)
+            .override_global("KFREE_SKB_ARGS", &self.kfree_skb_args, true)
+            .override_global("LO_TASK_HELPERS", &self.lo_task_helpers, true);
+    }
+}
+
+/// Whether this kernel lets networking programs (tc and XDP, the `lo` programs) call
+/// `bpf_get_current_pid_tgid`: found by loading, for each of the two types, a program that
+/// calls it and returns (`r0 = pid_tgid(); r0 = 0; exit`). Refused means no (Debian 12's 6.1).
+pub fn lo_task_helpers_allowed() -> bool {
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const SCHED_CLS: u32 = 3;
+    const XDP: u32 = 6;
+    const GET_CURRENT_PID_TGID: i32 = 14;
+    // struct bpf_insn: code, dst:4 | src:4, off (s16), imm (s32).
+    let insn = |code: u8, imm: i32| -> [u8; 8] {
+        let i = imm.to_le_bytes();
+        [code, 0, 0, 0, i[0], i[1], i[2], i[3]]
+    };
+    let prog: Vec<u8> = [insn(0x85, GET_CURRENT_PID_TGID), insn(0xb7, 0), insn(0x95, 0)].concat();
+    let license = c"GPL";
+    [SCHED_CLS, XDP].iter().all(|&ty| {
+        // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license; the rest zero.
+        let mut attr = [0u8; 144];
+        attr[0..4].copy_from_slice(&ty.to_ne_bytes());
+        attr[4..8].copy_from_slice(&3u32.to_ne_bytes());
+        attr[8..16].copy_from_slice(&(prog.as_ptr() as u64).to_ne_bytes());
+        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+        // SAFETY: `attr` is a valid bpf_attr image whose pointers outlive the call.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), attr.len() as u32) };
+        if fd >= 0 {
+            // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+            unsafe { libc::close(fd as i32) };
+        }
+        fd >= 0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verifier_log_becomes_its_reason_on_one_line() {
+        let text = "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22). Verifier output: 0: R1=ctx(off=0,imm=0) R10=fp0\n; let skb = ctx.skb\n1: (bf) r7 = r1\n R6=pkt(off=0)\nunknown func bpf_get_current_pid_tgid#14\nverification time 3248 usec\nstack depth 72\nprocessed 172 insns\n";
+        assert_eq!(
+            one_line(text),
+            "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22) verifier: unknown func bpf_get_current_pid_tgid#14"
+        );
+        assert_eq!(one_line("plain\nerror"), "plain error");
+    }
 }

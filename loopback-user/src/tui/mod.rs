@@ -132,7 +132,11 @@ pub async fn run(cfg: TuiConfig) -> Result<()> {
     }
     // Attached (or reading a file): no capability is needed any more (see caps.rs). Dropped
     // before the keyboard thread exists.
-    if let Err(e) = crate::caps::drop_all() {
+    let keep = match &source {
+        Source::Live { session, .. } => session.caps_to_keep(),
+        _ => 0,
+    };
+    if let Err(e) = crate::caps::drop_all_but(keep) {
         app.missing.push(format!("capabilities kept: {e}"));
     }
     let mut terminal = ratatui::try_init().context("cannot set up the terminal")?;
