@@ -142,10 +142,30 @@ echo "LOTRACE-VM-MARKER rc=$RC"
 poweroff -f
 "#;
 
+/// Modules the guest loads at boot: Debian builds them as modules, and the guest cannot load
+/// them on demand (its chroot is the host's root, whose /lib/modules is another kernel's):
+/// veth and the 9p transport for the harness; the clsact qdisc and the bpf and u32 classifiers
+/// for classic tc (kernels without tcx).
+const GUEST_MODULES: [&str; 7] = [
+    "veth",
+    "virtio_pci",
+    "9pnet_virtio",
+    "9p",
+    "sch_ingress",
+    "cls_bpf",
+    "cls_u32",
+];
+
+/// Bumped whenever the initramfs changes, so a cached one is rebuilt.
+const INITRAMFS_VERSION: u32 = 2;
+
 /// Builds (or reuses) the kernel and initramfs of `package`: (vmlinux, initramfs).
 fn prepare(root: &Path, package: &str) -> Result<(PathBuf, PathBuf)> {
     let dir = root.join("target/vm").join(package);
-    let (vmlinux, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
+    let (vmlinux, initrd) = (
+        dir.join("vmlinux"),
+        dir.join(format!("initramfs-v{INITRAMFS_VERSION}.cpio.gz")),
+    );
     if vmlinux.is_file() && initrd.is_file() {
         return Ok((vmlinux, initrd));
     }
@@ -201,7 +221,7 @@ fn prepare(root: &Path, package: &str) -> Result<(PathBuf, PathBuf)> {
         std::fs::copy(lib, &to)?;
     }
     let mut order = String::new();
-    for m in ["veth", "virtio_pci", "9pnet_virtio", "9p"] {
+    for m in GUEST_MODULES {
         let out = Command::new("modprobe")
             .arg("-d")
             .arg(&k)

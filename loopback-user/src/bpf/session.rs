@@ -577,36 +577,52 @@ impl KernelShape {
     }
 }
 
-/// Whether this kernel lets networking programs (tc and XDP, the `lo` programs) call
-/// `bpf_get_current_pid_tgid`: found by loading, for each of the two types, a program that
-/// calls it and returns (`r0 = pid_tgid(); r0 = 0; exit`). Refused means no (Debian 12's 6.1).
-pub fn lo_task_helpers_allowed() -> bool {
+/// `struct bpf_insn`: code, dst:4 | src:4 (`regs`), off (0 here), imm.
+fn insn(code: u8, regs: u8, imm: i32) -> [u8; 8] {
+    let i = imm.to_le_bytes();
+    [code, regs, 0, 0, i[0], i[1], i[2], i[3]]
+}
+
+/// Whether the kernel accepts `insns` as a program of type `prog_type` (loaded, then closed).
+fn loads(prog_type: u32, insns: &[[u8; 8]]) -> bool {
     const BPF_PROG_LOAD: libc::c_long = 5;
-    const SCHED_CLS: u32 = 3;
-    const XDP: u32 = 6;
-    const GET_CURRENT_PID_TGID: i32 = 14;
-    // struct bpf_insn: code, dst:4 | src:4, off (s16), imm (s32).
-    let insn = |code: u8, imm: i32| -> [u8; 8] {
-        let i = imm.to_le_bytes();
-        [code, 0, 0, 0, i[0], i[1], i[2], i[3]]
-    };
-    let prog: Vec<u8> = [insn(0x85, GET_CURRENT_PID_TGID), insn(0xb7, 0), insn(0x95, 0)].concat();
+    let prog: Vec<u8> = insns.concat();
     let license = c"GPL";
-    [SCHED_CLS, XDP].iter().all(|&ty| {
-        // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license; the rest zero.
-        let mut attr = [0u8; 144];
-        attr[0..4].copy_from_slice(&ty.to_ne_bytes());
-        attr[4..8].copy_from_slice(&3u32.to_ne_bytes());
-        attr[8..16].copy_from_slice(&(prog.as_ptr() as u64).to_ne_bytes());
-        attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-        // SAFETY: `attr` is a valid bpf_attr image whose pointers outlive the call.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), attr.len() as u32) };
-        if fd >= 0 {
-            // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-            unsafe { libc::close(fd as i32) };
-        }
-        fd >= 0
-    })
+    // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license; the rest zero.
+    let mut attr = [0u8; 144];
+    attr[0..4].copy_from_slice(&prog_type.to_ne_bytes());
+    attr[4..8].copy_from_slice(&(insns.len() as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(prog.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: `attr` is a valid bpf_attr image whose pointers outlive the call.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), attr.len() as u32) };
+    if fd >= 0 {
+        // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+        unsafe { libc::close(fd as i32) };
+    }
+    fd >= 0
+}
+
+const SCHED_CLS: u32 = 3;
+const XDP: u32 = 6;
+
+/// Whether this kernel lets networking programs (tc and XDP, the `lo` programs) call
+/// `bpf_get_current_comm` and `bpf_get_current_pid_tgid`: found by loading, for each of the two
+/// types, a program that calls both and returns. Refused means no: Debian 12's 6.1 refuses
+/// both, 6.12 the name.
+pub fn lo_task_helpers_allowed() -> bool {
+    const GET_CURRENT_PID_TGID: i32 = 14;
+    const GET_CURRENT_COMM: i32 = 16;
+    let prog = [
+        insn(0xbf, 0xa1, 0),                 // r1 = r10
+        insn(0x07, 0x01, -16),               // r1 += -16
+        insn(0xb7, 0x02, 16),                // r2 = 16
+        insn(0x85, 0, GET_CURRENT_COMM),     // call bpf_get_current_comm(r1, r2)
+        insn(0x85, 0, GET_CURRENT_PID_TGID), // call bpf_get_current_pid_tgid()
+        insn(0xb7, 0, 0),                    // r0 = 0
+        insn(0x95, 0, 0),                    // exit
+    ];
+    [SCHED_CLS, XDP].iter().all(|&ty| loads(ty, &prog))
 }
 
 #[cfg(test)]
@@ -621,5 +637,21 @@ mod tests {
             "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22) verifier: unknown func bpf_get_current_pid_tgid#14"
         );
         assert_eq!(one_line("plain\nerror"), "plain error");
+    }
+
+    /// The probe mechanism answers both ways (as root): a program that only returns loads, one
+    /// calling a helper id no kernel has is refused. So a "no" from the task-helper probe is the
+    /// kernel's refusal, not a malformed request.
+    #[test]
+    fn a_probe_program_loads_or_is_refused_by_the_kernel() {
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let ret = [insn(0xb7, 0, 0), insn(0x95, 0, 0)];
+        let bogus = [insn(0x85, 0, 99_999), insn(0xb7, 0, 0), insn(0x95, 0, 0)];
+        for ty in [SCHED_CLS, XDP] {
+            assert!(loads(ty, &ret), "type {ty}");
+            assert!(!loads(ty, &bogus), "type {ty}");
+        }
     }
 }
