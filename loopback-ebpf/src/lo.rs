@@ -69,11 +69,13 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
         if extra > want {
             extra = want;
         }
-        // Bounded for the verifier: 1 ..= SNAP_EXTRA - 1.
-        let extra = extra & (SNAP_EXTRA as u32 - 1);
         if extra == 0 {
             return 0;
         }
+        // Bounded for the verifier as 1 ..= SNAP_EXTRA by arithmetic, not by the `== 0` test
+        // above: older verifiers (6.1) do not raise a range's minimum on `!= 0`, and refuse a
+        // size that may be 0. Exact for every `extra` up to SNAP_EXTRA (the loader caps `want`).
+        let extra = ((extra - 1) & (SNAP_EXTRA as u32 - 1)) + 1;
         let rc = unsafe {
             bpf_skb_load_bytes(
                 ctx.skb.skb as *const _,

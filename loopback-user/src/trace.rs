@@ -245,10 +245,21 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         intake.recorder =
             Some(record::Writer::create(path, &header).with_context(|| format!("cannot create {}", path.display()))?);
     }
-    // Everything is attached and every file is open: nothing from here on needs a capability.
+    // Signals are ours before the line saying we are attached: whoever waits for that line may
+    // send SIGINT at once.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    // Fault injection for the "nothing left behind" tests (README, Tests): SIGUSR1 is only
+    // listened to when the fault is on (otherwise it keeps its default action).
+    let mut fault_signal = match crate::fault::get() {
+        crate::fault::Fault::PanicOnSigusr1 => Some(signal(SignalKind::user_defined1())?),
+        _ => None,
+    };
+    let mut sigterm = signal(SignalKind::terminate())?;
     for note in &session.notes {
         eprintln!("lotrace: {note}");
     }
+    // Everything is attached and every file is open: nothing from here on needs a capability
+    // (but the two that remove classic tc filters, when there are some).
     let privileges = match (
         crate::caps::drop_all_but(session.caps_to_keep()),
         session.caps_to_keep(),
@@ -293,14 +304,6 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
             format!("; NOT attached: {}", missing.join(", "))
         }
     );
-    let mut sigint = signal(SignalKind::interrupt())?;
-    // Fault injection for the "nothing left behind" tests (README, Tests): SIGUSR1 is only
-    // listened to when the fault is on (otherwise it keeps its default action).
-    let mut fault_signal = match crate::fault::get() {
-        crate::fault::Fault::PanicOnSigusr1 => Some(signal(SignalKind::user_defined1())?),
-        _ => None,
-    };
-    let mut sigterm = signal(SignalKind::terminate())?;
     let deadline = cfg.duration.map(|d| Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut drain_tick = tokio::time::interval(Duration::from_millis(10));

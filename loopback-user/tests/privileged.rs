@@ -327,6 +327,7 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
     let sb = Sandbox::new("lt-test").expect("sandbox");
     let before = lo_tx_packets(&sb);
     let t = start(&sb, &["--filter", "udp or tcp"]);
+    let t_line = t.first_line.clone();
     let lo: IpAddr = "127.0.0.1".parse().expect("ip");
     let ((uc, us), (tc, ts)) = sb
         .netns
@@ -347,14 +348,21 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
         (udp[1]["sport"].as_u64(), udp[1]["dport"].as_u64()),
         (Some(us as u64), Some(uc as u64))
     );
+    // A UDP packet ends at a real event: the application's read where the kernel frees it
+    // without a tracepoint (6.18: `__consume_stateless_skb`), or its `consume_skb` where it
+    // fires (6.1, 6.12). Where the kernel has sock:sk_data_ready, the socket queue shows too.
+    let sock_queue_hook = !t_line.contains("sk_data_ready (");
     for p in &udp {
         assert_eq!(core_stages(p), LO_PATH, "{p}");
-        assert!(
-            stages(p).contains(&"sock_queue") && stages(p).last() == Some(&"app_recv"),
-            "delivered to the socket: {p}"
-        );
         assert_eq!(p["complete"], true, "{p}");
-        assert_eq!(p["verdict"], "delivered", "{p}");
+        match p["verdict"].as_str() {
+            Some("delivered") => assert_eq!(stages(p).last(), Some(&"app_recv"), "{p}"),
+            Some("consumed") => assert_eq!(stages(p).last(), Some(&"consume"), "{p}"),
+            v => panic!("a UDP packet ends delivered or consumed, not {v:?}: {p}"),
+        }
+        if sock_queue_hook {
+            assert!(stages(p).contains(&"sock_queue"), "queued to the socket: {p}");
+        }
     }
     let tcp: Vec<&Value> = ps
         .iter()
@@ -829,8 +837,14 @@ fn trace_leaves_nothing_behind_however_it_ends() {
     ];
     for (what, args, env, end) in endings {
         let all: Vec<&str> = ["--format", "json"].iter().chain(args).copied().collect();
-        let (mut child, _, err) = launch(&sb, &all, env, Stdio::null());
-        assert_eq!(tcx_on_lo(&sb).len(), 2, "{what}: tcx programs attached while running");
+        let (mut child, first, err) = launch(&sb, &all, env, Stdio::null());
+        assert_eq!(
+            tcx_on_lo(&sb).len(),
+            2,
+            "{what}: tc programs attached while running: {:?} {}; {first}",
+            tcx_on_lo(&sb),
+            classic_filters(&sb).join(" ")
+        );
         assert_eq!(
             xdp_on_lo(&sb).is_some(),
             args.contains(&"--xdp"),
