@@ -264,7 +264,15 @@ fn icmp_echo_paths(extra: &[&str]) {
             Some(target.as_str()),
             "{dst}: the reply comes from the target"
         );
-        assert_eq!(req["verdict"], "consumed", "{dst}");
+        // The kernel frees a handled echo request with consume_skb, except 6.1's icmpv6_rcv,
+        // which frees every message it handled with kfree_skb and no reason: lotrace says what
+        // the kernel did.
+        if req["verdict"] != "consumed" {
+            assert!(
+                dst.is_ipv6() && req["verdict"] == "dropped" && req["drop_reason"] == "NOT_SPECIFIED",
+                "{dst}: {req}"
+            );
+        }
         assert_eq!(rep["reply_of"], req["id"], "{dst}: reply paired with its request");
         // Raw socket: the original reply is freed (NO_SOCKET) while a clone is delivered.
         assert_eq!(rep["verdict"], "delivered_clone", "{dst}: {rep}");
@@ -821,7 +829,13 @@ fn trace_leaves_nothing_behind_however_it_ends() {
     type Ender = fn(&mut Child);
     type Ending<'a> = (&'a str, &'a [&'a str], &'a [(&'a str, &'a str)], Ender);
     let endings: [Ending; 5] = [
-        ("count", &["--count", "1"], &[], |_| {}),
+        // Only our echo counts (a kernel may send IPv6 housekeeping on a fresh lo).
+        (
+            "count",
+            &["--count", "1", "--filter", "icmp and host 127.0.0.1"],
+            &[],
+            |_| {},
+        ),
         ("sigint", &[], &[], |c| unsafe {
             libc::kill(c.id() as i32, libc::SIGINT);
         }),

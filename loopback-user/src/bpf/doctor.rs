@@ -110,9 +110,11 @@ type DynErr = Box<dyn std::error::Error + Send + Sync + 'static>;
 fn in_private_netns(f: impl FnOnce(&mut Ebpf) -> Result<(), DynErr> + Send + 'static) -> Result<(), DynErr> {
     let obj = object::check_built().map_err(|e| -> DynErr { e.to_string().into() })?;
     std::thread::spawn(move || -> Result<(), DynErr> {
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        // SAFETY: unshare affects only this helper thread (CLONE_NEWNS implies CLONE_FS).
+        if unsafe { libc::unshare(libc::CLONE_NEWNET | libc::CLONE_NEWNS) } != 0 {
             return Err(Box::new(std::io::Error::last_os_error()));
         }
+        mount_private_tracefs();
         // The same kernel shape as tracing uses (tracepoint arguments, helpers of tc/XDP).
         let shape = KernelShape::of(KernelBtf::load().ok().as_ref());
         let mut loader = EbpfLoader::new();
@@ -127,6 +129,34 @@ fn in_private_netns(f: impl FnOnce(&mut Ebpf) -> Result<(), DynErr> + Send + 'st
     })
     .join()
     .map_err(|_| -> DynErr { "doctor worker panicked".into() })?
+}
+
+/// Classic tracepoints need tracefs (their ids are read there). A fresh boot may not have it
+/// mounted: mount it in this thread's private mount namespace only, so the host is untouched
+/// and the answer is about the kernel, not about the mount table.
+fn mount_private_tracefs() {
+    const TRACEFS: &std::ffi::CStr = c"/sys/kernel/tracing";
+    if std::path::Path::new("/sys/kernel/tracing/events").exists() {
+        return;
+    }
+    // SAFETY: mount(2) with constant, NUL-terminated strings; it only changes this thread's
+    // (just unshared) mount namespace, made private first so nothing propagates to the host.
+    unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        );
+        libc::mount(
+            c"nodev".as_ptr(),
+            TRACEFS.as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        );
+    }
 }
 
 fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, DynErr>
