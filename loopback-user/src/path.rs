@@ -925,9 +925,10 @@ pub(crate) mod tests {
         s.ev(Hook::AppSend, 0, 8, "other", "", None, 44, 0);
         s.lo_path(0xa0, 7, "app", info.clone(), true);
         s.ev(Hook::Consume, 0xa0, 7, "app", "", None, 0, 0);
-        // A send whose thread transmits only 2 ms later (e.g. it was a UNIX socket): not linked.
+        // A send whose thread transmits only twice the link window later (e.g. it was a UNIX
+        // socket): not linked.
         s.ev(Hook::AppSend, 0, 7, "app", "", None, 46, 0);
-        s.t += 2_000_000;
+        s.t += 2 * SEND_LINK_NS;
         s.lo_path(0xb0, 7, "app", info, true);
         s.ev(Hook::Consume, 0xb0, 7, "app", "", None, 0, 0);
         let (ps, _) = run(s.events);
