@@ -232,9 +232,16 @@ pub fn one_line(text: &str) -> String {
                 && !l.starts_with("R")
                 && !l.starts_with("frame")
         })
-        .copied()
-        .unwrap_or("see `lotrace doctor --verbose`");
-    format!("{} verifier: {why}", head.trim().trim_end_matches('.'))
+        .copied();
+    match why {
+        Some(why) => format!("{} verifier: {why}", head.trim().trim_end_matches('.')),
+        // An empty log (the kernel refused before verifying): the errno says it all.
+        None if lines.is_empty() => head.trim().trim_end_matches('.').to_string(),
+        None => format!(
+            "{} (verifier log: `lotrace doctor --verbose`)",
+            head.trim().trim_end_matches('.')
+        ),
+    }
 }
 
 pub fn explain(e: &(dyn std::error::Error + 'static), kind: &str) -> String {
@@ -637,6 +644,10 @@ mod tests {
             "the BPF_PROG_LOAD syscall returned Invalid argument (os error 22) verifier: unknown func bpf_get_current_pid_tgid#14"
         );
         assert_eq!(one_line("plain\nerror"), "plain error");
+        assert_eq!(
+            one_line("refused (os error 1). Verifier output: "),
+            "refused (os error 1)"
+        );
     }
 
     /// The probe mechanism answers both ways (as root): a program that only returns loads, one
