@@ -131,9 +131,19 @@ if mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose hostroot /host; t
   for d in proc sys dev; do mount --bind /$d /host/$d; done
   mount -t debugfs debugfs /host/sys/kernel/debug 2>/dev/null
   mount -t bpf bpf /host/sys/fs/bpf
+  # The guest gets its own /tmp and /run, but the repository (named in the share's `repo`
+  # file) stays visible where it is, even when it lives under the host's /tmp or /run.
+  mkdir -p /share /hosttmp /hostrun
+  mount -t 9p -o trans=virtio,version=9p2000.L share /share
+  mount --bind /host/tmp /hosttmp; mount --bind /host/run /hostrun
   mount -t tmpfs tmp /host/tmp; mount -t tmpfs run /host/run
+  REPO=$(cat /share/repo)
+  case "$REPO" in
+    /tmp/*) mkdir -p "/host$REPO" && mount --bind "/hosttmp${REPO#/tmp}" "/host$REPO" ;;
+    /run/*) mkdir -p "/host$REPO" && mount --bind "/hostrun${REPO#/run}" "/host$REPO" ;;
+  esac
   mkdir -p /host/tmp/share
-  mount -t 9p -o trans=virtio,version=9p2000.L share /host/tmp/share
+  mount --bind /share /host/tmp/share
   chroot /host /bin/sh /tmp/share/payload.sh; RC=$?
 else
   echo "cannot mount the host root over 9p"
@@ -157,7 +167,7 @@ const GUEST_MODULES: [&str; 7] = [
 ];
 
 /// Bumped whenever the initramfs changes, so a cached one is rebuilt.
-const INITRAMFS_VERSION: u32 = 2;
+const INITRAMFS_VERSION: u32 = 3;
 
 /// Builds (or reuses) the kernel and initramfs of `package`: (vmlinux, initramfs).
 fn prepare(root: &Path, package: &str) -> Result<(PathBuf, PathBuf)> {
@@ -282,6 +292,7 @@ pub fn run_payload(root: &Path, k: &Kernel, payload: &str, timeout: Duration) ->
     let _ = std::fs::remove_dir_all(&share);
     std::fs::create_dir_all(&share)?;
     std::fs::write(share.join("payload.sh"), payload)?;
+    std::fs::write(share.join("repo"), root.display().to_string())?;
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-accel", "tcg", "-cpu", "qemu64", "-m", "2G", "-smp", "2"])
