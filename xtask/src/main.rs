@@ -472,12 +472,14 @@ fn guest_suite(t: &mut Tally, series: &str, bin: &Path) {
     let mut attempt = vm::run_payload(&root(), k, &payload, Duration::from_secs(VM_TIMEOUT_SECS));
     // Under software emulation with two vCPUs, a 6.12 guest once died of "Oops: int3" while the
     // kernel patched a static call the other emulated CPU was running (two tracers attaching to
-    // sys_enter at once). A guest whose kernel itself crashed is booted once more, and says so;
-    // a test that fails is never re-run.
-    if let Ok(run) = &attempt
-        && vm::kernel_crashed(run)
-    {
-        println!("kernel {series}: the guest's kernel crashed (see above); booting it once more");
+    // sys_enter at once), and again while attaching during traffic. A guest whose kernel itself
+    // crashed is booted again, up to GUEST_BOOTS times in all, and says so; a test that fails is
+    // never re-run.
+    for boot in 2..=GUEST_BOOTS {
+        if !attempt.as_ref().is_ok_and(vm::kernel_crashed) {
+            break;
+        }
+        println!("kernel {series}: the guest's kernel crashed (see above); boot {boot} of at most {GUEST_BOOTS}");
         attempt = vm::run_payload(&root(), k, &payload, Duration::from_secs(VM_TIMEOUT_SECS));
     }
     match attempt {
@@ -500,6 +502,9 @@ fn guest_suite(t: &mut Tally, series: &str, bin: &Path) {
         Err(e) => t.check(&format!("kernel {series} guest"), Err(e)),
     }
 }
+
+/// Boots of a guest whose own kernel crashes under emulation (seen in about 1 of 3 6.12 runs).
+const GUEST_BOOTS: u32 = 3;
 
 /// Upper bound of one guest run (boot, the privileged suite under emulation, power-off).
 const VM_TIMEOUT_SECS: u64 = 600;
