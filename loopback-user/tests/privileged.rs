@@ -770,21 +770,7 @@ fn tcx_on_lo(sb: &Sandbox) -> Vec<String> {
 fn classic_filters(sb: &Sandbox) -> Vec<String> {
     let mut names = Vec::new();
     for dir in ["ingress", "egress"] {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &sb.name,
-                tools::require("tc"),
-                "filter",
-                "show",
-                "dev",
-                "lo",
-                dir,
-            ])
-            .output()
-            .expect("tc");
-        for l in String::from_utf8_lossy(&out.stdout).lines() {
+        for l in tc_in(sb, &["filter", "show", "dev", "lo", dir]).lines() {
             if let Some(i) = l.find(" bpf ") {
                 // "filter protocol all pref 49152 bpf chain 0 handle 0x1 NAME direct-action ..."
                 let after: Vec<&str> = l[i..].split_whitespace().collect();
@@ -803,20 +789,7 @@ fn classic_filters(sb: &Sandbox) -> Vec<String> {
 
 /// Whether the namespace's lo has a clsact qdisc.
 fn has_clsact(sb: &Sandbox) -> bool {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sb.name,
-            tools::require("tc"),
-            "qdisc",
-            "show",
-            "dev",
-            "lo",
-        ])
-        .output()
-        .expect("tc");
-    String::from_utf8_lossy(&out.stdout).contains("clsact")
+    tc_in(sb, &["qdisc", "show", "dev", "lo"]).contains("clsact")
 }
 
 /// Normal end, SIGINT, SIGTERM, a panic and kill -9: afterwards no lotrace program is loaded
@@ -1588,14 +1561,19 @@ fn output_into_a_closed_pipe_stops_quietly_and_leaves_nothing() {
     assert!(our_programs_loaded().is_empty(), "prove: programs left behind");
 }
 
-/// `tc` in the sandbox (for someone else's qdisc and filter).
-fn tc_in(sb: &Sandbox, args: &[&str]) {
-    let st = Command::new("ip")
+/// `tc ARGS` run in the sandbox; its stdout. A failing `tc` fails the test.
+fn tc_in(sb: &Sandbox, args: &[&str]) -> String {
+    let out = Command::new("ip")
         .args(["netns", "exec", &sb.name, tools::require("tc")])
         .args(args)
-        .status()
+        .output()
         .expect("tc");
-    assert!(st.success(), "tc {args:?}");
+    assert!(
+        out.status.success(),
+        "tc {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Kernels without tcx (before 6.6; simulated here with `LOTRACE_FAULT=no-tcx`): the lo
@@ -1653,11 +1631,9 @@ fn without_tcx_lo_programs_are_classic_filters_and_leave_nothing() {
         ],
     );
     let theirs = |sb: &Sandbox| {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &sb.name, "tc", "filter", "show", "dev", "lo", "egress"])
-            .output()
-            .expect("tc");
-        String::from_utf8_lossy(&out.stdout).matches("flowid 1:1").count()
+        tc_in(sb, &["filter", "show", "dev", "lo", "egress"])
+            .matches("flowid 1:1")
+            .count()
     };
     assert_eq!(theirs(&sb), 1);
     let (mut child, _, _stderr) = launch(&sb, &["--format", "json"], &no_tcx, Stdio::null());
