@@ -8,6 +8,7 @@
 
 mod doctor;
 mod emit;
+mod functions;
 mod kernel;
 mod lo;
 mod maps;

@@ -318,7 +318,7 @@ fn consume_skb_body<A: Args>(ctx: &A) -> i32 {
 /// A free ends the skb's scope; freed inside its own run (a drop in the transmit or receive
 /// chain), it ends the run too.
 #[inline(always)]
-fn freed<A: Args>(hook: Hook, skb: u64, hit: Hit) {
+pub fn freed<A: Args>(hook: Hook, skb: u64, hit: Hit) {
     if run_skb() == skb {
         untrack(skb);
         run_stage::<A>(hook, hit, true);
@@ -422,7 +422,7 @@ fn fib6_table_lookup_body<A: Args>(ctx: &A) -> i32 {
 // for a packet still being received.
 twin!("sk_data_ready", sk_data_ready, raw_sk_data_ready, sk_data_ready_body);
 #[inline(always)]
-fn sk_data_ready_body<A: Args>(ctx: &A) -> i32 {
+pub fn sk_data_ready_body<A: Args>(ctx: &A) -> i32 {
     let skb = RX_SKB.get(0).copied().unwrap_or(0);
     if skb == 0 || (skb != last_run_skb() && !tracked(skb)) {
         return 0;

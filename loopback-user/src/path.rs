@@ -22,6 +22,7 @@ use crate::decode::{Event, Name, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum StageKind {
     AppSend,
+    SockSend,
     Route,
     TcEgress,
     DevQueue,
@@ -61,6 +62,7 @@ impl StageKind {
             Hook::AppRecv => Self::AppRecv,
             Hook::LeftNetns => Self::LeftNetns,
             Hook::AppSend => Self::AppSend,
+            Hook::SockSend => Self::SockSend,
         }
     }
 
@@ -68,6 +70,7 @@ impl StageKind {
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::AppSend => "app_send",
+            Self::SockSend => "sock_send",
             Self::Route => "route",
             Self::TcEgress => "tc_egress",
             Self::DevQueue => "dev_queue",
@@ -302,6 +305,8 @@ pub struct Tracker {
     last_route: FxHashMap<u32, (Stage, RouteInfo)>,
     /// Latest send-family syscall entry per thread (linked to its next transmit).
     last_send: FxHashMap<u32, Stage>,
+    /// Per thread: its last `sock_sendmsg` (fentry/kprobe), linked like `last_send`.
+    last_sock_send: FxHashMap<u32, Stage>,
     echo_requests: FxHashMap<EchoKey, u64>,
     echo_order: VecDeque<EchoKey>,
     tcp_unacked: FxHashMap<FlowKey, VecDeque<(u32, u64)>>,
@@ -344,6 +349,7 @@ impl Tracker {
             next_id: 1,
             last_route: FxHashMap::default(),
             last_send: FxHashMap::default(),
+            last_sock_send: FxHashMap::default(),
             echo_requests: FxHashMap::default(),
             echo_order: VecDeque::new(),
             tcp_unacked: FxHashMap::default(),
@@ -398,6 +404,11 @@ impl Tracker {
         }
         if e.hook == Hook::AppSend {
             self.last_send.insert(e.tid, Stage::of(&e, None));
+            self.last_sock_send.remove(&e.tid);
+            return done;
+        }
+        if e.hook == Hook::SockSend {
+            self.last_sock_send.insert(e.tid, Stage::of(&e, None));
             return done;
         }
         if e.skb == 0 {
@@ -433,11 +444,17 @@ impl Tracker {
             None => {
                 let mut p = Box::new(self.new_packet(&e));
                 // The send syscall this thread entered just before: the start of the path.
-                if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
-                    && let Some(st) = self.last_send.remove(&e.tid)
-                    && e.ts_ns.saturating_sub(st.t_ns) <= SEND_LINK_NS
-                {
-                    p.stages.push(st);
+                // The send syscall this thread entered just before, and its socket-layer send
+                // (fentry/kprobe on `sock_sendmsg`, where the kernel allows them).
+                if matches!(e.hook, Hook::DevQueue | Hook::TcEgress) {
+                    for st in [self.last_send.remove(&e.tid), self.last_sock_send.remove(&e.tid)]
+                        .into_iter()
+                        .flatten()
+                    {
+                        if e.ts_ns.saturating_sub(st.t_ns) <= SEND_LINK_NS {
+                            p.stages.push(st);
+                        }
+                    }
                 }
                 if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
                     && let Some((st, r)) = self.last_route.remove(&e.tid)
@@ -792,7 +809,7 @@ pub fn is_complete(p: &PacketPath) -> bool {
         .stages
         .iter()
         .map(|s| s.stage)
-        .find(|s| !matches!(s, K::Route | K::AppSend));
+        .find(|s| !matches!(s, K::Route | K::AppSend | K::SockSend));
     let sent_here = matches!(first, Some(K::TcEgress | K::DevQueue));
     let started = sent_here || matches!(first, Some(K::Receive | K::TcIngress | K::CopyToUser));
     let ended = matches!(
@@ -936,6 +953,33 @@ pub(crate) mod tests {
         assert_eq!(ps[0].stages[0].tid, 7, "linked by thread, not to thread 8's send");
         assert_eq!(ps[0].stages[1].stage, StageKind::TcEgress);
         assert_eq!(ps[1].stages[0].stage, StageKind::TcEgress, "stale send not linked");
+        assert!(ps.iter().all(|p| p.complete));
+    }
+
+    #[test]
+    fn a_socket_layer_send_follows_the_syscall_in_its_threads_next_packet() {
+        let mut s = Seq::new();
+        let info = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, 1);
+        s.ev(Hook::AppSend, 0, 7, "app", "", None, 44, 0);
+        s.ev(Hook::SockSend, 0, 7, "app", "", None, 0xf00, 0);
+        s.lo_path(0xa0, 7, "app", info.clone(), true);
+        s.ev(Hook::Consume, 0xa0, 7, "app", "", None, 0, 0);
+        // A later syscall without a socket-layer send (its hook missing) links the syscall alone.
+        s.ev(Hook::SockSend, 0, 7, "app", "", None, 0xf00, 0);
+        s.ev(Hook::AppSend, 0, 7, "app", "", None, 44, 0);
+        s.lo_path(0xb0, 7, "app", info, true);
+        s.ev(Hook::Consume, 0xb0, 7, "app", "", None, 0, 0);
+        let (ps, _) = run(s.events);
+        let kinds = |p: &PacketPath| p.stages.iter().take(3).map(|s| s.stage).collect::<Vec<_>>();
+        assert_eq!(
+            kinds(&ps[0]),
+            [StageKind::AppSend, StageKind::SockSend, StageKind::TcEgress]
+        );
+        assert_eq!(
+            kinds(&ps[1])[..2],
+            [StageKind::AppSend, StageKind::TcEgress],
+            "a socket send older than the syscall is not this packet's"
+        );
         assert!(ps.iter().all(|p| p.complete));
     }
 

@@ -272,26 +272,16 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         (Err(e), _) => format!("; capabilities kept ({e})"),
     };
     let attached = session.outcomes.iter().filter(|o| o.attached).count();
-    let missing: Vec<String> = session
-        .missing()
-        .map(|o| format!("{} ({})", o.program, o.error.as_deref().unwrap_or("?")))
-        .collect();
-    let fallbacks: Vec<&str> = session
+    let missing = crate::bpf::session::describe_missing(&session.outcomes);
+    let fallbacks: Vec<String> = session
         .outcomes
         .iter()
         .filter(|o| o.attached && o.fallback_reason.is_some())
-        .map(|o| o.program)
+        .map(|o| format!("{} as {}", o.program, o.kind))
         .collect();
     let fallbacks = match fallbacks.len() {
         0 => String::new(),
-        n => format!(
-            " ({n} as raw tracepoints: {})",
-            session
-                .outcomes
-                .iter()
-                .find_map(|o| o.fallback_reason.as_deref())
-                .unwrap_or("")
-        ),
+        _ => format!(" (fallbacks: {}; why: `lotrace doctor`)", fallbacks.join(", ")),
     };
     eprintln!(
         "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{fallbacks}{}{privileges}. Ctrl-C to stop.",
@@ -301,7 +291,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         if missing.is_empty() {
             String::new()
         } else {
-            format!("; NOT attached: {}", missing.join(", "))
+            format!("; NOT attached: {missing}")
         }
     );
     let deadline = cfg.duration.map(|d| Instant::now() + d);

@@ -115,7 +115,7 @@ fn start(sb: &Sandbox, extra: &[&str]) -> Tracer {
     let args: Vec<&str> = ["--format", "json"].iter().chain(extra).copied().collect();
     let (mut child, line, err) = launch(sb, &args, &[], Stdio::piped());
     if extra.contains(&"--raw-tp") {
-        assert!(line.contains("as raw tracepoints"), "{line}");
+        assert!(line.contains("as raw_tracepoint"), "{line}");
     }
     // Keep draining both pipes in the background; the summary is stderr's last line.
     let stdout_rx = read_all(child.stdout.take().expect("stdout"));
@@ -144,6 +144,16 @@ fn stop(mut t: Tracer) -> (Vec<Value>, Value) {
         .collect();
     let summary: Value = serde_json::from_str(err.lines().last().expect("summary line")).expect("summary JSON");
     (packets, summary)
+}
+
+/// Whether hook point `hook` attached, from lotrace's first line ("NOT attached: a, b (why)").
+fn hooked(first_line: &str, hook: &str) -> bool {
+    let Some((_, missing)) = first_line.split_once("NOT attached: ") else {
+        return true;
+    };
+    !missing
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .any(|w| w == hook)
 }
 
 fn stages(p: &Value) -> Vec<&str> {
@@ -210,6 +220,7 @@ fn icmp_echo_paths(extra: &[&str]) {
         .expect("veth");
     let before = lo_tx_packets(&sb);
     let t = start(&sb, extra);
+    let t_line = t.first_line.clone();
     let targets: Vec<(IpAddr, u16)> = vec![
         ("127.0.0.1".parse().expect("ip"), 0x4c01),
         ("127.0.0.2".parse().expect("ip"), 0x4c02),
@@ -281,11 +292,18 @@ fn icmp_echo_paths(extra: &[&str]) {
             .find(|p| p["clone_of"] == rep["id"])
             .unwrap_or_else(|| panic!("{dst}: no delivered clone"));
         assert_eq!(stages(clone), ["copy_to_user", "consume"], "{dst}");
-        // The path starts at the sending task's sendto() entry, then its route lookup.
+        // The path starts at the sending task's sendto() entry, then its socket-layer send
+        // (where fentry or kprobes serve inet_sendmsg / inet6_sendmsg), then its route lookup.
+        let sock_hook = if dst.is_ipv6() { "inet6_sendmsg" } else { "inet_sendmsg" };
+        let start: &[&str] = if hooked(&t_line, sock_hook) {
+            &["app_send", "sock_send", "route"]
+        } else {
+            &["app_send", "route"]
+        };
         assert_eq!(
-            stages(req)[..2],
-            ["app_send", "route"],
-            "{dst}: syscall entry and route lookup linked: {req}"
+            stages(req)[..start.len()],
+            *start,
+            "{dst}: syscall entry, socket send and route lookup linked ({t_line}): {req}"
         );
         // The route names the owning device (lt0 for its own addresses), the packet still
         // leaves through lo: the output route of a local address is switched to loopback.
@@ -373,6 +391,17 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
         if sock_queue_hook {
             assert!(stages(p).contains(&"sock_queue"), "queued to the socket: {p}");
         }
+        // Where the kernel frees it in `__consume_stateless_skb` and that function can be
+        // hooked, the packet ends there.
+        if hooked(&t_line, "consume_stateless") {
+            assert_eq!(p["verdict"], "consumed", "{p}");
+        }
+        // Sent by an application: the socket-layer send shows where inet_sendmsg is hooked.
+        assert_eq!(
+            stages(p).contains(&"sock_send"),
+            hooked(&t_line, "inet_sendmsg"),
+            "{t_line}: {p}"
+        );
     }
     let tcp: Vec<&Value> = ps
         .iter()
@@ -390,7 +419,26 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
             p["complete"], true,
             "TCP frees without tracepoints are not incomplete: {p}"
         );
+        // Where the kernel's untraced TCP frees can be hooked (fentry/kprobe), every segment
+        // ends at a real free, not at "freed_untraced".
+        if ["kfree_skb_fn", "kfree_skb_partial", "skb_defer_free"]
+            .iter()
+            .all(|h| hooked(&t_line, h))
+        {
+            assert_eq!(
+                (p["verdict"].as_str(), stages(p).last().copied()),
+                (Some("consumed"), Some("consume")),
+                "{p}"
+            );
+        }
     }
+    // Data segments were sent by the application through the socket layer.
+    assert!(
+        tcp.iter()
+            .filter(|p| p["tcp"]["flags"].as_u64().unwrap_or(0) & 0x08 != 0)
+            .all(|p| stages(p).contains(&"sock_send") == hooked(&t_line, "inet_sendmsg")),
+        "{t_line}"
+    );
     let syn = tcp.iter().find(|p| p["tcp"]["flags"] == 0x02).expect("SYN");
     let synack = tcp.iter().find(|p| p["tcp"]["flags"] == 0x12).expect("SYN-ACK");
     assert_eq!(synack["reply_of"], syn["id"], "SYN-ACK answers the SYN");
@@ -524,13 +572,33 @@ fn doctor_tries_every_attach_type_and_detaches() {
         assert!(a.get("log").is_none(), "no log without --verbose: {a}");
     }
     assert_eq!(v["can_trace"], true);
-    assert!(
-        v["plan"]
-            .as_array()
-            .expect("plan")
-            .iter()
-            .all(|r| r["available"] == true || r["required"] == false)
-    );
+    // The plan is the one `trace` attaches (same code, in a throwaway namespace): every hook
+    // served by the first candidate the kernel accepted, and why earlier ones were refused.
+    let plan = v["plan"].as_array().expect("plan");
+    for r in plan {
+        assert!(r["available"] == true || r["required"] == false, "{r}");
+        if r["available"] == false {
+            assert!(!r["refused"].as_array().expect("refused").is_empty(), "{r}");
+        }
+    }
+    let row = |h: &str| {
+        plan.iter()
+            .find(|r| r["hook"] == h)
+            .unwrap_or_else(|| panic!("no {h} in the plan"))
+    };
+    let tc = if avail("tcx") { "tcx" } else { "tc (classic)" };
+    assert_eq!(row("lo_tc_egress")["attach"], tc, "{v}");
+    assert_eq!(row("lo_tc_ingress")["attach"], tc, "{v}");
+    // The socket-send stage and the untraced frees: fentry where the kernel allows it, else a
+    // kprobe, else not served (as on a kernel with neither).
+    for h in ["inet_sendmsg", "inet6_sendmsg", "kfree_skb_fn", "skb_defer_free"] {
+        let r = row(h);
+        match (avail("fentry"), avail("kprobe")) {
+            (true, _) => assert_eq!((&r["attach"], &r["available"]), (&"fentry".into(), &true.into()), "{r}"),
+            (false, true) => assert_eq!((&r["attach"], &r["available"]), (&"kprobe".into(), &true.into()), "{r}"),
+            (false, false) => assert_eq!(r["available"], false, "{r}"),
+        }
+    }
     assert!(our_programs_loaded().is_empty(), "doctor left programs behind");
 }
 
@@ -1542,21 +1610,17 @@ fn output_into_a_closed_pipe_stops_quietly_and_leaves_nothing() {
         assert!(tcx_on_lo(&sb).is_empty(), "{format}: tcx left on lo");
         assert!(our_programs_loaded().is_empty(), "{format}: programs left behind");
     }
-    let out = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["prove", "--count", "1", "--format", "json"])
         .stdout(closed_pipe())
-        .output()
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("prove");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("prove");
     quiet("prove", out, &["lotrace prove: ", "removed sandbox"]);
-    let left: Vec<String> = Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with("lotrace-prove-"))
-        .map(str::to_string)
-        .collect();
+    // Only this prove's sandboxes: other tests run prove at the same time.
+    let left = prove_sandboxes_of(pid);
     assert!(left.is_empty(), "prove's sandbox left behind: {left:?}");
     assert!(our_programs_loaded().is_empty(), "prove: programs left behind");
 }

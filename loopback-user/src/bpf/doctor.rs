@@ -17,7 +17,7 @@ use super::{
     btf::{KernelBtf, VMLINUX_BTF},
     object,
     probes::PLAN,
-    session::{KernelShape, Privileges, explain, privileges, verifier_log},
+    session::{KernelShape, Privileges, Session, SessionOptions, explain, privileges, verifier_log},
 };
 
 #[derive(Debug, Serialize)]
@@ -31,15 +31,22 @@ pub struct AttachTypeReport {
     pub log: Option<String>,
 }
 
+/// One hook point as `trace` attaches it on this kernel: built by the same code (`Session`),
+/// in a throwaway namespace, then detached.
 #[derive(Debug, Serialize)]
 pub struct PlanRow {
     pub stage: String,
+    /// The hook point.
+    pub hook: &'static str,
+    /// The program that served it (or the last one tried).
     pub program: &'static str,
     pub attach: &'static str,
     pub target: String,
     pub kernel_fn: &'static str,
     pub required: bool,
     pub available: bool,
+    /// Candidates tried before (or instead of) the one used, with the kernel's reason.
+    pub refused: Vec<super::session::Refusal>,
 }
 
 #[derive(Debug, Serialize)]
@@ -248,6 +255,36 @@ fn probe(kind: &'static str, verbose: bool) -> AttachTypeReport {
     }
 }
 
+/// The plan `trace` would use, found by the very code `trace` runs ([`Session::open`]) in a
+/// throwaway network namespace, with `--xdp` so that XDP is tried too. Everything is detached (and
+/// the namespace removed) before this returns.
+fn plan_by_trying() -> Result<Vec<PlanRow>> {
+    let sb = crate::netns::Sandbox::new("lotrace-doctor")?;
+    let mut opts = SessionOptions::new(sb.netns.clone());
+    opts.xdp = true;
+    opts.keep_going = true;
+    let session = Session::open(&opts)?;
+    let rows = session
+        .outcomes
+        .iter()
+        .zip(PLAN)
+        .map(|(o, hp)| PlanRow {
+            stage: o.stage.unwrap_or("(softirq state)").to_string(),
+            hook: o.program,
+            program: o.used,
+            attach: o.kind,
+            target: o.target.clone(),
+            kernel_fn: hp.kernel_fn,
+            required: o.required,
+            available: o.attached,
+            refused: o.refused.clone(),
+        })
+        .collect();
+    drop(session);
+    drop(sb);
+    Ok(rows)
+}
+
 pub const KINDS: [&str; 8] = [
     "fentry",
     "kprobe",
@@ -289,28 +326,23 @@ pub fn run(verbose: bool) -> Result<DoctorReport> {
     } else {
         KINDS.iter().map(|k| probe(k, verbose)).collect()
     };
-    let avail = |kind: &str| attach_types.iter().any(|a| a.kind == kind && a.available);
     if reason.is_none() && btf {
         // The offsets the programs need must resolve on this kernel.
         if let Err(e) = KernelBtf::load().and_then(|k| k.offsets()) {
             reason = Some(format!("kernel BTF lacks what lotrace needs: {e:#}"));
         }
     }
-    let plan: Vec<PlanRow> = PLAN
-        .iter()
-        .map(|hp| PlanRow {
-            stage: hp
-                .hook
-                .map(|h| crate::path::StageKind::of(h).as_str().to_string())
-                .unwrap_or_else(|| "(softirq state)".into()),
-            program: hp.program,
-            attach: hp.attach.kind(),
-            target: hp.attach.target(),
-            kernel_fn: hp.kernel_fn,
-            required: hp.required,
-            available: avail(hp.attach.kind()) || (hp.attach.kind() == "tcx" && avail("tc_classic")),
-        })
-        .collect();
+    let plan: Vec<PlanRow> = if reason.is_none() && btf {
+        match plan_by_trying() {
+            Ok(rows) => rows,
+            Err(e) => {
+                reason = Some(format!("cannot try the hook plan: {e:#}"));
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
     if reason.is_none() {
         if !btf {
             reason = Some(format!(
@@ -318,8 +350,10 @@ pub fn run(verbose: bool) -> Result<DoctorReport> {
             ));
         } else if let Some(row) = plan.iter().find(|r| r.required && !r.available) {
             reason = Some(format!(
-                "required hook {} ({}) cannot attach on this kernel",
-                row.program, row.attach
+                "required hook {} ({}) cannot attach on this kernel: {}",
+                row.hook,
+                row.target,
+                row.refused.last().map(|r| r.reason.as_str()).unwrap_or("refused")
             ));
         }
     }
@@ -371,11 +405,14 @@ pub fn render_text(r: &DoctorReport) -> String {
             }
         }
     }
-    let _ = writeln!(s, "\nhook plan for tracing on this kernel:");
+    let _ = writeln!(
+        s,
+        "\nhook plan for tracing on this kernel (what `trace` attaches, tried for real, then detached):"
+    );
     for row in &r.plan {
         let _ = writeln!(
             s,
-            "  {:<17} {:<24} {:<12} {:<4} {}{}",
+            "  {:<17} {:<24} {:<14} {:<4} {}{}",
             row.stage,
             row.target,
             row.attach,
@@ -383,6 +420,9 @@ pub fn render_text(r: &DoctorReport) -> String {
             row.kernel_fn,
             if row.required { " (required)" } else { "" }
         );
+        for f in &row.refused {
+            let _ = writeln!(s, "  {:<17}   {} {} refused: {}", "", f.kind, f.target, f.reason);
+        }
     }
     let _ = writeln!(s, "\nlo XDP      {}", r.lo_xdp.plan);
     for c in &r.cleaned {

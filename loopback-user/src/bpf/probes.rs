@@ -5,201 +5,262 @@ use loopback_common::Hook;
 /// How a program attaches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
+    /// fentry on the named kernel function (BTF trampoline).
+    Fentry(&'static str),
+    /// kprobe on the named kernel function.
+    Kprobe(&'static str),
     /// BTF-typed raw tracepoint on the named tracepoint.
     TpBtf(&'static str),
+    /// Raw tracepoint (untyped arguments) on the named tracepoint.
+    RawTp(&'static str),
     /// XDP in generic (SKB) mode on the traced namespace's `lo`.
     XdpLo,
-    /// tcx egress on the traced namespace's `lo`.
-    TcEgressLo,
-    /// tcx ingress on the traced namespace's `lo`.
-    TcIngressLo,
+    /// tcx egress / ingress on the traced namespace's `lo`.
+    TcxLo(Dir),
+    /// Classic tc on the traced namespace's `lo`: a clsact qdisc (added only if absent) and a
+    /// direct-action bpf filter, for kernels without tcx.
+    ClassicTcLo(Dir),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    Egress,
+    Ingress,
 }
 
 impl Attach {
     pub fn kind(&self) -> &'static str {
         match self {
+            Attach::Fentry(_) => "fentry",
+            Attach::Kprobe(_) => "kprobe",
             Attach::TpBtf(_) => "tp_btf",
+            Attach::RawTp(_) => "raw_tracepoint",
             Attach::XdpLo => "xdp_generic",
-            Attach::TcEgressLo | Attach::TcIngressLo => "tcx",
+            Attach::TcxLo(_) => "tcx",
+            Attach::ClassicTcLo(_) => "tc (classic)",
         }
     }
     pub fn target(&self) -> String {
         match self {
-            Attach::TpBtf(tp) => (*tp).to_string(),
+            Attach::Fentry(f) | Attach::Kprobe(f) => (*f).to_string(),
+            Attach::TpBtf(tp) | Attach::RawTp(tp) => (*tp).to_string(),
             Attach::XdpLo => "lo (generic XDP)".into(),
-            Attach::TcEgressLo => "lo egress".into(),
-            Attach::TcIngressLo => "lo ingress".into(),
+            Attach::TcxLo(Dir::Egress) | Attach::ClassicTcLo(Dir::Egress) => "lo egress".into(),
+            Attach::TcxLo(Dir::Ingress) | Attach::ClassicTcLo(Dir::Ingress) => "lo ingress".into(),
         }
     }
+}
+
+/// One way to serve a hook point: a program of the eBPF object and how it attaches.
+#[derive(Clone, Copy, Debug)]
+pub struct Candidate {
+    pub program: &'static str,
+    pub attach: Attach,
 }
 
 /// One hook point.
 #[derive(Clone, Copy, Debug)]
 pub struct HookPoint {
-    /// Program name in the eBPF object.
-    pub program: &'static str,
-    pub attach: Attach,
+    /// The hook point's name (its first candidate's program; stable, used by `--raw-tp` tests,
+    /// `LOTRACE_FAULT=refuse-hook:NAME` and the attach report).
+    pub name: &'static str,
+    /// Tried in order on the running kernel; the first that loads and attaches serves the hook,
+    /// and why each earlier one was refused is recorded.
+    pub candidates: &'static [Candidate],
     /// The stage it reports ([`Hook::Route`] etc.); `None` for state-only hooks.
     pub hook: Option<Hook>,
     /// Kernel function the stage sits in (for people reading the plan).
     pub kernel_fn: &'static str,
     /// Without it, tracing cannot reconstruct paths at all.
     pub required: bool,
-    /// Fallback program (same body, raw tracepoint) used when the tp_btf attach is refused.
-    pub fallback: Option<&'static str>,
 }
 
-/// A tracepoint hook: program `program` (tp_btf) with its raw tracepoint twin `raw`.
-const fn tp(
-    program: &'static str,
-    raw: &'static str,
-    hook: Option<Hook>,
-    kernel_fn: &'static str,
-    required: bool,
-) -> HookPoint {
+const fn c(program: &'static str, attach: Attach) -> Candidate {
+    Candidate { program, attach }
+}
+
+/// A tracepoint hook: tp_btf program `name`, then its raw tracepoint twin `raw_<name>` (same body,
+/// untyped arguments), then the function candidates `more` (for tracepoints older kernels lack).
+macro_rules! tp {
+    ($name:literal, $hook:expr, $kernel_fn:literal, $required:expr $(, $more:expr)*) => {
+        HookPoint {
+            name: $name,
+            candidates: &[
+                c($name, Attach::TpBtf($name)),
+                c(concat!("raw_", $name), Attach::RawTp($name)),
+                $($more,)*
+            ],
+            hook: $hook,
+            kernel_fn: $kernel_fn,
+            required: $required,
+        }
+    };
+}
+
+/// A kernel-function hook with no tracepoint: fentry `fentry_<x>`, then kprobe `kprobe_<x>`.
+macro_rules! func {
+    ($name:literal, $func:literal, $hook:expr, $kernel_fn:literal) => {
+        HookPoint {
+            name: $name,
+            candidates: &[
+                c(concat!("fentry_", $name), Attach::Fentry($func)),
+                c(concat!("kprobe_", $name), Attach::Kprobe($func)),
+            ],
+            hook: $hook,
+            kernel_fn: $kernel_fn,
+            required: false,
+        }
+    };
+}
+
+const TC_EGRESS: &[Candidate] = &[
+    c("lo_tc_egress", Attach::TcxLo(Dir::Egress)),
+    c("lo_tc_egress", Attach::ClassicTcLo(Dir::Egress)),
+];
+const TC_INGRESS: &[Candidate] = &[
+    c("lo_tc_ingress", Attach::TcxLo(Dir::Ingress)),
+    c("lo_tc_ingress", Attach::ClassicTcLo(Dir::Ingress)),
+];
+
+/// A `lo` tc hook: tcx, then classic tc (the same program).
+const fn tc_lo(name: &'static str, dir: Dir, hook: Hook, kernel_fn: &'static str) -> HookPoint {
     HookPoint {
-        program,
-        attach: Attach::TpBtf(program),
-        hook,
+        name,
+        candidates: match dir {
+            Dir::Egress => TC_EGRESS,
+            Dir::Ingress => TC_INGRESS,
+        },
+        hook: Some(hook),
         kernel_fn,
-        required,
-        fallback: Some(raw),
+        required: false,
     }
 }
 
-/// In path order. Fallback chain per tracepoint hook: tp_btf, then its raw tracepoint twin (same
-/// body, untyped arguments). fentry and kprobes are deliberately absent: every stage is served by
-/// tracepoints plus the `lo` programs, which work where fentry/kprobes do not (see doctor), and
-/// fentry would add nothing the tracepoints do not already give.
+/// In path order. Each hook point lists its candidates, best first: fentry before kprobe (a
+/// trampoline costs less than a breakpoint), tp_btf before its raw twin (typed, direct loads).
+/// This kernel's answer for each is in `lotrace doctor`; the README's table says the same.
 pub const PLAN: &[HookPoint] = &[
-    tp(
+    tp!(
         "sys_enter",
-        "raw_sys_enter",
         Some(Hook::AppSend),
         "syscall entry: sendto/sendmsg/sendmmsg (the sending task)",
-        false,
+        false
     ),
-    tp(
+    func!(
+        "inet_sendmsg",
+        "inet_sendmsg",
+        Some(Hook::SockSend),
+        "sock_sendmsg -> inet_sendmsg (IPv4 socket send; no tracepoint)"
+    ),
+    func!(
+        "inet6_sendmsg",
+        "inet6_sendmsg",
+        Some(Hook::SockSend),
+        "sock_sendmsg -> inet6_sendmsg (IPv6 socket send; no tracepoint)"
+    ),
+    tp!(
         "fib_table_lookup",
-        "raw_fib_table_lookup",
         Some(Hook::Route),
         "fib_table_lookup (IPv4 route)",
-        false,
+        false
     ),
-    tp(
+    tp!(
         "fib6_table_lookup",
-        "raw_fib6_table_lookup",
         Some(Hook::Route),
         "fib6_table_lookup (IPv6 route)",
-        false,
+        false
     ),
-    tp(
-        "net_dev_queue",
-        "raw_net_dev_queue",
-        Some(Hook::DevQueue),
-        "__dev_queue_xmit",
-        true,
+    tp!("net_dev_queue", Some(Hook::DevQueue), "__dev_queue_xmit", true),
+    tc_lo(
+        "lo_tc_egress",
+        Dir::Egress,
+        Hook::TcEgress,
+        "sch_handle_egress (tcx or clsact)",
     ),
-    HookPoint {
-        program: "lo_tc_egress",
-        attach: Attach::TcEgressLo,
-        hook: Some(Hook::TcEgress),
-        kernel_fn: "sch_handle_egress (tcx)",
-        required: false,
-        fallback: None,
-    },
-    tp(
+    tp!(
         "net_dev_start_xmit",
-        "raw_net_dev_start_xmit",
         Some(Hook::Xmit),
         "dev_hard_start_xmit -> loopback_xmit",
-        true,
+        true
     ),
-    tp(
+    tp!(
         "netif_rx",
-        "raw_netif_rx",
         Some(Hook::BacklogEnqueue),
         "netif_rx_internal -> enqueue_to_backlog",
-        true,
+        true
     ),
-    tp(
-        "softirq_raise",
-        "raw_softirq_raise",
-        None,
-        "__raise_softirq_irqoff (NET_RX)",
-        false,
-    ),
-    tp(
+    tp!("softirq_raise", None, "__raise_softirq_irqoff (NET_RX)", false),
+    tp!(
         "net_dev_xmit",
-        "raw_net_dev_xmit",
         Some(Hook::XmitDone),
         "dev_hard_start_xmit (after loopback_xmit)",
-        true,
+        true
     ),
-    tp(
-        "softirq_entry",
-        "raw_softirq_entry",
-        None,
-        "handle_softirqs -> net_rx_action",
-        false,
-    ),
-    tp(
+    tp!("softirq_entry", None, "handle_softirqs -> net_rx_action", false),
+    tp!(
         "netif_receive_skb",
-        "raw_netif_receive_skb",
         Some(Hook::Receive),
         "process_backlog -> __netif_receive_skb_core",
-        true,
+        true
     ),
     HookPoint {
-        program: "lo_xdp",
-        attach: Attach::XdpLo,
+        name: "lo_xdp",
+        candidates: &[c("lo_xdp", Attach::XdpLo)],
         hook: Some(Hook::Xdp),
         kernel_fn: "do_xdp_generic",
         required: false,
-        fallback: None,
     },
-    HookPoint {
-        program: "lo_tc_ingress",
-        attach: Attach::TcIngressLo,
-        hook: Some(Hook::TcIngress),
-        kernel_fn: "sch_handle_ingress (tcx)",
-        required: false,
-        fallback: None,
-    },
-    tp(
+    tc_lo(
+        "lo_tc_ingress",
+        Dir::Ingress,
+        Hook::TcIngress,
+        "sch_handle_ingress (tcx or clsact)",
+    ),
+    tp!(
         "sk_data_ready",
-        "raw_sk_data_ready",
         Some(Hook::SockQueue),
         "sock_def_readable (queued to the socket)",
         false,
+        c("fentry_sock_def_readable", Attach::Fentry("sock_def_readable")),
+        c("kprobe_sock_def_readable", Attach::Kprobe("sock_def_readable"))
     ),
-    tp(
+    tp!(
         "skb_copy_datagram_iovec",
-        "raw_skb_copy_datagram_iovec",
         Some(Hook::CopyToUser),
         "skb_copy_datagram_iter (recvmsg)",
-        false,
+        false
     ),
-    tp(
+    tp!(
         "sock_recv_length",
-        "raw_sock_recv_length",
         Some(Hook::AppRecv),
         "sock_recvmsg returns (application read)",
-        false,
+        false
     ),
-    tp(
-        "kfree_skb",
-        "raw_kfree_skb",
-        Some(Hook::Free),
-        "kfree_skb_reason (drop)",
-        true,
-    ),
-    tp(
-        "consume_skb",
-        "raw_consume_skb",
+    tp!("kfree_skb", Some(Hook::Free), "kfree_skb_reason (drop)", true),
+    tp!("consume_skb", Some(Hook::Consume), "consume_skb (normal free)", true),
+    func!(
+        "kfree_skb_fn",
+        "__kfree_skb",
         Some(Hook::Consume),
-        "consume_skb (normal free)",
-        true,
+        "__kfree_skb (TCP: pure ACKs, acknowledged segments)"
+    ),
+    func!(
+        "kfree_skb_partial",
+        "kfree_skb_partial",
+        Some(Hook::Consume),
+        "kfree_skb_partial (TCP: coalesced on receive)"
+    ),
+    func!(
+        "skb_defer_free",
+        "skb_attempt_defer_free",
+        Some(Hook::Consume),
+        "skb_attempt_defer_free (TCP: read by the application)"
+    ),
+    func!(
+        "consume_stateless",
+        "__consume_stateless_skb",
+        Some(Hook::Consume),
+        "__consume_stateless_skb (UDP: read by the application)"
     ),
 ];
 
@@ -208,23 +269,48 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_stage_hook_is_served_exactly_once() {
+    fn every_stage_hook_is_served_and_names_are_unique() {
         for h in Hook::ALL {
             if h == Hook::LeftNetns {
                 continue; // a by-product of netif_receive_skb, not a hook point of its own
             }
             let n = PLAN.iter().filter(|p| p.hook == Some(h)).count();
-            let expect = if h == Hook::Route { 2 } else { 1 };
+            let expect = match h {
+                Hook::Route | Hook::SockSend => 2, // IPv4 and IPv6
+                Hook::Consume => 5,                // consume_skb and four untraced free functions
+                _ => 1,
+            };
             assert_eq!(n, expect, "{h:?}");
         }
-        let mut names: Vec<_> = PLAN.iter().map(|p| p.program).collect();
+        let mut names: Vec<_> = PLAN.iter().map(|p| p.name).collect();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), PLAN.len(), "program names are unique");
+        assert_eq!(names.len(), PLAN.len(), "hook point names are unique");
         for hp in PLAN {
-            if let (Attach::TpBtf(tp), Some(raw)) = (hp.attach, hp.fallback) {
-                assert_eq!(raw, format!("raw_{tp}"), "fallback twin of {tp}");
+            assert!(
+                hp.candidates[0].program.ends_with(hp.name),
+                "a hook point is named by its first candidate: {}",
+                hp.name
+            );
+            if let Attach::TpBtf(tp) = hp.candidates[0].attach {
+                assert_eq!(hp.candidates[1].attach, Attach::RawTp(tp), "raw twin of {tp}");
+                assert_eq!(hp.candidates[1].program, format!("raw_{tp}"), "raw twin of {tp}");
             }
+            // fentry before kprobe, tp_btf before raw: the cheaper one first.
+            let rank = |a: &Attach| match a {
+                Attach::TpBtf(_) => 0,
+                Attach::RawTp(_) => 1,
+                Attach::Fentry(_) => 2,
+                Attach::Kprobe(_) => 3,
+                _ => 0,
+            };
+            assert!(
+                hp.candidates
+                    .windows(2)
+                    .all(|w| rank(&w[0].attach) <= rank(&w[1].attach)),
+                "{}",
+                hp.name
+            );
         }
     }
 }

@@ -8,7 +8,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePoint, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType, Xdp, XdpMode, tc::TcAttachOptions,
+        BtfTracePoint, FEntry, KProbe, LinkOrder, RawTracePoint, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        tc::TcAttachOptions,
     },
 };
 use loopback_common::{DEFAULT_RING_BYTES, KernelOffsets, LOOPBACK_IFINDEX, counter};
@@ -17,7 +18,7 @@ use serde::Serialize;
 use super::{
     btf::{KernelBtf, short_drop_reason},
     object,
-    probes::{Attach, HookPoint, PLAN},
+    probes::{Attach, Candidate, Dir, HookPoint, PLAN},
 };
 use crate::bpf::classic_tc::ClassicTc;
 use crate::netns::Netns;
@@ -44,6 +45,8 @@ pub struct SessionOptions {
     pub kernel_cost: bool,
     /// Packet bytes to capture on lo (tc egress); 0 or up to `HDR_CAP`: the header capture only.
     pub snaplen: u32,
+    /// Open even when a required hook cannot attach (`doctor`, which reports the whole plan).
+    pub keep_going: bool,
 }
 
 impl SessionOptions {
@@ -62,6 +65,7 @@ impl SessionOptions {
             raw_tp: false,
             kernel_cost: false,
             snaplen: 0,
+            keep_going: false,
         }
     }
 }
@@ -85,17 +89,34 @@ pub fn lo_xdp(netns: &Netns) -> Option<String> {
 /// What happened to one hook point.
 #[derive(Clone, Debug, Serialize)]
 pub struct AttachOutcome {
+    /// The hook point's name ([`HookPoint::name`]).
     pub program: &'static str,
+    /// The stage it serves (`None`: per-CPU softirq state).
+    pub stage: Option<&'static str>,
+    /// Attach kind of the candidate used (of the last one tried, when none attached).
     pub kind: &'static str,
     pub target: String,
     pub attached: bool,
-    /// The program actually attached (the raw tracepoint twin after a fallback).
+    pub required: bool,
+    /// The program actually attached (e.g. the raw tracepoint twin after a fallback).
     pub used: &'static str,
-    /// Why the preferred attach type was not used, when a fallback was.
+    /// Why the preferred candidates were not used, when a later one was (one line).
     pub fallback_reason: Option<String>,
+    /// Every candidate tried before the one used (or all of them, when none attached), with why
+    /// the kernel refused it.
+    pub refused: Vec<Refusal>,
     /// False for hooks left out on purpose (XDP without `--xdp`): not a failure.
     pub requested: bool,
     pub error: Option<String>,
+}
+
+/// One candidate the kernel refused.
+#[derive(Clone, Debug, Serialize)]
+pub struct Refusal {
+    pub kind: &'static str,
+    pub program: &'static str,
+    pub target: String,
+    pub reason: String,
 }
 
 /// Kernel-side loss counters, summed over CPUs.
@@ -305,81 +326,22 @@ impl Session {
             .map_max_entries("EVENTS", opts.ring_bytes)
             .load(obj)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", explain(&e, "load")))?;
-        let mut outcomes = Vec::new();
         // Classic tc filters a killed lotrace left behind go first (they are not fd-owned).
         let notes = crate::bpf::classic_tc::remove_leftovers();
         let mut classic_tc = ClassicTc::new(&opts.netns);
-        // Fault injection (README, Tests): LOTRACE_FAULT=refuse-hook:PROGRAM makes that hook fail
-        // as on a kernel without it, to test how lotrace degrades.
-        let refused = crate::fault::refused_hook();
-        for hp in PLAN {
-            let skipped = |requested: bool, why: String| AttachOutcome {
-                program: hp.program,
-                kind: hp.attach.kind(),
-                target: hp.attach.target(),
-                attached: false,
-                used: hp.program,
-                fallback_reason: None,
-                requested,
-                error: Some(why),
-            };
-            if hp.attach == Attach::XdpLo && !opts.xdp {
-                outcomes.push(skipped(
-                    false,
-                    "not requested (--xdp): generic XDP would make the kernel copy every lo packet".into(),
-                ));
-                continue;
-            }
-            if hp.attach == Attach::XdpLo
-                && let Some(x) = lo_xdp(&opts.netns)
-            {
-                // Never replace someone else's program: XDP on a device is exclusive.
-                outcomes.push(skipped(true, format!("{x}: left in place; ingress bytes come from tc")));
-                continue;
-            }
-            // Fallback chain: tp_btf, then the raw tracepoint twin.
-            let (mut kind, mut used) = (hp.attach.kind(), hp.program);
-            let mut fallback_reason = None;
-            let refuse = refused == Some(hp.program);
-            const REFUSED: &str = "refused (LOTRACE_FAULT: simulating a kernel without this hook)";
-            let first = if refuse {
-                Err(REFUSED.to_string())
-            } else if opts.raw_tp && hp.fallback.is_some() {
-                Err("raw tracepoints requested (--raw-tp)".to_string())
-            } else {
-                attach_one(&mut ebpf, hp, &btf, &opts.netns).map_err(|e| explain(e.as_ref(), hp.attach.kind()))
-            };
-            let res = match (first, hp.fallback, hp.attach) {
-                (Err(why), Some(_), Attach::TpBtf(_)) if refuse => Err(why),
-                // No tcx (before 6.6): a clsact qdisc and a direct-action filter.
-                (Err(why), None, Attach::TcEgressLo | Attach::TcIngressLo) if !refuse => {
-                    kind = "tc (classic)";
-                    fallback_reason = Some(why);
-                    attach_classic(&mut ebpf, hp, &mut classic_tc).map_err(|e| one_line(&format!("{e:#}")))
-                }
-                (Err(why), Some(raw), Attach::TpBtf(tp)) => {
-                    (kind, used) = ("raw_tracepoint", raw);
-                    fallback_reason = Some(why);
-                    attach_raw(&mut ebpf, raw, tp).map_err(|e| explain(e.as_ref(), "raw_tracepoint"))
-                }
-                (r, _, _) => r,
-            };
-            let error = res.err();
-            if let Some(err) = &error
-                && hp.required
-            {
-                bail!("cannot attach {} ({}): {err}", hp.program, hp.attach.target());
-            }
-            outcomes.push(AttachOutcome {
-                program: hp.program,
-                kind,
-                target: hp.attach.target(),
-                attached: error.is_none(),
-                used,
-                fallback_reason,
-                requested: true,
-                error,
-            });
+        let outcomes: Vec<AttachOutcome> = PLAN
+            .iter()
+            .map(|hp| attach_point(&mut ebpf, hp, opts, &btf, &mut classic_tc))
+            .collect();
+        if !opts.keep_going
+            && let Some(o) = outcomes.iter().find(|o| o.required && !o.attached)
+        {
+            bail!(
+                "cannot attach {} ({}): {}",
+                o.program,
+                o.target,
+                o.error.as_deref().unwrap_or("refused")
+            );
         }
         // The receive hook stages the lo receive chain into one record only while our tc ingress
         // program is there to close it.
@@ -471,6 +433,24 @@ impl Session {
     }
 }
 
+/// The hooks that could not attach, on one line: `name (why)`, hooks refused for the same
+/// reason grouped (`a, b (why)`), e.g. every fentry/kprobe hook on a kernel with neither.
+pub fn describe_missing(outcomes: &[AttachOutcome]) -> String {
+    let mut groups: Vec<(Vec<&str>, &str)> = Vec::new();
+    for o in outcomes.iter().filter(|o| o.requested && !o.attached) {
+        let why = o.error.as_deref().unwrap_or("?");
+        match groups.iter_mut().find(|(_, w)| *w == why) {
+            Some((names, _)) => names.push(o.program),
+            None => groups.push((vec![o.program], why)),
+        }
+    }
+    groups
+        .iter()
+        .map(|(names, why)| format!("{} ({why})", names.join(", ")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// sendto, sendmsg, sendmmsg on the host architecture (unused slots: u64::MAX).
 pub fn send_syscalls() -> [u64; loopback_common::SEND_SYSCALL_SLOTS] {
     let mut nrs = [u64::MAX; loopback_common::SEND_SYSCALL_SLOTS];
@@ -483,72 +463,166 @@ pub fn send_syscalls() -> [u64; loopback_common::SEND_SYSCALL_SLOTS] {
 
 type DynErr = Box<dyn std::error::Error + Send + Sync + 'static>;
 
-fn attach_raw(ebpf: &mut Ebpf, program: &str, tp: &str) -> Result<(), DynErr> {
-    let prog = ebpf
-        .program_mut(program)
-        .ok_or_else(|| format!("program {program} missing from the eBPF object"))?;
-    let p: &mut RawTracePoint = prog.try_into()?;
-    p.load()?;
-    p.attach(tp)?;
-    Ok(())
-}
-
-/// The `lo` tc program of `hp` as a classic filter (the program may already be loaded by the
-/// tcx attempt).
-fn attach_classic(ebpf: &mut Ebpf, hp: &HookPoint, classic: &mut ClassicTc) -> Result<()> {
-    let prog = ebpf
-        .program_mut(hp.program)
-        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", hp.program))?;
-    let p: &mut SchedClassifier = prog.try_into()?;
-    if p.fd().is_err() {
-        p.load()?;
-    }
-    classic.attach(p, tc_dir(hp.attach))
-}
-
-fn tc_dir(a: Attach) -> TcAttachType {
-    if a == Attach::TcEgressLo {
-        TcAttachType::Egress
-    } else {
-        TcAttachType::Ingress
-    }
-}
-
-fn attach_one(ebpf: &mut Ebpf, hp: &HookPoint, btf: &aya::Btf, netns: &Netns) -> Result<(), DynErr> {
-    let prog = ebpf
-        .program_mut(hp.program)
-        .ok_or_else(|| format!("program {} missing from the eBPF object", hp.program))?;
-    match hp.attach {
-        Attach::TpBtf(tp) => {
-            let p: &mut BtfTracePoint = prog.try_into()?;
-            p.load(tp, btf)?;
-            p.attach()?;
+/// Tries `hp`'s candidates in order until one loads and attaches; records why each earlier one
+/// was refused. Hooks left out on purpose (XDP without `--xdp`, XDP already on `lo`) are not tried.
+fn attach_point(
+    ebpf: &mut Ebpf,
+    hp: &HookPoint,
+    opts: &SessionOptions,
+    btf: &aya::Btf,
+    classic: &mut ClassicTc,
+) -> AttachOutcome {
+    let first = hp.candidates[0];
+    let mut out = AttachOutcome {
+        program: hp.name,
+        stage: hp.hook.map(|h| crate::path::StageKind::of(h).as_str()),
+        kind: first.attach.kind(),
+        target: first.attach.target(),
+        attached: false,
+        required: hp.required,
+        used: first.program,
+        fallback_reason: None,
+        refused: Vec::new(),
+        requested: true,
+        error: None,
+    };
+    if first.attach == Attach::XdpLo {
+        let why = if !opts.xdp {
+            out.requested = false;
+            Some("not requested (--xdp): generic XDP would make the kernel copy every lo packet".to_string())
+        } else {
+            // Never replace someone else's program: XDP on a device is exclusive.
+            lo_xdp(&opts.netns).map(|x| format!("{x}: left in place; ingress bytes come from tc"))
+        };
+        if why.is_some() {
+            out.error = why;
+            return out;
         }
-        Attach::XdpLo => {
-            let p: &mut Xdp = prog.try_into()?;
-            p.load()?;
-            // The link is created in the target namespace, on its lo (ifindex 1 in every netns).
-            netns
-                .run(|| p.attach_to_if_index(LOOPBACK_IFINDEX, XdpMode::Skb).map(|_| ()))
-                .map_err(|e| -> DynErr { e.into() })??;
-        }
-        Attach::TcEgressLo | Attach::TcIngressLo => {
-            let p: &mut SchedClassifier = prog.try_into()?;
-            p.load()?;
-            let dir = tc_dir(hp.attach);
-            if *crate::fault::get() == crate::fault::Fault::NoTcx {
-                return Err("refused (LOTRACE_FAULT=no-tcx: simulating a kernel without tcx)".into());
+    }
+    // Fault injection (README, Tests): LOTRACE_FAULT=refuse-hook:NAME makes every candidate of
+    // that hook fail as on a kernel without it, to test how lotrace degrades.
+    if crate::fault::refused_hook() == Some(hp.name) {
+        out.error = Some("refused (LOTRACE_FAULT: simulating a kernel without this hook)".into());
+        return out;
+    }
+    for cand in hp.candidates {
+        let kind = cand.attach.kind();
+        let res = if opts.raw_tp && matches!(cand.attach, Attach::TpBtf(_)) {
+            Err("raw tracepoints requested (--raw-tp)".to_string())
+        } else {
+            attach_candidate(ebpf, cand, btf, &opts.netns, classic)
+        };
+        (out.kind, out.target, out.used) = (kind, cand.attach.target(), cand.program);
+        match res {
+            Ok(()) => {
+                out.attached = true;
+                if !out.refused.is_empty() {
+                    out.fallback_reason = Some(
+                        out.refused
+                            .iter()
+                            .map(|r| format!("{}: {}", r.kind, r.reason))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    );
+                }
+                return out;
             }
-            // tcx links append after existing programs and never replace them.
-            netns
-                .run(|| {
-                    p.attach_with_options("lo", dir, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                        .map(|_| ())
-                })
-                .map_err(|e| -> DynErr { e.into() })??;
+            Err(reason) => out.refused.push(Refusal {
+                kind,
+                program: cand.program,
+                target: cand.attach.target(),
+                reason,
+            }),
         }
     }
-    Ok(())
+    out.error = Some(match out.refused.as_slice() {
+        [only] => only.reason.clone(),
+        all => all
+            .iter()
+            .map(|r| format!("{}: {}", r.kind, r.reason))
+            .collect::<Vec<_>>()
+            .join("; "),
+    });
+    out
+}
+
+/// Loads (if not yet loaded) and attaches one candidate; the error as one line.
+fn attach_candidate(
+    ebpf: &mut Ebpf,
+    cand: &Candidate,
+    btf: &aya::Btf,
+    netns: &Netns,
+    classic: &mut ClassicTc,
+) -> Result<(), String> {
+    let kind = cand.attach.kind();
+    let Some(prog) = ebpf.program_mut(cand.program) else {
+        return Err(format!("program {} missing from the eBPF object", cand.program));
+    };
+    let r: Result<(), DynErr> = (|| {
+        match cand.attach {
+            Attach::Fentry(f) => {
+                let p: &mut FEntry = prog.try_into()?;
+                p.load(f, btf)?;
+                p.attach()?;
+            }
+            Attach::Kprobe(f) => {
+                let p: &mut KProbe = prog.try_into()?;
+                p.load()?;
+                p.attach(f, 0)?;
+            }
+            Attach::TpBtf(tp) => {
+                let p: &mut BtfTracePoint = prog.try_into()?;
+                p.load(tp, btf)?;
+                p.attach()?;
+            }
+            Attach::RawTp(tp) => {
+                let p: &mut RawTracePoint = prog.try_into()?;
+                p.load()?;
+                p.attach(tp)?;
+            }
+            Attach::XdpLo => {
+                let p: &mut Xdp = prog.try_into()?;
+                p.load()?;
+                // The link is created in the target namespace, on its lo (ifindex 1 in every netns).
+                netns
+                    .run(|| p.attach_to_if_index(LOOPBACK_IFINDEX, XdpMode::Skb).map(|_| ()))
+                    .map_err(|e| -> DynErr { e.into() })??;
+            }
+            Attach::TcxLo(dir) => {
+                let p: &mut SchedClassifier = prog.try_into()?;
+                p.load()?;
+                if *crate::fault::get() == crate::fault::Fault::NoTcx {
+                    return Err("refused (LOTRACE_FAULT=no-tcx: simulating a kernel without tcx)".into());
+                }
+                // tcx links append after existing programs and never replace them.
+                netns
+                    .run(|| {
+                        p.attach_with_options("lo", tc_dir(dir), TcAttachOptions::TcxOrder(LinkOrder::default()))
+                            .map(|_| ())
+                    })
+                    .map_err(|e| -> DynErr { e.into() })??;
+            }
+            Attach::ClassicTcLo(dir) => {
+                // The program may already be loaded by the tcx attempt.
+                let p: &mut SchedClassifier = prog.try_into()?;
+                if p.fd().is_err() {
+                    p.load()?;
+                }
+                classic
+                    .attach(p, tc_dir(dir))
+                    .map_err(|e| -> DynErr { one_line(&format!("{e:#}")).into() })?;
+            }
+        }
+        Ok(())
+    })();
+    r.map_err(|e| explain(e.as_ref(), kind))
+}
+
+fn tc_dir(d: Dir) -> TcAttachType {
+    match d {
+        Dir::Egress => TcAttachType::Egress,
+        Dir::Ingress => TcAttachType::Ingress,
+    }
 }
 
 /// What the programs must know about the running kernel's shape before they are loaded (the

@@ -16,8 +16,10 @@ pub struct Step {
     pub name: &'static str,
     /// Stages (path.rs names) that belong to this step; empty: not observable here.
     pub stages: &'static [StageKind],
-    /// Why it is not observable (when `stages` is empty).
+    /// Why it is not observable (when `stages` is empty, or every hook in `hooks` is missing).
     pub why_not: &'static str,
+    /// Hook points (`probes.rs` names) that alone serve it; when all are missing, it is unseen.
+    pub hooks: &'static [&'static str],
 }
 
 pub const STEPS: &[Step] = &[
@@ -25,51 +27,61 @@ pub const STEPS: &[Step] = &[
         name: "app send",
         stages: &[StageKind::AppSend],
         why_not: "",
+        hooks: &[],
     },
     Step {
         name: "socket send",
-        stages: &[],
-        why_not: "no tracepoint in sock_sendmsg",
+        stages: &[StageKind::SockSend],
+        why_not: "no tracepoint; needs fentry or kprobes",
+        hooks: &["inet_sendmsg", "inet6_sendmsg"],
     },
     Step {
         name: "route",
         stages: &[StageKind::Route],
         why_not: "",
+        hooks: &[],
     },
     Step {
         name: "IP out, dev queue",
         stages: &[StageKind::TcEgress, StageKind::DevQueue],
         why_not: "",
+        hooks: &[],
     },
     Step {
         name: "lo transmit",
         stages: &[StageKind::Xmit, StageKind::XmitDone],
         why_not: "",
+        hooks: &[],
     },
     Step {
         name: "backlog (per CPU)",
         stages: &[StageKind::BacklogEnqueue],
         why_not: "",
+        hooks: &[],
     },
     Step {
         name: "NET_RX softirq",
         stages: &[StageKind::SoftirqRaise, StageKind::SoftirqEntry],
         why_not: "",
+        hooks: &[],
     },
     Step {
         name: "IP receive",
         stages: &[StageKind::Receive, StageKind::TcIngress, StageKind::Xdp],
         why_not: "",
+        hooks: &[],
     },
     Step {
         name: "socket queue",
         stages: &[StageKind::SockQueue, StageKind::CopyToUser],
         why_not: "",
+        hooks: &[],
     },
     Step {
         name: "app recv",
         stages: &[StageKind::AppRecv],
         why_not: "",
+        hooks: &[],
     },
 ];
 
@@ -199,6 +211,18 @@ fn hist() -> Histogram<u64> {
 }
 
 impl App {
+    /// Whether step `s` can show anything here (its hooks attached).
+    pub fn observable(&self, s: &Step) -> bool {
+        !s.stages.is_empty()
+            && (s.hooks.is_empty()
+                || s.hooks.iter().any(|h| {
+                    !self
+                        .missing
+                        .iter()
+                        .any(|m| m == h || m.strip_prefix(h).is_some_and(|r| r.starts_with(' ')))
+                }))
+    }
+
     pub fn new(source: String, missing: Vec<String>) -> Self {
         Self {
             source,
@@ -476,6 +500,21 @@ pub fn flow_key(p: &PacketPath) -> FlowKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn socket_send_is_unseen_only_where_its_hook_is_missing() {
+        let step = STEPS.iter().find(|s| s.name == "socket send").expect("step");
+        assert!(App::new("x".into(), vec![]).observable(step));
+        assert!(!App::new("x".into(), vec!["inet_sendmsg".into(), "inet6_sendmsg".into()]).observable(step));
+        assert!(
+            !App::new(
+                "x".into(),
+                vec!["inet_sendmsg (fentry: EPERM)".into(), "inet6_sendmsg".into()]
+            )
+            .observable(step)
+        );
+        assert!(App::new("x".into(), vec!["inet_sendmsg".into(), "inet6_sendmsg_other".into()]).observable(step));
+    }
     use crate::{
         decode::Decoder,
         fixture,
@@ -483,7 +522,14 @@ mod tests {
     };
 
     pub fn fed(rounds: u64) -> App {
-        let mut app = App::new("fixture".into(), vec!["fib_table_lookup (not attached)".into()]);
+        let mut app = App::new(
+            "fixture".into(),
+            vec![
+                "fib_table_lookup (not attached)".into(),
+                "inet_sendmsg".into(),
+                "inet6_sendmsg".into(),
+            ],
+        );
         let mut d = Decoder::default();
         let mut t = Tracker::new(TrackerConfig::default(), fixture::drop_reasons().into_iter().collect());
         for b in fixture::session(rounds) {

@@ -137,7 +137,7 @@ fn path_view(app: &App, f: &mut Frame, r: Rect) {
     let rows = STEPS.iter().enumerate().map(|(i, s)| {
         let st = &app.steps[i];
         let selected = focused && i == app.path_row;
-        let row = if s.stages.is_empty() {
+        let row = if !app.observable(s) {
             Row::new(vec![
                 Cell::from(format!("{} {}", if i == 0 { " " } else { "↓" }, s.name)),
                 Cell::from("unseen*"),
@@ -183,7 +183,7 @@ fn path_view(app: &App, f: &mut Frame, r: Rect) {
     if legend_y < r.y + r.height.saturating_sub(1) {
         let why = STEPS
             .iter()
-            .filter(|s| s.stages.is_empty())
+            .filter(|s| !app.observable(s))
             .map(|s| format!("{}: {}", s.name, s.why_not))
             .collect::<Vec<_>>()
             .join("; ");
