@@ -15,6 +15,9 @@ pub enum Fault {
     /// `no-tcx`: tcx attachments fail, as on a kernel before 6.6 (the `lo` programs then go
     /// in as classic tc filters).
     NoTcx,
+    /// `no-fentry`: fentry attachments fail, as on a kernel without ftrace trampolines (the
+    /// function hooks then go in as kprobes, where the kernel has them).
+    NoFentry,
     /// `refuse-hook:PROGRAM`: that hook fails to attach, as on a kernel without it.
     RefuseHook(String),
 }
@@ -27,6 +30,7 @@ impl Fault {
             "panic-in-tui" => Fault::PanicInTui,
             "no-btf" => Fault::NoBtf,
             "no-tcx" => Fault::NoTcx,
+            "no-fentry" => Fault::NoFentry,
             _ => match v.strip_prefix("refuse-hook:") {
                 Some(p) => Fault::RefuseHook(p.to_string()),
                 None => Fault::None,
@@ -61,6 +65,7 @@ mod tests {
             Fault::RefuseHook("sk_data_ready".into())
         );
         assert_eq!(Fault::parse("no-btf"), Fault::NoBtf);
+        assert_eq!(Fault::parse("no-fentry"), Fault::NoFentry);
         assert_eq!(Fault::parse("panic-after-attach"), Fault::None);
         assert_eq!(Fault::parse(""), Fault::None);
     }

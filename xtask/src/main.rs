@@ -463,9 +463,15 @@ fn guest_suite(t: &mut Tally, series: &str, bin: &Path) {
         );
         return;
     };
+    // LOTRACE_GUEST_FILTER=NAME runs only the privileged tests whose name contains NAME (for
+    // working on one test; a full `cargo xtask test` never sets it).
+    let filter = std::env::var("LOTRACE_GUEST_FILTER")
+        .ok()
+        .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or_default();
     let payload = format!(
         "#!/bin/sh\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=true\n\
-         echo \"guest kernel $(uname -r)\"\ncd {}\nexec {} --test-threads=1 --color never\n",
+         echo \"guest kernel $(uname -r)\"\ncd {}\nexec {} --test-threads=1 --color never {filter}\n",
         root().join("loopback-user").display(),
         bin.display()
     );

@@ -561,6 +561,9 @@ fn attach_candidate(
     let r: Result<(), DynErr> = (|| {
         match cand.attach {
             Attach::Fentry(f) => {
+                if *crate::fault::get() == crate::fault::Fault::NoFentry {
+                    return Err("refused (LOTRACE_FAULT=no-fentry: simulating a kernel without fentry)".into());
+                }
                 let p: &mut FEntry = prog.try_into()?;
                 p.load(f, btf)?;
                 p.attach()?;
