@@ -254,7 +254,8 @@ pub struct KernelOffsets {
     pub fib6_res_nh: u32,
     /// `struct fib6_table` -> `tb6_id`.
     pub fib6_table_id: u32,
-    pub _pad: u32,
+    /// `struct sk_buff` -> `protocol` (`__be16`, the ethertype).
+    pub skb_protocol: u32,
 }
 
 /// Index of each counter in the per-CPU `COUNTERS` array.

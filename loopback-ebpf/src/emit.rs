@@ -153,6 +153,11 @@ pub fn open_run<M: Mem>(hook: Hook, skb: u64, hit: Hit, hdr_known: bool) {
     if slot.open != 0 {
         send_run(slot);
     }
+    // A new transmit or receive: the segments of an earlier split are all sent by now (they go
+    // out in one loop inside the split skb's `__dev_queue_xmit`).
+    if hook != Hook::Xmit {
+        slot.gso_parent = 0;
+    }
     let task = Task::current(hit.lo);
     let e = &mut slot.rec.head;
     fill_common(e, hook, skb, &task);
@@ -204,6 +209,34 @@ pub fn run_stage<M: Mem>(hook: Hook, hit: Hit, close: bool) {
     slot.rec.tail.n = n as u8 + 1;
     if close {
         send_run(slot);
+    }
+}
+
+/// The skb just split into GSO segments on this CPU, if the last run was its transmit run and
+/// ended with its free (see [`RunSlot::gso_parent`]).
+#[inline(always)]
+pub fn gso_parent() -> u64 {
+    RUN.get(0).map(|s| if s.open == 0 { s.gso_parent } else { 0 }).unwrap_or(0)
+}
+
+/// Closes the open run of `skb` with its free. A transmit run (opened by tc egress or
+/// `net_dev_queue`) whose skb is consumed before `net_dev_start_xmit` was split by
+/// `validate_xmit_skb` (GSO in software: the skb is longer than the device's `gso_max_size`);
+/// the segments that follow are remembered as its pieces.
+#[inline(always)]
+pub fn free_in_run<M: Mem>(hook: Hook, hit: Hit) {
+    let split = hook == Hook::Consume
+        && run_slot().is_some_and(|s| {
+            let head = s.rec.head.hook & !(HOOK_RUN | HOOK_COMM_CACHED);
+            let n = s.rec.tail.n as usize;
+            // Only tc egress / net_dev_queue staged so far: nothing reached the driver.
+            (head == Hook::TcEgress as u8 || head == Hook::DevQueue as u8)
+                && (n == 0 || (n == 1 && s.rec.tail.stages[0].hook == Hook::DevQueue as u8))
+        });
+    let skb = run_skb();
+    run_stage::<M>(hook, hit, true);
+    if split && let Some(slot) = run_slot() {
+        slot.gso_parent = skb;
     }
 }
 

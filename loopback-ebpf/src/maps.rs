@@ -50,6 +50,10 @@ pub struct RunSlot {
     pub last: u64,
     /// The open run's packet bytes were captured by an earlier record: its hooks capture none.
     pub hdr_known: u64,
+    /// The skb that `validate_xmit_skb` just split into GSO segments on this CPU (consumed
+    /// inside its own transmit run): the segments that reach `net_dev_start_xmit` next are its
+    /// pieces. Cleared when the next run opens.
+    pub gso_parent: u64,
     pub rec: RunRecord,
 }
 
@@ -91,7 +95,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     nhc_dev: 0,
     fib6_res_nh: 0,
     fib6_table_id: 0,
-    _pad: 0,
+    skb_protocol: 0,
 };
 
 /// How many arguments the running kernel's `consume_skb` and `kfree_skb` tracepoints have, from

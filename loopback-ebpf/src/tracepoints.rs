@@ -9,13 +9,18 @@ use loopback_common::{Hook, LOOPBACK_IFINDEX, NAME_LEN, NET_RX_SOFTIRQ, hdr_kind
 
 use crate::{
     emit::{
-        Hit, emit, emit_hit, last_run_skb, network_header, open_run, run_skb, run_stage, set_dev, skb_data, skb_len,
+        Hit, emit, emit_hit, free_in_run, gso_parent, last_run_skb, network_header, open_run, run_skb, run_stage,
+        set_dev, skb_data, skb_len,
     },
     kernel::{
         Mem, dev_in_scope, ensure_tracked, net_in_scope, off, read, skb_dev, task_in_scope, track, tracked, untrack,
     },
     maps::{CONSUME_SKB_ARGS, KFREE_SKB_ARGS, LO_INGRESS, RX_SKB, SEND_SYSCALLS, SOFTIRQ},
 };
+
+/// `skb->protocol` of IPv4 / IPv6 as a little-endian load of the big-endian field reads it.
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
 
 /// Whether `dev` is its namespace's loopback device.
 #[inline(always)]
@@ -124,9 +129,28 @@ twin!(
 #[inline(always)]
 fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
+    let dev: u64 = ctx.arg(1);
+    // A GSO segment of the skb split just before on this CPU (`validate_xmit_skb`): a new skb,
+    // first seen here. Its own run, its own bytes, the split skb's address in `arg1`. Checked
+    // before the scope: a segment may be allocated at the address of an skb whose free fired
+    // no tracepoint and is still in scope.
+    let parent = if run_skb() == skb { 0 } else { gso_parent() };
+    if parent != 0 && is_lo::<A>(dev) {
+        ensure_tracked(skb);
+        let hit = Hit {
+            len: skb_len::<A>(skb),
+            dev,
+            arg1: parent,
+            cap_kind: hdr_kind::L3,
+            cap_src: network_header::<A>(skb),
+            ..Hit::default()
+        };
+        open_run::<A>(Hook::Xmit, skb, hit, false);
+        return 0;
+    }
     tx_hook::<A>(Hook::Xmit, skb, false, || Hit {
         len: skb_len::<A>(skb),
-        dev: ctx.arg(1),
+        dev,
         ..Hit::default()
     });
     0
@@ -252,7 +276,10 @@ fn skb_copy_datagram_iovec_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
     let fresh = !tracked(skb);
     if fresh {
-        if !task_in_scope::<A>() {
+        // A copy seen first here (a raw socket's clone) is one of ours only if it is an IP
+        // packet: netlink, packet sockets and others copy datagrams through here too.
+        let proto = read::<A, u16>(skb, off!(skb_protocol)).unwrap_or(0);
+        if (proto != ETH_P_IP_BE && proto != ETH_P_IPV6_BE) || !task_in_scope::<A>() {
             return 0;
         }
         track(skb);
@@ -321,7 +348,7 @@ fn consume_skb_body<A: Args>(ctx: &A) -> i32 {
 pub fn freed<A: Args>(hook: Hook, skb: u64, hit: Hit) {
     if run_skb() == skb {
         untrack(skb);
-        run_stage::<A>(hook, hit, true);
+        free_in_run::<A>(hook, hit);
         return;
     }
     if !tracked(skb) {

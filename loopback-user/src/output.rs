@@ -587,6 +587,7 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
             "events_received": sum.received,
             "unnamed_events": sum.unnamed,
             "unlinked_lo_events": stats.unlinked_lo_events,
+            "gso_splits": stats.gso_splits,
             "expired": stats.expired,
             "in_flight_at_end": stats.in_flight_at_end,
             "softirq_context": stats.by_context,
@@ -631,7 +632,7 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     );
     let _ = writeln!(
         s,
-        "    events: {} emitted, {} received | lost events: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | expired: {} | in flight at end: {}",
+        "    events: {} emitted, {} received | lost events: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | expired: {} | in flight at end: {}",
         sum.kernel.emitted,
         sum.received,
         sum.kernel.ring_lost,
@@ -639,6 +640,7 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
         sum.kernel.read_failed,
         sum.undecodable,
         stats.unlinked_lo_events,
+        stats.gso_splits,
         stats.expired,
         stats.in_flight_at_end
     );

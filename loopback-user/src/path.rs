@@ -26,6 +26,9 @@ pub enum StageKind {
     Route,
     TcEgress,
     DevQueue,
+    /// `validate_xmit_skb` split the skb into GSO segments (its free, inside `__dev_queue_xmit`):
+    /// each segment is its own lo crossing, whose path goes on from here.
+    GsoSegment,
     Xmit,
     BacklogEnqueue,
     SoftirqRaise,
@@ -74,6 +77,7 @@ impl StageKind {
             Self::Route => "route",
             Self::TcEgress => "tc_egress",
             Self::DevQueue => "dev_queue",
+            Self::GsoSegment => "gso_segment",
             Self::Xmit => "xmit",
             Self::BacklogEnqueue => "backlog_enqueue",
             Self::SoftirqRaise => "softirq_raise",
@@ -259,6 +263,8 @@ pub struct Stats {
     pub drops: BTreeMap<String, u64>,
     /// Events of the `lo` programs that could not be linked to an skb.
     pub unlinked_lo_events: u64,
+    /// skbs split into GSO segments before `lo` (each segment is a packet of its own).
+    pub gso_splits: u64,
     /// Per stage: latency from the previous stage, in ns.
     pub stage_latency: BTreeMap<StageKind, Histogram<u64>>,
     pub by_context: BTreeMap<&'static str, u64>,
@@ -314,6 +320,9 @@ pub struct Tracker {
     awaiting_clone: VecDeque<PacketPath>,
     /// Per socket: UDP packets queued to it, oldest first (matched to the application's reads).
     sock_queues: FxHashMap<u64, VecDeque<u64>>,
+    /// Per CPU: the skb just split into GSO segments there (address, path so far, segments
+    /// seen). Its segments follow on the same CPU, inside the same `__dev_queue_xmit`.
+    gso_parents: FxHashMap<u32, (u64, Box<PacketPath>, u32)>,
     drop_names: HashMap<u64, String>,
     pub stats: Stats,
 }
@@ -355,6 +364,7 @@ impl Tracker {
             tcp_unacked: FxHashMap::default(),
             awaiting_clone: VecDeque::new(),
             sock_queues: FxHashMap::default(),
+            gso_parents: FxHashMap::default(),
             drop_names,
             stats: Stats::default(),
         }
@@ -430,6 +440,15 @@ impl Tracker {
             }
             self.sock_queues.entry(e.arg0).or_default().push_back(e.skb);
         }
+        // A GSO segment (the head of its own transmit run, the split skb in `arg1`) is a new
+        // skb: whatever was open at its address ended unseen (its free fired no tracepoint).
+        let segment_of = (e.hook == Hook::Xmit && e.arg1 != 0).then_some(e.arg1);
+        if segment_of.is_some()
+            && let Some(old) = self.inflight.remove(&e.skb)
+        {
+            let v = self.idle_verdict(&old);
+            self.finish(*old, v, &mut done);
+        }
         // A new transmit on an address whose previous packet got no free tracepoint (TCP
         // paths) ends that packet: the address was reused.
         if matches!(e.hook, Hook::TcEgress | Hook::DevQueue)
@@ -441,6 +460,19 @@ impl Tracker {
         }
         let mut p = match self.inflight.remove(&e.skb) {
             Some(p) => p,
+            None if segment_of.is_some() => {
+                let mut p = Box::new(self.new_packet(&e));
+                // Its path so far is the split skb's (send, route, tc egress, dev queue, split).
+                if let Some((parent, pp, n)) = self.gso_parents.get_mut(&e.cpu)
+                    && Some(*parent) == segment_of
+                {
+                    *n += 1;
+                    p.stages.extend(pp.stages.iter().cloned());
+                    p.route = pp.route.clone();
+                    p.tx_dev = pp.tx_dev;
+                }
+                p
+            }
             None => {
                 let mut p = Box::new(self.new_packet(&e));
                 // The send syscall this thread entered just before: the start of the path.
@@ -498,6 +530,23 @@ impl Tracker {
         }
         p.stages.push(Stage::of(&e, dev));
         match e.hook {
+            // Freed inside its own transmit, after the device queue and before the driver: split
+            // into GSO segments, which follow. Held (per CPU) to start their paths.
+            Hook::Consume
+                if p.tx_dev.as_deref() == Some("lo")
+                    && p.has(StageKind::DevQueue)
+                    && !p.has(StageKind::Xmit)
+                    && !p.has(StageKind::Receive) =>
+            {
+                if let Some(last) = p.stages.last_mut() {
+                    last.stage = StageKind::GsoSegment;
+                }
+                match self.gso_parents.insert(e.cpu, (e.skb, p, 0)) {
+                    Some((_, old, 0)) => self.unsplit(*old, &mut done),
+                    Some(_) => self.stats.gso_splits += 1,
+                    None => {}
+                }
+            }
             Hook::Consume => self.finish(*p, Verdict::Consumed, &mut done),
             Hook::LeftNetns => self.finish(*p, Verdict::LeftNetns, &mut done),
             Hook::Free => {
@@ -612,6 +661,13 @@ impl Tracker {
     /// Finishes packets idle for longer than the configured time at event-clock `now`.
     pub fn expire(&mut self, now: u64) -> Vec<PacketPath> {
         let mut done = Vec::new();
+        if self
+            .gso_parents
+            .values()
+            .any(|(_, p, _)| now.saturating_sub(p.last_ts()) > self.cfg.max_idle_ns)
+        {
+            self.release_gso_parents(&mut done);
+        }
         self.release_clone_waiters(now, &mut done);
         let stale: Vec<u64> = self
             .inflight
@@ -633,9 +689,33 @@ impl Tracker {
         done
     }
 
+    /// A held GSO parent none of whose segments showed up (their hooks missing, or lost):
+    /// printed as what was seen of it, a consumed skb.
+    fn unsplit(&mut self, mut p: PacketPath, done: &mut Vec<PacketPath>) {
+        if let Some(last) = p.stages.last_mut() {
+            last.stage = StageKind::Consume;
+        }
+        self.finish(p, Verdict::Consumed, done);
+    }
+
+    /// Drops the held GSO parents: those with segments are accounted as splits, the others
+    /// printed as they are.
+    fn release_gso_parents(&mut self, done: &mut Vec<PacketPath>) {
+        let mut held: Vec<_> = self.gso_parents.drain().map(|(_, v)| v).collect();
+        held.sort_by_key(|(_, p, _)| p.id);
+        for (_, p, n) in held {
+            if n == 0 {
+                self.unsplit(*p, done);
+            } else {
+                self.stats.gso_splits += 1;
+            }
+        }
+    }
+
     /// Ends the session: everything still held is finished (in flight / awaiting clones).
     pub fn flush(&mut self) -> Vec<PacketPath> {
         let mut done = Vec::new();
+        self.release_gso_parents(&mut done);
         while let Some(p) = self.awaiting_clone.pop_front() {
             self.finish(p, Verdict::Dropped, &mut done);
         }
@@ -932,6 +1012,59 @@ pub(crate) mod tests {
         }
         out.extend(t.flush());
         (out, t.stats)
+    }
+
+    #[test]
+    fn an_skb_split_into_gso_segments_gives_one_record_per_segment() {
+        let mut s = Seq::new();
+        let big = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, 1);
+        // An older packet at 0xc0 whose free fired no tracepoint: still open there.
+        s.lo_path(0xc0, 9, "other", icmp_info("127.0.0.1", "127.0.0.1", 8, 9, 9), false);
+        s.ev(Hook::AppSend, 0, 7, "app", "", None, 44, 0);
+        s.ev(Hook::TcEgress, 0xa0, 7, "app", "lo", Some(big.clone()), 0, 0);
+        s.ev(Hook::DevQueue, 0xa0, 7, "app", "lo", None, 0, 0);
+        // validate_xmit_skb: segmented, the original consumed before the driver.
+        s.ev(Hook::Consume, 0xa0, 7, "app", "", None, 0, 0);
+        for (seg, n) in [(0xb0, 1u16), (0xc0, 2)] {
+            let info = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, n);
+            s.ev(Hook::Xmit, seg, 7, "app", "lo", Some(info.clone()), 0, 0xa0);
+            s.ev(Hook::BacklogEnqueue, seg, 7, "app", "", None, 0, 0);
+            s.ev(Hook::XmitDone, seg, 7, "app", "lo", None, 0, 0);
+            s.ev(Hook::Receive, seg, 7, "app", "lo", Some(info), 0, 0);
+            s.ev(Hook::TcIngress, seg, 7, "app", "lo", None, 0, 0);
+            s.ev(Hook::Consume, seg, 7, "app", "", None, 0, 0);
+        }
+        let (ps, stats) = run(s.events);
+        // The old packet at 0xc0 ends where the segment at its address starts; the split skb
+        // is no record of its own: the two segments are.
+        assert_eq!(ps.len(), 3, "{ps:#?}");
+        let id = |p: &PacketPath| p.info.as_ref().and_then(|i| i.icmp).map(|i| i.id);
+        assert_eq!(ps.iter().filter(|p| id(p) == Some(9)).count(), 1, "the old packet");
+        assert_eq!(stats.gso_splits, 1);
+        assert_eq!(stats.packets, 3);
+        let segs: Vec<&PacketPath> = ps.iter().filter(|p| id(p) == Some(1)).collect();
+        assert_eq!(segs.len(), 2);
+        for (p, n) in segs.into_iter().zip([1u16, 2]) {
+            let kinds: Vec<_> = p.stages.iter().map(|s| s.stage).collect();
+            assert_eq!(
+                kinds[..5],
+                [
+                    StageKind::AppSend,
+                    StageKind::TcEgress,
+                    StageKind::DevQueue,
+                    StageKind::GsoSegment,
+                    StageKind::Xmit
+                ]
+            );
+            assert_eq!(kinds.iter().filter(|k| **k == StageKind::Xmit).count(), 1);
+            assert_eq!(
+                p.info.as_ref().and_then(|i| i.icmp).map(|i| i.seq),
+                Some(n),
+                "own headers"
+            );
+            assert!(p.complete);
+            assert_eq!(p.verdict, Verdict::Consumed);
+        }
     }
 
     #[test]

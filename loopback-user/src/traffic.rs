@@ -249,6 +249,88 @@ pub fn tcp_exchange(addr: IpAddr, payload: &[u8]) -> Result<(u16, u16)> {
     Ok((client_port, server_addr.port()))
 }
 
+/// Waits until `c` has finished its close handshake (see [`tcp_exchange`]).
+fn wait_closed(c: &TcpStream) -> Result<()> {
+    let start = Instant::now();
+    while tcp_state(c)? != TCP_CLOSE {
+        if start.elapsed() > Duration::from_secs(5) {
+            bail!("TCP close handshake did not finish within 5 s");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(())
+}
+
+/// Bulk TCP on `addr`: `writes` application writes of `size` bytes each (hundreds of KB per
+/// `send`, so the stack builds maximum-size segments), read by the server until the close.
+/// Returns the bytes the server received.
+pub fn tcp_bulk(addr: IpAddr, writes: usize, size: usize) -> Result<u64> {
+    let listener = TcpListener::bind(SocketAddr::new(addr, 0))?;
+    let server_addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> Result<u64> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        loop {
+            match s.read(&mut buf)? {
+                0 => return Ok(got),
+                n => got += n as u64,
+            }
+        }
+    });
+    let mut c = TcpStream::connect_timeout(&server_addr, Duration::from_secs(2))?;
+    let chunk = vec![0x5au8; size];
+    for _ in 0..writes {
+        c.write_all(&chunk)?;
+    }
+    c.shutdown(std::net::Shutdown::Write)?;
+    let got = server.join().map_err(|_| anyhow!("TCP server thread panicked"))??;
+    wait_closed(&c)?;
+    Ok(got)
+}
+
+/// `n` HTTP/1.0 downloads of `size` bytes from a local server on `addr`, one connection each
+/// (the client sends a request, reads the response to the end, and its pure ACKs go back).
+pub fn http_downloads(addr: IpAddr, n: usize, size: usize) -> Result<u64> {
+    let listener = TcpListener::bind(SocketAddr::new(addr, 0))?;
+    let server_addr = listener.local_addr()?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        let body = vec![b'x'; size];
+        for _ in 0..n {
+            let (mut s, _) = listener.accept()?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut req = [0u8; 1024];
+            let mut len = 0;
+            while !req[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut req[len..])? {
+                    0 => bail!("client closed before its request ended"),
+                    k => len += k,
+                }
+                if len == req.len() {
+                    bail!("request too long");
+                }
+            }
+            write!(s, "HTTP/1.0 200 OK\r\nContent-Length: {size}\r\n\r\n")?;
+            s.write_all(&body)?;
+        }
+        Ok(())
+    });
+    let mut total = 0u64;
+    for _ in 0..n {
+        let mut c = TcpStream::connect_timeout(&server_addr, Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        c.write_all(b"GET / HTTP/1.0\r\nHost: local\r\n\r\n")?;
+        let mut resp = Vec::new();
+        c.read_to_end(&mut resp)?;
+        total += resp.len() as u64;
+        c.shutdown(std::net::Shutdown::Write)?;
+        wait_closed(&c)?;
+    }
+    server.join().map_err(|_| anyhow!("HTTP server thread panicked"))??;
+    Ok(total)
+}
+
 /// `TCP_CLOSE` of the kernel's `include/net/tcp_states.h`.
 const TCP_CLOSE: u8 = 7;
 

@@ -1780,3 +1780,178 @@ fn without_tcx_lo_programs_are_classic_filters_and_leave_nothing() {
     );
     assert!(our_programs_loaded().is_empty(), "programs left behind");
 }
+
+/// One TCP segment as it crossed `lo`: addresses, ports, sequence, acknowledgement, flags.
+type Segment = (String, u16, String, u16, u32, u32, u8);
+
+/// The TCP segments of a pcap written by tcpdump (Ethernet link type, as on `lo`). The classic
+/// pcap format is read directly (24-byte file header, 16-byte record headers): pcap-file refuses
+/// records whose original length exceeds the snap length, which is every large segment here.
+fn pcap_segments(path: &std::path::Path) -> Vec<Segment> {
+    let bytes = std::fs::read(path).expect("tcpdump's capture");
+    assert_eq!(bytes.get(..4), Some(&0xa1b2c3d4u32.to_le_bytes()[..]), "pcap magic");
+    let mut out = Vec::new();
+    let mut at = 24;
+    while at + 16 <= bytes.len() {
+        let incl = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+        let data = &bytes[at + 16..(at + 16 + incl).min(bytes.len())];
+        at += 16 + incl;
+        let p = etherparse::LaxSlicedPacket::from_ethernet(data).expect("ethernet");
+        let (src, dst) = match &p.net {
+            Some(etherparse::LaxNetSlice::Ipv4(ip)) => (
+                ip.header().source_addr().to_string(),
+                ip.header().destination_addr().to_string(),
+            ),
+            Some(etherparse::LaxNetSlice::Ipv6(ip)) => (
+                ip.header().source_addr().to_string(),
+                ip.header().destination_addr().to_string(),
+            ),
+            _ => continue,
+        };
+        if let Some(etherparse::TransportSlice::Tcp(t)) = &p.transport {
+            let flags = (t.fin() as u8)
+                | (t.syn() as u8) << 1
+                | (t.rst() as u8) << 2
+                | (t.psh() as u8) << 3
+                | (t.ack() as u8) << 4
+                | (t.urg() as u8) << 5
+                | (t.ece() as u8) << 6
+                | (t.cwr() as u8) << 7;
+            out.push((
+                src,
+                t.source_port(),
+                dst,
+                t.destination_port(),
+                t.sequence_number(),
+                t.acknowledgment_number(),
+                flags,
+            ));
+        }
+    }
+    out
+}
+
+/// Runs `workload` in the sandbox under lotrace and tcpdump at once, then checks lotrace's
+/// records against both: exactly one record per `lo` crossing (the kernel's tx counter), each
+/// with one transmit, and its TCP headers those of a segment tcpdump saw (one to one).
+fn exact_against_tcpdump(name: &str, sb: &Sandbox, workload: impl FnOnce() + Send) {
+    let dir = std::env::temp_dir().join(format!("lotrace-exact-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let pcap = dir.join("lo.pcap");
+    let t = start(sb, &[]);
+    let mut td = Command::new("ip")
+        .args(["netns", "exec", &sb.name, tools::require("tcpdump")])
+        .args(["--immediate-mode", "-U", "-i", "lo", "-s", "128", "-w"])
+        .arg(&pcap)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump");
+    let mut td_err = BufReader::new(td.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.contains("listening on") {
+        line.clear();
+        assert!(
+            td_err.read_line(&mut line).expect("tcpdump stderr") > 0,
+            "tcpdump did not start"
+        );
+    }
+    let before = lo_tx_packets(sb);
+    sb.netns.run(workload).expect("netns");
+    let after = lo_tx_packets(sb);
+    unsafe { libc::kill(td.id() as i32, libc::SIGINT) };
+    assert!(td.wait().expect("tcpdump").success());
+    let mut td_text = String::new();
+    td_err.read_to_string(&mut td_text).expect("tcpdump stderr");
+    assert!(
+        td_text.lines().any(|l| l.trim() == "0 packets dropped by kernel"),
+        "{name}: tcpdump dropped packets: {td_text}"
+    );
+    let (ps, summary) = stop(t);
+    let s = &summary["summary"];
+    // Every crossing is one record: the count is the kernel's, nothing lost or expired.
+    assert_eq!(
+        (s["lost_events"].as_u64(), s["expired"].as_u64()),
+        (Some(0), Some(0)),
+        "{name}: {s}"
+    );
+    assert_eq!(
+        s["packets"].as_u64(),
+        Some(after - before),
+        "{name}: packets vs lo tx counter: {s}"
+    );
+    assert_eq!(ps.len() as u64, after - before, "{name}: records printed");
+    for p in &ps {
+        let xmits = stages(p).iter().filter(|s| **s == "xmit").count();
+        assert_eq!(xmits, 1, "{name}: one transmit on lo per record: {p}");
+        assert_eq!(p["complete"], true, "{name}: {p}");
+    }
+    // The headers are each skb's own: the same segments as on the wire, one to one.
+    let mut mine: Vec<Segment> = ps
+        .iter()
+        .filter(|p| p["proto"] == "tcp")
+        .map(|p| {
+            let tcp = &p["tcp"];
+            (
+                p["src"].as_str().expect("src").to_string(),
+                p["sport"].as_u64().expect("sport") as u16,
+                p["dst"].as_str().expect("dst").to_string(),
+                p["dport"].as_u64().expect("dport") as u16,
+                tcp["seq"].as_u64().expect("seq") as u32,
+                tcp["ack"].as_u64().expect("ack") as u32,
+                tcp["flags"].as_u64().expect("flags") as u8,
+            )
+        })
+        .collect();
+    let mut wire = pcap_segments(&pcap);
+    mine.sort();
+    wire.sort();
+    assert_eq!(mine.len(), wire.len(), "{name}: TCP records vs tcpdump");
+    let differ: Vec<_> = mine.iter().zip(&wire).filter(|(a, b)| a != b).take(3).collect();
+    assert!(differ.is_empty(), "{name}: lotrace vs tcpdump: {differ:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bulk_tcp_is_one_record_per_lo_crossing_exactly_as_tcpdump_sees_it() {
+    if !privileged() {
+        return;
+    }
+    let sb = Sandbox::new("lt-bulk").expect("sandbox");
+    for addr in ["127.0.0.1", "::1"] {
+        let ip: IpAddr = addr.parse().expect("ip");
+        // Large application writes: TCP builds skbs longer than lo's gso_max_size, which
+        // validate_xmit_skb splits into segments (each one a record of its own).
+        exact_against_tcpdump(&format!("writes-{addr}"), &sb, || {
+            let got = traffic::tcp_bulk(ip, 16, 256 * 1024).expect("bulk");
+            assert_eq!(got, 16 * 256 * 1024);
+        });
+        // HTTP downloads: the client's pure ACKs interleave with the server's large segments.
+        exact_against_tcpdump(&format!("http-{addr}"), &sb, || {
+            let got = traffic::http_downloads(ip, 10, 200_000).expect("http");
+            assert!(got > 10 * 200_000);
+        });
+        // iperf3, the tool people reach for.
+        exact_against_tcpdump(&format!("iperf3-{addr}"), &sb, || {
+            let mut srv = Command::new(tools::require("iperf3"))
+                .args(["-s", "-1", "--forceflush", "-B", addr])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("iperf3 -s");
+            let mut out = BufReader::new(srv.stdout.take().expect("stdout"));
+            let mut line = String::new();
+            while !line.contains("Server listening") {
+                line.clear();
+                assert!(
+                    out.read_line(&mut line).expect("iperf3 output") > 0,
+                    "iperf3 server did not start"
+                );
+            }
+            let c = Command::new("iperf3")
+                .args(["-c", addr, "-n", "8M"])
+                .output()
+                .expect("iperf3 -c");
+            assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+            assert!(srv.wait().expect("iperf3 -s").success());
+        });
+    }
+}

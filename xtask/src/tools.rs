@@ -37,7 +37,7 @@ pub const TOOLS: &[Tool] = &[
     t("script", "bsdutils", Need::Test),
     // Bench: workloads, CPU pinning, the bpftrace baseline in a private mount namespace.
     t("sockperf", "sockperf", Need::Bench),
-    t("iperf3", "iperf3", Need::Bench),
+    t("iperf3", "iperf3", Need::Test),
     t("bpftrace", "bpftrace", Need::Bench),
     t("taskset", "util-linux", Need::Bench),
     t("unshare", "util-linux", Need::Bench),

@@ -128,6 +128,7 @@ impl KernelBtf {
             skb_head: o("sk_buff.head")?,
             skb_data: o("sk_buff.data")?,
             skb_network_header: o("sk_buff.network_header")?,
+            skb_protocol: o("sk_buff.protocol")?,
             dev_nd_net: o("net_device.nd_net")?,
             dev_ifindex: o("net_device.ifindex")?,
             dev_name: o("net_device.name")?,
@@ -141,7 +142,6 @@ impl KernelBtf {
             nhc_dev: o("fib_nh_common.nhc_dev")?,
             fib6_res_nh: o("fib6_result.nh")?,
             fib6_table_id: o("fib6_table.tb6_id")?,
-            _pad: 0,
         })
     }
 

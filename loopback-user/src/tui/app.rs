@@ -43,7 +43,7 @@ pub const STEPS: &[Step] = &[
     },
     Step {
         name: "IP out, dev queue",
-        stages: &[StageKind::TcEgress, StageKind::DevQueue],
+        stages: &[StageKind::TcEgress, StageKind::DevQueue, StageKind::GsoSegment],
         why_not: "",
         hooks: &[],
     },
