@@ -475,16 +475,27 @@ pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
         _ if !p.complete => paint("33", p.verdict.as_str()),
         _ => paint("32", p.verdict.as_str()),
     };
+    let devices = if p.is_copy() {
+        // Not a lo crossing: a copy the socket layer made (it has no devices of its own).
+        match p.clone_of {
+            Some(c) => format!("socket copy of #{c}"),
+            None => "socket copy (raw socket clone or GSO segment cut at receive)".to_string(),
+        }
+    } else {
+        format!(
+            "{}->{}",
+            p.tx_dev.as_deref().unwrap_or("?"),
+            p.rx_dev.as_deref().unwrap_or("?")
+        )
+    };
     let _ = write!(
         s,
-        "{} #{} {} len {} {} {}->{}",
+        "{} #{} {} len {} {} {devices}",
         wall(p.first_ts(), st.wall_offset_ns),
         p.id,
         what,
         p.len,
         verdict,
-        p.tx_dev.as_deref().unwrap_or("?"),
-        p.rx_dev.as_deref().unwrap_or("?"),
     );
     if p.left_host() {
         let _ = write!(s, " {}", paint("35", "LEFT HOST"));
@@ -492,7 +503,7 @@ pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
     if let Some(r) = p.reply_of {
         let _ = write!(s, " reply-of #{r}");
     }
-    if let Some(c) = p.clone_of {
+    if let (Some(c), false) = (p.clone_of, p.is_copy()) {
         let _ = write!(s, " clone-of #{c}");
     }
     if let Some(si) = &p.softirq {
@@ -588,6 +599,7 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
             "unnamed_events": sum.unnamed,
             "unlinked_lo_events": stats.unlinked_lo_events,
             "gso_splits": stats.gso_splits,
+            "copies": stats.copies,
             "expired": stats.expired,
             "in_flight_at_end": stats.in_flight_at_end,
             "softirq_context": stats.by_context,
@@ -632,7 +644,7 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     );
     let _ = writeln!(
         s,
-        "    events: {} emitted, {} received | lost events: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | expired: {} | in flight at end: {}",
+        "    events: {} emitted, {} received | lost events: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | socket copies: {} | expired: {} | in flight at end: {}",
         sum.kernel.emitted,
         sum.received,
         sum.kernel.ring_lost,
@@ -641,6 +653,7 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
         sum.undecodable,
         stats.unlinked_lo_events,
         stats.gso_splits,
+        stats.copies,
         stats.expired,
         stats.in_flight_at_end
     );
@@ -900,7 +913,10 @@ mod tests {
         let j = summary_json(&stats, &sum);
         assert_eq!(j["summary"]["bpf_programs"][0]["ns_per_run"], 150);
         assert!(
-            s.contains("3 packets") && s.contains("lost events: 7") && s.contains("drops: none"),
+            s.contains("2 packets (3 printed)")
+                && s.contains("socket copies: 1")
+                && s.contains("lost events: 7")
+                && s.contains("drops: none"),
             "{s}"
         );
         assert_eq!(summary_json(&stats, &sum)["summary"]["lost_events"], 7);

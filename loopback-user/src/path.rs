@@ -204,6 +204,7 @@ pub struct PacketPath {
     pub skb: u64,
     pub stages: Vec<Stage>,
     pub info: Option<PacketInfo>,
+    /// Largest `skb->len` while it crossed lo (transmit and receive hooks).
     pub len: u32,
     pub tx_dev: Option<Name>,
     pub rx_dev: Option<Name>,
@@ -251,6 +252,11 @@ impl PacketPath {
     pub fn is_drop(&self) -> bool {
         self.verdict == Verdict::Dropped
     }
+    /// First seen at the socket (`copy_to_user`): a copy of a packet, not a `lo` crossing of its
+    /// own (a raw socket's clone, or a segment UDP cut from a GSO datagram at receive).
+    pub fn is_copy(&self) -> bool {
+        self.stages.first().is_some_and(|s| s.stage == StageKind::CopyToUser)
+    }
 }
 
 /// Totals for the exit summary.
@@ -265,6 +271,9 @@ pub struct Stats {
     pub unlinked_lo_events: u64,
     /// skbs split into GSO segments before `lo` (each segment is a packet of its own).
     pub gso_splits: u64,
+    /// Copies first seen at the socket ([`PacketPath::is_copy`]): printed, not counted as
+    /// packets.
+    pub copies: u64,
     /// Per stage: latency from the previous stage, in ns.
     pub stage_latency: BTreeMap<StageKind, Histogram<u64>>,
     pub by_context: BTreeMap<&'static str, u64>,
@@ -516,7 +525,10 @@ impl Tracker {
                 self.pair(&mut p);
             }
         }
-        if e.len > p.len {
+        // The length of the crossing itself: after the receive, TCP may coalesce later segments
+        // into this skb (`tcp_try_coalesce`), and what the socket copies is then longer than
+        // what crossed lo. A copy has only the socket's length.
+        if e.len > p.len && (e.hook != Hook::CopyToUser || p.stages.is_empty()) && e.hook != Hook::Consume {
             p.len = e.len;
         }
         match e.hook {
@@ -618,7 +630,7 @@ impl Tracker {
         if let Some(orig) = self
             .inflight
             .values()
-            .filter(|o| o.info.as_ref().is_some_and(|oi| same_headers(oi, &ci)))
+            .filter(|o| !o.is_copy() && o.info.as_ref().is_some_and(|oi| same_headers(oi, &ci)))
             .max_by_key(|o| o.id)
         {
             clone.clone_of = Some(orig.id);
@@ -849,6 +861,10 @@ impl Tracker {
 
     fn account(&mut self, p: &PacketPath) {
         let s = &mut self.stats;
+        if p.is_copy() {
+            s.copies += 1;
+            return;
+        }
         s.packets += 1;
         if p.complete {
             s.complete += 1;
@@ -1173,7 +1189,8 @@ pub(crate) mod tests {
             "NO_SOCKET with a delivered clone is not a drop: {:?}",
             stats.drops
         );
-        assert_eq!((stats.packets, stats.complete), (3, 3));
+        // Two lo crossings; the clone is a copy, printed but not a packet.
+        assert_eq!((stats.packets, stats.complete, stats.copies), (2, 2, 1));
     }
 
     #[test]

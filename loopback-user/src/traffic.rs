@@ -331,6 +331,37 @@ pub fn http_downloads(addr: IpAddr, n: usize, size: usize) -> Result<u64> {
     Ok(total)
 }
 
+/// One UDP send of `segs` segments of `seg` bytes with `UDP_SEGMENT` (UDP GSO), read back by a
+/// receiver on `addr` as `segs` datagrams. Returns how many it read.
+pub fn udp_gso(addr: IpAddr, seg: u16, segs: usize) -> Result<usize> {
+    let rx = UdpSocket::bind(SocketAddr::new(addr, 0))?;
+    rx.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let tx = UdpSocket::bind(SocketAddr::new(addr, 0))?;
+    const UDP_SEGMENT: libc::c_int = 103;
+    let v: libc::c_int = seg.into();
+    // SAFETY: setsockopt with a pointer to a live c_int and its size, on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            tx.as_raw_fd(),
+            libc::SOL_UDP,
+            UDP_SEGMENT,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    tx.send_to(&vec![0x33u8; seg as usize * segs], rx.local_addr()?)?;
+    let mut buf = [0u8; 65536];
+    for n in 0..segs {
+        if rx.recv(&mut buf).is_err() {
+            return Ok(n);
+        }
+    }
+    Ok(segs)
+}
+
 /// `TCP_CLOSE` of the kernel's `include/net/tcp_states.h`.
 const TCP_CLOSE: u8 = 7;
 

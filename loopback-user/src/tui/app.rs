@@ -305,7 +305,10 @@ impl App {
 
     /// Counts one finished packet into every view.
     fn add(&mut self, p: PacketPath) {
-        self.packets += 1;
+        // Packets are lo crossings, as in the summary; a socket's copy is shown, not counted.
+        if !p.is_copy() {
+            self.packets += 1;
+        }
         for (i, step) in STEPS.iter().enumerate() {
             if p.stages.iter().any(|s| step.stages.contains(&s.stage)) {
                 self.steps[i].window += 1;
@@ -326,8 +329,11 @@ impl App {
             };
             self.softirq_now.entry(s.cpu).or_default()[slot] += 1;
         }
-        if let Some(r) = &p.drop_reason {
-            *self.drops.entry(r.clone()).or_default() += 1;
+        // Counted as the summary counts them: a NO_SOCKET original whose clone was delivered
+        // is not a drop.
+        if p.is_drop() {
+            let r = p.drop_reason.clone().unwrap_or_else(|| "unknown".into());
+            *self.drops.entry(r).or_default() += 1;
         }
         let key = flow_key(&p);
         if !self.flows.contains_key(&key) && self.flows.len() >= MAX_FLOWS {
