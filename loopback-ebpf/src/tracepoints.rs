@@ -141,8 +141,10 @@ fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
             len: skb_len::<A>(skb),
             dev,
             arg1: parent,
-            cap_kind: hdr_kind::L3,
-            cap_src: network_header::<A>(skb),
+            // The frame as the driver gets it (`skb->data` is the Ethernet header here), like
+            // tc egress captures it: the segment's own bytes, for the record and for pcapng.
+            cap_kind: hdr_kind::ETH,
+            cap_src: skb_data::<A>(skb),
             ..Hit::default()
         };
         open_run::<A>(Hook::Xmit, skb, hit, false);

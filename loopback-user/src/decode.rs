@@ -201,7 +201,9 @@ impl Decoder {
         let stages = run_stages(bytes)?;
         let (mut e, cached, pid_tgid) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)])?;
         let hdr_at = stages.hdr_at;
-        let lo_hook = |h: Hook| matches!(h, Hook::TcEgress | Hook::TcIngress | Hook::Xdp);
+        // Hooks that capture whole frames on lo: the lo programs, and a GSO segment's first
+        // hook (`net_dev_start_xmit`, which opens the segment's run with its frame).
+        let lo_hook = |h: Hook| matches!(h, Hook::TcEgress | Hook::TcIngress | Hook::Xdp | Hook::Xmit);
         let hdr_hook = if hdr_at == 0 {
             Some(e.hook)
         } else {

@@ -142,7 +142,14 @@ fn stop(mut t: Tracer) -> (Vec<Value>, Value) {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    let summary: Value = serde_json::from_str(err.lines().last().expect("summary line")).expect("summary JSON");
+    // The summary is the last JSON line (a note such as "pcapng: N packet(s) written" may follow).
+    let summary: Value = serde_json::from_str(
+        err.lines()
+            .rev()
+            .find(|l| l.starts_with("{\"summary\""))
+            .expect("summary line"),
+    )
+    .expect("summary JSON");
     (packets, summary)
 }
 
@@ -1841,7 +1848,8 @@ fn exact_against_tcpdump(name: &str, sb: &Sandbox, workload: impl FnOnce() + Sen
     let dir = std::env::temp_dir().join(format!("lotrace-exact-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let pcap = dir.join("lo.pcap");
-    let t = start(sb, &[]);
+    let ours = dir.join("lotrace.pcapng");
+    let t = start(sb, &["--pcapng", ours.to_str().expect("utf8")]);
     let mut td = Command::new("ip")
         .args(["netns", "exec", &sb.name, tools::require("tcpdump")])
         .args(["--immediate-mode", "-U", "-i", "lo", "-s", "128", "-w"])
@@ -1916,6 +1924,18 @@ fn exact_against_tcpdump(name: &str, sb: &Sandbox, workload: impl FnOnce() + Sen
     assert_eq!(mine.len(), wire.len(), "{name}: TCP records vs tcpdump");
     let differ: Vec<_> = mine.iter().zip(&wire).filter(|(a, b)| a != b).take(3).collect();
     assert!(differ.is_empty(), "{name}: lotrace vs tcpdump: {differ:?}");
+    // lotrace's own pcapng counts the same way: one block per crossing, GSO segments included.
+    let blocks = Command::new(tools::require("tcpdump"))
+        .args(["-nn", "-r"])
+        .arg(&ours)
+        .output()
+        .expect("tcpdump -r");
+    assert!(blocks.status.success(), "{}", String::from_utf8_lossy(&blocks.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&blocks.stdout).lines().count(),
+        ps.len(),
+        "{name}: pcapng blocks vs records"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

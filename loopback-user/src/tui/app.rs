@@ -469,9 +469,16 @@ impl App {
             },
             KeyCode::Enter if self.focus == Panel::Flows => {
                 if let Some((key, f)) = self.flow_rows().get(self.flow_row) {
+                    // On the newest packet that crossed lo, not on a socket's copy of it (a raw
+                    // socket's clone of a ping reply arrives after the reply itself).
+                    let index = f
+                        .recent
+                        .iter()
+                        .rposition(|p| !p.is_copy())
+                        .unwrap_or(f.recent.len().saturating_sub(1));
                     self.inspector = Some(Inspector {
                         flow: (*key).clone(),
-                        index: f.recent.len().saturating_sub(1),
+                        index,
                     });
                 }
             }
