@@ -1,5 +1,6 @@
-//! THE table of hook points: every stage of the loopback path, which program serves it and how
-//! it attaches. The attach code, `doctor`'s plan and the README's hook table all come from here.
+//! THE table of hook points: every stage of the loopback path, which programs can serve it and
+//! how they attach. The attach code and `doctor`'s plan come from here, and a test checks the
+//! README's hook table against it.
 use loopback_common::Hook;
 
 /// How a program attaches.
@@ -311,6 +312,57 @@ mod tests {
                 "{}",
                 hp.name
             );
+        }
+    }
+
+    /// The README's hook table is written from this one: a stage, hook or attach kind added or
+    /// renamed here without the README (or the other way round) fails here.
+    #[test]
+    fn the_readme_hook_table_says_what_the_plan_does() {
+        use crate::path::StageKind;
+        let readme = include_str!("../../../README.md");
+        let section = readme
+            .split("## Hook plan")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("README has a Hook plan section");
+        let rows: Vec<(Vec<&str>, &str)> = section
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| stage") && !l.starts_with("|---"))
+            .map(|l| {
+                let first = l.trim_start_matches("| ").split(" |").next().unwrap_or("");
+                (first.split(" / ").map(str::trim).collect(), l)
+            })
+            .collect();
+        assert!(rows.len() >= 15, "{rows:?}");
+        for hp in PLAN {
+            let key = hp.hook.map(|h| StageKind::of(h).as_str()).unwrap_or(hp.name);
+            let mine: Vec<&str> = rows.iter().filter(|(k, _)| k.contains(&key)).map(|(_, l)| *l).collect();
+            assert!(!mine.is_empty(), "README hook table has no row for stage {key}");
+            for c in hp.candidates {
+                let (kind, token) = match c.attach {
+                    Attach::TpBtf(tp) => ("tp_btf", format!("`{tp}`")),
+                    Attach::RawTp(tp) => ("tp_btf", format!("`{tp}`")),
+                    Attach::Fentry(f) => ("fentry", format!("`{f}`")),
+                    Attach::Kprobe(f) => ("kprobe", format!("`{f}`")),
+                    Attach::XdpLo => ("XDP", "`lo`".to_string()),
+                    Attach::TcxLo(_) => ("tcx", "`lo`".to_string()),
+                    Attach::ClassicTcLo(_) => ("classic tc", "`lo`".to_string()),
+                };
+                assert!(
+                    mine.iter().any(|l| l.contains(kind) && l.contains(&token)),
+                    "README hook table, stage {key}: no row names {kind} {token} ({})",
+                    c.program
+                );
+            }
+        }
+        // Every stage the README names exists.
+        let mut known: Vec<&str> = Hook::ALL.iter().map(|h| StageKind::of(*h).as_str()).collect();
+        known.extend(["softirq_raise", "softirq_entry", StageKind::GsoSegment.as_str()]);
+        for (keys, l) in &rows {
+            for k in keys {
+                assert!(known.contains(k), "README hook table names an unknown stage {k}: {l}");
+            }
         }
     }
 }
