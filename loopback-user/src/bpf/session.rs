@@ -329,9 +329,10 @@ impl Session {
         // Classic tc filters a killed lotrace left behind go first (they are not fd-owned).
         let notes = crate::bpf::classic_tc::remove_leftovers();
         let mut classic_tc = ClassicTc::new(&opts.netns);
+        let mut kind_refused = HashMap::new();
         let outcomes: Vec<AttachOutcome> = PLAN
             .iter()
-            .map(|hp| attach_point(&mut ebpf, hp, opts, &btf, &mut classic_tc))
+            .map(|hp| attach_point(&mut ebpf, hp, opts, &btf, &mut classic_tc, &mut kind_refused))
             .collect();
         if !opts.keep_going
             && let Some(o) = outcomes.iter().find(|o| o.required && !o.attached)
@@ -471,6 +472,7 @@ fn attach_point(
     opts: &SessionOptions,
     btf: &aya::Btf,
     classic: &mut ClassicTc,
+    kind_refused: &mut HashMap<&'static str, String>,
 ) -> AttachOutcome {
     let first = hp.candidates[0];
     let mut out = AttachOutcome {
@@ -509,8 +511,16 @@ fn attach_point(
         let kind = cand.attach.kind();
         let res = if opts.raw_tp && matches!(cand.attach, Attach::TpBtf(_)) {
             Err("raw tracepoints requested (--raw-tp)".to_string())
+        } else if let Some(why) = kind_refused.get(kind) {
+            // The kernel refused this attach kind as a whole for an earlier hook: the same
+            // answer, without loading and verifying one more program (start-up time).
+            Err(why.clone())
         } else {
-            attach_candidate(ebpf, cand, btf, &opts.netns, classic)
+            attach_candidate(ebpf, cand, btf, &opts.netns, classic).inspect_err(|why| {
+                if refuses_whole_kind(kind, why) {
+                    kind_refused.insert(kind, why.clone());
+                }
+            })
         };
         (out.kind, out.target, out.used) = (kind, cand.attach.target(), cand.program);
         match res {
@@ -544,6 +554,17 @@ fn attach_point(
             .join("; "),
     });
     out
+}
+
+/// Whether refusal `why` of a `kind` attach holds for every hook of that kind on this kernel:
+/// fentry refused with EPERM (no ftrace patching), kprobes without a kprobe PMU. Other refusals
+/// (a function missing or inlined, a verifier complaint) are about one hook and are not reused.
+fn refuses_whole_kind(kind: &str, why: &str) -> bool {
+    match kind {
+        "fentry" => why.starts_with("EPERM"),
+        "kprobe" => why.contains("no kprobe PMU"),
+        _ => false,
+    }
 }
 
 /// Loads (if not yet loaded) and attaches one candidate; the error as one line.
