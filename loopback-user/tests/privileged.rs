@@ -113,18 +113,22 @@ fn launch(
 /// Starts `lotrace trace --format json` on the sandbox and waits until it says it is attached.
 fn start(sb: &Sandbox, extra: &[&str]) -> Tracer {
     let args: Vec<&str> = ["--format", "json"].iter().chain(extra).copied().collect();
-    let (mut child, line, err) = launch(sb, &args, &[], Stdio::piped());
+    let t = start_env(sb, &args, &[]);
     if extra.contains(&"--raw-tp") {
-        assert!(line.contains("as raw_tracepoint"), "{line}");
+        assert!(t.first_line.contains("as raw_tracepoint"), "{}", t.first_line);
     }
-    // Keep draining both pipes in the background; the summary is stderr's last line.
-    let stdout_rx = read_all(child.stdout.take().expect("stdout"));
-    let stderr_rx = read_all(err);
+    t
+}
+
+/// `lotrace trace ARGS` on the sandbox with environment `env` (fault switches), once attached;
+/// both pipes are drained in the background (the summary is stderr's last JSON line).
+fn start_env(sb: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Tracer {
+    let (mut child, line, err) = launch(sb, args, env, Stdio::piped());
     Tracer {
-        child,
+        stdout_rx: read_all(child.stdout.take().expect("stdout")),
+        stderr_rx: read_all(err),
         first_line: line,
-        stdout_rx,
-        stderr_rx,
+        child,
     }
 }
 
@@ -1501,12 +1505,12 @@ fn a_missing_hook_degrades_to_partial_tracing_and_a_missing_required_one_is_one_
     let sb = Sandbox::new("lt-degr").expect("sandbox");
     // An optional hook missing (as on a kernel before 6.7 without sock:sk_data_ready): tracing
     // goes on without that stage, and the first line says what is missing and why.
-    let (mut child, line, err) = launch(
+    let t = start_env(
         &sb,
         &["--format", "json", "--filter", "icmp"],
         &[("LOTRACE_FAULT", "refuse-hook:sk_data_ready")],
-        Stdio::piped(),
     );
+    let line = t.first_line.clone();
     // "N/M hooks attached" with N < M, and the missing one named with why (on a kernel without
     // the tracepoint, the kernel's own reason comes first).
     let counts = line
@@ -1522,12 +1526,6 @@ fn a_missing_hook_degrades_to_partial_tracing_and_a_missing_required_one_is_one_
             && (line.contains("sk_data_ready (refused") || line.contains("sk_data_ready (ENOENT")),
         "{line}"
     );
-    let t = Tracer {
-        stdout_rx: read_all(child.stdout.take().expect("stdout")),
-        stderr_rx: read_all(err),
-        first_line: line,
-        child,
-    };
     sb.netns
         .run(|| traffic::icmp_echo("127.0.0.1".parse().expect("ip"), 0, 0x6e6e, 1, Duration::from_secs(2)))
         .expect("netns")
@@ -1556,18 +1554,12 @@ fn kprobes_serve_the_function_hooks_where_fentry_is_refused() {
         return;
     }
     let sb = Sandbox::new("lt-kprobe").expect("sandbox");
-    let (mut child, line, err) = launch(
+    let t = start_env(
         &sb,
         &["--format", "json", "--filter", "udp"],
         &[("LOTRACE_FAULT", "no-fentry")],
-        Stdio::piped(),
     );
-    let t = Tracer {
-        stdout_rx: read_all(child.stdout.take().expect("stdout")),
-        stderr_rx: read_all(err),
-        first_line: line.clone(),
-        child,
-    };
+    let line = t.first_line.clone();
     let lo: IpAddr = "127.0.0.1".parse().expect("ip");
     sb.netns
         .run(|| traffic::udp_exchange(lo, &[5u8; 32]))
