@@ -72,6 +72,7 @@ pub fn emit(hook: Hook, skb: u64, lo: bool, fill: impl FnOnce(&mut RawEvent)) {
         count(counter::RING_LOST);
         return;
     };
+    // SAFETY: a fresh ring reservation of exactly one RawEvent, ours until submit.
     let e = unsafe { &mut *entry.as_mut_ptr() };
     fill_common(e, hook, skb, &task);
     fill(e);
@@ -121,6 +122,8 @@ pub fn emit_hit<M: Mem>(hook: Hook, skb: u64, hit: Hit) {
 
 #[inline(always)]
 fn run_slot() -> Option<&'static mut RunSlot> {
+    // SAFETY: this CPU's slot of a per-CPU array, valid for the program run; the staging hooks
+    // that use it never nest on one CPU (see `open_run`), so no other reference exists meanwhile.
     RUN.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
 
@@ -183,6 +186,7 @@ pub fn run_stage<M: Mem>(hook: Hook, hit: Hit, close: bool) {
         return;
     }
     let st: &mut RunStage = &mut slot.rec.tail.stages[n & (MAX_RUN - 1)];
+    // SAFETY: a helper call without arguments.
     st.ts_ns = unsafe { bpf_ktime_get_ns() };
     st.hook = hook as u8;
     st.len = hit.len;
@@ -267,6 +271,8 @@ fn send_run(slot: &mut RunSlot) {
         )
     };
     let before = peek(counter::EMITTED);
+    // SAFETY: EVENTS is the ring buffer map and the record is `size` bytes of live memory
+    // (the run slot / the scratch slot), which the helper copies.
     let rc = unsafe {
         bpf_ringbuf_output(
             &EVENTS as *const _ as *mut core::ffi::c_void,
@@ -280,6 +286,7 @@ fn send_run(slot: &mut RunSlot) {
     } else {
         count_by(counter::RING_LOST, events);
         if let Some(p) = LAST_TASK.get_ptr_mut(0) {
+            // SAFETY: `p` is this CPU's LAST_TASK slot from get_ptr_mut, valid for the program run.
             unsafe { *p = u64::MAX };
         }
     }
@@ -309,10 +316,15 @@ pub fn emit_long(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent, *mut u8)
         return;
     };
     let base = buf as *mut u8;
+    // SAFETY: SCRATCH's slot is larger than a RawEvent plus SNAP_EXTRA bytes and is this CPU's
+    // alone for the run.
     let e = unsafe { &mut *(base as *mut RawEvent) };
     fill_common(e, hook, skb, &task);
+    // SAFETY: RAW_EVENT_SIZE is inside the scratch slot; `fill` writes at most SNAP_EXTRA bytes.
     let extra = fill(e, unsafe { base.add(RAW_EVENT_SIZE) });
     let size = (RAW_EVENT_SIZE as u32 + (extra & (SNAP_EXTRA as u32 - 1))) as u64;
+    // SAFETY: EVENTS is the ring buffer map and the record is `size` bytes of live memory
+    // (the run slot / the scratch slot), which the helper copies.
     let rc = unsafe {
         bpf_ringbuf_output(
             &EVENTS as *const _ as *mut core::ffi::c_void,
@@ -327,6 +339,7 @@ pub fn emit_long(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent, *mut u8)
         count(counter::RING_LOST);
         // The record that carried the task name is gone: the next event must name it again.
         if let Some(p) = task.last {
+            // SAFETY: `p` is this CPU's LAST_TASK slot from get_ptr_mut, valid for the program run.
             unsafe { *p = u64::MAX };
         }
     }
@@ -334,6 +347,7 @@ pub fn emit_long(hook: Hook, skb: u64, fill: impl FnOnce(&mut RawEvent, *mut u8)
 
 #[inline(always)]
 fn fill_common(e: &mut RawEvent, hook: Hook, skb: u64, task: &Task) {
+    // SAFETY: a helper call without arguments.
     e.ts_ns = unsafe { bpf_ktime_get_ns() };
     e.skb = skb;
     e.pid_tgid = task.pid_tgid;
@@ -344,10 +358,12 @@ fn fill_common(e: &mut RawEvent, hook: Hook, skb: u64, task: &Task) {
     } else {
         e.comm = bpf_get_current_comm().unwrap_or([0; NAME_LEN]);
         if let Some(p) = task.last {
+            // SAFETY: `p` is this CPU's LAST_TASK slot from get_ptr_mut, valid for the program run.
             unsafe { *p = task.pid_tgid };
         }
     }
     e.ifname = [0; NAME_LEN];
+    // SAFETY: a helper call without arguments.
     e.cpu = unsafe { bpf_get_smp_processor_id() };
     e.len = 0;
     e.ifindex = 0;
@@ -363,6 +379,8 @@ pub fn capture(e: &mut RawEvent, kind: u8, src: u64, avail: u32) {
     if src == 0 {
         return;
     }
+    // SAFETY: the destination is HDR_CAP bytes of `e.hdr`; the helper checks the kernel source
+    // address itself.
     let rc = unsafe { probe_read_raw(e.hdr.as_mut_ptr() as *mut _, HDR_CAP as u32, src as *const _) };
     if rc != 0 {
         count(counter::READ_FAILED);

@@ -6,6 +6,7 @@ use crate::maps::{SCOPE, TARGET_NETNS, count};
 
 macro_rules! off {
     ($f:ident) => {
+        // SAFETY: a plain read of a read-only global the loader wrote before loading.
         unsafe { core::ptr::read_volatile(&$crate::maps::OFFSETS.$f) } as u64
     };
 }
@@ -45,6 +46,7 @@ pub fn probe<T>(base: u64, offset: u64) -> Option<T> {
     if base == 0 {
         return None;
     }
+    // SAFETY: the helper checks the kernel address and reports a fault as an error.
     match unsafe { bpf_probe_read_kernel((base + offset) as *const T) } {
         Ok(v) => Some(v),
         Err(_) => {
@@ -56,6 +58,7 @@ pub fn probe<T>(base: u64, offset: u64) -> Option<T> {
 
 #[inline(always)]
 fn target() -> u32 {
+    // SAFETY: a plain read of a read-only global the loader wrote before loading.
     unsafe { core::ptr::read_volatile(&TARGET_NETNS) }
 }
 
@@ -89,8 +92,10 @@ pub fn skb_dev<M: Mem>(skb: u64) -> u64 {
 pub fn task_in_scope<M: Mem>() -> bool {
     // The BTF-typed task pointer allows direct loads; the plain one needs probe reads.
     let task = if M::DIRECT {
+        // SAFETY: a helper call without arguments.
         unsafe { bpf_get_current_task_btf() as u64 }
     } else {
+        // SAFETY: a helper call without arguments.
         unsafe { bpf_get_current_task() }
     };
     let Some(nsproxy) = read::<M, u64>(task, off!(task_nsproxy)) else {

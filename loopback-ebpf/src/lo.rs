@@ -55,6 +55,7 @@ pub fn lo_xdp(ctx: XdpContext) -> u32 {
 pub fn lo_tc_egress(ctx: TcContext) -> i32 {
     let skb = ctx.skb.skb as u64;
     ensure_tracked(skb);
+    // SAFETY: a plain read of a read-only global the loader wrote before loading.
     let want = unsafe { core::ptr::read_volatile(&SNAP_EXTRA_BYTES) };
     let len = ctx.len();
     if want == 0 || len <= HDR_CAP as u32 {
@@ -76,6 +77,8 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
         // above: older verifiers (6.1) do not raise a range's minimum on `!= 0`, and refuse a
         // size that may be 0. Exact for every `extra` up to SNAP_EXTRA (the loader caps `want`).
         let extra = ((extra - 1) & (SNAP_EXTRA as u32 - 1)) + 1;
+        // SAFETY: `tail` has room for SNAP_EXTRA bytes (emit_long) and `extra` is at most that;
+        // the helper bounds the read by the skb.
         let rc = unsafe {
             bpf_skb_load_bytes(
                 ctx.skb.skb as *const _,

@@ -146,6 +146,7 @@ pub fn count_by(idx: u32, by: u64) -> u64 {
         // (core's AtomicU64 has no read-modify-write on this target, so the instruction is
         // written out: BPF_ATOMIC | BPF_ADD.) The value read back afterwards may include a
         // nested increment; callers use it only for pacing.
+        // SAFETY: `p` is a live per-CPU map slot from get_ptr_mut; the instruction adds to that u64 only.
         unsafe {
             core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) by);
             return core::ptr::read_volatile(p);

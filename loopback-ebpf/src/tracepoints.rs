@@ -81,6 +81,7 @@ macro_rules! twin {
 #[inline(always)]
 fn set_rx_skb(skb: u64) {
     if let Some(p) = RX_SKB.get_ptr_mut(0) {
+        // SAFETY: `p` is this CPU's RX_SKB slot from get_ptr_mut, valid for the program run.
         unsafe { *p = skb };
     }
 }
@@ -196,6 +197,7 @@ fn softirq_raise_body<A: Args>(ctx: &A) -> i32 {
     if vec as u32 == NET_RX_SOFTIRQ
         && let Some(s) = SOFTIRQ.get_ptr_mut(0)
     {
+        // SAFETY: `s` is this CPU's SOFTIRQ slot from get_ptr_mut, valid for the program run.
         unsafe { (*s).raise_ts = bpf_ktime_get_ns() };
     }
     0
@@ -209,6 +211,7 @@ fn softirq_entry_body<A: Args>(ctx: &A) -> i32 {
     if vec as u32 == NET_RX_SOFTIRQ
         && let Some(s) = SOFTIRQ.get_ptr_mut(0)
     {
+        // SAFETY: `s` is this CPU's SOFTIRQ slot from get_ptr_mut, valid for the program run.
         unsafe { (*s).entry_ts = bpf_ktime_get_ns() };
     }
     0
@@ -489,6 +492,7 @@ twin!("sys_enter", sys_enter, raw_sys_enter, sys_enter_body);
 #[inline(always)]
 fn sys_enter_body<A: Args>(ctx: &A) -> i32 {
     let id: u64 = ctx.arg(1);
+    // SAFETY: a plain read of a read-only global the loader wrote before loading.
     let nrs = unsafe { core::ptr::read_volatile(&SEND_SYSCALLS) };
     if id != nrs[0] && id != nrs[1] && id != nrs[2] && id != nrs[3] {
         return 0;

@@ -75,6 +75,7 @@ pub fn drop_all_but(keep: u64) -> Result<()> {
             inheritable: 0,
         },
     ];
+    // SAFETY: capset(2) with a live header and a live two-element data array, as the ABI wants.
     let rc = unsafe { libc::syscall(libc::SYS_capset, &mut hdr as *mut Header, data.as_ptr()) };
     if rc != 0 {
         bail!("capset: {}", std::io::Error::last_os_error());

@@ -63,6 +63,7 @@ impl Netns {
 
     fn open_path(path: &Path, label: &str) -> Result<Self> {
         let f = File::open(path).map_err(|e| anyhow!("cannot open network namespace {}: {e}", path.display()))?;
+        // SAFETY: an argument-less ioctl on an open file; an answer other than CLONE_NEWNET is rejected.
         let ty = unsafe { libc::ioctl(f.as_raw_fd(), NS_GET_NSTYPE as _) };
         if ty != libc::CLONE_NEWNET {
             bail!("{} is not a network namespace", path.display());
@@ -84,6 +85,7 @@ impl Netns {
             std::thread::Builder::new()
                 .name("lotrace".into())
                 .spawn_scoped(s, move || -> Result<T> {
+                    // SAFETY: setns(2) on an open nsfs file; it changes only this worker thread's namespace.
                     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                         bail!("setns({}): {}", self.path.display(), std::io::Error::last_os_error());
                     }

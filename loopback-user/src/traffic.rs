@@ -51,15 +51,18 @@ pub fn icmp_echo(dst: IpAddr, scope_id: u32, id: u16, seq: u16, timeout: Duratio
     } else {
         (libc::AF_INET, libc::IPPROTO_ICMP)
     };
+    // SAFETY: socket(2) with constant arguments; the result is checked below.
     let fd = unsafe { libc::socket(domain, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) };
     if fd < 0 {
         return Err(sock_err("raw ICMP socket (needs CAP_NET_RAW)"));
     }
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nothing else.
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // Only echo replies reach this socket (no clones of our own requests).
     if v6 {
         let mut filter = [u32::MAX; 8];
         filter[129 >> 5] &= !(1u32 << (129 & 31));
+        // SAFETY: setsockopt on our open socket with a pointer to 32 live bytes and their size.
         let rc = unsafe {
             libc::setsockopt(
                 fd,
@@ -74,6 +77,7 @@ pub fn icmp_echo(dst: IpAddr, scope_id: u32, id: u16, seq: u16, timeout: Duratio
         }
     } else {
         let mask: u32 = !1u32; // block every type but 0 (echo reply)
+        // SAFETY: setsockopt on our open socket with a pointer to a live u32 and its size.
         let rc = unsafe {
             libc::setsockopt(
                 fd,
@@ -91,6 +95,7 @@ pub fn icmp_echo(dst: IpAddr, scope_id: u32, id: u16, seq: u16, timeout: Duratio
         tv_sec: timeout.as_secs() as _,
         tv_usec: timeout.subsec_micros() as _,
     };
+    // SAFETY: setsockopt on our open socket with a pointer to a live timeval and its size.
     unsafe {
         libc::setsockopt(
             fd,
@@ -113,6 +118,7 @@ pub fn icmp_echo(dst: IpAddr, scope_id: u32, id: u16, seq: u16, timeout: Duratio
         a.sin6_scope_id = scope_id;
     }
     let start = Instant::now();
+    // SAFETY: `pkt` and `sa` are live buffers passed with their lengths, on our open socket.
     let n = unsafe { libc::sendto(fd, pkt.as_ptr().cast(), pkt.len(), 0, sa.as_ptr(), sa.len()) };
     if n < 0 {
         return Err(EchoError::Send {
@@ -125,6 +131,7 @@ pub fn icmp_echo(dst: IpAddr, scope_id: u32, id: u16, seq: u16, timeout: Duratio
         if start.elapsed() > timeout {
             return Err(EchoError::NoReply(dst, timeout));
         }
+        // SAFETY: `buf` is a live buffer passed with its length, on our open socket.
         let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n < 0 {
             let e = std::io::Error::last_os_error();

@@ -33,6 +33,7 @@ const OUR_PROGRAMS: &[&str] = &[
 ];
 
 fn privileged() -> bool {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
     if unsafe { libc::geteuid() } == 0 {
         return true;
     }
@@ -132,12 +133,19 @@ fn start_env(sb: &Sandbox, args: &[&str], env: &[(&str, &str)]) -> Tracer {
     }
 }
 
+/// Sends signal `sig` to process `pid`, one this test started and has not yet waited for.
+fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) touches no memory of ours; the pid is our own unreaped child's, so it
+    // cannot name another process.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
 /// Sends SIGINT, waits for exit, returns (packets, summary). No waiting beforehand: the traffic
 /// helpers return only once their exchange is over (on lo the receive side runs inline in the
 /// sender's system call, and TCP waits for its close handshake), so every event of theirs is in
 /// the ring buffer already, and lotrace drains the ring and prints what is in flight on SIGINT.
 fn stop(mut t: Tracer) -> (Vec<Value>, Value) {
-    unsafe { libc::kill(t.child.id() as i32, libc::SIGINT) };
+    signal(t.child.id(), libc::SIGINT);
     let status = t.child.wait().expect("wait");
     let out = t.stdout_rx.recv_timeout(Duration::from_secs(10)).expect("stdout");
     let err = t.stderr_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
@@ -797,7 +805,7 @@ fn prove_bad_targets_and_interrupts() {
         err.read_line(&mut line).expect("read");
         assert!(line.contains("sandbox network namespace"), "{line}");
         assert_eq!(prove_sandboxes_of(pid).len(), 1, "sandbox exists while running");
-        unsafe { libc::kill(pid as i32, sig) };
+        signal(pid, sig);
         let status = child.wait().expect("wait");
         let rest = read_all(err).recv_timeout(Duration::from_secs(10)).unwrap_or_default();
         assert_eq!(status.code(), Some(130), "signal {sig}: {rest}");
@@ -815,7 +823,7 @@ fn prove_bad_targets_and_interrupts() {
     let mut err = BufReader::new(child.stderr.take().expect("stderr"));
     let mut line = String::new();
     err.read_line(&mut line).expect("read");
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    signal(pid, libc::SIGKILL);
     child.wait().expect("wait");
     assert_eq!(prove_sandboxes_of(pid).len(), 1, "a killed run leaves its sandbox");
     let (code, _, err) = run_bin(&["prove", "--count", "1", "--format", "json"]);
@@ -890,14 +898,14 @@ fn trace_leaves_nothing_behind_however_it_ends() {
             &[],
             |_| {},
         ),
-        ("sigint", &[], &[], |c| unsafe {
-            libc::kill(c.id() as i32, libc::SIGINT);
+        ("sigint", &[], &[], |c| {
+            signal(c.id(), libc::SIGINT);
         }),
-        ("sigterm", &["--xdp"], &[], |c| unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
+        ("sigterm", &["--xdp"], &[], |c| {
+            signal(c.id(), libc::SIGTERM);
         }),
-        ("panic", &[], &[("LOTRACE_FAULT", "panic-on-sigusr1")], |c| unsafe {
-            libc::kill(c.id() as i32, libc::SIGUSR1);
+        ("panic", &[], &[("LOTRACE_FAULT", "panic-on-sigusr1")], |c| {
+            signal(c.id(), libc::SIGUSR1);
         }),
         ("kill -9", &["--xdp"], &[], |c| {
             c.kill().expect("kill");
@@ -1007,7 +1015,7 @@ fn record_run(sb: &Sandbox, format: &str, extra: &[&str]) -> (String, String) {
             traffic::tcp_exchange(lo, &[9u8; 3000]).expect("tcp");
         })
         .expect("netns");
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    signal(child.id(), libc::SIGINT);
     let st = child.wait().expect("wait");
     let out = out_rx.recv_timeout(Duration::from_secs(10)).expect("stdout");
     let err = err_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
@@ -1232,7 +1240,7 @@ fn flood_ping_loses_nothing_with_or_without_lotrace() {
         // ping has its replies (or gave up) when it returns: every event is in the ring, and
         // lotrace drains it on SIGINT.
         let got = flood_ping(&sb, N);
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        signal(child.id(), libc::SIGINT);
         assert!(child.wait().expect("wait").success());
         let err = err_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
         let summary: Value = serde_json::from_str(err.lines().last().expect("summary")).expect("json");
@@ -1398,7 +1406,7 @@ fn honest_under_sustained_load() {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("VmHWM");
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    signal(child.id(), libc::SIGINT);
     assert!(child.wait().expect("wait").success());
     let err = err_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
     let s: Value = serde_json::from_str(err.lines().last().expect("summary")).expect("json");
@@ -1432,6 +1440,8 @@ fn foreign_xdp_on_lo(sb: &Sandbox) -> (i32, i32) {
     attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_le_bytes());
     attr[48..59].copy_from_slice(b"foreign_xdp");
     attr[68..72].copy_from_slice(&37u32.to_le_bytes()); // expected_attach_type BPF_XDP
+    // SAFETY: bpf(BPF_PROG_LOAD) with a live attr buffer and its size; the pointers inside it
+    // (instructions, license) outlive the call.
     let prog = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) } as i32; // PROG_LOAD
     assert!(prog >= 0, "load: {}", std::io::Error::last_os_error());
     let link = sb
@@ -1442,6 +1452,7 @@ fn foreign_xdp_on_lo(sb: &Sandbox) -> (i32, i32) {
             a[4..8].copy_from_slice(&1u32.to_le_bytes()); // lo
             a[8..12].copy_from_slice(&37u32.to_le_bytes()); // BPF_XDP
             a[12..16].copy_from_slice(&2u32.to_le_bytes()); // XDP_FLAGS_SKB_MODE
+            // SAFETY: bpf(BPF_LINK_CREATE) with a live attr buffer and its size.
             (unsafe { libc::syscall(libc::SYS_bpf, 28, a.as_ptr(), a.len()) }) as i32 // LINK_CREATE
         })
         .expect("netns");
@@ -1491,6 +1502,7 @@ fn someone_elses_xdp_on_lo_is_left_in_place() {
     let req = find_echo(&ps, 8, 0x5d5d);
     assert_eq!(core_stages(req), LO_PATH, "{req}");
     assert_eq!(xdp_on_lo(&sb), Some(id), "left in place after lotrace exits");
+    // SAFETY: both fds were returned by bpf(2) above and are closed once, here.
     unsafe {
         libc::close(link);
         libc::close(prog);
@@ -1747,7 +1759,7 @@ fn without_tcx_lo_programs_are_classic_filters_and_leave_nothing() {
     assert_eq!(theirs(&sb), 1);
     let (mut child, _, _stderr) = launch(&sb, &["--format", "json"], &no_tcx, Stdio::null());
     assert_eq!(ours(&sb).len(), 2);
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    signal(child.id(), libc::SIGINT);
     assert!(child.wait().expect("wait").success());
     assert!(ours(&sb).is_empty());
     assert!(
@@ -1763,7 +1775,7 @@ fn without_tcx_lo_programs_are_classic_filters_and_leave_nothing() {
     let (mut child, line, _) = launch(&sb, &["--format", "json"], &no_tcx, Stdio::null());
     assert!(line.contains("removed 2 classic tc filter(s)"), "{line}");
     assert_eq!(ours(&sb).len(), 2, "only the new run's own");
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    signal(child.id(), libc::SIGINT);
     assert!(child.wait().expect("wait").success());
     // ... and doctor does the same.
     let (mut child, _, _stderr) = launch(&sb, &["--format", "json"], &no_tcx, Stdio::null());
@@ -1861,7 +1873,7 @@ fn exact_against_tcpdump(name: &str, sb: &Sandbox, workload: impl FnOnce() + Sen
     let before = lo_tx_packets(sb);
     sb.netns.run(workload).expect("netns");
     let after = lo_tx_packets(sb);
-    unsafe { libc::kill(td.id() as i32, libc::SIGINT) };
+    signal(td.id(), libc::SIGINT);
     assert!(td.wait().expect("tcpdump").success());
     let mut td_text = String::new();
     td_err.read_to_string(&mut td_text).expect("tcpdump stderr");

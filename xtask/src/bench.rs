@@ -220,6 +220,7 @@ fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
     match t {
         Tracer::None => Ok(None),
         Tracer::Bpftrace { mut child } => {
+            // SAFETY: kill(2) of a child we started and have not yet waited for (no pid reuse).
             unsafe { libc_kill(child.id() as i32, 2) };
             child.wait()?;
             Ok(None)
@@ -231,6 +232,7 @@ fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
         } => {
             std::thread::sleep(Duration::from_millis(200));
             let rss = vm_hwm_kib(child.id());
+            // SAFETY: kill(2) of a child we started and have not yet waited for (no pid reuse).
             unsafe { libc_kill(child.id() as i32, 2) };
             let st = child.wait()?;
             let lines: Vec<String> = err.iter().collect();

@@ -208,6 +208,7 @@ fn setup() -> Result<()> {
     if !std::env::split_paths(&path).any(|p| p == bin) {
         let mut paths: Vec<PathBuf> = std::env::split_paths(&path).collect();
         paths.push(bin);
+        // SAFETY: xtask is single-threaded at this point (before any worker or child is started).
         unsafe { std::env::set_var("PATH", std::env::join_paths(paths)?) };
     }
     Ok(())

@@ -157,6 +157,7 @@ pub struct Session {
 
 /// Root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN (or CAP_SYS_ADMIN).
 pub fn privileges() -> Privileges {
+    // SAFETY: geteuid(2) cannot fail and touches no memory.
     let euid = unsafe { libc::geteuid() };
     let cap_eff = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -753,6 +754,7 @@ mod tests {
     /// kernel's refusal, not a malformed request.
     #[test]
     fn a_probe_program_loads_or_is_refused_by_the_kernel() {
+        // SAFETY: geteuid(2) cannot fail and touches no memory.
         if unsafe { libc::geteuid() } != 0 {
             return;
         }
