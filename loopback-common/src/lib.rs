@@ -66,19 +66,16 @@ pub enum Hook {
     /// of the traced namespace; `arg0` = syscall number. No skb: linked to that thread's next
     /// transmit.
     AppSend = 16,
-    /// fentry/kprobe on `inet_sendmsg` / `inet6_sendmsg` (`sock_sendmsg`): the socket layer's send, by a task of the traced
-    /// namespace; `arg0` = `struct socket` address. No skb: linked to that thread's next transmit.
+    /// fentry/kprobe on `inet_sendmsg` / `inet6_sendmsg` (`sock_sendmsg`): the socket layer's
+    /// send, by a task of the traced namespace; `arg0` = `struct socket` address. No skb: linked
+    /// to that thread's next transmit.
     SockSend = 17,
 }
 
-/// Which untraced free function ended an skb ([`Hook::Consume`] `arg0` from a function hook; 0
-/// from the `consume_skb` tracepoint).
-pub mod free_fn {
-    pub const KFREE_SKB: u64 = 1;
-    pub const PARTIAL: u64 = 2;
-    pub const DEFER: u64 = 3;
-    pub const STATELESS: u64 = 4;
-}
+/// [`Hook::Consume`] `arg0` when the skb was freed inside its own transmit run before reaching
+/// the driver: `validate_xmit_skb` split it into GSO segments, whose runs follow on this CPU
+/// (their head is [`Hook::Xmit`] with the split skb's address in `arg1`). 0 otherwise.
+pub const CONSUME_GSO_SPLIT: u64 = 1;
 
 impl Hook {
     pub const ALL: [Hook; 17] = [

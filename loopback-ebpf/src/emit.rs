@@ -5,7 +5,7 @@ use aya_ebpf::helpers::{
     generated::bpf_probe_read_kernel as probe_read_raw,
 };
 use loopback_common::{
-    HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE, RUN_STAGE_SIZE,
+    CONSUME_GSO_SPLIT, HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE, RUN_STAGE_SIZE,
     RUN_TAIL_FIXED, RawEvent, RunStage, SNAP_EXTRA, counter, hdr_kind,
 };
 
@@ -223,25 +223,26 @@ pub fn gso_parent() -> u64 {
     RUN.get(0).map(|s| if s.open == 0 { s.gso_parent } else { 0 }).unwrap_or(0)
 }
 
-/// Closes the open run of `skb` with its free. A transmit run (opened by tc egress or
+/// Closes the open run with its skb's free. A transmit run (opened by tc egress or
 /// `net_dev_queue`) whose skb is consumed before `net_dev_start_xmit` was split by
-/// `validate_xmit_skb` (GSO in software: the skb is longer than the device's `gso_max_size`);
-/// the segments that follow are remembered as its pieces.
+/// `validate_xmit_skb` (GSO in software: the skb is longer than the device's `gso_max_size`):
+/// the free says so ([`CONSUME_GSO_SPLIT`]) and the segments that follow are its pieces.
 #[inline(always)]
-pub fn free_in_run<M: Mem>(hook: Hook, hit: Hit) {
+pub fn free_in_run<M: Mem>(hook: Hook, mut hit: Hit) {
+    let Some(slot) = run_slot() else {
+        return;
+    };
+    let head = slot.rec.head.hook & !(HOOK_RUN | HOOK_COMM_CACHED);
+    let n = slot.rec.tail.n as usize;
+    // Only tc egress / net_dev_queue staged so far: nothing reached the driver.
     let split = hook == Hook::Consume
-        && run_slot().is_some_and(|s| {
-            let head = s.rec.head.hook & !(HOOK_RUN | HOOK_COMM_CACHED);
-            let n = s.rec.tail.n as usize;
-            // Only tc egress / net_dev_queue staged so far: nothing reached the driver.
-            (head == Hook::TcEgress as u8 || head == Hook::DevQueue as u8)
-                && (n == 0 || (n == 1 && s.rec.tail.stages[0].hook == Hook::DevQueue as u8))
-        });
-    let skb = run_skb();
-    run_stage::<M>(hook, hit, true);
-    if split && let Some(slot) = run_slot() {
-        slot.gso_parent = skb;
+        && (head == Hook::TcEgress as u8 || head == Hook::DevQueue as u8)
+        && (n == 0 || (n == 1 && slot.rec.tail.stages[0].hook == Hook::DevQueue as u8));
+    if split {
+        slot.gso_parent = slot.open;
+        hit.arg0 = CONSUME_GSO_SPLIT;
     }
+    run_stage::<M>(hook, hit, true);
 }
 
 /// Sends this CPU's open run, if any (callers: the staging hooks, see [`open_run`]).

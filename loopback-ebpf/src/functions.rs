@@ -6,7 +6,7 @@ use aya_ebpf::{
     macros::{fentry, kprobe},
     programs::{FEntryContext, ProbeContext},
 };
-use loopback_common::{Hook, free_fn};
+use loopback_common::Hook;
 
 use crate::{
     emit::{Hit, emit},
@@ -69,75 +69,47 @@ fn sock_sendmsg_body<A: Args>(ctx: &A) -> i32 {
     0
 }
 
-/// Frees that fire no tracepoint end a tracked skb as `consume`, naming the function in `arg0`
-/// ([`free_fn`]). Frees that do fire one (`kfree_skb`, `consume_skb`, which call `__kfree_skb`
-/// after their tracepoint) were already seen there and the skb is out of scope by now.
+/// Frees that fire no tracepoint end a tracked skb as `consume`. Frees that do fire one
+/// (`kfree_skb`, `consume_skb`, which call `__kfree_skb` after their tracepoint) were already
+/// seen there and the skb is out of scope by now.
 #[inline(always)]
-fn free_body<A: Args>(ctx: &A, which: u64) -> i32 {
-    let skb: u64 = ctx.arg(0);
-    let hit = Hit {
-        arg0: which,
-        ..Hit::default()
-    };
-    freed::<A>(Hook::Consume, skb, hit);
+fn free_body<A: Args>(ctx: &A) -> i32 {
+    freed::<A>(Hook::Consume, ctx.arg(0), Hit::default());
     0
 }
 
 // void __kfree_skb(struct sk_buff *skb): TCP frees a received pure ACK and an acknowledged
 // segment here.
-func!("__kfree_skb", fentry_kfree_skb_fn, kprobe_kfree_skb_fn, kfree_skb_fn_body);
-#[inline(always)]
-fn kfree_skb_fn_body<A: Args>(ctx: &A) -> i32 {
-    free_body(ctx, free_fn::KFREE_SKB)
-}
-
+func!("__kfree_skb", fentry_kfree_skb_fn, kprobe_kfree_skb_fn, free_body);
 // void kfree_skb_partial(struct sk_buff *skb, bool head_stolen): TCP coalesced this skb into
 // the previous one on the receive queue.
 func!(
     "kfree_skb_partial",
     fentry_kfree_skb_partial,
     kprobe_kfree_skb_partial,
-    kfree_skb_partial_body
+    free_body
 );
-#[inline(always)]
-fn kfree_skb_partial_body<A: Args>(ctx: &A) -> i32 {
-    free_body(ctx, free_fn::PARTIAL)
-}
-
 // void skb_attempt_defer_free(struct sk_buff *skb): TCP's recvmsg is done with the skb and
 // hands it back to the CPU that allocated it.
 func!(
     "skb_attempt_defer_free",
     fentry_skb_defer_free,
     kprobe_skb_defer_free,
-    skb_defer_free_body
+    free_body
 );
-#[inline(always)]
-fn skb_defer_free_body<A: Args>(ctx: &A) -> i32 {
-    free_body(ctx, free_fn::DEFER)
-}
-
 // void __consume_stateless_skb(struct sk_buff *skb): UDP's recvmsg after the copy.
 func!(
     "__consume_stateless_skb",
     fentry_consume_stateless,
     kprobe_consume_stateless,
-    consume_stateless_body
+    free_body
 );
-#[inline(always)]
-fn consume_stateless_body<A: Args>(ctx: &A) -> i32 {
-    free_body(ctx, free_fn::STATELESS)
-}
 
 // void sock_def_readable(struct sock *sk): what `sk->sk_data_ready` is for UDP and raw sockets;
-// serves the socket-queue stage where `sock:sk_data_ready` does not exist.
+// serves the socket-queue stage where `sock:sk_data_ready` does not exist (the same body).
 func!(
     "sock_def_readable",
     fentry_sock_def_readable,
     kprobe_sock_def_readable,
-    sock_def_readable_body
+    sk_data_ready_body
 );
-#[inline(always)]
-fn sock_def_readable_body<A: Args>(ctx: &A) -> i32 {
-    sk_data_ready_body(ctx)
-}

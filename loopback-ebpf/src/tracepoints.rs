@@ -131,31 +131,37 @@ twin!(
 fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
     let dev: u64 = ctx.arg(1);
+    let hit = || Hit {
+        len: skb_len::<A>(skb),
+        dev,
+        ..Hit::default()
+    };
+    // The hot path: a hook of this skb's open run (as `tx_hook`, with a segment's case between
+    // the run and the scope).
+    if run_skb() == skb {
+        run_stage::<A>(Hook::Xmit, hit(), false);
+        return 0;
+    }
     // A GSO segment of the skb split just before on this CPU (`validate_xmit_skb`): a new skb,
     // first seen here. Its own run, its own bytes, the split skb's address in `arg1`. Checked
     // before the scope: a segment may be allocated at the address of an skb whose free fired
     // no tracepoint and is still in scope.
-    let parent = if run_skb() == skb { 0 } else { gso_parent() };
+    let parent = gso_parent();
     if parent != 0 && is_lo::<A>(dev) {
         ensure_tracked(skb);
-        let hit = Hit {
-            len: skb_len::<A>(skb),
-            dev,
+        let head = Hit {
             arg1: parent,
             // The frame as the driver gets it (`skb->data` is the Ethernet header here), like
             // tc egress captures it: the segment's own bytes, for the record and for pcapng.
             cap_kind: hdr_kind::ETH,
             cap_src: skb_data::<A>(skb),
-            ..Hit::default()
+            ..hit()
         };
-        open_run::<A>(Hook::Xmit, skb, hit, false);
-        return 0;
+        open_run::<A>(Hook::Xmit, skb, head, false);
+    } else if tracked(skb) {
+        // Another device's transmit of a traced skb (it left through a veth).
+        emit_hit::<A>(Hook::Xmit, skb, hit());
     }
-    tx_hook::<A>(Hook::Xmit, skb, false, || Hit {
-        len: skb_len::<A>(skb),
-        dev,
-        ..Hit::default()
-    });
     0
 }
 

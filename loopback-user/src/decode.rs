@@ -201,17 +201,12 @@ impl Decoder {
         let stages = run_stages(bytes)?;
         let (mut e, cached, pid_tgid) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)])?;
         let hdr_at = stages.hdr_at;
-        // Hooks that capture whole frames on lo: the lo programs, and a GSO segment's first
-        // hook (`net_dev_start_xmit`, which opens the segment's run with its frame).
-        let lo_hook = |h: Hook| matches!(h, Hook::TcEgress | Hook::TcIngress | Hook::Xdp | Hook::Xmit);
-        let hdr_hook = if hdr_at == 0 {
-            Some(e.hook)
+        // Whole frames (hdr_kind ETH: the lo programs, and a GSO segment's first hook) are wire
+        // bytes; `wire_bytes` leaves every other capture out.
+        let wire = if self.keep_wire {
+            wire_bytes(bytes, stages.is_empty())
         } else {
-            stages.get(hdr_at - 1).map(|(h, _)| *h)
-        };
-        let wire = match hdr_hook {
-            Some(h) if self.keep_wire && lo_hook(h) => wire_bytes(bytes, stages.is_empty()),
-            _ => None,
+            None
         };
         let cpu = e.cpu as usize;
         if cached {
@@ -281,9 +276,6 @@ impl Stages {
     fn is_empty(&self) -> bool {
         self.n == 0
     }
-    fn get(&self, i: usize) -> Option<&(Hook, RunStage)> {
-        self.at[..self.n].get(i)
-    }
     fn iter(&self) -> std::slice::Iter<'_, (Hook, RunStage)> {
         self.at[..self.n].iter()
     }
@@ -344,11 +336,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 /// The link-layer bytes of an `lo` record: the header capture, then whatever an ordinary record
 /// carries past the fixed part (`--snaplen`; a run record's tail is not packet bytes).
 fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
-    // SAFETY: decode_raw checked the length; plain old data.
-    let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    if raw.hdr_kind != hdr_kind::ETH {
+    // Most records carry no frame: look at the one byte before copying the record.
+    if bytes.get(std::mem::offset_of!(RawEvent, hdr_kind)) != Some(&hdr_kind::ETH) {
         return None;
     }
+    // SAFETY: decode_raw checked the length; plain old data.
+    let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let n = (raw.hdr_len as usize).min(HDR_CAP);
     let mut v = raw.hdr[..n].to_vec();
     if n == HDR_CAP && with_tail {

@@ -12,7 +12,7 @@ use std::{
 use hdrhistogram::Histogram;
 // FxHash: the tracker's maps are keyed by skb addresses and small tuples, on the per-event hot
 // path; SipHash's DoS resistance buys nothing here and costs a third of the lookup time.
-use loopback_common::Hook;
+use loopback_common::{CONSUME_GSO_SPLIT, Hook};
 use rustc_hash::FxHashMap;
 
 use crate::decode::{Event, Name, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PacketInfo, RouteInfo};
@@ -252,6 +252,12 @@ impl PacketPath {
     pub fn is_drop(&self) -> bool {
         self.verdict == Verdict::Dropped
     }
+    /// The drop reason a drop is counted under (the summary's and the dashboard's `drops`);
+    /// `None` when it is no drop (a NO_SOCKET original whose clone was delivered).
+    pub fn drop_label(&self) -> Option<String> {
+        self.is_drop()
+            .then(|| self.drop_reason.clone().unwrap_or_else(|| "unknown".into()))
+    }
     /// First seen at the socket (`copy_to_user`): a copy of a packet, not a `lo` crossing of its
     /// own (a raw socket's clone, or a segment UDP cut from a GSO datagram at receive).
     pub fn is_copy(&self) -> bool {
@@ -484,7 +490,6 @@ impl Tracker {
             }
             None => {
                 let mut p = Box::new(self.new_packet(&e));
-                // The send syscall this thread entered just before: the start of the path.
                 // The send syscall this thread entered just before, and its socket-layer send
                 // (fentry/kprobe on `sock_sendmsg`, where the kernel allows them).
                 if matches!(e.hook, Hook::DevQueue | Hook::TcEgress) {
@@ -528,7 +533,7 @@ impl Tracker {
         // The length of the crossing itself: after the receive, TCP may coalesce later segments
         // into this skb (`tcp_try_coalesce`), and what the socket copies is then longer than
         // what crossed lo. A copy has only the socket's length.
-        if e.len > p.len && (e.hook != Hook::CopyToUser || p.stages.is_empty()) && e.hook != Hook::Consume {
+        if e.len > p.len && (e.hook != Hook::CopyToUser || p.stages.is_empty()) {
             p.len = e.len;
         }
         match e.hook {
@@ -542,14 +547,9 @@ impl Tracker {
         }
         p.stages.push(Stage::of(&e, dev));
         match e.hook {
-            // Freed inside its own transmit, after the device queue and before the driver: split
-            // into GSO segments, which follow. Held (per CPU) to start their paths.
-            Hook::Consume
-                if p.tx_dev.as_deref() == Some("lo")
-                    && p.has(StageKind::DevQueue)
-                    && !p.has(StageKind::Xmit)
-                    && !p.has(StageKind::Receive) =>
-            {
+            // Split into GSO segments before the driver (the kernel program says so), which
+            // follow on this CPU. Held to start their paths.
+            Hook::Consume if e.arg0 == CONSUME_GSO_SPLIT => {
                 if let Some(last) = p.stages.last_mut() {
                     last.stage = StageKind::GsoSegment;
                 }
@@ -875,10 +875,8 @@ impl Tracker {
         if p.verdict == Verdict::InFlight {
             s.in_flight_at_end += 1;
         }
-        if p.is_drop() {
-            *s.drops
-                .entry(p.drop_reason.clone().unwrap_or_else(|| "unknown".into()))
-                .or_default() += 1;
+        if let Some(r) = p.drop_label() {
+            *s.drops.entry(r).or_default() += 1;
         }
         if let Some(si) = &p.softirq {
             *s.by_context.entry(si.context.as_str()).or_default() += 1;
@@ -1040,7 +1038,7 @@ pub(crate) mod tests {
         s.ev(Hook::TcEgress, 0xa0, 7, "app", "lo", Some(big.clone()), 0, 0);
         s.ev(Hook::DevQueue, 0xa0, 7, "app", "lo", None, 0, 0);
         // validate_xmit_skb: segmented, the original consumed before the driver.
-        s.ev(Hook::Consume, 0xa0, 7, "app", "", None, 0, 0);
+        s.ev(Hook::Consume, 0xa0, 7, "app", "", None, CONSUME_GSO_SPLIT, 0);
         for (seg, n) in [(0xb0, 1u16), (0xc0, 2)] {
             let info = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, n);
             s.ev(Hook::Xmit, seg, 7, "app", "lo", Some(info.clone()), 0, 0xa0);

@@ -527,15 +527,7 @@ fn attach_point(
         match res {
             Ok(()) => {
                 out.attached = true;
-                if !out.refused.is_empty() {
-                    out.fallback_reason = Some(
-                        out.refused
-                            .iter()
-                            .map(|r| format!("{}: {}", r.kind, r.reason))
-                            .collect::<Vec<_>>()
-                            .join("; "),
-                    );
-                }
+                out.fallback_reason = (!out.refused.is_empty()).then(|| refusals_line(&out.refused));
                 return out;
             }
             Err(reason) => out.refused.push(Refusal {
@@ -548,13 +540,18 @@ fn attach_point(
     }
     out.error = Some(match out.refused.as_slice() {
         [only] => only.reason.clone(),
-        all => all
-            .iter()
-            .map(|r| format!("{}: {}", r.kind, r.reason))
-            .collect::<Vec<_>>()
-            .join("; "),
+        all => refusals_line(all),
     });
     out
+}
+
+/// Refused candidates on one line: `kind: reason; kind: reason`.
+fn refusals_line(refused: &[Refusal]) -> String {
+    refused
+        .iter()
+        .map(|r| format!("{}: {}", r.kind, r.reason))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Whether refusal `why` of a `kind` attach holds for every hook of that kind on this kernel:

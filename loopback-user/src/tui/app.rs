@@ -5,7 +5,10 @@ use hdrhistogram::Histogram;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use crate::{
-    bpf::session::{KernelCounters, ProgramCost},
+    bpf::{
+        probes::PLAN,
+        session::{KernelCounters, ProgramCost},
+    },
     decode::proto_name,
     filter::{self, Expr},
     path::{PacketPath, SoftirqContext, StageKind},
@@ -16,10 +19,9 @@ pub struct Step {
     pub name: &'static str,
     /// Stages (path.rs names) that belong to this step; empty: not observable here.
     pub stages: &'static [StageKind],
-    /// Why it is not observable (when `stages` is empty, or every hook in `hooks` is missing).
+    /// Why it is not observable (when `stages` is empty, or every hook point of the plan that
+    /// serves its stages is missing here).
     pub why_not: &'static str,
-    /// Hook points (`probes.rs` names) that alone serve it; when all are missing, it is unseen.
-    pub hooks: &'static [&'static str],
 }
 
 pub const STEPS: &[Step] = &[
@@ -27,61 +29,51 @@ pub const STEPS: &[Step] = &[
         name: "app send",
         stages: &[StageKind::AppSend],
         why_not: "",
-        hooks: &[],
     },
     Step {
         name: "socket send",
         stages: &[StageKind::SockSend],
         why_not: "no tracepoint; needs fentry or kprobes",
-        hooks: &["inet_sendmsg", "inet6_sendmsg"],
     },
     Step {
         name: "route",
         stages: &[StageKind::Route],
         why_not: "",
-        hooks: &[],
     },
     Step {
         name: "IP out, dev queue",
         stages: &[StageKind::TcEgress, StageKind::DevQueue, StageKind::GsoSegment],
         why_not: "",
-        hooks: &[],
     },
     Step {
         name: "lo transmit",
         stages: &[StageKind::Xmit, StageKind::XmitDone],
         why_not: "",
-        hooks: &[],
     },
     Step {
         name: "backlog (per CPU)",
         stages: &[StageKind::BacklogEnqueue],
         why_not: "",
-        hooks: &[],
     },
     Step {
         name: "NET_RX softirq",
         stages: &[StageKind::SoftirqRaise, StageKind::SoftirqEntry],
         why_not: "",
-        hooks: &[],
     },
     Step {
         name: "IP receive",
         stages: &[StageKind::Receive, StageKind::TcIngress, StageKind::Xdp],
         why_not: "",
-        hooks: &[],
     },
     Step {
         name: "socket queue",
         stages: &[StageKind::SockQueue, StageKind::CopyToUser],
         why_not: "",
-        hooks: &[],
     },
     Step {
         name: "app recv",
         stages: &[StageKind::AppRecv],
         why_not: "",
-        hooks: &[],
     },
 ];
 
@@ -211,16 +203,20 @@ fn hist() -> Histogram<u64> {
 }
 
 impl App {
-    /// Whether step `s` can show anything here (its hooks attached).
+    /// Whether step `s` can show anything here: some hook point of the plan (`probes.rs`) that
+    /// serves one of its stages is attached (steps whose stages no hook point marks on its own,
+    /// the softirq ones, are derived and always shown).
     pub fn observable(&self, s: &Step) -> bool {
-        !s.stages.is_empty()
-            && (s.hooks.is_empty()
-                || s.hooks.iter().any(|h| {
-                    !self
-                        .missing
-                        .iter()
-                        .any(|m| m == h || m.strip_prefix(h).is_some_and(|r| r.starts_with(' ')))
-                }))
+        let missing = |name: &str| {
+            self.missing
+                .iter()
+                .any(|m| m == name || m.strip_prefix(name).is_some_and(|r| r.starts_with(' ')))
+        };
+        let mut serving = PLAN
+            .iter()
+            .filter(|hp| hp.hook.is_some_and(|h| s.stages.contains(&StageKind::of(h))))
+            .peekable();
+        !s.stages.is_empty() && (serving.peek().is_none() || serving.any(|hp| !missing(hp.name)))
     }
 
     pub fn new(source: String, missing: Vec<String>) -> Self {
@@ -331,8 +327,7 @@ impl App {
         }
         // Counted as the summary counts them: a NO_SOCKET original whose clone was delivered
         // is not a drop.
-        if p.is_drop() {
-            let r = p.drop_reason.clone().unwrap_or_else(|| "unknown".into());
+        if let Some(r) = p.drop_label() {
             *self.drops.entry(r).or_default() += 1;
         }
         let key = flow_key(&p);
