@@ -293,6 +293,10 @@ struct Tally {
     passed: u64,
     failed: u64,
     skipped: u64,
+    /// What failed, by name, for the closing lines (a CI log may keep only its tail).
+    failures: Vec<String>,
+    /// Where the tests being counted ran ("kernel 6.1"), prefixed to failure names.
+    place: String,
 }
 
 impl Tally {
@@ -308,6 +312,11 @@ impl Tally {
             self.passed += num(" passed");
             self.failed += num(" failed");
             self.skipped += num(" ignored");
+        }
+        for l in out.lines() {
+            if let Some(name) = l.strip_prefix("test ").and_then(|r| r.strip_suffix(" ... FAILED")) {
+                self.failures.push(format!("{}{name}", self.place));
+            }
         }
     }
 
@@ -327,6 +336,8 @@ impl Tally {
         self.count(&text);
         if !out.status.success() && !text.contains("test result:") {
             self.failed += 1;
+            self.failures
+                .push(format!("{}{cmd:?} (did not reach its tests)", self.place));
         }
     }
 
@@ -337,6 +348,7 @@ impl Tally {
             Err(e) => {
                 eprintln!("xtask: {what} FAILED: {e:#}");
                 self.failed += 1;
+                self.failures.push(format!("{}{what}", self.place));
             }
         }
     }
@@ -366,17 +378,24 @@ fn fuzz(secs: u32) -> Result<bool> {
         // libFuzzer needs nightly-only flags (RUSTC_BOOTSTRAP, as for the eBPF build); no
         // sanitizer: the code is safe Rust, a panic is what we look for. The eBPF object is
         // not needed by the fuzzed code (stub).
-        let st = cargo()
+        let out = cargo()
             .current_dir(root().join("fuzz"))
             .args(["fuzz", "run", "-s", "none", t, "--"])
             .arg(format!("-max_total_time={secs}"))
             .env("RUSTC_BOOTSTRAP", "1")
             .env("LOTRACE_EBPF_STUB", "1")
-            .status()
+            .output()
             .context("cargo fuzz")?;
-        if st.success() {
+        // libFuzzer's progress lines would fill a CI log's tail; they are shown only when
+        // the target fails (the last 60 lines hold the crash and its input).
+        if out.status.success() {
             println!("fuzz {t}: {secs} s without a crash");
         } else {
+            let text = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = text.lines().collect();
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                println!("{l}");
+            }
             println!("fuzz {t}: FAILED (input saved under fuzz/artifacts/{t})");
             all_ok = false;
         }
@@ -492,7 +511,9 @@ fn guest_suite(t: &mut Tally, series: &str, bin: &Path) {
     match attempt {
         Ok(run) => {
             let before = t.failed;
+            t.place = format!("kernel {series}: ");
             t.count(&run.output);
+            t.place.clear();
             println!(
                 "kernel {series} ({}): guest finished in {:.0} s, payload rc={}",
                 run.package,
@@ -577,13 +598,16 @@ fn test(kernels: &[String]) -> Result<()> {
     // 5. fuzz targets, briefly (`cargo xtask fuzz` for a longer run)
     match fuzz(FUZZ_TEST_SECS) {
         Ok(true) => t.passed += FUZZ_TARGETS.len() as u64,
-        Ok(false) => t.failed += 1,
+        Ok(false) => t.check("fuzzing", Err(anyhow!("a fuzz target found a crash (see above)"))),
         Err(e) => t.check("fuzzing", Err(e)),
     }
     println!(
         "\nsummary: {} passed, {} failed, {} skipped",
         t.passed, t.failed, t.skipped
     );
+    for f in &t.failures {
+        println!("failed: {f}");
+    }
     if t.failed > 0 {
         bail!("tests failed");
     }
@@ -599,12 +623,16 @@ mod tests {
         let mut t = Tally::default();
         t.count("running 3 tests\ntest result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s\n");
         t.count("test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s\n");
+        t.place = "kernel 6.1: ".into();
+        t.count("test privileged::a_test ... FAILED\ntest privileged::b_test ... ok\n");
         assert_eq!(
             t,
             Tally {
                 passed: 7,
                 failed: 2,
-                skipped: 1
+                skipped: 1,
+                failures: vec!["kernel 6.1: privileged::a_test".into()],
+                place: "kernel 6.1: ".into(),
             }
         );
     }
