@@ -6,6 +6,7 @@ pub mod decode;
 pub mod fault;
 pub mod filter;
 pub mod fixture;
+pub mod hooks;
 pub mod netns;
 pub mod output;
 pub mod path;

@@ -85,12 +85,8 @@ pub struct StageOut {
 
 /// A packet's stages with their deltas, as they appear in every JSON output.
 pub fn stages_out(p: &PacketPath) -> Vec<StageOut> {
-    let mut prev = p.first_ts();
-    p.stages
-        .iter()
-        .map(|s| {
-            let d = s.t_ns.saturating_sub(prev);
-            prev = s.t_ns;
+    p.timed_stages()
+        .map(|(s, d)| {
             StageOut {
                 stage: s.stage.as_str(),
                 t_ns: s.t_ns,
@@ -380,8 +376,7 @@ mod json {
         b.extend_from_slice(b",\"latency_ns\":");
         num(b, p.last_ts().saturating_sub(first));
         b.extend_from_slice(b",\"stages\":[");
-        let mut prev = first;
-        for (i, s) in p.stages.iter().enumerate() {
+        for (i, (s, d)) in p.timed_stages().enumerate() {
             if i > 0 {
                 b.push(b',');
             }
@@ -390,8 +385,7 @@ mod json {
             b.extend_from_slice(b",\"t_ns\":");
             num(b, s.t_ns);
             b.extend_from_slice(b",\"delta_ns\":");
-            num(b, s.t_ns.saturating_sub(prev));
-            prev = s.t_ns;
+            num(b, d);
             b.extend_from_slice(b",\"cpu\":");
             num(b, s.cpu);
             b.extend_from_slice(b",\"pid\":");
@@ -510,10 +504,7 @@ pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
         let _ = write!(s, " softirq {} cpu{} ({})", si.context.as_str(), si.cpu, si.task);
     }
     let _ = writeln!(s, " total {}", fmt_ns(p.last_ts().saturating_sub(p.first_ts())));
-    let mut prev = p.first_ts();
-    for stg in &p.stages {
-        let d = stg.t_ns.saturating_sub(prev);
-        prev = stg.t_ns;
+    for (stg, d) in p.timed_stages() {
         let extra = match &p.route {
             Some(r) if stg.stage == StageKind::Route => format!("table {} dev {}", table_name(r.table), r.dev),
             _ => stg.dev.map(|d| d.to_string()).unwrap_or_default(),
@@ -805,6 +796,16 @@ mod tests {
             n_route += p.route.is_some() as usize;
         }
         assert!(n_route >= 8, "the variants with every optional field were checked");
+    }
+
+    /// The JSON schema, byte for byte: every line the corpus makes (README, "JSON output").
+    #[test]
+    fn json_lines_are_the_documented_schema_byte_for_byte() {
+        let mut out = Vec::new();
+        for p in &json_corpus() {
+            write_packet_json(&mut out, p).expect("write");
+        }
+        insta::assert_snapshot!("json_corpus", String::from_utf8_lossy(&out));
     }
 
     #[test]

@@ -913,13 +913,9 @@ pub fn report_json(r: &Report) -> Value {
 }
 
 fn path_line(p: &PacketPath) -> String {
-    let mut prev = p.first_ts();
-    p.stages
-        .iter()
+    p.timed_stages()
         .enumerate()
-        .map(|(i, s)| {
-            let d = s.t_ns.saturating_sub(prev);
-            prev = s.t_ns;
+        .map(|(i, (s, d))| {
             if i == 0 {
                 s.stage.to_string()
             } else {

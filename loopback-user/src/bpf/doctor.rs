@@ -13,10 +13,11 @@ use aya::{
 use loopback_common::{KernelOffsets, LOOPBACK_IFINDEX};
 use serde::Serialize;
 
+use crate::hooks::PLAN;
+
 use super::{
     btf::{KernelBtf, VMLINUX_BTF},
     object,
-    probes::PLAN,
     session::{KernelShape, Privileges, Session, SessionOptions, explain, privileges, verifier_log},
 };
 

@@ -3,5 +3,4 @@ pub mod btf;
 pub mod classic_tc;
 pub mod doctor;
 pub mod object;
-pub mod probes;
 pub mod session;

@@ -18,9 +18,10 @@ use serde::Serialize;
 use super::{
     btf::{KernelBtf, short_drop_reason},
     object,
-    probes::{Attach, Candidate, Dir, HookPoint, PLAN},
+    
 };
 use crate::bpf::classic_tc::ClassicTc;
+use crate::hooks::{Attach, Candidate, Dir, HookPoint, PLAN};
 use crate::netns::Netns;
 
 /// Why the exit summary has no kernel cost when `--kernel-cost` was not given.
@@ -478,7 +479,7 @@ fn attach_point(
     let first = hp.candidates[0];
     let mut out = AttachOutcome {
         program: hp.name,
-        stage: hp.hook.map(|h| crate::path::StageKind::of(h).as_str()),
+        stage: hp.hook.map(|h| crate::hooks::StageKind::of(h).as_str()),
         kind: first.attach.kind(),
         target: first.attach.target(),
         attached: false,

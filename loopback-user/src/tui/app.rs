@@ -5,10 +5,8 @@ use hdrhistogram::Histogram;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use crate::{
-    bpf::{
-        probes::PLAN,
-        session::{KernelCounters, ProgramCost},
-    },
+    bpf::session::{KernelCounters, ProgramCost},
+    hooks::PLAN,
     decode::proto_name,
     filter::{self, Expr},
     path::{PacketPath, SoftirqContext, StageKind},
@@ -203,7 +201,7 @@ fn hist() -> Histogram<u64> {
 }
 
 impl App {
-    /// Whether step `s` can show anything here: some hook point of the plan (`probes.rs`) that
+    /// Whether step `s` can show anything here: some hook point of the plan (`hooks/plan.rs`) that
     /// serves one of its stages is attached (steps whose stages no hook point marks on its own,
     /// the softirq ones, are derived and always shown).
     pub fn observable(&self, s: &Step) -> bool {
@@ -311,10 +309,9 @@ impl App {
             }
         }
         // Latency of a step: from the previous stage of the packet to this step's first stage.
-        for w in p.stages.windows(2) {
-            if let Some(i) = STEPS.iter().position(|s| s.stages.contains(&w[1].stage)) {
-                let d = w[1].t_ns.saturating_sub(w[0].t_ns).max(1);
-                let _ = self.steps[i].latency.get_or_insert_with(hist).record(d);
+        for (stage, d) in p.timed_stages().skip(1) {
+            if let Some(i) = STEPS.iter().position(|s| s.stages.contains(&stage.stage)) {
+                let _ = self.steps[i].latency.get_or_insert_with(hist).record(d.max(1));
             }
         }
         if let Some(s) = &p.softirq {

@@ -381,10 +381,7 @@ fn inspector_view(app: &App, f: &mut Frame, r: Rect) {
         Layout::vertical([Constraint::Length(2), Constraint::Length(1), Constraint::Min(1)]).areas(inner);
     f.render_widget(Paragraph::new(head).wrap(Wrap { trim: true }), h);
     f.render_widget(Paragraph::new(Line::styled(reply, bold())), rep);
-    let mut prev = p.first_ts();
-    let rows = p.stages.iter().map(|s| {
-        let d = s.t_ns.saturating_sub(prev);
-        prev = s.t_ns;
+    let rows = p.timed_stages().map(|(s, d)| {
         Row::new(vec![
             Cell::from(s.stage.as_str()),
             Cell::from(format!("+{}", fmt_ns(d))),

@@ -319,7 +319,7 @@ mod tests {
     /// renamed here without the README (or the other way round) fails here.
     #[test]
     fn the_readme_hook_table_says_what_the_plan_does() {
-        use crate::path::StageKind;
+        use crate::hooks::StageKind;
         let readme = include_str!("../../../README.md");
         let section = readme
             .split("## Hook plan")

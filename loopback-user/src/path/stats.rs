@@ -1,0 +1,59 @@
+//! Totals for the exit summary, accounted as each packet finishes.
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+
+use super::{PacketPath, StageKind, Verdict};
+
+/// Totals for the exit summary.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub packets: u64,
+    pub complete: u64,
+    pub expired: u64,
+    pub in_flight_at_end: u64,
+    pub drops: BTreeMap<String, u64>,
+    /// Events of the `lo` programs that could not be linked to an skb.
+    pub unlinked_lo_events: u64,
+    /// skbs split into GSO segments before `lo` (each segment is a packet of its own).
+    pub gso_splits: u64,
+    /// Copies first seen at the socket ([`PacketPath::is_copy`]): printed, not counted as
+    /// packets.
+    pub copies: u64,
+    /// Per stage: latency from the previous stage, in ns.
+    pub stage_latency: BTreeMap<StageKind, Histogram<u64>>,
+    pub by_context: BTreeMap<&'static str, u64>,
+}
+
+impl Stats {
+    pub(super) fn account(&mut self, p: &PacketPath) {
+        let s = self;
+        if p.is_copy() {
+            s.copies += 1;
+            return;
+        }
+        s.packets += 1;
+        if p.complete {
+            s.complete += 1;
+        }
+        if p.verdict == Verdict::Expired {
+            s.expired += 1;
+        }
+        if p.verdict == Verdict::InFlight {
+            s.in_flight_at_end += 1;
+        }
+        if let Some(r) = p.drop_label() {
+            *s.drops.entry(r).or_default() += 1;
+        }
+        if let Some(si) = &p.softirq {
+            *s.by_context.entry(si.context.as_str()).or_default() += 1;
+        }
+        for (stage, d) in p.timed_stages().skip(1) {
+            let h = s
+                .stage_latency
+                .entry(stage.stage)
+                .or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("valid histogram bounds"));
+            let _ = h.record(d.max(1));
+        }
+    }
+}

@@ -1,0 +1,432 @@
+//! The tracker: feeds decoded events into per-skb paths and finishes them (identity,
+//! address reuse, GSO segments, clones held for their original, expiry).
+use std::collections::{HashMap, VecDeque};
+
+use loopback_common::{CONSUME_GSO_SPLIT, Hook};
+// FxHash: the tracker's maps are keyed by skb addresses and small tuples, on the per-event hot
+// path; SipHash's DoS resistance buys nothing here and costs a third of the lookup time.
+use rustc_hash::FxHashMap;
+
+use super::{
+    PacketPath, Stage, StageKind, Stats, Verdict, Wire, is_complete,
+    pairing::{EchoKey, FlowKey},
+};
+use crate::decode::{Event, Name, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RouteInfo};
+
+#[derive(Clone, Copy, Debug)]
+pub struct TrackerConfig {
+    /// A packet with no event for this long (event clock) is finished as expired.
+    pub max_idle_ns: u64,
+    /// At most this many packets in flight; the oldest are expired beyond it.
+    pub max_inflight: usize,
+    /// How long a NO_SOCKET-freed ICMP packet waits for its delivered clone.
+    pub clone_wait_ns: u64,
+}
+
+impl Default for TrackerConfig {
+    fn default() -> Self {
+        Self {
+            max_idle_ns: 2_000_000_000,
+            max_inflight: 65_536,
+            clone_wait_ns: 1_000_000_000,
+        }
+    }
+}
+
+/// A send syscall links to its thread's next transmit only if that comes within this time (a
+/// send that transmitted nothing, e.g. on a UNIX socket, must not claim a later packet).
+/// Syscall entry to the first transmit hook takes microseconds on hardware, but up to about
+/// 1.1 ms was measured inside an emulated (TCG) guest with classic tc; 10 ms keeps the link
+/// there while a thread's later send syscall still replaces its pending one.
+pub(super) const SEND_LINK_NS: u64 = 10_000_000;
+
+pub struct Tracker {
+    pub(super) cfg: TrackerConfig,
+    /// Boxed: a packet moves out of and back into the map on every event.
+    pub(super) inflight: FxHashMap<u64, Box<PacketPath>>,
+    next_id: u64,
+    /// Latest route lookup per thread: the next transmit of that thread used it.
+    last_route: FxHashMap<u32, (Stage, RouteInfo)>,
+    /// Latest send-family syscall entry per thread (linked to its next transmit).
+    last_send: FxHashMap<u32, Stage>,
+    /// Per thread: its last `sock_sendmsg` (fentry/kprobe), linked like `last_send`.
+    last_sock_send: FxHashMap<u32, Stage>,
+    pub(super) echo_requests: FxHashMap<EchoKey, u64>,
+    pub(super) echo_order: VecDeque<EchoKey>,
+    pub(super) tcp_unacked: FxHashMap<FlowKey, VecDeque<(u32, u64)>>,
+    /// Finished packets held back until their delivered clone shows up (or the wait ends).
+    pub(super) awaiting_clone: VecDeque<PacketPath>,
+    /// Per socket: UDP packets queued to it, oldest first (matched to the application's reads).
+    sock_queues: FxHashMap<u64, VecDeque<u64>>,
+    /// Per CPU: the skb just split into GSO segments there (address, path so far, segments
+    /// seen). Its segments follow on the same CPU, inside the same `__dev_queue_xmit`.
+    gso_parents: FxHashMap<u32, (u64, Box<PacketPath>, u32)>,
+    drop_names: HashMap<u64, String>,
+    pub stats: Stats,
+}
+
+impl Tracker {
+    pub fn new(cfg: TrackerConfig, drop_names: HashMap<u64, String>) -> Self {
+        Self {
+            cfg,
+            inflight: FxHashMap::default(),
+            next_id: 1,
+            last_route: FxHashMap::default(),
+            last_send: FxHashMap::default(),
+            last_sock_send: FxHashMap::default(),
+            echo_requests: FxHashMap::default(),
+            echo_order: VecDeque::new(),
+            tcp_unacked: FxHashMap::default(),
+            awaiting_clone: VecDeque::new(),
+            sock_queues: FxHashMap::default(),
+            gso_parents: FxHashMap::default(),
+            drop_names,
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.len() + self.awaiting_clone.len()
+    }
+
+    fn new_packet(&mut self, e: &Event) -> PacketPath {
+        let id = self.next_id;
+        self.next_id += 1;
+        PacketPath {
+            id,
+            skb: e.skb,
+            stages: Vec::with_capacity(12),
+            info: None,
+            len: e.len,
+            tx_dev: None,
+            rx_dev: None,
+            route: None,
+            softirq: None,
+            verdict: Verdict::InFlight,
+            drop_reason: None,
+            reply_of: None,
+            clone_of: None,
+            complete: false,
+            receive_arg: None,
+            wire: None,
+        }
+    }
+
+    /// Feeds one event; returns the packets it finished (in order).
+    pub fn push(&mut self, mut e: Event) -> Vec<PacketPath> {
+        let mut done = Vec::new();
+        self.release_clone_waiters(e.ts_ns, &mut done);
+        if e.hook == Hook::Route {
+            if let Some(r) = e.route.clone() {
+                let st = Stage::of(&e, (!r.dev.is_empty()).then(|| Name::from(r.dev.as_str())));
+                self.last_route.insert(e.tid, (st, r));
+            }
+            return done;
+        }
+        if e.hook == Hook::AppRecv {
+            self.app_recv(&e, &mut done);
+            return done;
+        }
+        if e.hook == Hook::AppSend {
+            self.last_send.insert(e.tid, Stage::of(&e, None));
+            self.last_sock_send.remove(&e.tid);
+            return done;
+        }
+        if e.hook == Hook::SockSend {
+            self.last_sock_send.insert(e.tid, Stage::of(&e, None));
+            return done;
+        }
+        if e.skb == 0 {
+            self.stats.unlinked_lo_events += 1;
+            return done;
+        }
+        if e.hook == Hook::SockQueue {
+            // Only meaningful for a UDP packet still being received, queued once.
+            let queued = match self.inflight.get(&e.skb) {
+                Some(p) => {
+                    p.has(StageKind::Receive)
+                        && !p.has(StageKind::SockQueue)
+                        && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
+                }
+                None => false,
+            };
+            if !queued {
+                return done;
+            }
+            self.sock_queues.entry(e.arg0).or_default().push_back(e.skb);
+        }
+        // A GSO segment (the head of its own transmit run, the split skb in `arg1`) is a new
+        // skb: whatever was open at its address ended unseen (its free fired no tracepoint).
+        let segment_of = (e.hook == Hook::Xmit && e.arg1 != 0).then_some(e.arg1);
+        if segment_of.is_some()
+            && let Some(old) = self.inflight.remove(&e.skb)
+        {
+            let v = self.idle_verdict(&old);
+            self.finish(*old, v, &mut done);
+        }
+        // A new transmit on an address whose previous packet got no free tracepoint (TCP
+        // paths) ends that packet: the address was reused.
+        if matches!(e.hook, Hook::TcEgress | Hook::DevQueue)
+            && let Some(old) = self.inflight.get(&e.skb)
+            && old.has(StageKind::DevQueue)
+            && let Some(old) = self.inflight.remove(&e.skb)
+        {
+            self.finish(*old, Verdict::FreedUntraced, &mut done);
+        }
+        let mut p = match self.inflight.remove(&e.skb) {
+            Some(p) => p,
+            None if segment_of.is_some() => {
+                let mut p = Box::new(self.new_packet(&e));
+                // Its path so far is the split skb's (send, route, tc egress, dev queue, split).
+                if let Some((parent, pp, n)) = self.gso_parents.get_mut(&e.cpu)
+                    && Some(*parent) == segment_of
+                {
+                    *n += 1;
+                    p.stages.extend(pp.stages.iter().cloned());
+                    p.route = pp.route.clone();
+                    p.tx_dev = pp.tx_dev;
+                }
+                p
+            }
+            None => {
+                let mut p = Box::new(self.new_packet(&e));
+                // The send syscall this thread entered just before, and its socket-layer send
+                // (fentry/kprobe on `sock_sendmsg`, where the kernel allows them).
+                if matches!(e.hook, Hook::DevQueue | Hook::TcEgress) {
+                    for st in [self.last_send.remove(&e.tid), self.last_sock_send.remove(&e.tid)]
+                        .into_iter()
+                        .flatten()
+                    {
+                        if e.ts_ns.saturating_sub(st.t_ns) <= SEND_LINK_NS {
+                            p.stages.push(st);
+                        }
+                    }
+                }
+                if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
+                    && let Some((st, r)) = self.last_route.remove(&e.tid)
+                    && e.packet.as_ref().is_none_or(|i| i.dst == r.dst)
+                {
+                    p.stages.push(st);
+                    p.route = Some(r);
+                }
+                p
+            }
+        };
+        let dev = (!e.ifname.is_empty()).then_some(e.ifname);
+        if p.wire.is_none()
+            && let Some(bytes) = e.wire.take()
+        {
+            p.wire = Some(Wire {
+                ts_ns: e.ts_ns,
+                orig_len: e.len.max(bytes.len() as u32),
+                bytes,
+            });
+        }
+        if p.info.is_none() && e.packet.is_some() {
+            p.info = e.packet.clone();
+            // Pair as soon as the headers are known, in transmit order: packets finish late
+            // (TCP frees fire no tracepoint), an ACK may finish before what it acknowledges.
+            if e.hook != Hook::CopyToUser {
+                self.pair(&mut p);
+            }
+        }
+        // The length of the crossing itself: after the receive, TCP may coalesce later segments
+        // into this skb (`tcp_try_coalesce`), and what the socket copies is then longer than
+        // what crossed lo. A copy has only the socket's length.
+        if e.len > p.len && (e.hook != Hook::CopyToUser || p.stages.is_empty()) {
+            p.len = e.len;
+        }
+        match e.hook {
+            Hook::Xmit => p.tx_dev = dev,
+            Hook::DevQueue if p.tx_dev.is_none() => p.tx_dev = dev,
+            Hook::Receive => {
+                p.rx_dev = dev;
+                p.receive_arg = Some((e.arg0, e.arg1));
+            }
+            _ => {}
+        }
+        p.stages.push(Stage::of(&e, dev));
+        match e.hook {
+            // Split into GSO segments before the driver (the kernel program says so), which
+            // follow on this CPU. Held to start their paths.
+            Hook::Consume if e.arg0 == CONSUME_GSO_SPLIT => {
+                if let Some(last) = p.stages.last_mut() {
+                    last.stage = StageKind::GsoSegment;
+                }
+                match self.gso_parents.insert(e.cpu, (e.skb, p, 0)) {
+                    Some((_, old, 0)) => self.unsplit(*old, &mut done),
+                    Some(_) => self.stats.gso_splits += 1,
+                    None => {}
+                }
+            }
+            Hook::Consume => self.finish(*p, Verdict::Consumed, &mut done),
+            Hook::LeftNetns => self.finish(*p, Verdict::LeftNetns, &mut done),
+            Hook::Free => {
+                let name = self
+                    .drop_names
+                    .get(&e.arg0)
+                    .cloned()
+                    .unwrap_or_else(|| format!("reason-{}", e.arg0));
+                p.drop_reason = Some(name);
+                let waits_for_clone = p.drop_reason.as_deref() == Some("NO_SOCKET")
+                    && p.info
+                        .as_ref()
+                        .is_some_and(|i| i.proto == PROTO_ICMP || i.proto == PROTO_ICMPV6);
+                if waits_for_clone {
+                    p.verdict = Verdict::Dropped;
+                    self.awaiting_clone.push_back(*p);
+                } else {
+                    self.finish(*p, Verdict::Dropped, &mut done);
+                }
+            }
+            Hook::CopyToUser if p.stages.len() == 1 && p.clone_of.is_none() => {
+                // A clone first seen at the socket: link it to its original.
+                self.link_clone(&mut p, &mut done);
+                self.inflight.insert(e.skb, p);
+            }
+            _ => {
+                self.inflight.insert(e.skb, p);
+            }
+        }
+        if self.inflight.len() > self.cfg.max_inflight {
+            self.expire_oldest(&mut done);
+        }
+        done
+    }
+
+    /// The application read from socket `arg0`: the oldest UDP packet queued to it was delivered.
+    fn app_recv(&mut self, e: &Event, done: &mut Vec<PacketPath>) {
+        let Some(q) = self.sock_queues.get_mut(&e.arg0) else {
+            return;
+        };
+        while let Some(skb) = q.pop_front() {
+            if let Some(mut p) = self.inflight.remove(&skb) {
+                p.stages.push(Stage::of(e, None));
+                if q.is_empty() {
+                    self.sock_queues.remove(&e.arg0);
+                }
+                self.finish(*p, Verdict::Delivered, done);
+                return;
+            }
+        }
+        self.sock_queues.remove(&e.arg0);
+    }
+
+    fn release_clone_waiters(&mut self, now: u64, done: &mut Vec<PacketPath>) {
+        while let Some(front) = self.awaiting_clone.front() {
+            if now.saturating_sub(front.last_ts()) < self.cfg.clone_wait_ns {
+                break;
+            }
+            if let Some(p) = self.awaiting_clone.pop_front() {
+                self.finish(p, Verdict::Dropped, done);
+            }
+        }
+    }
+
+    fn expire_oldest(&mut self, done: &mut Vec<PacketPath>) {
+        let excess = self.inflight.len().saturating_sub(self.cfg.max_inflight);
+        let mut by_age: Vec<(u64, u64)> = self.inflight.iter().map(|(k, p)| (p.last_ts(), *k)).collect();
+        by_age.sort_unstable();
+        for (_, k) in by_age.into_iter().take(excess) {
+            if let Some(p) = self.inflight.remove(&k) {
+                let v = self.idle_verdict(&p);
+                self.finish(*p, v, done);
+            }
+        }
+    }
+
+    fn idle_verdict(&self, p: &PacketPath) -> Verdict {
+        let tcp = p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP);
+        if tcp && p.has(StageKind::Receive) {
+            Verdict::FreedUntraced
+        } else {
+            Verdict::Expired
+        }
+    }
+
+    /// Finishes packets idle for longer than the configured time at event-clock `now`.
+    pub fn expire(&mut self, now: u64) -> Vec<PacketPath> {
+        let mut done = Vec::new();
+        if self
+            .gso_parents
+            .values()
+            .any(|(_, p, _)| now.saturating_sub(p.last_ts()) > self.cfg.max_idle_ns)
+        {
+            self.release_gso_parents(&mut done);
+        }
+        self.release_clone_waiters(now, &mut done);
+        let stale: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, p)| now.saturating_sub(p.last_ts()) > self.cfg.max_idle_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        let mut stale_paths: Vec<PacketPath> = stale
+            .into_iter()
+            .filter_map(|k| self.inflight.remove(&k).map(|p| *p))
+            .collect();
+        stale_paths.sort_by_key(|p| p.id);
+        for p in stale_paths {
+            let v = self.idle_verdict(&p);
+            self.finish(p, v, &mut done);
+        }
+        self.last_route
+            .retain(|_, (st, _)| now.saturating_sub(st.t_ns) <= self.cfg.max_idle_ns);
+        done
+    }
+
+    /// A held GSO parent none of whose segments showed up (their hooks missing, or lost):
+    /// printed as what was seen of it, a consumed skb.
+    fn unsplit(&mut self, mut p: PacketPath, done: &mut Vec<PacketPath>) {
+        if let Some(last) = p.stages.last_mut() {
+            last.stage = StageKind::Consume;
+        }
+        self.finish(p, Verdict::Consumed, done);
+    }
+
+    /// Drops the held GSO parents: those with segments are accounted as splits, the others
+    /// printed as they are.
+    fn release_gso_parents(&mut self, done: &mut Vec<PacketPath>) {
+        let mut held: Vec<_> = self.gso_parents.drain().map(|(_, v)| v).collect();
+        held.sort_by_key(|(_, p, _)| p.id);
+        for (_, p, n) in held {
+            if n == 0 {
+                self.unsplit(*p, done);
+            } else {
+                self.stats.gso_splits += 1;
+            }
+        }
+    }
+
+    /// Ends the session: everything still held is finished (in flight / awaiting clones).
+    pub fn flush(&mut self) -> Vec<PacketPath> {
+        let mut done = Vec::new();
+        self.release_gso_parents(&mut done);
+        while let Some(p) = self.awaiting_clone.pop_front() {
+            self.finish(p, Verdict::Dropped, &mut done);
+        }
+        let mut rest: Vec<PacketPath> = self.inflight.drain().map(|(_, p)| *p).collect();
+        rest.sort_by_key(|p| p.id);
+        for p in rest {
+            let v = if p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP) && p.has(StageKind::Receive) {
+                Verdict::FreedUntraced
+            } else {
+                Verdict::InFlight
+            };
+            self.finish(p, v, &mut done);
+        }
+        done
+    }
+
+    pub(super) fn finish(&mut self, mut p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
+        p.verdict = verdict;
+        // Only a drop, or a clone-delivered original (kept for the record, no drop), has a reason.
+        if !matches!(verdict, Verdict::Dropped | Verdict::DeliveredClone) {
+            p.drop_reason = None;
+        }
+        super::softirq::derive(&mut p);
+        p.complete = is_complete(&p);
+        self.stats.account(&p);
+        done.push(p);
+    }
+}
