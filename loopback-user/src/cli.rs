@@ -12,10 +12,12 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     bpf::doctor,
+    engine::{Format, PrintOpts},
     filter,
     netns::Netns,
     prove,
-    trace::{self, Format, PrintOpts, TraceConfig},
+    trace::{self, TraceConfig},
+    usage::{output_closed, usage, write_stdout},
 };
 
 #[derive(Parser, Debug)]
@@ -167,15 +169,6 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(v))
 }
 
-/// An error caused by the user's input: exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
-
-pub fn usage(e: impl std::fmt::Display) -> anyhow::Error {
-    UsageError(e.to_string()).into()
-}
-
 /// `--netns NAME|PATH`, resolved; a bad one is a usage error.
 fn given_netns(spec: Option<String>) -> Result<Option<Netns>> {
     spec.as_deref().map(Netns::resolve).transpose().map_err(usage)
@@ -295,22 +288,4 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             }
         }
     }
-}
-
-/// Writes `text` to stdout and flushes it; a closed pipe comes back as an error (which `main`
-/// turns into a quiet exit), never a panic as with `print!`.
-pub fn write_stdout(text: &str) -> Result<()> {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
-    Ok(())
-}
-
-/// Whether `e` is, anywhere in its chain, a write to a closed pipe.
-pub fn output_closed(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-    })
 }

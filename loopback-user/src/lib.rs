@@ -2,7 +2,9 @@
 pub mod bpf;
 pub mod caps;
 pub mod cli;
+pub mod counters;
 pub mod decode;
+pub mod engine;
 pub mod fault;
 pub mod filter;
 pub mod fixture;
@@ -16,3 +18,4 @@ pub mod record;
 pub mod trace;
 pub mod traffic;
 pub mod tui;
+pub mod usage;

@@ -1,7 +1,10 @@
 use std::io::Write as _;
 
 use clap::Parser;
-use loopback_user::cli::{Cli, UsageError, dispatch, output_closed};
+use loopback_user::{
+    cli::{Cli, dispatch},
+    usage::{UsageError, output_closed},
+};
 
 fn main() {
     // A bug must still end in one line, not a backtrace. Everything lotrace attached is owned by

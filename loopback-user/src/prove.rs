@@ -17,12 +17,12 @@ use serde_json::{Value, json};
 
 use crate::{
     bpf::session::{Session, SessionOptions, privileges},
-    cli::usage,
+    engine::{Format, Intake, pump},
     netns::{Netns, Sandbox, list_named},
-    output::{fmt_ns, stages_out, table_name},
+    output::{self, fmt_ns, table_name},
     path::{PacketPath, SoftirqContext, Tracker, TrackerConfig, is_echo_reply, is_echo_request},
-    trace::{Format, Intake, pump},
     traffic::{EchoError, icmp_echo},
+    usage::usage,
 };
 
 /// Prefix of the sandboxes `prove` creates (`lotrace-prove-PID-N`).
@@ -824,7 +824,7 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
         Format::Json => reports.iter().map(|r| report_json(r).to_string() + "\n").collect(),
         Format::Text => render_text(&reports, &scenarios),
     };
-    crate::cli::write_stdout(&text)?;
+    crate::usage::write_stdout(&text)?;
     let proven = reports.iter().filter(|r| r.verdict == Verdict::Proven).count();
     let unexpected: Vec<&Report> = reports.iter().filter(|r| !r.ok()).collect();
     let bad = intake.undecodable;
@@ -861,7 +861,7 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
 // Output.
 
 fn stages_json(p: Option<&PacketPath>) -> Value {
-    serde_json::to_value(p.map(stages_out).unwrap_or_default()).unwrap_or(Value::Null)
+    p.map(output::stages_json).unwrap_or_else(|| Value::Array(Vec::new()))
 }
 
 /// One object per target (schema in the README, "prove JSON").

@@ -28,7 +28,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::bpf::session::{KernelCounters, ProgramCost};
+use crate::counters::{KernelCounters, ProgramCost};
 
 pub const MAGIC: &[u8; 8] = b"LOTRACE\0";
 pub const FORMAT_VERSION: u32 = 2;

@@ -1,8 +1,5 @@
 //! `lotrace trace`: live tracing loop.
-use std::{
-    io::{IsTerminal, Write},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
@@ -15,21 +12,12 @@ use tokio::{
 
 use crate::{
     bpf::session::{Session, SessionOptions},
-    cli::usage,
-    decode::Decoder,
-    filter::Expr,
+    engine::{Intake, PrintOpts, Printer, clock_ns, kernel_release, monotonic_ns, outputs, pump, summary},
     netns::Netns,
-    output::{Summary, TextStyle, packet_text, summary_json, summary_text, write_packet_json},
-    path::{PacketPath, Stats, Tracker, TrackerConfig},
-    pcap::PcapOut,
+    path::{Tracker, TrackerConfig},
     record,
+    usage::usage,
 };
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Text,
-    Json,
-}
 
 pub struct TraceConfig {
     pub netns: Netns,
@@ -44,179 +32,6 @@ pub struct TraceConfig {
     pub pcapng: Option<PathBuf>,
     /// `--snaplen N`: packet bytes captured on lo.
     pub snaplen: u32,
-}
-
-/// What to print (shared by `trace` and `replay`).
-pub struct PrintOpts {
-    pub filter: Option<Expr>,
-    pub pid: Option<u32>,
-    pub count: Option<u64>,
-    pub format: Format,
-}
-
-pub fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a live timespec the call writes.
-    unsafe { libc::clock_gettime(clock, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Same clock as `bpf_ktime_get_ns`.
-pub fn monotonic_ns() -> u64 {
-    clock_ns(libc::CLOCK_MONOTONIC)
-}
-
-pub fn wanted(p: &PacketPath, filter: Option<&Expr>, pid: Option<u32>) -> bool {
-    if let Some(f) = filter {
-        match &p.info {
-            Some(i) if f.matches(i) => {}
-            _ => return false,
-        }
-    }
-    if let Some(pid) = pid
-        && !p.stages.iter().any(|s| s.pid == pid)
-    {
-        return false;
-    }
-    true
-}
-
-/// Prints finished packets that pass the filter and `--pid`, up to `--count` (and writes them
-/// to the pcapng file when there is one).
-pub struct Printer {
-    opts: PrintOpts,
-    style: TextStyle,
-    out: std::io::BufWriter<std::io::Stdout>,
-    pub printed: u64,
-    pub pcap: Option<PcapOut>,
-}
-
-impl Printer {
-    pub fn new(opts: PrintOpts, wall_offset_ns: i128, pcap: Option<PcapOut>) -> Self {
-        let stdout = std::io::stdout();
-        let color = stdout.is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        Self {
-            opts,
-            style: TextStyle { color, wall_offset_ns },
-            out: std::io::BufWriter::new(stdout),
-            printed: 0,
-            pcap,
-        }
-    }
-
-    pub fn done(&self) -> bool {
-        self.opts.count.is_some_and(|c| self.printed >= c)
-    }
-
-    pub fn print_all(&mut self, paths: Vec<PacketPath>) -> Result<()> {
-        for p in paths {
-            if self.done() || !wanted(&p, self.opts.filter.as_ref(), self.opts.pid) {
-                continue;
-            }
-            match self.opts.format {
-                Format::Json => write_packet_json(&mut self.out, &p)?,
-                Format::Text => write!(self.out, "{}", packet_text(&p, &self.style))?,
-            }
-            if let Some(pc) = &mut self.pcap {
-                pc.packet(&p)?;
-            }
-            self.printed += 1;
-        }
-        Ok(())
-    }
-
-    pub fn flush(&mut self) -> Result<()> {
-        self.out.flush()?;
-        Ok(())
-    }
-
-    /// Prints the exit summary (stderr) and closes the pcapng file.
-    pub fn finish(mut self, stats: &Stats, summary: &Summary) -> Result<()> {
-        self.flush()?;
-        // Not eprintln!, which panics when stderr is gone: the summary is then just not shown.
-        let text = match self.opts.format {
-            Format::Json => format!("{}\n", summary_json(stats, summary)),
-            Format::Text => summary_text(stats, summary),
-        };
-        let _ = std::io::stderr().write_all(text.as_bytes());
-        if let Some(pc) = self.pcap.take() {
-            eprintln!(
-                "lotrace: pcapng: {} packet(s) written{}",
-                pc.written,
-                if pc.without_bytes > 0 {
-                    format!(", {} without bytes captured on lo (not written)", pc.without_bytes)
-                } else {
-                    String::new()
-                }
-            );
-            pc.finish()?;
-        }
-        Ok(())
-    }
-}
-
-/// Where ring-buffer records enter user space: the stateful decoder and the counts that let the
-/// summary account for every record the kernel emitted.
-#[derive(Default)]
-pub struct Intake {
-    pub decoder: Decoder,
-    /// Events read from the ring buffer (a run record holds several).
-    pub received: u64,
-    /// Events whose record did not decode (counted, never dropped silently).
-    pub undecodable: u64,
-    /// `--write`: every record and expiry tick goes to the recording first.
-    pub recorder: Option<record::Writer>,
-}
-
-impl Intake {
-    /// Expires idle packets at `now` (recorded, so that replay expires at the same point).
-    pub fn expire(&mut self, tracker: &mut Tracker, now: u64) -> Result<Vec<PacketPath>> {
-        if let Some(r) = &mut self.recorder {
-            r.tick(now).context("writing the recording")?;
-        }
-        Ok(tracker.expire(now))
-    }
-
-    /// Decodes one record into the tracker, handing finished packets to `sink`.
-    pub fn take(
-        &mut self,
-        bytes: &[u8],
-        tracker: &mut Tracker,
-        sink: &mut impl FnMut(Vec<PacketPath>) -> Result<()>,
-    ) -> Result<()> {
-        if let Some(r) = &mut self.recorder {
-            r.event(bytes).context("writing the recording")?;
-        }
-        let mut result = Ok(());
-        match self.decoder.decode_each(bytes, |ev| {
-            if result.is_ok() {
-                result = sink(tracker.push(ev));
-            }
-        }) {
-            Ok(events) => self.received += events,
-            Err(_) => {
-                // As many events as the record claims to hold (1 if it cannot tell).
-                let events = crate::decode::record_events(bytes);
-                self.received += events;
-                self.undecodable += events;
-            }
-        }
-        result
-    }
-}
-
-/// Decodes and reconstructs everything currently in the ring buffer, handing finished packets
-/// to `sink` (shared by `trace` and `prove`).
-pub fn pump(
-    rb: &mut RingBuf<MapData>,
-    intake: &mut Intake,
-    tracker: &mut Tracker,
-    mut sink: impl FnMut(Vec<PacketPath>) -> Result<()>,
-) -> Result<()> {
-    while let Some(item) = rb.next() {
-        intake.take(&item, tracker, &mut sink)?;
-    }
-    Ok(())
 }
 
 fn drain(rb: &mut RingBuf<MapData>, tracker: &mut Tracker, printer: &mut Printer, intake: &mut Intake) -> Result<()> {
@@ -358,10 +173,7 @@ fn recording_header(session: &Session, snaplen: u32) -> record::Header {
     record::Header {
         format_version: record::FORMAT_VERSION,
         lotrace_version: env!("CARGO_PKG_VERSION").to_string(),
-        kernel_release: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap_or_default()
-            .trim()
-            .to_string(),
+        kernel_release: kernel_release(),
         record_size: loopback_common::RAW_EVENT_SIZE as u32,
         netns_label: session.netns.label.clone(),
         netns_inode: session.netns.inode,
@@ -433,28 +245,4 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
     });
     let summary = summary(&printer, &intake, t);
     printer.finish(&tracker.stats, &summary)
-}
-
-/// The intake (keeping packet bytes when there is a pcapng file) and the printer of a run, live
-/// or replayed, with the clock reference and snaplen of its header.
-fn outputs(print: PrintOpts, pcapng: Option<&std::path::Path>, h: &record::Header) -> Result<(Intake, Printer)> {
-    let mut intake = Intake::default();
-    intake.decoder.keep_wire = pcapng.is_some();
-    let pcap = pcapng
-        .map(|p| PcapOut::create(p, h.snaplen, h.wall_offset_ns()))
-        .transpose()?;
-    Ok((intake, Printer::new(print, h.wall_offset_ns(), pcap)))
-}
-
-/// The exit summary: what was printed and read here, what the kernel counted (trailer).
-fn summary(printer: &Printer, intake: &Intake, t: record::Trailer) -> Summary {
-    Summary {
-        printed: printer.printed,
-        kernel: t.kernel,
-        undecodable: intake.undecodable,
-        received: intake.received,
-        unnamed: intake.decoder.unnamed,
-        costs: t.costs,
-        costs_unavailable: t.costs_unavailable,
-    }
 }

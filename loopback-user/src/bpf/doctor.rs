@@ -95,12 +95,6 @@ fn lo_xdp_report() -> LoXdp {
     }
 }
 
-pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn lockdown() -> String {
     match std::fs::read_to_string("/sys/kernel/security/lockdown") {
         Ok(s) => s
@@ -359,7 +353,7 @@ pub fn run(verbose: bool) -> Result<DoctorReport> {
         }
     }
     Ok(DoctorReport {
-        kernel: kernel_release(),
+        kernel: crate::engine::kernel_release(),
         btf,
         lockdown: lockdown(),
         privileges: privs,

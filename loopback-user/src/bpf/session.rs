@@ -18,9 +18,9 @@ use serde::Serialize;
 use super::{
     btf::{KernelBtf, short_drop_reason},
     object,
-    
 };
 use crate::bpf::classic_tc::ClassicTc;
+use crate::counters::{KernelCounters, ProgramCost};
 use crate::hooks::{Attach, Candidate, Dir, HookPoint, PLAN};
 use crate::netns::Netns;
 
@@ -118,27 +118,6 @@ pub struct Refusal {
     pub program: &'static str,
     pub target: String,
     pub reason: String,
-}
-
-/// Kernel-side loss counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct KernelCounters {
-    /// Events the kernel could not put in the ring buffer (full).
-    pub ring_lost: u64,
-    /// Packets that could not be put in the scope map (their later stages are missing).
-    pub scope_full: u64,
-    /// Kernel memory reads that failed (fields left empty).
-    pub read_failed: u64,
-    /// Events submitted to the ring buffer.
-    pub emitted: u64,
-}
-
-/// Kernel-side cost of one attached program (BPF_STATS_RUN_TIME, enabled while tracing).
-#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct ProgramCost {
-    pub program: String,
-    pub runs: u64,
-    pub total_ns: u64,
 }
 
 pub struct Session {

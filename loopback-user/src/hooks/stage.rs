@@ -85,4 +85,3 @@ impl std::fmt::Display for StageKind {
         f.pad(self.as_str())
     }
 }
-

@@ -5,10 +5,10 @@ use hdrhistogram::Histogram;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
 use crate::{
-    bpf::session::{KernelCounters, ProgramCost},
-    hooks::PLAN,
+    counters::{KernelCounters, ProgramCost},
     decode::proto_name,
     filter::{self, Expr},
+    hooks::PLAN,
     path::{PacketPath, SoftirqContext, StageKind},
 };
 

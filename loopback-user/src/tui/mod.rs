@@ -23,13 +23,14 @@ use tokio::{
 };
 
 use crate::{
-    bpf::session::{KernelCounters, Session, SessionOptions},
-    cli::usage,
+    bpf::session::{Session, SessionOptions},
+    counters::KernelCounters,
+    engine::{Intake, monotonic_ns, pump},
     filter::Expr,
     netns::Netns,
     path::{Tracker, TrackerConfig},
     record::{self, Frame},
-    trace::{Intake, monotonic_ns, pump},
+    usage::usage,
 };
 use app::{Action, App, Msg};
 
@@ -336,7 +337,7 @@ mod tests {
             secs: 1.0,
             kernel: Default::default(),
             expired: 0,
-            costs: vec![crate::bpf::session::ProgramCost {
+            costs: vec![crate::counters::ProgramCost {
                 program: "net_dev_queue".into(),
                 runs: 100,
                 total_ns: 25_000,

@@ -1,0 +1,279 @@
+//! The JSON schema of a packet (README, "JSON output"), in one encoder: written by hand, key
+//! by key, because this is the hot path of `trace --format json` (serde_json spent most of its
+//! time escaping the same key names for every stage). Every key is always present; strings from
+//! the kernel or the user are escaped as JSON requires (as serde_json does). A snapshot test
+//! pins the output byte for byte.
+use std::{io::Write, net::IpAddr};
+
+use serde_json::Value;
+
+use super::text::table_name;
+use crate::{
+    decode::{Name, proto_name},
+    path::PacketPath,
+};
+
+/// One JSON line for a packet, written straight to `w`. Formatting goes into a reused buffer,
+/// then one write.
+pub fn write_packet_json(w: &mut impl std::io::Write, p: &PacketPath) -> std::io::Result<()> {
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    BUF.with_borrow_mut(|b| {
+        b.clear();
+        packet(b, p);
+        b.push(b'\n');
+        w.write_all(b)
+    })
+}
+
+/// The same as a `Value` (tests and callers that post-process).
+pub fn packet_json(p: &PacketPath) -> Value {
+    let mut b = Vec::new();
+    packet(&mut b, p);
+    serde_json::from_slice(&b).unwrap_or(Value::Null)
+}
+
+/// A packet's `stages` array as a `Value` (`prove`'s report embeds it).
+pub fn stages_json(p: &PacketPath) -> Value {
+    let mut b = Vec::new();
+    stages(&mut b, p);
+    serde_json::from_slice(&b).unwrap_or(Value::Null)
+}
+
+fn num(b: &mut Vec<u8>, n: impl itoa::Integer) {
+    b.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
+fn opt_num(b: &mut Vec<u8>, n: Option<impl itoa::Integer>) {
+    match n {
+        Some(n) => num(b, n),
+        None => b.extend_from_slice(b"null"),
+    }
+}
+
+fn boolean(b: &mut Vec<u8>, v: bool) {
+    b.extend_from_slice(if v { b"true" } else { b"false" });
+}
+
+/// A JSON string, escaped exactly like serde_json (`"`, `\\`, control characters).
+fn string(b: &mut Vec<u8>, s: &str) {
+    bytes(b, s.as_bytes());
+}
+
+/// A string known to need no escaping (this program's own stage and verdict names).
+fn plain(b: &mut Vec<u8>, s: &'static str) {
+    debug_assert!(!s.bytes().any(needs_escape));
+    b.push(b'"');
+    b.extend_from_slice(s.as_bytes());
+    b.push(b'"');
+}
+
+fn needs_escape(c: u8) -> bool {
+    c < 0x20 || c == b'"' || c == b'\\'
+}
+
+fn bytes(b: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    b.push(b'"');
+    if !bytes.iter().any(|&c| needs_escape(c)) {
+        b.extend_from_slice(bytes);
+        b.push(b'"');
+        return;
+    }
+    let mut start = 0;
+    for (i, &c) in bytes.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0..=0x1f => {
+                b.extend_from_slice(&bytes[start..i]);
+                b.extend_from_slice(b"\\u00");
+                b.push(HEX[(c >> 4) as usize]);
+                b.push(HEX[(c & 0xf) as usize]);
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        b.extend_from_slice(&bytes[start..i]);
+        b.extend_from_slice(esc);
+        start = i + 1;
+    }
+    b.extend_from_slice(&bytes[start..]);
+    b.push(b'"');
+}
+
+fn opt_string(b: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        Some(s) => string(b, s),
+        None => b.extend_from_slice(b"null"),
+    }
+}
+
+fn opt_name(b: &mut Vec<u8>, n: Option<Name>) {
+    match n {
+        Some(n) => bytes(b, n.as_bytes()),
+        None => b.extend_from_slice(b"null"),
+    }
+}
+
+fn ip(b: &mut Vec<u8>, a: Option<IpAddr>) {
+    match a {
+        Some(IpAddr::V4(v4)) => {
+            let [x, y, z, w] = v4.octets();
+            b.push(b'"');
+            num(b, x);
+            for o in [y, z, w] {
+                b.push(b'.');
+                num(b, o);
+            }
+            b.push(b'"');
+        }
+        Some(a) => {
+            let _ = write!(b, "\"{a}\"");
+        }
+        None => b.extend_from_slice(b"null"),
+    }
+}
+
+fn packet(b: &mut Vec<u8>, p: &PacketPath) {
+    let info = p.info.as_ref();
+    let first = p.first_ts();
+    b.extend_from_slice(b"{\"id\":");
+    num(b, p.id);
+    b.extend_from_slice(b",\"t_ns\":");
+    num(b, first);
+    b.extend_from_slice(b",\"proto\":");
+    opt_string(b, info.map(|i| proto_name(i.proto)).as_deref());
+    b.extend_from_slice(b",\"src\":");
+    ip(b, info.map(|i| i.src));
+    b.extend_from_slice(b",\"dst\":");
+    ip(b, info.map(|i| i.dst));
+    b.extend_from_slice(b",\"len\":");
+    num(b, p.len);
+    b.extend_from_slice(b",\"sport\":");
+    opt_num(b, info.and_then(|i| i.sport));
+    b.extend_from_slice(b",\"dport\":");
+    opt_num(b, info.and_then(|i| i.dport));
+    b.extend_from_slice(b",\"icmp\":");
+    match info.and_then(|i| i.icmp) {
+        Some(c) => {
+            b.extend_from_slice(b"{\"type\":");
+            num(b, c.ty);
+            b.extend_from_slice(b",\"code\":");
+            num(b, c.code);
+            b.extend_from_slice(b",\"id\":");
+            num(b, c.id);
+            b.extend_from_slice(b",\"seq\":");
+            num(b, c.seq);
+            b.push(b'}');
+        }
+        None => b.extend_from_slice(b"null"),
+    }
+    b.extend_from_slice(b",\"tcp\":");
+    match info.and_then(|i| i.tcp) {
+        Some(t) => {
+            b.extend_from_slice(b"{\"seq\":");
+            num(b, t.seq);
+            b.extend_from_slice(b",\"ack\":");
+            num(b, t.ack);
+            b.extend_from_slice(b",\"flags\":");
+            num(b, t.flags);
+            b.push(b'}');
+        }
+        None => b.extend_from_slice(b"null"),
+    }
+    b.extend_from_slice(b",\"tx_dev\":");
+    opt_name(b, p.tx_dev);
+    b.extend_from_slice(b",\"rx_dev\":");
+    opt_name(b, p.rx_dev);
+    b.extend_from_slice(b",\"left_host\":");
+    boolean(b, p.left_host());
+    b.extend_from_slice(b",\"complete\":");
+    boolean(b, p.complete);
+    b.extend_from_slice(b",\"verdict\":");
+    plain(b, p.verdict.as_str());
+    b.extend_from_slice(b",\"drop_reason\":");
+    opt_string(b, p.drop_reason.as_deref());
+    b.extend_from_slice(b",\"reply_of\":");
+    opt_num(b, p.reply_of);
+    b.extend_from_slice(b",\"clone_of\":");
+    opt_num(b, p.clone_of);
+    b.extend_from_slice(b",\"route\":");
+    match &p.route {
+        Some(r) => {
+            b.extend_from_slice(b"{\"table\":");
+            num(b, r.table);
+            b.extend_from_slice(b",\"table_name\":");
+            string(b, &table_name(r.table));
+            b.extend_from_slice(b",\"dev\":");
+            string(b, &r.dev);
+            b.extend_from_slice(b",\"dst\":");
+            ip(b, Some(r.dst));
+            b.extend_from_slice(b",\"src\":");
+            ip(b, Some(r.src));
+            b.extend_from_slice(b",\"err\":");
+            num(b, r.err);
+            b.push(b'}');
+        }
+        None => b.extend_from_slice(b"null"),
+    }
+    b.extend_from_slice(b",\"softirq\":");
+    match &p.softirq {
+        Some(s) => {
+            b.extend_from_slice(b"{\"cpu\":");
+            num(b, s.cpu);
+            b.extend_from_slice(b",\"context\":");
+            plain(b, s.context.as_str());
+            b.extend_from_slice(b",\"task\":");
+            bytes(b, s.task.as_bytes());
+            b.extend_from_slice(b",\"pid\":");
+            num(b, s.pid);
+            b.extend_from_slice(b",\"raised\":");
+            boolean(b, s.raised);
+            b.extend_from_slice(b",\"new_run\":");
+            boolean(b, s.new_run);
+            b.push(b'}');
+        }
+        None => b.extend_from_slice(b"null"),
+    }
+    b.extend_from_slice(b",\"latency_ns\":");
+    num(b, p.last_ts().saturating_sub(first));
+    b.extend_from_slice(b",\"stages\":");
+    stages(b, p);
+    b.push(b'}');
+}
+
+/// A packet's stages with their deltas: the `stages` array of every JSON output.
+fn stages(b: &mut Vec<u8>, p: &PacketPath) {
+    b.push(b'[');
+    for (i, (s, d)) in p.timed_stages().enumerate() {
+        if i > 0 {
+            b.push(b',');
+        }
+        b.extend_from_slice(b"{\"stage\":");
+        plain(b, s.stage.as_str());
+        b.extend_from_slice(b",\"t_ns\":");
+        num(b, s.t_ns);
+        b.extend_from_slice(b",\"delta_ns\":");
+        num(b, d);
+        b.extend_from_slice(b",\"cpu\":");
+        num(b, s.cpu);
+        b.extend_from_slice(b",\"pid\":");
+        num(b, s.pid);
+        b.extend_from_slice(b",\"tid\":");
+        num(b, s.tid);
+        b.extend_from_slice(b",\"comm\":");
+        bytes(b, s.comm.as_bytes());
+        b.extend_from_slice(b",\"dev\":");
+        opt_name(b, s.dev);
+        b.push(b'}');
+    }
+    b.push(b']');
+}

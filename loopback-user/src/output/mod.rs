@@ -1,0 +1,11 @@
+//! Sinks: one JSON object per packet per line ([`json`]), readable text blocks ([`text`]), and
+//! the exit summary ([`summary`]).
+mod json;
+mod summary;
+#[cfg(test)]
+mod tests;
+mod text;
+
+pub use json::{packet_json, stages_json, write_packet_json};
+pub use summary::{Summary, summary_json, summary_text};
+pub use text::{TextStyle, fmt_ns, packet_text, table_name};
