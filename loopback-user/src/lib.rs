@@ -2,6 +2,7 @@
 pub mod bpf;
 pub mod caps;
 pub mod cli;
+pub mod clock;
 pub mod counters;
 pub mod decode;
 pub mod engine;

@@ -353,7 +353,7 @@ pub fn run(verbose: bool) -> Result<DoctorReport> {
         }
     }
     Ok(DoctorReport {
-        kernel: crate::engine::kernel_release(),
+        kernel: crate::clock::kernel_release(),
         btf,
         lockdown: lockdown(),
         privileges: privs,
