@@ -1,6 +1,7 @@
 //! Fault injection for the tests (README, Tests): `LOTRACE_FAULT`, read once, at the first use.
-//! Unset (as in every normal run) it is `Fault::None` and nothing below changes behaviour.
-use std::sync::OnceLock;
+//! Only a build with the `test-support` feature (the one `cargo test` makes) reads it; in a
+//! normal or release build [`get`] is the constant `Fault::None` and the fault branches are
+//! compiled out.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
@@ -23,6 +24,7 @@ pub enum Fault {
 }
 
 impl Fault {
+    #[cfg_attr(not(feature = "test-support"), allow(dead_code))]
     fn parse(v: &str) -> Fault {
         match v {
             "" => Fault::None,
@@ -40,9 +42,16 @@ impl Fault {
 }
 
 /// The fault switched on for this process.
+#[cfg(feature = "test-support")]
 pub fn get() -> &'static Fault {
-    static FAULT: OnceLock<Fault> = OnceLock::new();
+    static FAULT: std::sync::OnceLock<Fault> = std::sync::OnceLock::new();
     FAULT.get_or_init(|| Fault::parse(&std::env::var("LOTRACE_FAULT").unwrap_or_default()))
+}
+
+/// The fault switched on for this process: none, in a build without test support.
+#[cfg(not(feature = "test-support"))]
+pub const fn get() -> &'static Fault {
+    &Fault::None
 }
 
 /// The program `refuse-hook:` names, if that is the fault.

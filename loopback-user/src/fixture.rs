@@ -1,11 +1,56 @@
-//! Synthetic ring-buffer records of a small loopback session, shaped exactly like the kernel's:
-//! for the dashboard's snapshot tests, its terminal test, and the reconstruction benchmark.
-//! Deterministic: the same arguments give the same bytes.
-use std::collections::BTreeMap;
+//! Test support (the `test-support` feature; never in a normal build): synthetic ring-buffer
+//! records of a small loopback session, shaped exactly like the kernel's, for the dashboard's
+//! snapshot tests, its terminal test and the reconstruction benchmark; and the one
+//! reconstruct helper every test uses. Deterministic: the same arguments give the same bytes.
+use std::collections::{BTreeMap, HashMap};
 
 use loopback_common::{Hook, RawEvent, hdr_kind};
 
-use crate::decode::encode;
+use crate::{
+    decode::{Decoder, Event, encode},
+    path::{PacketPath, Stats, Tracker, TrackerConfig},
+};
+
+/// Reconstructs decoded events to finished paths (the tracker flushed at the end), with the
+/// drop reason names given.
+pub fn reconstruct_events(
+    events: impl IntoIterator<Item = Event>,
+    drop_names: HashMap<u64, String>,
+) -> (Vec<PacketPath>, Stats) {
+    let mut t = Tracker::new(TrackerConfig::default(), drop_names);
+    let mut out = Vec::new();
+    for e in events {
+        out.extend(t.push(e));
+    }
+    out.extend(t.flush());
+    (out, t.stats)
+}
+
+/// Decodes and reconstructs ring-buffer records (the fixture's drop names), handing the paths
+/// each record finished to `each` and the flushed rest last; returns the statistics.
+pub fn reconstruct_each<B: AsRef<[u8]>>(
+    records: impl IntoIterator<Item = B>,
+    mut each: impl FnMut(Vec<PacketPath>, u64),
+) -> Stats {
+    let mut d = Decoder::default();
+    let mut t = Tracker::new(TrackerConfig::default(), drop_reasons().into_iter().collect());
+    for b in records {
+        let mut done = Vec::new();
+        let events = d
+            .decode_each(b.as_ref(), |e| done.extend(t.push(e)))
+            .expect("a fixture record decodes");
+        each(done, events);
+    }
+    each(t.flush(), 0);
+    t.stats
+}
+
+/// Decodes and reconstructs ring-buffer records (the fixture's drop names) to all their paths.
+pub fn reconstruct<B: AsRef<[u8]>>(records: impl IntoIterator<Item = B>) -> (Vec<PacketPath>, Stats) {
+    let mut all = Vec::new();
+    let stats = reconstruct_each(records, |ps, _| all.extend(ps));
+    (all, stats)
+}
 
 /// Drop reason numbers used by the fixture, with their names.
 pub fn drop_reasons() -> BTreeMap<u64, String> {
@@ -282,21 +327,11 @@ pub fn write_recording(path: &std::path::Path, rounds: u64) -> std::io::Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        decode::Decoder,
-        path::{Tracker, TrackerConfig, Verdict},
-    };
+    use crate::path::Verdict;
 
-    /// Reconstructs `records` to the finished paths' JSON lines.
+    /// Reconstructs `records` to the finished paths, debug-printed.
     fn paths_of(records: &[Vec<u8>]) -> Vec<String> {
-        let mut d = Decoder::default();
-        let mut t = Tracker::new(TrackerConfig::default(), drop_reasons().into_iter().collect());
-        let mut done = Vec::new();
-        for b in records {
-            d.decode_each(b, |e| done.extend(t.push(e))).expect("decodes");
-        }
-        done.extend(t.flush());
-        done.iter().map(|p| format!("{p:?}")).collect()
+        reconstruct(records).0.iter().map(|p| format!("{p:?}")).collect()
     }
 
     #[test]
@@ -323,13 +358,7 @@ mod tests {
 
     #[test]
     fn fixture_reconstructs_to_complete_paths_with_every_context() {
-        let mut d = Decoder::default();
-        let mut t = Tracker::new(TrackerConfig::default(), drop_reasons().into_iter().collect());
-        let mut done = Vec::new();
-        for b in session(12) {
-            d.decode_each(&b, |e| done.extend(t.push(e))).expect("decodes");
-        }
-        done.extend(t.flush());
+        let (done, stats) = reconstruct(session(12));
         // 24 UDP + 3 ICMP pairs + 2 drops
         assert_eq!(done.len(), 24 + 6 + 2);
         assert_eq!(done.iter().filter(|p| p.verdict == Verdict::Dropped).count(), 2);
@@ -338,6 +367,6 @@ mod tests {
             "{:?}",
             done.iter().find(|p| !p.complete)
         );
-        assert!(t.stats.by_context.contains_key("ksoftirqd") && t.stats.by_context.contains_key("inline"));
+        assert!(stats.by_context.contains_key("ksoftirqd") && stats.by_context.contains_key("inline"));
     }
 }

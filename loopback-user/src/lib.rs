@@ -8,6 +8,7 @@ pub mod decode;
 pub mod engine;
 pub mod fault;
 pub mod filter;
+#[cfg(any(test, feature = "test-support"))]
 pub mod fixture;
 pub mod hooks;
 pub mod netns;

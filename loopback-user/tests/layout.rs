@@ -24,7 +24,11 @@ fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
 /// `use crate::{a::.., b, c::{..}}` group.
 fn named_modules(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    let ident = |s: &str| -> String { s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect() };
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
     let mut rest = text;
     while let Some(i) = rest.find("crate::") {
         rest = &rest[i + "crate::".len()..];
@@ -106,7 +110,10 @@ fn reaches(g: &BTreeMap<String, BTreeSet<String>>, from: &str, to: &str) -> Opti
 fn the_modules_import_each_other_without_cycles() {
     let g = graph();
     assert!(g.len() >= 15, "{g:?}");
-    assert!(g["trace"].contains("engine"), "the reader sees `crate::engine` in trace.rs: {g:?}");
+    assert!(
+        g["trace"].contains("engine"),
+        "the reader sees `crate::engine` in trace.rs: {g:?}"
+    );
     for (m, deps) in &g {
         for d in deps {
             if let Some(back) = reaches(&g, d, m) {
@@ -120,7 +127,9 @@ fn the_modules_import_each_other_without_cycles() {
 fn model_sinks_and_file_format_never_import_the_loader_engine_or_commands() {
     let g = graph();
     let upper = ["bpf", "engine", "cli", "trace", "prove", "tui"];
-    for low in ["decode", "hooks", "counters", "path", "output", "pcap", "record", "filter", "clock", "usage"] {
+    for low in [
+        "decode", "hooks", "counters", "path", "output", "pcap", "record", "filter", "clock", "usage",
+    ] {
         for up in upper {
             if let Some(p) = reaches(&g, low, up) {
                 panic!("{low} reaches up into {up}: {}", p.join(" -> "));
@@ -131,9 +140,8 @@ fn model_sinks_and_file_format_never_import_the_loader_engine_or_commands() {
 
 #[test]
 fn the_module_scanner_reads_use_groups() {
-    let m = named_modules("use crate::{\n    bpf::session::{A, B},\n    engine,\n    path::{X, y::Z},\n};\nlet a = crate::fault::get();");
-    assert_eq!(
-        m.into_iter().collect::<Vec<_>>(),
-        ["bpf", "engine", "fault", "path"]
+    let m = named_modules(
+        "use crate::{\n    bpf::session::{A, B},\n    engine,\n    path::{X, y::Z},\n};\nlet a = crate::fault::get();",
     );
+    assert_eq!(m.into_iter().collect::<Vec<_>>(), ["bpf", "engine", "fault", "path"]);
 }

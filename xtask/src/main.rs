@@ -569,7 +569,17 @@ fn test(kernels: &[String]) -> Result<()> {
     // 2. unit tests of every crate (unprivileged, pure)
     t.run(cargo().args(["test", "--workspace", "--lib", "--bins"]));
     // 3. the real binary, unprivileged: the dashboard in a pseudo-terminal, CLI edges
-    t.run(cargo().args(["test", "-p", "loopback-user", "--test", "tui", "--test", "cli", "--test", "layout"]));
+    t.run(cargo().args([
+        "test",
+        "-p",
+        "loopback-user",
+        "--test",
+        "tui",
+        "--test",
+        "cli",
+        "--test",
+        "layout",
+    ]));
     // 4. privileged tests: real programs in throwaway namespaces, one thread
     let privileged = ["-p", "loopback-user", "--test", "privileged"];
     if root_user {

@@ -7,7 +7,7 @@ use super::*;
 use crate::{
     counters::{KernelCounters, ProgramCost},
     decode::{Name, RouteInfo},
-    path::{PacketPath, Stage, StageKind, Stats, Tracker, TrackerConfig, tests::raw_ping_sequence},
+    path::{PacketPath, Stage, StageKind, Stats, tests::raw_ping_sequence},
 };
 
 /// An empty run is not "100% complete": the share is unknown (JSON null, text "n/a").
@@ -23,28 +23,13 @@ fn an_empty_run_has_no_complete_share() {
 }
 
 fn paths() -> (Vec<PacketPath>, Stats) {
-    let mut t = Tracker::new(TrackerConfig::default(), HashMap::from([(2, "NO_SOCKET".into())]));
-    let mut out = Vec::new();
-    for e in raw_ping_sequence() {
-        out.extend(t.push(e));
-    }
-    out.extend(t.flush());
-    (out, t.stats)
+    crate::fixture::reconstruct_events(raw_ping_sequence(), HashMap::from([(2, "NO_SOCKET".into())]))
 }
 
 /// Every packet of the fixture session, plus variants that fill every optional field and
 /// put characters that need escaping into every string from the kernel.
 fn json_corpus() -> Vec<PacketPath> {
-    let mut d = crate::decode::Decoder::default();
-    let mut t = Tracker::new(
-        TrackerConfig::default(),
-        crate::fixture::drop_reasons().into_iter().collect(),
-    );
-    let mut ps = Vec::new();
-    for b in crate::fixture::session(12) {
-        d.decode_each(&b, |e| ps.extend(t.push(e))).expect("decodes");
-    }
-    ps.extend(t.flush());
+    let (mut ps, _) = crate::fixture::reconstruct(crate::fixture::session(12));
     ps.extend(paths().0);
     let odd = Name::from_bytes(b"a\"b\\c\x01\n\t\x1f/\x7f");
     let mut extra = Vec::new();

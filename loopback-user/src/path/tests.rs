@@ -98,13 +98,7 @@ fn drops() -> HashMap<u64, String> {
 }
 
 fn run(events: Vec<Event>) -> (Vec<PacketPath>, Stats) {
-    let mut t = Tracker::new(TrackerConfig::default(), drops());
-    let mut out = Vec::new();
-    for e in events {
-        out.extend(t.push(e));
-    }
-    out.extend(t.flush());
-    (out, t.stats)
+    crate::fixture::reconstruct_events(events, drops())
 }
 
 #[test]

@@ -7,16 +7,7 @@ use super::*;
 use crate::path::tests::{Seq, icmp_info, raw_ping_sequence};
 
 fn paths(events: Vec<crate::decode::Event>) -> Vec<PacketPath> {
-    let mut t = Tracker::new(
-        TrackerConfig::default(),
-        std::collections::HashMap::from([(2, "NO_SOCKET".to_string())]),
-    );
-    let mut out = Vec::new();
-    for e in events {
-        out.extend(t.push(e));
-    }
-    out.extend(t.flush());
-    out
+    crate::fixture::reconstruct_events(events, std::collections::HashMap::from([(2, "NO_SOCKET".to_string())])).0
 }
 
 fn probe(addr: &str, id: u16, echoes: Vec<Echo>) -> Probe {

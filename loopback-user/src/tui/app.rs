@@ -520,11 +520,7 @@ mod tests {
         );
         assert!(App::new("x".into(), vec!["inet_sendmsg".into(), "inet6_sendmsg_other".into()]).observable(step));
     }
-    use crate::{
-        decode::Decoder,
-        fixture,
-        path::{Tracker, TrackerConfig},
-    };
+    use crate::fixture;
 
     pub fn fed(rounds: u64) -> App {
         let mut app = App::new(
@@ -535,14 +531,9 @@ mod tests {
                 "inet6_sendmsg".into(),
             ],
         );
-        let mut d = Decoder::default();
-        let mut t = Tracker::new(TrackerConfig::default(), fixture::drop_reasons().into_iter().collect());
-        for b in fixture::session(rounds) {
-            let mut done = Vec::new();
-            d.decode_each(&b, |e| done.extend(t.push(e))).expect("decodes");
+        fixture::reconstruct_each(fixture::session(rounds), |done, _| {
             app.update(Msg::Packets(done));
-        }
-        app.update(Msg::Packets(t.flush()));
+        });
         app
     }
 

@@ -298,11 +298,7 @@ mod tests {
     use ratatui::{Terminal, backend::TestBackend};
 
     use super::{app::*, view::view};
-    use crate::{
-        decode::Decoder,
-        fixture,
-        path::{Tracker, TrackerConfig},
-    };
+    use crate::fixture;
     use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
     /// The dashboard after the fixture session and two one-second ticks (fixed input: the
@@ -313,14 +309,11 @@ mod tests {
             // As on this kernel: no fentry/kprobe for the socket-send step.
             vec!["fib_table_lookup".into(), "inet_sendmsg".into(), "inet6_sendmsg".into()],
         );
-        let mut d = Decoder::default();
-        let mut t = Tracker::new(TrackerConfig::default(), fixture::drop_reasons().into_iter().collect());
         // Ticks at the same hook event whether or not the lo chains come staged.
         let mut events = 0u64;
-        for b in fixture::session(24) {
-            let mut done = Vec::new();
+        fixture::reconstruct_each(fixture::session(24), |done, n| {
             let before = events;
-            events += d.decode_each(&b, |e| done.extend(t.push(e))).expect("decodes");
+            events += n;
             app.update(Msg::Packets(done));
             if before <= 300 && events > 300 {
                 app.update(Msg::Tick {
@@ -331,8 +324,7 @@ mod tests {
                     cpu_share: 0.0,
                 });
             }
-        }
-        app.update(Msg::Packets(t.flush()));
+        });
         app.update(Msg::Tick {
             secs: 1.0,
             kernel: Default::default(),
