@@ -252,6 +252,12 @@ fn by_dir<T>(dir: &Dir, s: Option<T>, d: Option<T>, f: impl Fn(T) -> bool) -> bo
 }
 
 impl Expr {
+    /// Whether a finished packet passes: its headers match (one with no headers seen never
+    /// does). The one filter of `trace`, `replay` and the dashboard.
+    pub fn passes(&self, p: &crate::path::PacketPath) -> bool {
+        p.info.as_ref().is_some_and(|i| self.matches(i))
+    }
+
     pub fn matches(&self, p: &PacketInfo) -> bool {
         match self {
             Expr::Host(d, a) => by_dir(d, Some(p.src), Some(p.dst), |x| x == *a),

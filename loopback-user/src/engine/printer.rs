@@ -28,11 +28,8 @@ pub struct PrintOpts {
 }
 
 pub fn wanted(p: &PacketPath, filter: Option<&Expr>, pid: Option<u32>) -> bool {
-    if let Some(f) = filter {
-        match &p.info {
-            Some(i) if f.matches(i) => {}
-            _ => return false,
-        }
+    if filter.is_some_and(|f| !f.passes(p)) {
+        return false;
     }
     if let Some(pid) = pid
         && !p.stages.iter().any(|s| s.pid == pid)

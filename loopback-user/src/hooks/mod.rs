@@ -6,6 +6,8 @@
 //! and stage names against both.
 pub mod plan;
 mod stage;
+mod steps;
 
 pub use plan::{Attach, Candidate, Dir, HookPoint, PLAN};
 pub use stage::StageKind;
+pub use steps::{STEPS, Step};

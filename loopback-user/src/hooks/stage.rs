@@ -30,6 +30,30 @@ pub enum StageKind {
 }
 
 impl StageKind {
+    /// Every stage, in path order.
+    pub const ALL: &[Self] = &[
+        Self::AppSend,
+        Self::SockSend,
+        Self::Route,
+        Self::TcEgress,
+        Self::DevQueue,
+        Self::GsoSegment,
+        Self::Xmit,
+        Self::BacklogEnqueue,
+        Self::SoftirqRaise,
+        Self::XmitDone,
+        Self::SoftirqEntry,
+        Self::Receive,
+        Self::Xdp,
+        Self::TcIngress,
+        Self::SockQueue,
+        Self::CopyToUser,
+        Self::AppRecv,
+        Self::Free,
+        Self::Consume,
+        Self::LeftNetns,
+    ];
+
     /// The stage a hook marks.
     pub const fn of(h: Hook) -> Self {
         match h {

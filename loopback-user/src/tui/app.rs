@@ -8,72 +8,9 @@ use crate::{
     counters::{KernelCounters, ProgramCost},
     decode::proto_name,
     filter::{self, Expr},
-    hooks::PLAN,
+    hooks::{PLAN, STEPS, Step},
     path::{PacketPath, SoftirqContext, StageKind},
 };
-
-/// One step of the loopback path as the dashboard draws it, top to bottom.
-pub struct Step {
-    pub name: &'static str,
-    /// Stages (path.rs names) that belong to this step; empty: not observable here.
-    pub stages: &'static [StageKind],
-    /// Why it is not observable (when `stages` is empty, or every hook point of the plan that
-    /// serves its stages is missing here).
-    pub why_not: &'static str,
-}
-
-pub const STEPS: &[Step] = &[
-    Step {
-        name: "app send",
-        stages: &[StageKind::AppSend],
-        why_not: "",
-    },
-    Step {
-        name: "socket send",
-        stages: &[StageKind::SockSend],
-        why_not: "no tracepoint; needs fentry or kprobes",
-    },
-    Step {
-        name: "route",
-        stages: &[StageKind::Route],
-        why_not: "",
-    },
-    Step {
-        name: "IP out, dev queue",
-        stages: &[StageKind::TcEgress, StageKind::DevQueue, StageKind::GsoSegment],
-        why_not: "",
-    },
-    Step {
-        name: "lo transmit",
-        stages: &[StageKind::Xmit, StageKind::XmitDone],
-        why_not: "",
-    },
-    Step {
-        name: "backlog (per CPU)",
-        stages: &[StageKind::BacklogEnqueue],
-        why_not: "",
-    },
-    Step {
-        name: "NET_RX softirq",
-        stages: &[StageKind::SoftirqRaise, StageKind::SoftirqEntry],
-        why_not: "",
-    },
-    Step {
-        name: "IP receive",
-        stages: &[StageKind::Receive, StageKind::TcIngress, StageKind::Xdp],
-        why_not: "",
-    },
-    Step {
-        name: "socket queue",
-        stages: &[StageKind::SockQueue, StageKind::CopyToUser],
-        why_not: "",
-    },
-    Step {
-        name: "app recv",
-        stages: &[StageKind::AppRecv],
-        why_not: "",
-    },
-];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Panel {
@@ -290,11 +227,7 @@ impl App {
     }
 
     fn wanted(&self, p: &PacketPath) -> bool {
-        match (&self.filter, &p.info) {
-            (None, _) => true,
-            (Some(f), Some(i)) => f.matches(i),
-            (Some(_), None) => false,
-        }
+        self.filter.as_ref().is_none_or(|f| f.passes(p))
     }
 
     /// Counts one finished packet into every view.

@@ -7,7 +7,8 @@ use ratatui::{
     widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Sparkline, Table, Wrap},
 };
 
-use super::app::{App, Panel, STEPS};
+use super::app::{App, Panel};
+use crate::hooks::STEPS;
 use crate::{
     output::{TextStyle, fmt_ns},
     path::PacketPath,
