@@ -39,11 +39,6 @@ pub fn thread_count() -> usize {
 /// filters (kernels without tcx); tcx and every other attachment go away by closing fds.
 pub const CLASSIC_TC_CAPS: u64 = (1 << 12) | (1 << 21);
 
-/// Drops every capability of the process for good.
-pub fn drop_all() -> Result<()> {
-    drop_all_but(0)
-}
-
 /// Drops every capability of the process for good, except those in the mask `keep` (bit N is
 /// capability N), which stay permitted and effective (and in the bounding set).
 pub fn drop_all_but(keep: u64) -> Result<()> {
@@ -56,6 +51,7 @@ pub fn drop_all_but(keep: u64) -> Result<()> {
         // SAFETY: prctl with integer arguments only.
         unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
     }
+    // SAFETY: prctl with integer arguments only.
     unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
     let mut hdr = Header {
         version: LINUX_CAPABILITY_VERSION_3,

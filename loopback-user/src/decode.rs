@@ -505,12 +505,14 @@ pub fn proto_name(p: u8) -> String {
     }
 }
 
+#[cfg(any(test, feature = "test-support"))]
 /// Encodes an event back into its raw record (tests, fixtures and recordings).
 pub fn encode(raw: &RawEvent) -> Vec<u8> {
     // SAFETY: RawEvent is repr(C) plain old data.
     unsafe { std::slice::from_raw_parts((raw as *const RawEvent).cast::<u8>(), RAW_EVENT_SIZE) }.to_vec()
 }
 
+#[cfg(any(test, feature = "test-support"))]
 /// The bytes of a run record as the kernel sends it: `head` with [`HOOK_RUN`], then one stage per
 /// event of `rest` (their task, CPU, skb and captured bytes are the head's), `hdr_stage` naming
 /// the hook that captured the head's bytes (0: the head). For fixtures and tests.

@@ -27,7 +27,8 @@ pub fn write_packet_json(w: &mut impl std::io::Write, p: &PacketPath) -> std::io
     })
 }
 
-/// The same as a `Value` (tests and callers that post-process).
+#[cfg(any(test, feature = "test-support"))]
+/// The same as a `Value` (tests).
 pub fn packet_json(p: &PacketPath) -> Value {
     let mut b = Vec::new();
     packet(&mut b, p);

@@ -152,6 +152,7 @@ impl PacketPath {
     pub fn has(&self, stage: StageKind) -> bool {
         self.stages.iter().any(|s| s.stage == stage)
     }
+    #[cfg(test)]
     pub fn stage_names(&self) -> Vec<&'static str> {
         self.stages.iter().map(|s| s.stage.as_str()).collect()
     }
