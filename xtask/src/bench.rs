@@ -412,12 +412,75 @@ fn throughput(text: &str, id: &str) -> Option<f64> {
     })
 }
 
+/// User-space instructions per packet of `lotrace replay --format json` (decode, reconstruction,
+/// one JSON line), counted by callgrind on the fixture recording of `rounds` rounds: what a
+/// recording of `rounds` costs minus what an empty one costs (start-up, clap, the summary),
+/// divided by its packets. Deterministic: the same build gives the same count on any machine.
+fn instructions_per_packet(root: &Path, lotrace: &Path, rounds: u32) -> Result<(f64, u64)> {
+    let dir = root.join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let count = |rounds: u32| -> Result<(u64, u64)> {
+        let rec = dir.join(format!("fixture-{rounds}.lotrace"));
+        run_ok(
+            Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+                .current_dir(root)
+                .args([
+                    "run",
+                    "-q",
+                    "--release",
+                    "-p",
+                    "loopback-user",
+                    "--features",
+                    "test-support",
+                ])
+                .args(["--example", "fixture_recording", "--"])
+                .arg(&rec)
+                .arg(rounds.to_string()),
+        )?;
+        let out = Command::new(crate::tools::path_of("valgrind").map_err(|e| anyhow!(e))?)
+            .arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}", dir.join("callgrind.out").display()))
+            .arg(lotrace)
+            .args(["replay"])
+            .arg(&rec)
+            .args(["--format", "json"])
+            .stdout(Stdio::null())
+            .output()
+            .context("valgrind")?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            bail!("callgrind of lotrace replay failed: {err}");
+        }
+        let ir = err
+            .lines()
+            .find_map(|l| l.split("Collected :").nth(1))
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| anyhow!("no instruction count in callgrind's output"))?;
+        let packets = err
+            .lines()
+            .filter(|l| l.starts_with("{\"summary\""))
+            .find_map(|l| l.split("\"packets\":").nth(1))
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        Ok((ir, packets))
+    };
+    let (empty, _) = count(0)?;
+    let (full, packets) = count(rounds)?;
+    if packets == 0 {
+        bail!("the fixture recording reconstructed to no packets");
+    }
+    Ok((full.saturating_sub(empty) as f64 / packets as f64, packets))
+}
+
 pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     ensure_tools("bench", Need::Test)?;
     ensure_tools("bench", Need::Bench)?;
     let lotrace = root.join("target/release/lotrace");
     eprintln!("xtask bench: offline reconstruction (criterion)...");
     let user = criterion(root)?;
+    eprintln!("xtask bench: user-space instructions per packet (callgrind)...");
+    let (ipp, ipp_packets) = instructions_per_packet(root, &lotrace, 2_000)?;
     let ns = Netns::new()?;
     let workloads = [Workload::PingPong, Workload::UdpStream, Workload::TcpBulk];
     let modes = [Mode::Untraced, Mode::Lotrace, Mode::LotraceCost, Mode::Bpftrace];
@@ -504,6 +567,9 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     t += &format!(
         "User space per packet of `trace --format json` (decode + reconstruction + JSON line, criterion, fixture session): {:.2} µs.\n",
         1e6 / user.json_packets
+    );
+    t += &format!(
+        "User space per packet of `lotrace replay --format json` (decode + reconstruction + JSON line, callgrind, fixture recording of {ipp_packets} packets, start-up subtracted): {ipp:.0} instructions (target <= 5,000).\n"
     );
     println!("\n{t}");
     let dir = root.join("target/bench");

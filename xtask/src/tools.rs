@@ -39,6 +39,7 @@ pub const TOOLS: &[Tool] = &[
     t("sockperf", "sockperf", Need::Bench),
     t("iperf3", "iperf3", Need::Test),
     t("bpftrace", "bpftrace", Need::Bench),
+    t("valgrind", "valgrind", Need::Bench),
     t("taskset", "util-linux", Need::Bench),
     t("unshare", "util-linux", Need::Bench),
     t("mountpoint", "util-linux", Need::Bench),
