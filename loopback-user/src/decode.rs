@@ -72,6 +72,9 @@ pub struct RouteInfo {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Name {
     len: u8,
+    /// Some byte needs escaping in JSON (`"`, `\\`, a control character): known once, when
+    /// the name is made, so the JSON writer copies the others without looking at each byte.
+    escape: bool,
     bytes: [u8; NAME_LEN],
 }
 
@@ -80,9 +83,18 @@ impl Name {
         let mut n = Name::default();
         for (i, &c) in b.iter().take(NAME_LEN).take_while(|&&c| c != 0).enumerate() {
             n.bytes[i] = if c.is_ascii() { c } else { b'?' };
+            n.escape |= c < 0x20 || c == b'"' || c == b'\\';
             n.len = i as u8 + 1;
         }
         n
+    }
+    /// Whether the name needs escaping in a JSON string.
+    pub fn needs_escape(&self) -> bool {
+        self.escape
+    }
+    /// The name's whole inline array (zeros past its length) and its length.
+    pub fn raw(&self) -> (&[u8; NAME_LEN], usize) {
+        (&self.bytes, self.len as usize)
     }
     pub fn as_str(&self) -> &str {
         // Only ASCII is ever stored.

@@ -146,11 +146,21 @@ pub enum Frame {
     Trailer(Trailer),
 }
 
+/// One frame of a recording, borrowing the reader's buffer (no copy, no allocation per frame).
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameRef<'a> {
+    Event(&'a [u8]),
+    Tick(u64),
+    Trailer(Trailer),
+}
+
 pub struct Reader<R: Read> {
     r: R,
     offset: u64,
     pub header: Header,
     done: bool,
+    /// The current frame's bytes, reused from frame to frame.
+    buf: Vec<u8>,
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(n)` short of that only at the end of the input.
@@ -209,6 +219,7 @@ impl<R: Read> Reader<R> {
             offset: 16 + len as u64,
             header,
             done: false,
+            buf: Vec::new(),
         })
     }
 
@@ -217,8 +228,17 @@ impl<R: Read> Reader<R> {
         self.offset
     }
 
-    /// The next frame; `None` at a clean end of file.
+    /// The next frame, owned; `None` at a clean end of file.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, RecordingError> {
+        Ok(self.next_frame_ref()?.map(|f| match f {
+            FrameRef::Event(b) => Frame::Event(b.to_vec()),
+            FrameRef::Tick(t) => Frame::Tick(t),
+            FrameRef::Trailer(t) => Frame::Trailer(t),
+        }))
+    }
+
+    /// The next frame, borrowing the reader's buffer; `None` at a clean end of file.
+    pub fn next_frame_ref(&mut self) -> Result<Option<FrameRef<'_>>, RecordingError> {
         if self.done {
             return Ok(None);
         }
@@ -240,25 +260,28 @@ impl<R: Read> Reader<R> {
         if len > MAX_FRAME {
             return Err(at(start + 4, format!("frame length {len} is implausible")));
         }
-        let mut data = vec![0u8; len as usize];
-        let got = fill(&mut self.r, &mut data)?;
+        self.buf.resize(len as usize, 0);
+        let data = self.buf.as_mut_slice();
+        let got = fill(&mut self.r, data)?;
         if got < data.len() {
             return Err(at(start, format!("truncated frame ({got} of {len} bytes)")));
         }
         self.offset = start + 8 + len as u64;
         Ok(Some(match kind {
-            KIND_EVENT => Frame::Event(data),
+            KIND_EVENT => FrameRef::Event(&self.buf),
             KIND_TICK => {
-                let b: [u8; 8] = data
+                let b: [u8; 8] = self
+                    .buf
                     .as_slice()
                     .try_into()
                     .map_err(|_| at(start + 4, format!("tick frame of {len} bytes, expected 8")))?;
-                Frame::Tick(u64::from_le_bytes(b))
+                FrameRef::Tick(u64::from_le_bytes(b))
             }
             _ => {
-                let t = serde_json::from_slice(&data).map_err(|e| at(start + 8, format!("corrupt trailer: {e}")))?;
+                let t =
+                    serde_json::from_slice(&self.buf).map_err(|e| at(start + 8, format!("corrupt trailer: {e}")))?;
                 self.done = true;
-                Frame::Trailer(t)
+                FrameRef::Trailer(t)
             }
         }))
     }

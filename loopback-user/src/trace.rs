@@ -221,7 +221,7 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
     let (mut intake, mut printer) = outputs(cfg.print, cfg.pcapng.as_deref(), &h)?;
     let mut trailer = None;
     loop {
-        let frame = match reader.next_frame() {
+        let frame = match reader.next_frame_ref() {
             Ok(Some(f)) => f,
             Ok(None) => break,
             Err(e) => {
@@ -230,12 +230,12 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
             }
         };
         match frame {
-            record::Frame::Event(bytes) => intake.take(&bytes, &mut tracker, &mut |ps| printer.print_all(ps))?,
-            record::Frame::Tick(now) => {
+            record::FrameRef::Event(bytes) => intake.take(bytes, &mut tracker, &mut |ps| printer.print_all(ps))?,
+            record::FrameRef::Tick(now) => {
                 let done = intake.expire(&mut tracker, now)?;
                 printer.print_all(done)?;
             }
-            record::Frame::Trailer(t) => trailer = Some(t),
+            record::FrameRef::Trailer(t) => trailer = Some(t),
         }
     }
     printer.print_all(tracker.flush())?;

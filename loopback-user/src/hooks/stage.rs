@@ -109,3 +109,18 @@ impl std::fmt::Display for StageKind {
         f.pad(self.as_str())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ALL` lists every stage in declaration order, so a stage indexes tables by `as usize`
+    /// (the per-stage histograms) and `ALL[k as usize] == k`.
+    #[test]
+    fn all_is_in_declaration_order() {
+        for (i, k) in StageKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i, "{k}");
+        }
+        assert_eq!(StageKind::ALL.len(), StageKind::LeftNetns as usize + 1);
+    }
+}

@@ -46,6 +46,21 @@ fn num(b: &mut Vec<u8>, n: impl itoa::Integer) {
     b.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
+/// A kernel name as a JSON string. A name that needs no escaping (nearly all) is copied as its
+/// fixed 16 bytes and cut to its length; the others are escaped byte by byte.
+fn name(b: &mut Vec<u8>, n: Name) {
+    if n.needs_escape() {
+        return bytes(b, n.as_bytes());
+    }
+    let (raw, len) = n.raw();
+    let mut out = [b'"'; 18];
+    out[1..17].copy_from_slice(raw);
+    out[1 + len] = b'"';
+    let start = b.len();
+    b.extend_from_slice(&out);
+    b.truncate(start + len + 2);
+}
+
 fn opt_num(b: &mut Vec<u8>, n: Option<impl itoa::Integer>) {
     match n {
         Some(n) => num(b, n),
@@ -119,7 +134,7 @@ fn opt_string(b: &mut Vec<u8>, s: Option<&str>) {
 
 fn opt_name(b: &mut Vec<u8>, n: Option<Name>) {
     match n {
-        Some(n) => bytes(b, n.as_bytes()),
+        Some(n) => name(b, n),
         None => b.extend_from_slice(b"null"),
     }
 }
@@ -233,7 +248,7 @@ fn packet(b: &mut Vec<u8>, p: &PacketPath) {
             b.extend_from_slice(b",\"context\":");
             plain(b, s.context.as_str());
             b.extend_from_slice(b",\"task\":");
-            bytes(b, s.task.as_bytes());
+            name(b, s.task);
             b.extend_from_slice(b",\"pid\":");
             num(b, s.pid);
             b.extend_from_slice(b",\"raised\":");
@@ -271,7 +286,7 @@ fn stages(b: &mut Vec<u8>, p: &PacketPath) {
         b.extend_from_slice(b",\"tid\":");
         num(b, s.tid);
         b.extend_from_slice(b",\"comm\":");
-        bytes(b, s.comm.as_bytes());
+        name(b, s.comm);
         b.extend_from_slice(b",\"dev\":");
         opt_name(b, s.dev);
         b.push(b'}');

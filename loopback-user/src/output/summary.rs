@@ -155,7 +155,7 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     }
     if !stats.stage_latency.is_empty() {
         let _ = writeln!(s, "    stage (from previous)     count        p50        p99");
-        for (k, h) in &stats.stage_latency {
+        for (k, h) in stats.stage_latency.iter() {
             let _ = writeln!(
                 s,
                 "    {:<22} {:>8} {:>10} {:>10}",

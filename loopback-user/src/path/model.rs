@@ -131,7 +131,7 @@ pub struct Wire {
 
 impl PacketPath {
     pub fn left_host(&self) -> bool {
-        self.tx_dev.as_deref().is_some_and(|d| d != "lo")
+        self.tx_dev.is_some_and(|d| d.as_bytes() != b"lo")
     }
     pub fn first_ts(&self) -> u64 {
         self.stages.first().map(|s| s.t_ns).unwrap_or(0)
@@ -199,7 +199,7 @@ pub fn is_complete(p: &PacketPath) -> bool {
             | Verdict::FreedUntraced
             | Verdict::LeftNetns
     );
-    let through_lo = if sent_here && p.tx_dev.as_deref() == Some("lo") {
+    let through_lo = if sent_here && p.tx_dev.is_some_and(|d| d.as_bytes() == b"lo") {
         p.has(StageKind::Xmit) && p.has(StageKind::BacklogEnqueue) && p.has(StageKind::Receive)
     } else {
         true

@@ -16,7 +16,7 @@ pub(super) fn derive(p: &mut PacketPath) {
     let after_enqueue = |t: u64| enq.is_some_and(|q| t >= q && t <= recv.t_ns);
     let raised = after_enqueue(raise_ts);
     let new_run = after_enqueue(entry_ts);
-    let context = if recv.comm.starts_with("ksoftirqd/") {
+    let context = if recv.comm.as_bytes().starts_with(b"ksoftirqd/") {
         SoftirqContext::Ksoftirqd
     } else if p.sender().is_some_and(|s| s.tid == recv.tid) {
         SoftirqContext::Inline

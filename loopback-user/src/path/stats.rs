@@ -21,8 +21,37 @@ pub struct Stats {
     /// packets.
     pub copies: u64,
     /// Per stage: latency from the previous stage, in ns.
-    pub stage_latency: BTreeMap<StageKind, Histogram<u64>>,
+    pub stage_latency: StageLatency,
     pub by_context: BTreeMap<&'static str, u64>,
+}
+
+/// One latency histogram per stage, indexed by the stage itself (no map lookup per stage of
+/// every packet); iterated in stage order.
+#[derive(Clone, Debug, Default)]
+pub struct StageLatency(Vec<Option<Histogram<u64>>>);
+
+impl StageLatency {
+    pub fn record(&mut self, k: StageKind, ns: u64) {
+        let i = k as usize;
+        if self.0.len() <= i {
+            self.0.resize(StageKind::ALL.len().max(i + 1), None);
+        }
+        let h = self.0[i]
+            .get_or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("valid histogram bounds"));
+        let _ = h.record(ns.max(1));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+
+    /// The stages with a histogram, in stage order.
+    pub fn iter(&self) -> impl Iterator<Item = (StageKind, &Histogram<u64>)> {
+        StageKind::ALL
+            .iter()
+            .zip(&self.0)
+            .filter_map(|(k, h)| h.as_ref().map(|h| (*k, h)))
+    }
 }
 
 impl Stats {
@@ -49,11 +78,7 @@ impl Stats {
             *s.by_context.entry(si.context.as_str()).or_default() += 1;
         }
         for (stage, d) in p.timed_stages().skip(1) {
-            let h = s
-                .stage_latency
-                .entry(stage.stage)
-                .or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("valid histogram bounds"));
-            let _ = h.record(d.max(1));
+            s.stage_latency.record(stage.stage, d);
         }
     }
 }

@@ -95,7 +95,8 @@ impl Tracker {
         PacketPath {
             id,
             skb: e.skb,
-            stages: Vec::with_capacity(12),
+            // A lo crossing has up to about 16 stages: no regrowth on the way.
+            stages: Vec::with_capacity(16),
             info: None,
             len: e.len,
             tx_dev: None,

@@ -210,10 +210,13 @@ fn output_into_a_closed_pipe_stops_quietly_and_leaves_nothing() {
         // The first packet printed meets the closed pipe; lotrace must then end by itself.
         let start = std::time::Instant::now();
         let status = loop {
-            sb.netns
+            // Only the traffic matters here, not its answer: under emulation (6.1 guest) an echo
+            // sent while lotrace is detaching once went unanswered within its 2 s, and the test
+            // is about lotrace ending by itself, which the 20 s bound below still checks.
+            let _ = sb
+                .netns
                 .run(|| traffic::icmp_echo("127.0.0.1".parse().expect("ip"), 0, 0x7a7a, 1, Duration::from_secs(2)))
-                .expect("netns")
-                .expect("echo");
+                .expect("netns");
             if let Some(st) = child.try_wait().expect("wait") {
                 break st;
             }
