@@ -12,8 +12,9 @@ use tokio::{
 
 use crate::{
     bpf::session::{Session, SessionOptions},
-    engine::{Intake, PrintOpts, Printer, clock_ns, kernel_release, monotonic_ns, outputs, pump, summary},
+    engine::{Intake, PrintOpts, PrintQueue, clock_ns, kernel_release, monotonic_ns, outputs, pump, summary},
     netns::Netns,
+    output::Summary,
     path::{Tracker, TrackerConfig},
     record,
     usage::usage,
@@ -34,9 +35,13 @@ pub struct TraceConfig {
     pub snaplen: u32,
 }
 
-fn drain(rb: &mut RingBuf<MapData>, tracker: &mut Tracker, printer: &mut Printer, intake: &mut Intake) -> Result<()> {
-    pump(rb, intake, tracker, |ps| printer.print_all(ps))?;
-    printer.flush()?;
+/// Decodes and reconstructs what is in the ring, queueing finished packets for the printer
+/// (which never holds this up: see `PrintQueue`).
+fn drain(rb: &mut RingBuf<MapData>, tracker: &mut Tracker, queue: &mut PrintQueue, intake: &mut Intake) -> Result<()> {
+    pump(rb, intake, tracker, |ps| {
+        queue.send(ps);
+        Ok(())
+    })?;
     if let Some(r) = &mut intake.recorder {
         r.flush().context("writing the recording")?;
     }
@@ -56,7 +61,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|_| anyhow::anyhow!("cannot poll the ring buffer fd"))?;
     let mut tracker = Tracker::new(TrackerConfig::default(), session.drop_reasons.clone());
     let header = recording_header(&session, cfg.snaplen);
-    let (mut intake, mut printer) = outputs(cfg.print, cfg.pcapng.as_deref(), &header)?;
+    let (mut intake, printer) = outputs(cfg.print, cfg.pcapng.as_deref(), &header)?;
     if let Some(path) = &cfg.write {
         intake.recorder =
             Some(record::Writer::create(path, &header).with_context(|| format!("cannot create {}", path.display()))?);
@@ -110,6 +115,8 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
             format!("; NOT attached: {missing}")
         }
     );
+    // Capabilities are dropped (per thread): now the printer may have a thread of its own.
+    let mut queue = PrintQueue::start(printer)?;
     let deadline = cfg.duration.map(|d| Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut drain_tick = tokio::time::interval(Duration::from_millis(10));
@@ -131,36 +138,40 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
             _ = fault => panic!("LOTRACE_FAULT=panic-on-sigusr1"),
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut tracker, &mut printer, &mut intake)?;
+                drain(guard.get_inner_mut(), &mut tracker, &mut queue, &mut intake)?;
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => {
                 // The kernel wakes this reader only per 256 KiB (batched wake-ups); the rest is
                 // picked up here.
-                drain(ring.get_mut(), &mut tracker, &mut printer, &mut intake)?;
+                drain(ring.get_mut(), &mut tracker, &mut queue, &mut intake)?;
             }
             _ = tick.tick() => {
                 let done = intake.expire(&mut tracker, monotonic_ns())?;
-                printer.print_all(done)?;
-                printer.flush()?;
+                queue.send(done);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = sleep => break,
         }
-        if printer.done() {
+        if queue.done() {
             break;
         }
     }
     // What is still in the ring, then everything still held.
-    drain(ring.get_mut(), &mut tracker, &mut printer, &mut intake)?;
-    printer.print_all(tracker.flush())?;
+    drain(ring.get_mut(), &mut tracker, &mut queue, &mut intake)?;
+    queue.send(tracker.flush());
+    let unprinted = queue.unprinted;
+    let printer = queue.finish()?;
     let trailer = record::Trailer {
         kernel: session.counters()?,
         costs: session.program_costs(),
         costs_unavailable: session.stats_error.clone(),
     };
-    let summary = summary(&printer, &intake, trailer.clone());
+    let summary = Summary {
+        unprinted,
+        ..summary(&printer, &intake, trailer.clone())
+    };
     if let Some(r) = intake.recorder.take() {
         r.finish(&trailer).context("writing the recording")?;
     }

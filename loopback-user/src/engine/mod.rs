@@ -4,7 +4,9 @@
 //! and where packets go. The clocks ([`crate::clock`]) are re-exported here.
 mod intake;
 mod printer;
+mod queue;
 
 pub use crate::clock::{clock_ns, kernel_release, monotonic_ns};
 pub use intake::{Intake, pump};
 pub use printer::{Format, PrintOpts, Printer, outputs, summary, wanted};
+pub use queue::{MAX_QUEUED, PrintQueue};

@@ -42,7 +42,7 @@ pub fn wanted(p: &PacketPath, filter: Option<&Expr>, pid: Option<u32>) -> bool {
 /// Prints finished packets that pass the filter and `--pid`, up to `--count` (and writes them
 /// to the pcapng file when there is one).
 pub struct Printer {
-    opts: PrintOpts,
+    pub(super) opts: PrintOpts,
     style: TextStyle,
     out: std::io::BufWriter<std::io::Stdout>,
     pub printed: u64,
@@ -128,6 +128,7 @@ pub fn outputs(print: PrintOpts, pcapng: Option<&std::path::Path>, h: &record::H
 pub fn summary(printer: &Printer, intake: &Intake, t: record::Trailer) -> Summary {
     Summary {
         printed: printer.printed,
+        unprinted: 0,
         kernel: t.kernel,
         undecodable: intake.undecodable,
         received: intake.received,

@@ -13,6 +13,10 @@ use crate::{
 #[derive(Debug, Default, Clone)]
 pub struct Summary {
     pub printed: u64,
+    /// Packets that passed the filter but were not printed: stdout (or the pcapng file) could
+    /// not take them as fast as they finished (`trace`'s printing never holds up the ring
+    /// reader; what it cannot keep up with is counted here).
+    pub unprinted: u64,
     pub kernel: KernelCounters,
     pub undecodable: u64,
     /// Records read from the ring buffer (equals `kernel.emitted` when the reader kept up).
@@ -52,6 +56,7 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
         "summary": {
             "packets": stats.packets,
             "printed": sum.printed,
+            "unprinted": sum.unprinted,
             "complete": stats.complete,
             "complete_pct": pct(stats.complete, stats.packets),
             "drops": stats.drops,
@@ -107,6 +112,13 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
         pct_text(stats.complete, stats.packets),
         drops
     );
+    if sum.unprinted > 0 {
+        let _ = writeln!(
+            s,
+            "    NOT printed: {} packets (the output could not keep up; tracing went on)",
+            sum.unprinted
+        );
+    }
     let _ = writeln!(
         s,
         "    events: {} emitted, {} received | lost events: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | socket copies: {} | expired: {} | in flight at end: {}",

@@ -158,6 +158,7 @@ fn text_and_summary_mention_what_matters() {
     assert!(t.contains("table main dev lo\n"), "{t}");
     let sum = Summary {
         printed: 3,
+        unprinted: 5,
         kernel: KernelCounters {
             ring_lost: 7,
             emitted: 40,
@@ -195,6 +196,8 @@ fn text_and_summary_mention_what_matters() {
         "{s}"
     );
     assert_eq!(summary_json(&stats, &sum)["summary"]["lost_events"], 7);
+    assert_eq!(j["summary"]["unprinted"], 5);
+    assert!(s.contains("NOT printed: 5 packets"), "{s}");
     assert!(s.contains("events: 40 emitted, 33 received"), "{s}");
     assert_eq!(
         (

@@ -136,6 +136,46 @@ fn honest_under_sustained_load() {
     assert!(hwm_kib < 64 * 1024, "peak RSS {hwm_kib} KiB");
 }
 
+/// A reader of stdout that does not keep up never holds up the ring reader: while nobody reads
+/// the pipe, lotrace goes on reconstructing; what it could not print is counted (`unprinted`),
+/// and every packet is either printed or counted.
+#[test]
+fn a_stalled_stdout_never_stalls_tracing_and_what_is_not_printed_is_counted() {
+    if !privileged() {
+        return;
+    }
+    let sb = Sandbox::new("lt-stall").expect("sandbox");
+    // stdout is a pipe this test does not read until lotrace has been told to stop.
+    let (mut child, _, err) = launch(&sb, &["--format", "json"], &[], Stdio::piped());
+    let err_rx = read_all(err);
+    const N: u32 = 3_000;
+    let got = flood_ping(&sb, N);
+    assert_eq!(got, (N as u64, N as u64), "the traffic is untouched");
+    signal(child.id(), libc::SIGINT);
+    let out_rx = read_all(child.stdout.take().expect("stdout"));
+    assert!(child.wait().expect("wait").success());
+    let out = out_rx.recv_timeout(Duration::from_secs(30)).expect("stdout");
+    let err = err_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
+    let summary: Value = serde_json::from_str(
+        err.lines()
+            .rev()
+            .find(|l| l.starts_with("{\"summary\""))
+            .expect("summary line"),
+    )
+    .expect("summary JSON");
+    let s = &summary["summary"];
+    let num = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {s}"));
+    // 2 x 3,000 lo packets and 3,000 socket copies cannot wait in a queue of 4,096 plus a pipe.
+    assert!(num("unprinted") > 0, "{s}");
+    assert_eq!(num("printed") + num("unprinted"), num("packets") + num("copies"), "{s}");
+    assert_eq!(out.lines().count() as u64, num("printed"), "{s}");
+    assert_eq!(num("events_emitted"), num("events_received"), "{s}");
+    assert!(
+        num("packets") + num("lost_events") >= 2 * N as u64,
+        "every lo packet was reconstructed, or its loss counted: {s}"
+    );
+}
+
 /// `ping -f -c N` inside the sandbox: (transmitted, received).
 pub(crate) fn flood_ping(sb: &Sandbox, n: u32) -> (u64, u64) {
     let out = Command::new("ip")
