@@ -92,6 +92,9 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         }
         (Err(e), _) => format!("; capabilities kept ({e})"),
     };
+    // Capabilities are dropped (they belong to threads): now the printer may have a thread of
+    // its own, started before the line saying lotrace is attached.
+    let mut queue = PrintQueue::start(printer)?;
     let attached = session.outcomes.iter().filter(|o| o.attached).count();
     let missing = crate::bpf::session::describe_missing(&session.outcomes);
     let fallbacks: Vec<String> = session
@@ -115,8 +118,6 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
             format!("; NOT attached: {missing}")
         }
     );
-    // Capabilities are dropped (per thread): now the printer may have a thread of its own.
-    let mut queue = PrintQueue::start(printer)?;
     let deadline = cfg.duration.map(|d| Instant::now() + d);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut drain_tick = tokio::time::interval(Duration::from_millis(10));

@@ -255,9 +255,23 @@ fn capabilities_are_dropped_once_attached() {
     let sb = Sandbox::new("lt-caps").expect("sandbox");
     let t = start(&sb, &["--kernel-cost"]);
     let pid = t.child.id();
-    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks").collect();
-    assert_eq!(tasks.len(), 1, "one thread");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    // Two threads: the tracer and its printer (started once capabilities were dropped, before
+    // the first line); each has dropped them.
+    let tasks: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+        .map(|t| {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).expect(f);
+            (read("comm").trim().to_string(), read("status"))
+        })
+        .collect();
+    // (The printer names itself once it runs, so its name may still be lotrace's here.)
+    assert_eq!(
+        tasks.len(),
+        2,
+        "the tracer and its printer: {:?}",
+        tasks.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
     // Without tcx (classic tc filters), the two capabilities that remove them at exit stay.
     let kept = if t.first_line.contains("but CAP_NET_ADMIN and CAP_SYS_ADMIN") {
         loopback_user::caps::CLASSIC_TC_CAPS
@@ -265,15 +279,17 @@ fn capabilities_are_dropped_once_attached() {
         assert!(t.first_line.contains("all capabilities dropped."), "{}", t.first_line);
         0
     };
-    for (key, want) in [
-        ("CapEff:", kept),
-        ("CapPrm:", kept),
-        ("CapInh:", 0),
-        ("CapBnd:", kept),
-        ("CapAmb:", 0),
-    ] {
-        let v = status.lines().find_map(|l| l.strip_prefix(key)).expect(key).trim();
-        assert_eq!(u64::from_str_radix(v, 16).expect("hex"), want, "{key} {v}");
+    for (comm, status) in &tasks {
+        for (key, want) in [
+            ("CapEff:", kept),
+            ("CapPrm:", kept),
+            ("CapInh:", 0),
+            ("CapBnd:", kept),
+            ("CapAmb:", 0),
+        ] {
+            let v = status.lines().find_map(|l| l.strip_prefix(key)).expect(key).trim();
+            assert_eq!(u64::from_str_radix(v, 16).expect("hex"), want, "{comm}: {key} {v}");
+        }
     }
     // Still traces, still reads its counters and the kernel statistics, still detaches.
     sb.netns

@@ -68,6 +68,17 @@ pub(crate) struct Tracer {
     pub(crate) stderr_rx: mpsc::Receiver<String>,
 }
 
+/// A test that fails midway still ends the lotrace it started (by its pid, our own child), so
+/// one failure does not leave programs attached for the tests after it.
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Reads `r` to its end on a thread; the text arrives on the returned channel.
 pub(crate) fn read_all(mut r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
