@@ -451,19 +451,7 @@ fn instructions_per_packet(root: &Path, lotrace: &Path, rounds: u32) -> Result<(
         if !out.status.success() {
             bail!("callgrind of lotrace replay failed: {err}");
         }
-        let ir = err
-            .lines()
-            .find_map(|l| l.split("Collected :").nth(1))
-            .and_then(|n| n.trim().parse().ok())
-            .ok_or_else(|| anyhow!("no instruction count in callgrind's output"))?;
-        let packets = err
-            .lines()
-            .filter(|l| l.starts_with("{\"summary\""))
-            .find_map(|l| l.split("\"packets\":").nth(1))
-            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        Ok((ir, packets))
+        callgrind_counts(&err).ok_or_else(|| anyhow!("no instruction or packet count in: {err}"))
     };
     let (empty, _) = count(0)?;
     let (full, packets) = count(rounds)?;
@@ -471,6 +459,22 @@ fn instructions_per_packet(root: &Path, lotrace: &Path, rounds: u32) -> Result<(
         bail!("the fixture recording reconstructed to no packets");
     }
     Ok((full.saturating_sub(empty) as f64 / packets as f64, packets))
+}
+
+/// (instructions, packets) from callgrind's stderr around `lotrace replay`'s: the "Collected :"
+/// line and the JSON summary's `packets`.
+fn callgrind_counts(err: &str) -> Option<(u64, u64)> {
+    let ir = err
+        .lines()
+        .find_map(|l| l.split("Collected :").nth(1))
+        .and_then(|n| n.trim().parse().ok())?;
+    let packets = err
+        .lines()
+        .filter(|l| l.starts_with("{\"summary\""))
+        .find_map(|l| l.split("\"packets\":").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())?;
+    Some((ir, packets))
 }
 
 pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
@@ -581,7 +585,17 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::throughput;
+    use super::{callgrind_counts, throughput};
+
+    #[test]
+    fn callgrind_and_summary_counts_are_read() {
+        let err = "==2768== Callgrind, a call-graph generating cache profiler\n\
+                   lotrace: replaying x: recorded by lotrace 0.1.0\n\
+                   {\"summary\":{\"bpf_programs\":[],\"packets\":5333,\"printed\":5333}}\n\
+                   ==2768== Collected : 148057674\n==2768== I   refs:      148,057,674\n";
+        assert_eq!(callgrind_counts(err), Some((148_057_674, 5_333)));
+        assert_eq!(callgrind_counts("==1== Collected : 5\n"), None);
+    }
 
     /// Criterion's own layout: a bench's name, its time, its throughput, then a "change" block
     /// that repeats `thrpt:` with percentages; short names share the line with `time:`.
