@@ -113,28 +113,14 @@ impl Tracker {
         }
     }
 
-    /// Feeds one event; returns the packets it finished (in order).
+    /// Feeds one event; returns the packets it finished (in order). The steps: events about a
+    /// thread rather than an skb ([`Self::thread_event`]), then the skb's path is found or
+    /// started ([`Self::open`]), the event is added to it ([`Self::apply`]), and the path ends
+    /// or stays in flight ([`Self::end_or_keep`]).
     pub fn push(&mut self, mut e: Event) -> Vec<PacketPath> {
         let mut done = Vec::new();
         self.release_clone_waiters(e.ts_ns, &mut done);
-        if e.hook == Hook::Route {
-            if let Some(r) = e.route.clone() {
-                let st = Stage::of(&e, (!r.dev.is_empty()).then(|| Name::from(r.dev.as_str())));
-                self.last_route.insert(e.tid, (st, r));
-            }
-            return done;
-        }
-        if e.hook == Hook::AppRecv {
-            self.app_recv(&e, &mut done);
-            return done;
-        }
-        if e.hook == Hook::AppSend {
-            self.last_send.insert(e.tid, Stage::of(&e, None));
-            self.last_sock_send.remove(&e.tid);
-            return done;
-        }
-        if e.hook == Hook::SockSend {
-            self.last_sock_send.insert(e.tid, Stage::of(&e, None));
+        if self.thread_event(&e, &mut done) {
             return done;
         }
         if e.skb == 0 {
@@ -143,19 +129,52 @@ impl Tracker {
         }
         if e.hook == Hook::SockQueue {
             // Only meaningful for a UDP packet still being received, queued once.
-            let queued = match self.inflight.get(&e.skb) {
-                Some(p) => {
-                    p.has(StageKind::Receive)
-                        && !p.has(StageKind::SockQueue)
-                        && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
-                }
-                None => false,
-            };
+            let queued = self.inflight.get(&e.skb).is_some_and(|p| {
+                p.has(StageKind::Receive)
+                    && !p.has(StageKind::SockQueue)
+                    && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
+            });
             if !queued {
                 return done;
             }
             self.sock_queues.entry(e.arg0).or_default().push_back(e.skb);
         }
+        let mut p = self.open(&e, &mut done);
+        self.apply(&mut p, &mut e);
+        self.end_or_keep(p, &e, &mut done);
+        if self.inflight.len() > self.cfg.max_inflight {
+            self.expire_oldest(&mut done);
+        }
+        done
+    }
+
+    /// Events about a thread rather than an skb: its route lookup, send syscall and socket
+    /// send (kept for its next transmit), and its UDP read (which delivers a queued packet).
+    fn thread_event(&mut self, e: &Event, done: &mut Vec<PacketPath>) -> bool {
+        match e.hook {
+            Hook::Route => {
+                if let Some(r) = e.route.clone() {
+                    let st = Stage::of(e, (!r.dev.is_empty()).then(|| Name::from(r.dev.as_str())));
+                    self.last_route.insert(e.tid, (st, r));
+                }
+            }
+            Hook::AppRecv => self.app_recv(e, done),
+            Hook::AppSend => {
+                self.last_send.insert(e.tid, Stage::of(e, None));
+                self.last_sock_send.remove(&e.tid);
+            }
+            Hook::SockSend => {
+                self.last_sock_send.insert(e.tid, Stage::of(e, None));
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// The path the event belongs to: the one in flight at its address, or a new one (a GSO
+    /// segment inherits its split skb's path; a first transmit takes its thread's send and
+    /// route). What was open at a reused address ends first.
+    fn open(&mut self, e: &Event, done: &mut Vec<PacketPath>) -> Box<PacketPath> {
         // A GSO segment (the head of its own transmit run, the split skb in `arg1`) is a new
         // skb: whatever was open at its address ended unseen (its free fired no tracepoint).
         let segment_of = (e.hook == Hook::Xmit && e.arg1 != 0).then_some(e.arg1);
@@ -163,7 +182,7 @@ impl Tracker {
             && let Some(old) = self.inflight.remove(&e.skb)
         {
             let v = self.idle_verdict(&old);
-            self.finish(*old, v, &mut done);
+            self.finish(*old, v, done);
         }
         // A new transmit on an address whose previous packet got no free tracepoint (TCP
         // paths) ends that packet: the address was reused.
@@ -172,12 +191,12 @@ impl Tracker {
             && old.has(StageKind::DevQueue)
             && let Some(old) = self.inflight.remove(&e.skb)
         {
-            self.finish(*old, Verdict::FreedUntraced, &mut done);
+            self.finish(*old, Verdict::FreedUntraced, done);
         }
-        let mut p = match self.inflight.remove(&e.skb) {
+        match self.inflight.remove(&e.skb) {
             Some(p) => p,
             None if segment_of.is_some() => {
-                let mut p = Box::new(self.new_packet(&e));
+                let mut p = Box::new(self.new_packet(e));
                 // Its path so far is the split skb's (send, route, tc egress, dev queue, split).
                 if let Some((parent, pp, n)) = self.gso_parents.get_mut(&e.cpu)
                     && Some(*parent) == segment_of
@@ -190,7 +209,7 @@ impl Tracker {
                 p
             }
             None => {
-                let mut p = Box::new(self.new_packet(&e));
+                let mut p = Box::new(self.new_packet(e));
                 // The send syscall this thread entered just before, and its socket-layer send
                 // (fentry/kprobe on `sock_sendmsg`, where the kernel allows them).
                 if matches!(e.hook, Hook::DevQueue | Hook::TcEgress) {
@@ -212,7 +231,12 @@ impl Tracker {
                 }
                 p
             }
-        };
+        }
+    }
+
+    /// Adds the event to its path: captured bytes, headers (paired as soon as known), the
+    /// crossing's length, devices, the receive's softirq arguments, and the stage itself.
+    fn apply(&mut self, p: &mut PacketPath, e: &mut Event) {
         let dev = (!e.ifname.is_empty()).then_some(e.ifname);
         if p.wire.is_none()
             && let Some(bytes) = e.wire.take()
@@ -228,7 +252,7 @@ impl Tracker {
             // Pair as soon as the headers are known, in transmit order: packets finish late
             // (TCP frees fire no tracepoint), an ACK may finish before what it acknowledges.
             if e.hook != Hook::CopyToUser {
-                self.pair(&mut p);
+                self.pair(p);
             }
         }
         // The length of the crossing itself: after the receive, TCP may coalesce later segments
@@ -246,7 +270,12 @@ impl Tracker {
             }
             _ => {}
         }
-        p.stages.push(Stage::of(&e, dev));
+        p.stages.push(Stage::of(e, dev));
+    }
+
+    /// Ends the path at a free, consume or namespace exit (a GSO split is held for its
+    /// segments, a NO_SOCKET ICMP drop waits for its delivered clone), else keeps it in flight.
+    fn end_or_keep(&mut self, mut p: Box<PacketPath>, e: &Event, done: &mut Vec<PacketPath>) {
         match e.hook {
             // Split into GSO segments before the driver (the kernel program says so), which
             // follow on this CPU. Held to start their paths.
@@ -255,13 +284,13 @@ impl Tracker {
                     last.stage = StageKind::GsoSegment;
                 }
                 match self.gso_parents.insert(e.cpu, (e.skb, p, 0)) {
-                    Some((_, old, 0)) => self.unsplit(*old, &mut done),
+                    Some((_, old, 0)) => self.unsplit(*old, done),
                     Some(_) => self.stats.gso_splits += 1,
                     None => {}
                 }
             }
-            Hook::Consume => self.finish(*p, Verdict::Consumed, &mut done),
-            Hook::LeftNetns => self.finish(*p, Verdict::LeftNetns, &mut done),
+            Hook::Consume => self.finish(*p, Verdict::Consumed, done),
+            Hook::LeftNetns => self.finish(*p, Verdict::LeftNetns, done),
             Hook::Free => {
                 let name = self
                     .drop_names
@@ -277,22 +306,18 @@ impl Tracker {
                     p.verdict = Verdict::Dropped;
                     self.awaiting_clone.push_back(*p);
                 } else {
-                    self.finish(*p, Verdict::Dropped, &mut done);
+                    self.finish(*p, Verdict::Dropped, done);
                 }
             }
             Hook::CopyToUser if p.stages.len() == 1 && p.clone_of.is_none() => {
                 // A clone first seen at the socket: link it to its original.
-                self.link_clone(&mut p, &mut done);
+                self.link_clone(&mut p, done);
                 self.inflight.insert(e.skb, p);
             }
             _ => {
                 self.inflight.insert(e.skb, p);
             }
         }
-        if self.inflight.len() > self.cfg.max_inflight {
-            self.expire_oldest(&mut done);
-        }
-        done
     }
 
     /// The application read from socket `arg0`: the oldest UDP packet queued to it was delivered.
