@@ -156,13 +156,7 @@ fn a_stalled_stdout_never_stalls_tracing_and_what_is_not_printed_is_counted() {
     assert!(child.wait().expect("wait").success());
     let out = out_rx.recv_timeout(Duration::from_secs(30)).expect("stdout");
     let err = err_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
-    let summary: Value = serde_json::from_str(
-        err.lines()
-            .rev()
-            .find(|l| l.starts_with("{\"summary\""))
-            .expect("summary line"),
-    )
-    .expect("summary JSON");
+    let summary = summary_of(&err);
     let s = &summary["summary"];
     let num = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {s}"));
     // 2 x 3,000 lo packets and 3,000 socket copies cannot wait in a queue of 4,096 plus a pipe.

@@ -160,15 +160,19 @@ pub(crate) fn stop(mut t: Tracer) -> (Vec<Value>, Value) {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    // The summary is the last JSON line (a note such as "pcapng: N packet(s) written" may follow).
-    let summary: Value = serde_json::from_str(
+    (packets, summary_of(&err))
+}
+
+/// The JSON summary in lotrace's stderr: its last JSON line (a note such as "pcapng: N
+/// packet(s) written" may follow it).
+pub(crate) fn summary_of(err: &str) -> Value {
+    serde_json::from_str(
         err.lines()
             .rev()
             .find(|l| l.starts_with("{\"summary\""))
             .expect("summary line"),
     )
-    .expect("summary JSON");
-    (packets, summary)
+    .expect("summary JSON")
 }
 
 /// Whether hook point `hook` attached, from lotrace's first line ("NOT attached: a, b (why)").
