@@ -69,6 +69,12 @@ pub struct RouteInfo {
 
 /// A kernel name (task `comm`, device name): at most 16 bytes, stored inline and `Copy`, so an
 /// event costs no allocation for them. Non-ASCII bytes become '?'.
+/// Whether a byte must be escaped inside a JSON string (`"`, `\\`, control characters): the
+/// JSON writer's rule, here because [`Name`] caches it when a name is made.
+pub fn json_escaped(c: u8) -> bool {
+    c < 0x20 || c == b'"' || c == b'\\'
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct Name {
     len: u8,
@@ -83,7 +89,7 @@ impl Name {
         let mut n = Name::default();
         for (i, &c) in b.iter().take(NAME_LEN).take_while(|&&c| c != 0).enumerate() {
             n.bytes[i] = if c.is_ascii() { c } else { b'?' };
-            n.escape |= c < 0x20 || c == b'"' || c == b'\\';
+            n.escape |= json_escaped(c);
             n.len = i as u8 + 1;
         }
         n

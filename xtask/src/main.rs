@@ -295,13 +295,16 @@ struct Tally {
     skipped: u64,
     /// What failed, by name, for the closing lines (a CI log may keep only its tail).
     failures: Vec<String>,
-    /// Where the tests being counted ran ("kernel 6.1"), prefixed to failure names.
-    place: String,
 }
 
 impl Tally {
     /// Adds up cargo's "test result:" lines (libtest's "ignored" count as skipped).
     fn count(&mut self, out: &str) {
+        self.count_in(out, "");
+    }
+
+    /// [`Self::count`] of tests that ran in `place` ("kernel 6.1: "), prefixed to failure names.
+    fn count_in(&mut self, out: &str, place: &str) {
         for l in out.lines().filter(|l| l.starts_with("test result:")) {
             let num = |key: &str| -> u64 {
                 l.split(';')
@@ -315,7 +318,7 @@ impl Tally {
         }
         for l in out.lines() {
             if let Some(name) = l.strip_prefix("test ").and_then(|r| r.strip_suffix(" ... FAILED")) {
-                self.failures.push(format!("{}{name}", self.place));
+                self.failures.push(format!("{place}{name}"));
             }
         }
     }
@@ -336,8 +339,7 @@ impl Tally {
         self.count(&text);
         if !out.status.success() && !text.contains("test result:") {
             self.failed += 1;
-            self.failures
-                .push(format!("{}{cmd:?} (did not reach its tests)", self.place));
+            self.failures.push(format!("{cmd:?} (did not reach its tests)"));
         }
     }
 
@@ -348,7 +350,7 @@ impl Tally {
             Err(e) => {
                 eprintln!("xtask: {what} FAILED: {e:#}");
                 self.failed += 1;
-                self.failures.push(format!("{}{what}", self.place));
+                self.failures.push(what.to_string());
             }
         }
     }
@@ -511,9 +513,7 @@ fn guest_suite(t: &mut Tally, series: &str, bin: &Path) {
     match attempt {
         Ok(run) => {
             let before = t.failed;
-            t.place = format!("kernel {series}: ");
-            t.count(&run.output);
-            t.place.clear();
+            t.count_in(&run.output, &format!("kernel {series}: "));
             println!(
                 "kernel {series} ({}): guest finished in {:.0} s, payload rc={}",
                 run.package,
@@ -633,8 +633,10 @@ mod tests {
         let mut t = Tally::default();
         t.count("running 3 tests\ntest result: ok. 2 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s\n");
         t.count("test result: FAILED. 5 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1s\n");
-        t.place = "kernel 6.1: ".into();
-        t.count("test privileged::a_test ... FAILED\ntest privileged::b_test ... ok\n");
+        t.count_in(
+            "test privileged::a_test ... FAILED\ntest privileged::b_test ... ok\n",
+            "kernel 6.1: ",
+        );
         assert_eq!(
             t,
             Tally {
@@ -642,7 +644,6 @@ mod tests {
                 failed: 2,
                 skipped: 1,
                 failures: vec!["kernel 6.1: privileged::a_test".into()],
-                place: "kernel 6.1: ".into(),
             }
         );
     }

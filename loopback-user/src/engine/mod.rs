@@ -9,4 +9,4 @@ mod queue;
 pub use crate::clock::{clock_ns, kernel_release, monotonic_ns};
 pub use intake::{Intake, pump};
 pub use printer::{Format, PrintOpts, Printer, outputs, summary, wanted};
-pub use queue::{MAX_QUEUED, PrintQueue};
+pub use queue::PrintQueue;

@@ -66,20 +66,41 @@ impl Printer {
         self.opts.count.is_some_and(|c| self.printed >= c)
     }
 
+    /// Prints the packets that pass the filter and `--pid`, up to `--count`.
     pub fn print_all(&mut self, paths: Vec<PacketPath>) -> Result<()> {
-        for p in paths {
-            if self.done() || !wanted(&p, self.opts.filter.as_ref(), self.opts.pid) {
-                continue;
+        for p in &paths {
+            if self.done() {
+                break;
             }
-            match self.opts.format {
-                Format::Json => write_packet_json(&mut self.out, &p)?,
-                Format::Text => write!(self.out, "{}", packet_text(&p, &self.style))?,
+            if wanted(p, self.opts.filter.as_ref(), self.opts.pid) {
+                self.print(p)?;
             }
-            if let Some(pc) = &mut self.pcap {
-                pc.packet(&p)?;
-            }
-            self.printed += 1;
         }
+        Ok(())
+    }
+
+    /// Prints packets already filtered (the print queue filters before queueing), up to
+    /// `--count`.
+    pub(super) fn print_wanted(&mut self, paths: &[PacketPath]) -> Result<()> {
+        for p in paths {
+            if self.done() {
+                break;
+            }
+            self.print(p)?;
+        }
+        Ok(())
+    }
+
+    /// One packet to stdout and the pcapng file.
+    fn print(&mut self, p: &PacketPath) -> Result<()> {
+        match self.opts.format {
+            Format::Json => write_packet_json(&mut self.out, p)?,
+            Format::Text => write!(self.out, "{}", packet_text(p, &self.style))?,
+        }
+        if let Some(pc) = &mut self.pcap {
+            pc.packet(p)?;
+        }
+        self.printed += 1;
         Ok(())
     }
 

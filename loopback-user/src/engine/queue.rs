@@ -17,7 +17,7 @@ use super::{Printer, wanted};
 use crate::{filter::Expr, path::PacketPath};
 
 /// At most this many packets wait for the printer (about 2 KiB each in memory).
-pub const MAX_QUEUED: u64 = 4096;
+const MAX_QUEUED: u64 = 4096;
 
 #[derive(Default)]
 struct Shared {
@@ -114,7 +114,8 @@ fn print_loop(mut printer: Printer, rx: &Receiver<Vec<PacketPath>>, s: &Shared) 
                 Err(TryRecvError::Disconnected) => break,
             };
             s.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
-            printer.print_all(batch)?;
+            // Filtered by `send` already.
+            printer.print_wanted(&batch)?;
             if printer.done() {
                 s.done.store(true, Ordering::Relaxed);
             }

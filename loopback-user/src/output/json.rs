@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::text::table_name;
 use crate::{
-    decode::{Name, proto_name},
+    decode::{Name, json_escaped, proto_name},
     hooks::StageKind,
     path::PacketPath,
 };
@@ -80,20 +80,16 @@ fn string(b: &mut Vec<u8>, s: &str) {
 
 /// A string known to need no escaping (this program's own stage and verdict names).
 fn plain(b: &mut Vec<u8>, s: &'static str) {
-    debug_assert!(!s.bytes().any(needs_escape));
+    debug_assert!(!s.bytes().any(json_escaped));
     b.push(b'"');
     b.extend_from_slice(s.as_bytes());
     b.push(b'"');
 }
 
-fn needs_escape(c: u8) -> bool {
-    c < 0x20 || c == b'"' || c == b'\\'
-}
-
 fn bytes(b: &mut Vec<u8>, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     b.push(b'"');
-    if !bytes.iter().any(|&c| needs_escape(c)) {
+    if !bytes.iter().any(|&c| json_escaped(c)) {
         b.extend_from_slice(bytes);
         b.push(b'"');
         return;

@@ -28,15 +28,11 @@ pub struct Stats {
 /// One latency histogram per stage, indexed by the stage itself (no map lookup per stage of
 /// every packet); iterated in stage order.
 #[derive(Clone, Debug, Default)]
-pub struct StageLatency(Vec<Option<Histogram<u64>>>);
+pub struct StageLatency([Option<Histogram<u64>>; StageKind::ALL.len()]);
 
 impl StageLatency {
     pub fn record(&mut self, k: StageKind, ns: u64) {
-        let i = k as usize;
-        if self.0.len() <= i {
-            self.0.resize(StageKind::ALL.len().max(i + 1), None);
-        }
-        let h = self.0[i]
+        let h = self.0[k as usize]
             .get_or_insert_with(|| Histogram::new_with_bounds(1, 60_000_000_000, 2).expect("valid histogram bounds"));
         let _ = h.record(ns.max(1));
     }

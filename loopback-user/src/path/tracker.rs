@@ -210,9 +210,9 @@ impl Tracker {
             }
             None => {
                 let mut p = Box::new(self.new_packet(e));
-                // The send syscall this thread entered just before, and its socket-layer send
-                // (fentry/kprobe on `sock_sendmsg`, where the kernel allows them).
                 if matches!(e.hook, Hook::DevQueue | Hook::TcEgress) {
+                    // The send syscall this thread entered just before, and its socket-layer
+                    // send (fentry/kprobe on `sock_sendmsg`, where the kernel allows them).
                     for st in [self.last_send.remove(&e.tid), self.last_sock_send.remove(&e.tid)]
                         .into_iter()
                         .flatten()
@@ -221,13 +221,13 @@ impl Tracker {
                             p.stages.push(st);
                         }
                     }
-                }
-                if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
-                    && let Some((st, r)) = self.last_route.remove(&e.tid)
-                    && e.packet.as_ref().is_none_or(|i| i.dst == r.dst)
-                {
-                    p.stages.push(st);
-                    p.route = Some(r);
+                    // Its route lookup, when it was for this destination.
+                    if let Some((st, r)) = self.last_route.remove(&e.tid)
+                        && e.packet.as_ref().is_none_or(|i| i.dst == r.dst)
+                    {
+                        p.stages.push(st);
+                        p.route = Some(r);
+                    }
                 }
                 p
             }
