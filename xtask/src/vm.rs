@@ -36,9 +36,28 @@ pub fn kernel(series: &str) -> Option<&'static Kernel> {
     KERNELS.iter().find(|k| k.series == series)
 }
 
-/// Whether the guest's own kernel died (an oops or a panic) before the payload finished.
+/// What the guest's own kernel prints when it dies or stops making progress: an oops, a panic,
+/// a soft lockup or an RCU stall. Under software emulation with two vCPUs these follow kernel
+/// code patching (static calls, jump labels) racing the other emulated CPU, or an IPI the other
+/// emulated CPU never takes; a 6.1 guest once spun 600 s in a soft lockup.
+const KERNEL_DEATH: &[&str] = &[
+    "Oops:",
+    "Kernel panic",
+    "BUG: soft lockup",
+    "self-detected stall on CPU",
+    "rcu_preempt detected stalls",
+];
+
+fn kernel_death(line: &str) -> bool {
+    KERNEL_DEATH.iter().any(|sig| line.contains(sig))
+}
+
+/// How long a guest whose kernel died keeps printing (its stack traces) before it is stopped.
+const DEATH_GRACE: Duration = Duration::from_secs(10);
+
+/// Whether the guest's own kernel died (see KERNEL_DEATH) before the payload finished.
 pub fn kernel_crashed(run: &GuestRun) -> bool {
-    run.rc.is_none() && (run.output.contains("Oops:") || run.output.contains("Kernel panic"))
+    run.rc.is_none() && run.output.lines().any(kernel_death)
 }
 
 /// What one guest run printed and how it ended.
@@ -301,7 +320,7 @@ pub fn run_payload(root: &Path, k: &Kernel, payload: &str, timeout: Duration) ->
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         // Two vCPUs, as the suite expects (one made its 2 s echo waits time out under emulation).
-        .args(["-accel", "tcg", "-cpu", "qemu64", "-m", "2G", "-smp", "2"])
+        .args(["-accel", "tcg,thread=single", "-cpu", "qemu64", "-m", "2G", "-smp", "2"])
         .args([
             "-no-user-config",
             "-nodefaults",
@@ -344,7 +363,13 @@ pub fn run_payload(root: &Path, k: &Kernel, payload: &str, timeout: Duration) ->
     });
     let mut output = String::new();
     let mut rc = None;
+    let mut died: Option<Instant> = None;
     loop {
+        if died.is_some_and(|t| t.elapsed() >= DEATH_GRACE) {
+            println!("[{}] xtask: the guest's kernel died; stopping the guest", k.series);
+            let _ = child.kill();
+            break;
+        }
         let left = timeout.saturating_sub(start.elapsed());
         match rx.recv_timeout(left.min(Duration::from_secs(1))) {
             Ok(line) => {
@@ -352,6 +377,9 @@ pub fn run_payload(root: &Path, k: &Kernel, payload: &str, timeout: Duration) ->
                 println!("[{}] {line}", k.series);
                 if let Some(v) = line.trim().strip_prefix("LOTRACE-VM-MARKER rc=") {
                     rc = v.trim().parse().ok();
+                }
+                if rc.is_none() && died.is_none() && kernel_death(&line) {
+                    died = Some(Instant::now());
                 }
                 output.push_str(&line);
                 output.push('\n');
@@ -391,5 +419,35 @@ mod tests {
         ];
         v.sort_by_key(|n| version_key(n));
         assert_eq!(v.last(), Some(&"linux-image-6.1.0-57-amd64-unsigned"));
+    }
+
+    fn run(output: &str, rc: Option<i32>) -> GuestRun {
+        GuestRun {
+            package: "p".into(),
+            output: output.into(),
+            rc,
+            secs: 1.0,
+        }
+    }
+
+    #[test]
+    fn a_dead_or_stuck_guest_kernel_is_told_from_a_failing_suite() {
+        // Lines seen in CI logs.
+        let lockup = "[    36.450593] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [lotrace:160]";
+        let stall = "[   33.738457] rcu: INFO: rcu_preempt self-detected stall on CPU";
+        let oops = "[  41.1] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI";
+        for l in [
+            lockup,
+            stall,
+            oops,
+            "[ 9.0] Kernel panic - not syncing: Fatal exception",
+        ] {
+            assert!(kernel_crashed(&run(&format!("test x ... {l}\n"), None)), "{l}");
+        }
+        // The payload finished: whatever it printed, its rc stands.
+        assert!(!kernel_crashed(&run(lockup, Some(1))));
+        // A failing suite is not a dead kernel.
+        let failing = "test paths::x ... FAILED\npanicked at src/x.rs:1:1\nLOTRACE-VM-MARKER rc=101";
+        assert!(!kernel_crashed(&run(failing, None)));
     }
 }
