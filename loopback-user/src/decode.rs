@@ -58,13 +58,13 @@ pub struct PacketInfo {
     pub l4_payload_len: Option<u32>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RouteInfo {
     pub dst: IpAddr,
     pub src: IpAddr,
     pub table: u32,
     pub err: i32,
-    pub dev: String,
+    pub dev: Name,
 }
 
 /// A kernel name (task `comm`, device name): at most 16 bytes, stored inline and `Copy`, so an
@@ -93,6 +93,46 @@ impl Name {
             n.len = i as u8 + 1;
         }
         n
+    }
+    /// A kernel's fixed 16-byte name field, the same as [`Self::from_bytes`] but a word at a
+    /// time: the length is the first zero byte, and one test each finds non-ASCII bytes (the
+    /// rare case, done byte by byte) and bytes JSON must escape. Two names per event made the
+    /// byte loop a tenth of decoding.
+    pub fn from_array(a: &[u8; NAME_LEN]) -> Self {
+        const ONES: u128 = u128::MAX / 0xff;
+        const HIGH: u128 = ONES << 7;
+        // Per byte, whether it is zero / below `c` (exact for the lowest such byte, and for
+        // whether there is one at all, when every byte is ASCII).
+        let zero = |x: u128| x.wrapping_sub(ONES) & !x & HIGH;
+        let below = |x: u128, c: u8| x.wrapping_sub(ONES * c as u128) & !x & HIGH;
+        let v = u128::from_le_bytes(*a);
+        let z = zero(v);
+        let len = if z == 0 {
+            NAME_LEN
+        } else {
+            z.trailing_zeros() as usize / 8
+        };
+        let keep = if len == NAME_LEN {
+            u128::MAX
+        } else {
+            (1u128 << (len * 8)) - 1
+        };
+        let w = v & keep;
+        if w & HIGH != 0 {
+            return Self::from_bytes(a);
+        }
+        // Past the name: a letter, which needs no escaping.
+        let x = w | (!keep & (ONES * b'a' as u128));
+        let escape = below(x, 0x20) | zero(x ^ (ONES * b'"' as u128)) | zero(x ^ (ONES * b'\\' as u128));
+        Name {
+            len: len as u8,
+            escape: escape != 0,
+            bytes: w.to_le_bytes(),
+        }
+    }
+    /// Whether the name is empty (the kernel gave none).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
     /// Whether the name needs escaping in a JSON string.
     pub fn needs_escape(&self) -> bool {
@@ -170,11 +210,6 @@ pub struct Event {
     pub wire: Option<Box<[u8]>>,
 }
 
-fn cstr(b: &[u8; NAME_LEN]) -> String {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(NAME_LEN);
-    String::from_utf8_lossy(&b[..end]).into_owned()
-}
-
 /// Decodes records in stream order, restoring task names the kernel left out
 /// ([`HOOK_COMM_CACHED`]): it keeps the last named task of every CPU.
 #[derive(Default)]
@@ -204,7 +239,7 @@ impl Decoder {
         let mut several = false;
         self.decode_each(bytes, |e| {
             several |= one.is_some();
-            one = Some(e);
+            one = Some(e.clone());
         })?;
         match one {
             Some(e) if !several => Ok(e),
@@ -215,14 +250,17 @@ impl Decoder {
     /// Decodes one ring record into its events, in the order the hooks ran: one for an ordinary
     /// record, the head and then each staged hook for a run record ([`HOOK_RUN`]). Returns how
     /// many events it handed to `f` (nothing on error).
-    pub fn decode_each(&mut self, bytes: &[u8], mut f: impl FnMut(Event)) -> Result<u64, DecodeError> {
-        let stages = run_stages(bytes)?;
+    ///
+    /// `f` gets one event, rewritten in place for each staged hook (what they share, the task,
+    /// CPU and skb, is decoded once; nothing is cloned or moved per event). It may take the
+    /// event's `packet` and `wire`: they belong to the one hook that captured them.
+    pub fn decode_each(&mut self, bytes: &[u8], mut f: impl FnMut(&mut Event)) -> Result<u64, DecodeError> {
+        let run = run_stages(bytes)?;
         let (mut e, cached, pid_tgid) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)])?;
-        let hdr_at = stages.hdr_at;
         // Whole frames (hdr_kind ETH: the lo programs, and a GSO segment's first hook) are wire
         // bytes; `wire_bytes` leaves every other capture out.
-        let wire = if self.keep_wire {
-            wire_bytes(bytes, stages.is_empty())
+        let mut wire = if self.keep_wire {
+            wire_bytes(bytes, run.n == 0)
         } else {
             None
         };
@@ -242,92 +280,85 @@ impl Decoder {
             self.last[cpu] = (pid_tgid, e.comm);
         }
         // The captured bytes go to the hook that captured them (0: the head).
-        let mut captured = Some((e.packet.take(), wire));
-        let mut give = |i: usize, ev: &mut Event| {
-            if i == hdr_at
-                && let Some((packet, wire)) = captured.take()
-            {
-                ev.packet = packet;
-                ev.wire = wire;
-            }
-        };
-        let template = (!stages.is_empty()).then(|| e.clone());
-        give(0, &mut e);
-        f(e);
-        if let Some(template) = template {
-            for (i, (hook, st)) in stages.iter().enumerate() {
-                let mut s = template.clone();
-                s.ts_ns = st.ts_ns;
-                s.hook = *hook;
-                s.len = st.len;
-                s.arg0 = st.arg0;
-                s.arg1 = st.arg1;
-                s.ifindex = st.ifindex;
-                if st.ifindex == 0 || st.ifindex != template.ifindex {
-                    s.ifname = Name::default();
-                }
-                give(i + 1, &mut s);
-                f(s);
-            }
+        let mut packet = e.packet.take();
+        if run.hdr_at == 0 {
+            e.packet = packet.take();
+            e.wire = wire.take();
         }
-        Ok(1 + stages.len() as u64)
+        let (head_ifindex, head_ifname) = (e.ifindex, e.ifname);
+        f(&mut e);
+        for (i, st) in run.stages(bytes).enumerate() {
+            e.ts_ns = st.ts_ns;
+            e.hook = Hook::try_from(st.hook).map_err(DecodeError::Hook)?;
+            e.len = st.len;
+            e.arg0 = st.arg0;
+            e.arg1 = st.arg1;
+            e.ifindex = st.ifindex;
+            e.ifname = if st.ifindex == 0 || st.ifindex != head_ifindex {
+                Name::default()
+            } else {
+                head_ifname
+            };
+            if i + 1 == run.hdr_at {
+                e.packet = packet.take();
+                e.wire = wire.take();
+            } else {
+                e.packet = None;
+                e.wire = None;
+            }
+            f(&mut e);
+        }
+        Ok(1 + run.n as u64)
     }
 }
 
 /// How many events a raw record holds (1 unless it is a well-formed run record).
 pub fn record_events(bytes: &[u8]) -> u64 {
-    run_stages(bytes).map(|s| 1 + s.len() as u64).unwrap_or(1)
+    run_stages(bytes).map(|s| 1 + s.n as u64).unwrap_or(1)
 }
 
-/// The staged hooks of a run record, on the stack (no allocation per record).
-struct Stages {
+/// The staged hooks of a run record, checked, read in place when iterated.
+struct Run {
     n: usize,
-    at: [(Hook, RunStage); MAX_RUN],
     /// Which event captured the head's bytes: 0 the head, i the i-th staged hook.
     hdr_at: usize,
 }
 
-impl Stages {
-    fn len(&self) -> usize {
-        self.n
-    }
-    fn is_empty(&self) -> bool {
-        self.n == 0
-    }
-    fn iter(&self) -> std::slice::Iter<'_, (Hook, RunStage)> {
-        self.at[..self.n].iter()
+impl Run {
+    /// The staged hooks of `bytes` (the record this was checked on), in order.
+    fn stages(&self, bytes: &[u8]) -> impl Iterator<Item = RunStage> {
+        let base = RAW_EVENT_SIZE + RUN_TAIL_FIXED;
+        // None for an ordinary record (no stages, no tail).
+        let at = bytes.get(base..base + self.n * RUN_STAGE_SIZE).unwrap_or_default();
+        at.chunks_exact(RUN_STAGE_SIZE)
+            // SAFETY: each chunk is RUN_STAGE_SIZE bytes; RunStage is plain old data.
+            .map(|c| unsafe { std::ptr::read_unaligned(c.as_ptr().cast::<RunStage>()) })
     }
 }
 
 /// The staged hooks of a run record (none for an ordinary record), checked: the count must
 /// match the length exactly and every hook id must be known.
-fn run_stages(bytes: &[u8]) -> Result<Stages, DecodeError> {
-    let mut out = Stages {
-        n: 0,
-        at: [(Hook::Route, RunStage::default()); MAX_RUN],
-        hdr_at: 0,
-    };
+fn run_stages(bytes: &[u8]) -> Result<Run, DecodeError> {
     let hook_at = std::mem::offset_of!(RawEvent, hook);
     let Some(&hook) = bytes.get(hook_at) else {
         return Err(DecodeError::Size(bytes.len()));
     };
     if hook & HOOK_RUN == 0 {
-        return Ok(out);
+        return Ok(Run { n: 0, hdr_at: 0 });
     }
     let n = bytes.get(RAW_EVENT_SIZE).copied().unwrap_or(0) as usize;
     let hdr_at = bytes.get(RAW_EVENT_SIZE + 1).copied().unwrap_or(0) as usize;
     if n == 0 || n > MAX_RUN || hdr_at > n || bytes.len() != RAW_EVENT_SIZE + RUN_TAIL_FIXED + n * RUN_STAGE_SIZE {
         return Err(DecodeError::Run(bytes.len()));
     }
+    let run = Run { n, hdr_at };
+    // Every hook id is checked before any event is handed out.
+    let hook_in_stage = std::mem::offset_of!(RunStage, hook);
     for i in 0..n {
-        let at = RAW_EVENT_SIZE + RUN_TAIL_FIXED + i * RUN_STAGE_SIZE;
-        // SAFETY: the length was checked above; RunStage is plain old data.
-        let st: RunStage = unsafe { std::ptr::read_unaligned(bytes[at..].as_ptr().cast()) };
-        out.at[i] = (Hook::try_from(st.hook).map_err(DecodeError::Hook)?, st);
+        let id = bytes[RAW_EVENT_SIZE + RUN_TAIL_FIXED + i * RUN_STAGE_SIZE + hook_in_stage];
+        Hook::try_from(id).map_err(DecodeError::Hook)?;
     }
-    out.n = n;
-    out.hdr_at = hdr_at;
-    Ok(out)
+    Ok(run)
 }
 
 /// The kernel time of a raw record (its first field), without decoding it; 0 if too short.
@@ -341,7 +372,7 @@ pub fn record_ts(bytes: &[u8]) -> u64 {
 
 /// Decodes one record on its own (a name left out by the kernel shows as "?").
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
-    if !run_stages(bytes)?.is_empty() {
+    if run_stages(bytes)?.n != 0 {
         return Err(DecodeError::Several);
     }
     let (mut e, cached, _) = decode_raw(bytes)?;
@@ -389,8 +420,8 @@ fn decode_raw(bytes: &[u8]) -> Result<(Event, bool, u64), DecodeError> {
         skb: raw.skb,
         tgid: (raw.pid_tgid >> 32) as u32,
         tid: raw.pid_tgid as u32,
-        comm: Name::from_bytes(&raw.comm),
-        ifname: Name::from_bytes(&raw.ifname),
+        comm: Name::from_array(&raw.comm),
+        ifname: Name::from_array(&raw.ifname),
         ifindex: raw.ifindex,
         cpu: raw.cpu,
         len: raw.len,
@@ -425,7 +456,7 @@ fn parse_route(h: &[u8], raw: &RawEvent) -> Option<RouteInfo> {
         src,
         table: raw.arg0 as u32,
         err: raw.arg1 as i64 as i32,
-        dev: cstr(&raw.ifname),
+        dev: Name::from_array(&raw.ifname),
     })
 }
 
@@ -513,14 +544,19 @@ fn from_net(net: &LaxNetSlice<'_>) -> Option<PacketInfo> {
     Some(info)
 }
 
+/// The name of a transport protocol this program knows ([`proto_name`] names the others).
+pub fn proto_str(p: u8) -> Option<&'static str> {
+    Some(match p {
+        PROTO_ICMP => "icmp",
+        PROTO_TCP => "tcp",
+        PROTO_UDP => "udp",
+        PROTO_ICMPV6 => "icmp6",
+        _ => return None,
+    })
+}
+
 pub fn proto_name(p: u8) -> String {
-    match p {
-        PROTO_ICMP => "icmp".into(),
-        PROTO_TCP => "tcp".into(),
-        PROTO_UDP => "udp".into(),
-        PROTO_ICMPV6 => "icmp6".into(),
-        n => format!("proto-{n}"),
-    }
+    proto_str(p).map_or_else(|| format!("proto-{p}"), String::from)
 }
 
 #[cfg(any(test, feature = "test-support"))]
@@ -560,6 +596,39 @@ pub fn encode_run(head: &RawEvent, rest: &[RawEvent], hdr_stage: u8) -> Vec<u8> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_name_read_a_word_at_a_time_is_the_name_read_byte_by_byte() {
+        let check = |a: [u8; NAME_LEN]| {
+            let (fast, slow) = (Name::from_array(&a), Name::from_bytes(&a));
+            assert_eq!(fast, slow, "{a:?}");
+            assert_eq!(fast.needs_escape(), slow.needs_escape(), "{a:?}");
+        };
+        // Every byte value at every place, after a name of every length.
+        for len in 0..=NAME_LEN {
+            for at in 0..NAME_LEN {
+                for c in 0..=255u8 {
+                    let mut a = [0u8; NAME_LEN];
+                    a[..len].fill(b'k');
+                    a[at] = c;
+                    check(a);
+                }
+            }
+        }
+        // And pseudo-random names drawn from the bytes that matter.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..200_000 {
+            let mut a = [0u8; NAME_LEN];
+            for b in &mut a {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let pick = b"\0\0ab/\"\\\x1f\x20\x21\x7f\x80\xff\n";
+                *b = pick[(x % pick.len() as u64) as usize];
+            }
+            check(a);
+        }
+    }
 
     pub(crate) fn blank(hook: Hook) -> RawEvent {
         RawEvent {
@@ -601,7 +670,7 @@ mod tests {
         assert_eq!(record_events(&bytes), 5);
         let mut d = Decoder::keeping_wire();
         let mut got = Vec::new();
-        assert_eq!(d.decode_each(&bytes, |e| got.push(e)), Ok(5));
+        assert_eq!(d.decode_each(&bytes, |e| got.push(e.clone())), Ok(5));
         let hooks: Vec<Hook> = got.iter().map(|e| e.hook).collect();
         assert_eq!(
             hooks,
@@ -630,7 +699,7 @@ mod tests {
         // Captured by a later hook: the bytes go to that hook.
         let bytes = encode_run(&head, &rest, 2);
         let mut got = Vec::new();
-        d.decode_each(&bytes, |e| got.push(e)).expect("decodes");
+        d.decode_each(&bytes, |e| got.push(e.clone())).expect("decodes");
         assert!(got[0].packet.is_none() && got[2].packet.is_some());
     }
 

@@ -19,8 +19,8 @@ pub fn reconstruct_events(
 ) -> (Vec<PacketPath>, Stats) {
     let mut t = Tracker::new(TrackerConfig::default(), drop_names);
     let mut out = Vec::new();
-    for e in events {
-        out.extend(t.push(e));
+    for mut e in events {
+        out.extend(t.push(&mut e));
     }
     out.extend(t.flush());
     (out, t.stats)

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::text::table_name;
 use crate::{
-    decode::{Name, json_escaped, proto_name},
+    decode::{Name, json_escaped, proto_name, proto_str},
     hooks::StageKind,
     path::PacketPath,
 };
@@ -43,8 +43,86 @@ pub fn stages_json(p: &PacketPath) -> Value {
     serde_json::from_slice(&b).unwrap_or(Value::Null)
 }
 
-fn num(b: &mut Vec<u8>, n: impl itoa::Integer) {
-    b.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+/// "00" to "99": two digits per step.
+const PAIRS: &[u8; 200] = b"\
+0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// An unsigned number in decimal, its digits written straight into the buffer's spare room
+/// (itoa writes into its own buffer, which then costs a `memcpy` call of a variable length).
+/// Numbers are cut into runs of 8 digits done in 32-bit arithmetic, two digits per step.
+#[inline]
+fn num(b: &mut Vec<u8>, n: impl Into<u64>) {
+    const E8: u64 = 100_000_000;
+    let n: u64 = n.into();
+    b.reserve(20);
+    let start = b.len();
+    let Some(out) = b.spare_capacity_mut().first_chunk_mut::<20>() else {
+        unreachable!("20 bytes were reserved")
+    };
+    let len = if n < E8 {
+        upto8(out, n as u32)
+    } else if n < E8 * E8 {
+        let l = upto8(out, (n / E8) as u32);
+        eight(out, l, (n % E8) as u32);
+        l + 8
+    } else {
+        let l = upto8(out, (n / (E8 * E8)) as u32);
+        eight(out, l, (n / E8 % E8) as u32);
+        eight(out, l + 8, (n % E8) as u32);
+        l + 16
+    };
+    // SAFETY: upto8 and eight wrote every one of the `len` bytes (at most 20) past `start`,
+    // inside the room reserved above.
+    unsafe { b.set_len(start + len) };
+}
+
+type Room = [std::mem::MaybeUninit<u8>; 20];
+
+#[inline(always)]
+fn pair(out: &mut Room, at: usize, d: u32) {
+    let d = d as usize * 2;
+    out[at].write(PAIRS[d]);
+    out[at + 1].write(PAIRS[d + 1]);
+}
+
+/// `n` (below 10^8) without leading zeros at the start of `out`; returns its length.
+#[inline(always)]
+fn upto8(out: &mut Room, mut n: u32) -> usize {
+    let len = n.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let mut i = len;
+    while n >= 100 {
+        i -= 2;
+        pair(out, i, n % 100);
+        n /= 100;
+    }
+    if n >= 10 {
+        pair(out, 0, n);
+    } else {
+        out[0].write(b'0' + n as u8);
+    }
+    len
+}
+
+/// `n` (below 10^8) as exactly 8 digits at `at`.
+#[inline(always)]
+fn eight(out: &mut Room, at: usize, n: u32) {
+    let (hi, lo) = (n / 10_000, n % 10_000);
+    pair(out, at, hi / 100);
+    pair(out, at + 2, hi % 100);
+    pair(out, at + 4, lo / 100);
+    pair(out, at + 6, lo % 100);
+}
+
+/// A signed number (a route lookup's error).
+fn signed(b: &mut Vec<u8>, n: i32) {
+    if n < 0 {
+        b.push(b'-');
+    }
+    num(b, n.unsigned_abs());
 }
 
 /// A kernel name as a JSON string. A name that needs no escaping (nearly all) is copied as its
@@ -62,7 +140,7 @@ fn name(b: &mut Vec<u8>, n: Name) {
     b.truncate(start + len + 2);
 }
 
-fn opt_num(b: &mut Vec<u8>, n: Option<impl itoa::Integer>) {
+fn opt_num(b: &mut Vec<u8>, n: Option<impl Into<u64>>) {
     match n {
         Some(n) => num(b, n),
         None => b.extend_from_slice(b"null"),
@@ -163,7 +241,13 @@ fn packet(b: &mut Vec<u8>, p: &PacketPath) {
     b.extend_from_slice(b",\"t_ns\":");
     num(b, first);
     b.extend_from_slice(b",\"proto\":");
-    opt_string(b, info.map(|i| proto_name(i.proto)).as_deref());
+    match info {
+        Some(i) => match proto_str(i.proto) {
+            Some(s) => plain(b, s),
+            None => string(b, &proto_name(i.proto)),
+        },
+        None => b.extend_from_slice(b"null"),
+    }
     b.extend_from_slice(b",\"src\":");
     ip(b, info.map(|i| i.src));
     b.extend_from_slice(b",\"dst\":");
@@ -226,13 +310,13 @@ fn packet(b: &mut Vec<u8>, p: &PacketPath) {
             b.extend_from_slice(b",\"table_name\":");
             string(b, &table_name(r.table));
             b.extend_from_slice(b",\"dev\":");
-            string(b, &r.dev);
+            name(b, r.dev);
             b.extend_from_slice(b",\"dst\":");
             ip(b, Some(r.dst));
             b.extend_from_slice(b",\"src\":");
             ip(b, Some(r.src));
             b.extend_from_slice(b",\"err\":");
-            num(b, r.err);
+            signed(b, r.err);
             b.push(b'}');
         }
         None => b.extend_from_slice(b"null"),
@@ -305,6 +389,11 @@ fn stage_head(b: &mut Vec<u8>, k: StageKind) {
 /// A packet's stages with their deltas: the `stages` array of every JSON output.
 fn stages(b: &mut Vec<u8>, p: &PacketPath) {
     b.push(b'[');
+    // `,"cpu":…,"pid":…,"tid":…,"comm":"…"` is nearly always the previous stage's (one task
+    // runs a packet's path from send to receive): copied from where it was written, not
+    // formatted again.
+    type Task = (u32, u32, u32, Name);
+    let mut task: Option<(Task, std::ops::Range<usize>)> = None;
     for (i, (s, d)) in p.timed_stages().enumerate() {
         if i > 0 {
             b.push(b',');
@@ -313,17 +402,58 @@ fn stages(b: &mut Vec<u8>, p: &PacketPath) {
         num(b, s.t_ns);
         b.extend_from_slice(b",\"delta_ns\":");
         num(b, d);
-        b.extend_from_slice(b",\"cpu\":");
-        num(b, s.cpu);
-        b.extend_from_slice(b",\"pid\":");
-        num(b, s.pid);
-        b.extend_from_slice(b",\"tid\":");
-        num(b, s.tid);
-        b.extend_from_slice(b",\"comm\":");
-        name(b, s.comm);
+        let key = (s.cpu, s.pid, s.tid, s.comm);
+        match &task {
+            Some((k, at)) if *k == key => b.extend_from_within(at.clone()),
+            _ => {
+                let start = b.len();
+                b.extend_from_slice(b",\"cpu\":");
+                num(b, s.cpu);
+                b.extend_from_slice(b",\"pid\":");
+                num(b, s.pid);
+                b.extend_from_slice(b",\"tid\":");
+                num(b, s.tid);
+                b.extend_from_slice(b",\"comm\":");
+                name(b, s.comm);
+                task = Some((key, start..b.len()));
+            }
+        }
         b.extend_from_slice(b",\"dev\":");
         opt_name(b, s.dev);
         b.push(b'}');
     }
     b.push(b']');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_written_as_std_writes_them() {
+        let mut edges = vec![0, u64::MAX, u64::MAX - 1];
+        for p in 0..20u32 {
+            let t = 10u64.pow(p);
+            edges.extend([t - 1, t, t + 1]);
+        }
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Every magnitude, not only 20-digit numbers.
+            edges.push(x >> (x % 64));
+        }
+        let mut b = b"prefix".to_vec();
+        for n in edges {
+            b.truncate(6);
+            num(&mut b, n);
+            assert_eq!(&b[6..], n.to_string().as_bytes());
+        }
+        for n in [0, 1, -1, 42, -42, i32::MIN, i32::MAX] {
+            b.clear();
+            signed(&mut b, n);
+            assert_eq!(b, n.to_string().as_bytes());
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! Pairing: echo replies with their requests, TCP ACKs with the segments they cover, clones
 //! with their originals.
-use std::net::IpAddr;
+use std::{collections::VecDeque, net::IpAddr};
+
+use rustc_hash::FxHashMap;
 
 use super::{PacketPath, Tracker, Verdict};
 use crate::decode::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PacketInfo};
@@ -33,6 +35,16 @@ fn same_headers(a: &PacketInfo, b: &PacketInfo) -> bool {
         && a.dport == b.dport
 }
 
+/// What pairing remembers: echo requests by key (oldest first, bounded) and, per TCP
+/// direction, the segments not yet acknowledged. Apart from the paths in flight, so that a
+/// path can be paired where it lies in the map.
+#[derive(Default)]
+pub(super) struct Pairing {
+    echo_requests: FxHashMap<EchoKey, u64>,
+    echo_order: VecDeque<EchoKey>,
+    tcp_unacked: FxHashMap<FlowKey, VecDeque<(u32, u64)>>,
+}
+
 impl Tracker {
     pub(super) fn link_clone(&mut self, clone: &mut PacketPath, done: &mut Vec<PacketPath>) {
         let Some(ci) = clone.info.clone() else { return };
@@ -59,7 +71,9 @@ impl Tracker {
             clone.reply_of = orig.reply_of;
         }
     }
+}
 
+impl Pairing {
     pub(super) fn pair(&mut self, p: &mut PacketPath) {
         let Some(info) = p.info.clone() else { return };
         if let Some(icmp) = info.icmp {

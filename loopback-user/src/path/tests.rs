@@ -272,8 +272,8 @@ fn no_socket_without_clone_is_a_drop_after_the_wait() {
     s.ev(Hook::Free, 0xb000, 9, "x", "", None, 2, 0);
     let mut t = Tracker::new(TrackerConfig::default(), drops());
     let mut out = Vec::new();
-    for e in s.events {
-        out.extend(t.push(e));
+    for mut e in s.events {
+        out.extend(t.push(&mut e));
     }
     assert!(out.is_empty(), "held while waiting for a clone");
     out.extend(t.expire(s.t + 2_000_000_000));
@@ -362,8 +362,8 @@ fn idle_packets_expire_and_are_counted() {
     let info = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, 1);
     s.ev(Hook::DevQueue, 0x9, 1, "a", "lo", Some(info), 0, 0);
     let mut t = Tracker::new(TrackerConfig::default(), drops());
-    for e in s.events {
-        assert!(t.push(e).is_empty());
+    for mut e in s.events {
+        assert!(t.push(&mut e).is_empty());
     }
     assert!(t.expire(s.t + 1_000).is_empty(), "not idle yet");
     let out = t.expire(s.t + 3_000_000_000);
@@ -385,8 +385,8 @@ fn inflight_is_bounded() {
         s.ev(Hook::DevQueue, 0x1000 + i, 1, "a", "lo", None, 0, 0);
     }
     let mut out = Vec::new();
-    for e in s.events {
-        out.extend(t.push(e));
+    for mut e in s.events {
+        out.extend(t.push(&mut e));
     }
     assert!(t.inflight() <= 10);
     assert_eq!(out.len(), 40);

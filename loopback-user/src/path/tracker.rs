@@ -7,11 +7,8 @@ use loopback_common::{CONSUME_GSO_SPLIT, Hook};
 // path; SipHash's DoS resistance buys nothing here and costs a third of the lookup time.
 use rustc_hash::FxHashMap;
 
-use super::{
-    PacketPath, Stage, StageKind, Stats, Verdict, Wire, is_complete,
-    pairing::{EchoKey, FlowKey},
-};
-use crate::decode::{Event, Name, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RouteInfo};
+use super::{PacketPath, Stage, StageKind, Stats, Verdict, Wire, is_complete, pairing::Pairing};
+use crate::decode::{Event, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RouteInfo};
 
 #[derive(Clone, Copy, Debug)]
 pub struct TrackerConfig {
@@ -51,9 +48,7 @@ pub struct Tracker {
     last_send: FxHashMap<u32, Stage>,
     /// Per thread: its last `sock_sendmsg` (fentry/kprobe), linked like `last_send`.
     last_sock_send: FxHashMap<u32, Stage>,
-    pub(super) echo_requests: FxHashMap<EchoKey, u64>,
-    pub(super) echo_order: VecDeque<EchoKey>,
-    pub(super) tcp_unacked: FxHashMap<FlowKey, VecDeque<(u32, u64)>>,
+    pairing: Pairing,
     /// Finished packets held back until their delivered clone shows up (or the wait ends).
     pub(super) awaiting_clone: VecDeque<PacketPath>,
     /// Per socket: UDP packets queued to it, oldest first (matched to the application's reads).
@@ -74,9 +69,7 @@ impl Tracker {
             last_route: FxHashMap::default(),
             last_send: FxHashMap::default(),
             last_sock_send: FxHashMap::default(),
-            echo_requests: FxHashMap::default(),
-            echo_order: VecDeque::new(),
-            tcp_unacked: FxHashMap::default(),
+            pairing: Pairing::default(),
             awaiting_clone: VecDeque::new(),
             sock_queues: FxHashMap::default(),
             gso_parents: FxHashMap::default(),
@@ -117,14 +110,23 @@ impl Tracker {
     /// thread rather than an skb ([`Self::thread_event`]), then the skb's path is found or
     /// started ([`Self::open`]), the event is added to it ([`Self::apply`]), and the path ends
     /// or stays in flight ([`Self::end_or_keep`]).
-    pub fn push(&mut self, mut e: Event) -> Vec<PacketPath> {
+    pub fn push(&mut self, e: &mut Event) -> Vec<PacketPath> {
         let mut done = Vec::new();
         self.release_clone_waiters(e.ts_ns, &mut done);
-        if self.thread_event(&e, &mut done) {
+        if self.thread_event(e, &mut done) {
             return done;
         }
         if e.skb == 0 {
             self.stats.unlinked_lo_events += 1;
+            return done;
+        }
+        // Most events add a stage to a path in flight: done where the path lies in the map.
+        if Self::continues(e)
+            && let Some(p) = self.inflight.get_mut(&e.skb)
+        {
+            if record(p, e) {
+                self.pairing.pair(p);
+            }
             return done;
         }
         if e.hook == Hook::SockQueue {
@@ -139,13 +141,24 @@ impl Tracker {
             }
             self.sock_queues.entry(e.arg0).or_default().push_back(e.skb);
         }
-        let mut p = self.open(&e, &mut done);
-        self.apply(&mut p, &mut e);
-        self.end_or_keep(p, &e, &mut done);
+        let mut p = self.open(e, &mut done);
+        self.apply(&mut p, e);
+        self.end_or_keep(p, e, &mut done);
         if self.inflight.len() > self.cfg.max_inflight {
             self.expire_oldest(&mut done);
         }
         done
+    }
+
+    /// An event that only adds a stage to its skb's path if one is in flight: not a transmit
+    /// start (which may reuse an address), not a GSO segment, not an end, not a socket queueing.
+    /// (A socket copy starts a path of its own only when none is in flight.)
+    fn continues(e: &Event) -> bool {
+        match e.hook {
+            Hook::TcEgress | Hook::DevQueue | Hook::Consume | Hook::LeftNetns | Hook::Free | Hook::SockQueue => false,
+            Hook::Xmit => e.arg1 == 0,
+            _ => true,
+        }
     }
 
     /// Events about a thread rather than an skb: its route lookup, send syscall and socket
@@ -153,8 +166,8 @@ impl Tracker {
     fn thread_event(&mut self, e: &Event, done: &mut Vec<PacketPath>) -> bool {
         match e.hook {
             Hook::Route => {
-                if let Some(r) = e.route.clone() {
-                    let st = Stage::of(e, (!r.dev.is_empty()).then(|| Name::from(r.dev.as_str())));
+                if let Some(r) = e.route {
+                    let st = Stage::of(e, (!r.dev.is_empty()).then_some(r.dev));
                     self.last_route.insert(e.tid, (st, r));
                 }
             }
@@ -203,7 +216,7 @@ impl Tracker {
                 {
                     *n += 1;
                     p.stages.extend(pp.stages.iter().cloned());
-                    p.route = pp.route.clone();
+                    p.route = pp.route;
                     p.tx_dev = pp.tx_dev;
                 }
                 p
@@ -234,43 +247,11 @@ impl Tracker {
         }
     }
 
-    /// Adds the event to its path: captured bytes, headers (paired as soon as known), the
-    /// crossing's length, devices, the receive's softirq arguments, and the stage itself.
+    /// Adds the event to its path ([`record`]), pairing it as soon as its headers are known.
     fn apply(&mut self, p: &mut PacketPath, e: &mut Event) {
-        let dev = (!e.ifname.is_empty()).then_some(e.ifname);
-        if p.wire.is_none()
-            && let Some(bytes) = e.wire.take()
-        {
-            p.wire = Some(Wire {
-                ts_ns: e.ts_ns,
-                orig_len: e.len.max(bytes.len() as u32),
-                bytes,
-            });
+        if record(p, e) {
+            self.pairing.pair(p);
         }
-        if p.info.is_none() && e.packet.is_some() {
-            p.info = e.packet.clone();
-            // Pair as soon as the headers are known, in transmit order: packets finish late
-            // (TCP frees fire no tracepoint), an ACK may finish before what it acknowledges.
-            if e.hook != Hook::CopyToUser {
-                self.pair(p);
-            }
-        }
-        // The length of the crossing itself: after the receive, TCP may coalesce later segments
-        // into this skb (`tcp_try_coalesce`), and what the socket copies is then longer than
-        // what crossed lo. A copy has only the socket's length.
-        if e.len > p.len && (e.hook != Hook::CopyToUser || p.stages.is_empty()) {
-            p.len = e.len;
-        }
-        match e.hook {
-            Hook::Xmit => p.tx_dev = dev,
-            Hook::DevQueue if p.tx_dev.is_none() => p.tx_dev = dev,
-            Hook::Receive => {
-                p.rx_dev = dev;
-                p.receive_arg = Some((e.arg0, e.arg1));
-            }
-            _ => {}
-        }
-        p.stages.push(Stage::of(e, dev));
     }
 
     /// Ends the path at a free, consume or namespace exit (a GSO split is held for its
@@ -455,4 +436,44 @@ impl Tracker {
         self.stats.account(&p);
         done.push(p);
     }
+}
+
+/// Adds the event to its path: captured bytes, headers, the crossing's length, devices, the
+/// receive's softirq arguments, and the stage itself. Returns whether the path should now be
+/// paired: it just got its headers, from a hook other than the socket copy. Packets are paired
+/// as soon as their headers are known, in transmit order: packets finish late (TCP frees fire
+/// no tracepoint), an ACK may finish before what it acknowledges.
+fn record(p: &mut PacketPath, e: &mut Event) -> bool {
+    let dev = (!e.ifname.is_empty()).then_some(e.ifname);
+    if p.wire.is_none()
+        && let Some(bytes) = e.wire.take()
+    {
+        p.wire = Some(Wire {
+            ts_ns: e.ts_ns,
+            orig_len: e.len.max(bytes.len() as u32),
+            bytes,
+        });
+    }
+    let mut pair = false;
+    if p.info.is_none() && e.packet.is_some() {
+        p.info = e.packet.take();
+        pair = e.hook != Hook::CopyToUser;
+    }
+    // The length of the crossing itself: after the receive, TCP may coalesce later segments
+    // into this skb (`tcp_try_coalesce`), and what the socket copies is then longer than
+    // what crossed lo. A copy has only the socket's length.
+    if e.len > p.len && (e.hook != Hook::CopyToUser || p.stages.is_empty()) {
+        p.len = e.len;
+    }
+    match e.hook {
+        Hook::Xmit => p.tx_dev = dev,
+        Hook::DevQueue if p.tx_dev.is_none() => p.tx_dev = dev,
+        Hook::Receive => {
+            p.rx_dev = dev;
+            p.receive_arg = Some((e.arg0, e.arg1));
+        }
+        _ => {}
+    }
+    p.stages.push(Stage::of(e, dev));
+    pair
 }

@@ -91,7 +91,7 @@ pub(super) fn judge(r: &Report) -> (Verdict, Vec<String>) {
     let sent = r.sent();
     let answered = r.answered();
     let req = r.first_request();
-    let route_dev = req.and_then(|p| p.route.as_ref()).map(|rt| rt.dev.clone());
+    let route_dev = req.and_then(|p| p.route.as_ref()).map(|rt| rt.dev);
     // 1. Anything that left through another device disproves it, whatever came back.
     if let Some(p) = r.requests.iter().chain(&r.replies).find(|p| p.left_host()) {
         let dev = p.tx_dev.unwrap_or_default();

@@ -38,7 +38,7 @@ pub fn report_json(r: &Report) -> Value {
         "route": {
             "table": rt.map(|x| x.table),
             "table_name": rt.map(|x| table_name(x.table)),
-            "dev": rt.map(|x| x.dev.clone()),
+            "dev": rt.map(|x| x.dev),
             "lookup": lookup,
             "type": r.probe.route_get.kind,
             "kernel_table": r.probe.route_get.table,
