@@ -9,6 +9,10 @@
 //! With LOTRACE_EBPF_STUB=1, or when bpf-linker is not installed, an empty stub object is written
 //! instead so that `cargo check`, clippy and unprivileged tests never need bpf-linker; a lotrace
 //! built that way refuses to trace and says how to build it properly.
+//!
+//! With LOTRACE_EBPF_FLOOR=1 the object is the bench's empty-hook floor (loopback-ebpf's `floor`
+//! feature: every program returns at once). Only `cargo xtask bench` sets it, building that
+//! lotrace in a target directory of its own.
 use std::{
     env,
     path::{Path, PathBuf},
@@ -29,6 +33,7 @@ fn main() {
         println!("cargo:rerun-if-changed={}", p.display());
     }
     println!("cargo:rerun-if-env-changed=LOTRACE_EBPF_STUB");
+    println!("cargo:rerun-if-env-changed=LOTRACE_EBPF_FLOOR");
     println!("cargo:rerun-if-env-changed=PATH");
     let dst = out.join("loopback.bpf.o");
 
@@ -60,6 +65,13 @@ fn main() {
         ])
         .arg("--target-dir")
         .arg(&target_dir)
+        .args(
+            env::var("LOTRACE_EBPF_FLOOR")
+                .is_ok_and(|v| v == "1")
+                .then_some(["--features", "floor"])
+                .into_iter()
+                .flatten(),
+        )
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
     for key in [

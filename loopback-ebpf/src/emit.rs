@@ -5,8 +5,8 @@ use aya_ebpf::helpers::{
     generated::bpf_probe_read_kernel as probe_read_raw,
 };
 use loopback_common::{
-    CONSUME_GSO_SPLIT, HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE, RUN_STAGE_SIZE,
-    RUN_TAIL_FIXED, RawEvent, RunStage, SNAP_EXTRA, counter, hdr_kind,
+    CONSUME_GSO_SPLIT, HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE,
+    RUN_STAGE_SIZE, RUN_TAIL_FIXED, RawEvent, RunStage, SNAP_EXTRA, counter, hdr_kind,
 };
 
 use crate::{
@@ -220,7 +220,9 @@ pub fn run_stage<M: Mem>(hook: Hook, hit: Hit, close: bool) {
 /// ended with its free (see [`RunSlot::gso_parent`]).
 #[inline(always)]
 pub fn gso_parent() -> u64 {
-    RUN.get(0).map(|s| if s.open == 0 { s.gso_parent } else { 0 }).unwrap_or(0)
+    RUN.get(0)
+        .map(|s| if s.open == 0 { s.gso_parent } else { 0 })
+        .unwrap_or(0)
 }
 
 /// Closes the open run with its skb's free. A transmit run (opened by tc egress or

@@ -41,12 +41,16 @@ macro_rules! func {
     ($name:tt, $fentry:ident, $kprobe:ident, $body:ident) => {
         #[fentry(function = $name)]
         pub fn $fentry(ctx: FEntryContext) -> u32 {
-            $body(&ctx);
+            if !crate::floor() {
+                $body(&ctx);
+            }
             0
         }
         #[kprobe]
         pub fn $kprobe(ctx: ProbeContext) -> u32 {
-            $body(&ctx);
+            if !crate::floor() {
+                $body(&ctx);
+            }
             0
         }
     };
@@ -57,8 +61,18 @@ macro_rules! func {
 // than on `sock_sendmsg` itself: the send syscalls call `__sock_sendmsg`, which newer kernels
 // inline, while the protocol family's sendmsg is called through the ops table and always exists.
 // Linked, like the syscall, to this thread's next transmit.
-func!("inet_sendmsg", fentry_inet_sendmsg, kprobe_inet_sendmsg, sock_sendmsg_body);
-func!("inet6_sendmsg", fentry_inet6_sendmsg, kprobe_inet6_sendmsg, sock_sendmsg_body);
+func!(
+    "inet_sendmsg",
+    fentry_inet_sendmsg,
+    kprobe_inet_sendmsg,
+    sock_sendmsg_body
+);
+func!(
+    "inet6_sendmsg",
+    fentry_inet6_sendmsg,
+    kprobe_inet6_sendmsg,
+    sock_sendmsg_body
+);
 #[inline(always)]
 fn sock_sendmsg_body<A: Args>(ctx: &A) -> i32 {
     if !task_in_scope::<A>() {

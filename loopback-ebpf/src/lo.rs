@@ -36,6 +36,9 @@ fn lo_hit(data: usize, len: u32) -> Hit {
 /// `frags`: the kernel need not linearise large loopback packets for us.
 #[xdp(frags)]
 pub fn lo_xdp(ctx: XdpContext) -> u32 {
+    if crate::floor() {
+        return xdp_action::XDP_PASS;
+    }
     let len = (ctx.data_end() - ctx.data()) as u32;
     let skb = RX_SKB.get(0).copied().unwrap_or(0);
     let hit = lo_hit(ctx.data(), len);
@@ -53,6 +56,9 @@ pub fn lo_xdp(ctx: XdpContext) -> u32 {
 /// its own: each packet crosses tc egress exactly once.
 #[classifier]
 pub fn lo_tc_egress(ctx: TcContext) -> i32 {
+    if crate::floor() {
+        return TC_ACT_UNSPEC;
+    }
     let skb = ctx.skb.skb as u64;
     ensure_tracked(skb);
     // SAFETY: a plain read of a read-only global the loader wrote before loading.
@@ -99,6 +105,9 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
 /// tcx ingress on `lo`: the end of the receive chain's run.
 #[classifier]
 pub fn lo_tc_ingress(ctx: TcContext) -> i32 {
+    if crate::floor() {
+        return TC_ACT_UNSPEC;
+    }
     let skb = ctx.skb.skb as u64;
     let hit = lo_hit(ctx.data(), ctx.len());
     if run_skb() == skb {

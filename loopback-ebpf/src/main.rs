@@ -14,6 +14,28 @@ mod lo;
 mod maps;
 mod tracepoints;
 
+/// Set in the bench's empty-hook floor build (feature `floor`) only: every program returns at
+/// once. A read-only global the loader never writes rather than a constant, so that the compiler
+/// keeps each program's body (and every map and global the loader sets up); the verifier knows
+/// the value and drops the body as dead code.
+#[cfg(feature = "floor")]
+#[unsafe(no_mangle)]
+static FLOOR: u8 = 1;
+
+/// Whether this program returns at once (the bench's empty-hook floor build).
+#[inline(always)]
+pub fn floor() -> bool {
+    #[cfg(feature = "floor")]
+    {
+        // SAFETY: a plain read of a read-only global.
+        unsafe { core::ptr::read_volatile(&FLOOR) != 0 }
+    }
+    #[cfg(not(feature = "floor"))]
+    {
+        false
+    }
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

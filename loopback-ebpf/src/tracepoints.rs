@@ -69,10 +69,16 @@ macro_rules! twin {
     ($name:tt, $btf:ident, $raw:ident, $body:ident) => {
         #[btf_tracepoint(function = $name)]
         pub fn $btf(ctx: BtfTracePointContext) -> i32 {
+            if crate::floor() {
+                return 0;
+            }
             $body(&ctx)
         }
         #[raw_tracepoint(tracepoint = $name)]
         pub fn $raw(ctx: RawTracePointContext) -> i32 {
+            if crate::floor() {
+                return 0;
+            }
             $body(&ctx)
         }
     };

@@ -99,6 +99,10 @@ impl Name {
     /// rare case, done byte by byte) and bytes JSON must escape. Two names per event made the
     /// byte loop a tenth of decoding.
     pub fn from_array(a: &[u8; NAME_LEN]) -> Self {
+        if a[0] == 0 {
+            // No name (most device fields of events that are not about a device).
+            return Name::default();
+        }
         const ONES: u128 = u128::MAX / 0xff;
         const HIGH: u128 = ONES << 7;
         // Per byte, whether it is zero / below `c` (exact for the lowest such byte, and for
@@ -256,7 +260,13 @@ impl Decoder {
     /// event's `packet` and `wire`: they belong to the one hook that captured them.
     pub fn decode_each(&mut self, bytes: &[u8], mut f: impl FnMut(&mut Event)) -> Result<u64, DecodeError> {
         let run = run_stages(bytes)?;
-        let (mut e, cached, pid_tgid) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)])?;
+        // The task this CPU last named: its name is taken as it is when the record names the
+        // same task with the same bytes (no need to read it again).
+        let known = bytes
+            .get(std::mem::offset_of!(RawEvent, cpu)..)
+            .and_then(|b| b.first_chunk::<4>())
+            .and_then(|c| self.last.get(u32::from_le_bytes(*c) as usize));
+        let (mut e, cached, pid_tgid) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)], known)?;
         // Whole frames (hdr_kind ETH: the lo programs, and a GSO segment's first hook) are wire
         // bytes; `wire_bytes` leaves every other capture out.
         let mut wire = if self.keep_wire {
@@ -375,7 +385,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if run_stages(bytes)?.n != 0 {
         return Err(DecodeError::Several);
     }
-    let (mut e, cached, _) = decode_raw(bytes)?;
+    let (mut e, cached, _) = decode_raw(bytes, None)?;
     if cached {
         e.comm = Name::from("?");
     }
@@ -399,7 +409,9 @@ fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
     Some(v.into_boxed_slice())
 }
 
-fn decode_raw(bytes: &[u8]) -> Result<(Event, bool, u64), DecodeError> {
+/// `known`: a task (pid_tgid) and name seen before, reused when the record names that task with
+/// the same 16 bytes.
+fn decode_raw(bytes: &[u8], known: Option<&(u64, Name)>) -> Result<(Event, bool, u64), DecodeError> {
     if bytes.len() < RAW_EVENT_SIZE {
         return Err(DecodeError::Size(bytes.len()));
     }
@@ -420,7 +432,10 @@ fn decode_raw(bytes: &[u8]) -> Result<(Event, bool, u64), DecodeError> {
         skb: raw.skb,
         tgid: (raw.pid_tgid >> 32) as u32,
         tid: raw.pid_tgid as u32,
-        comm: Name::from_array(&raw.comm),
+        comm: match known {
+            Some((p, n)) if *p == raw.pid_tgid && n.raw().0 == &raw.comm => *n,
+            _ => Name::from_array(&raw.comm),
+        },
         ifname: Name::from_array(&raw.ifname),
         ifindex: raw.ifindex,
         cpu: raw.cpu,

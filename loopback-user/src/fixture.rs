@@ -367,6 +367,7 @@ mod tests {
             "{:?}",
             done.iter().find(|p| !p.complete)
         );
-        assert!(stats.by_context.contains_key("ksoftirqd") && stats.by_context.contains_key("inline"));
+        let contexts = stats.by_context();
+        assert!(contexts.contains_key("ksoftirqd") && contexts.contains_key("inline"));
     }
 }

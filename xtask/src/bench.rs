@@ -38,6 +38,9 @@ const TRACEPOINTS: &[&str] = &[
 enum Mode {
     Untraced,
     Lotrace,
+    /// The same lotrace with the empty-hook floor object (every program returns at once): what
+    /// the hooks themselves cost, the floor lotrace's own programs cannot go below.
+    Floor,
     /// lotrace with `--kernel-cost`: gives the kernel time per packet, and shows what the
     /// kernel's own statistics cost.
     LotraceCost,
@@ -64,7 +67,7 @@ impl Workload {
     }
     fn target(&self) -> &'static str {
         match self {
-            Workload::PingPong => "<= 1.25x",
+            Workload::PingPong => "floor + 0.20x",
             Workload::UdpStream => ">= 0.80x",
             Workload::TcpBulk => ">= 0.90x",
         }
@@ -117,6 +120,10 @@ fn read_lines(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
 /// What lotrace said about one run.
 #[derive(Default, Clone, Debug)]
 struct LotraceRun {
+    /// "N/M" of its "N/M hooks attached" line.
+    hooks: String,
+    /// Events its programs emitted (0 for the empty-hook floor).
+    emitted: u64,
     attach_ms: f64,
     peak_rss_kib: u64,
     packets: u64,
@@ -133,18 +140,26 @@ enum Tracer {
         child: Child,
         err: mpsc::Receiver<String>,
         attach_ms: f64,
+        hooks: String,
     },
     Bpftrace {
         child: Child,
     },
 }
 
-fn start(mode: Mode, lotrace: &Path, ns: &Netns) -> Result<Tracer> {
+/// The lotrace binaries the bench runs: the release build and the empty-hook floor build.
+struct Binaries<'a> {
+    lotrace: &'a Path,
+    floor: &'a Path,
+}
+
+fn start(mode: Mode, bin: &Binaries, ns: &Netns) -> Result<Tracer> {
     match mode {
         Mode::Untraced => Ok(Tracer::None),
-        Mode::Lotrace | Mode::LotraceCost => {
+        Mode::Lotrace | Mode::LotraceCost | Mode::Floor => {
             let t0 = Instant::now();
-            let mut child = Command::new(lotrace)
+            let exe = if mode == Mode::Floor { bin.floor } else { bin.lotrace };
+            let mut child = Command::new(exe)
                 .args(["trace", "--netns", &ns.0, "--format", "json"])
                 .args(if mode == Mode::LotraceCost {
                     &["--kernel-cost"][..]
@@ -159,13 +174,14 @@ fn start(mode: Mode, lotrace: &Path, ns: &Netns) -> Result<Tracer> {
             let first = err
                 .recv_timeout(Duration::from_secs(20))
                 .map_err(|_| anyhow!("lotrace did not start"))?;
-            if !first.contains("hooks attached") {
+            let Some(hooks) = hooks_attached(&first) else {
                 bail!("lotrace did not start: {first}");
-            }
+            };
             Ok(Tracer::Lotrace {
                 child,
                 err,
                 attach_ms: t0.elapsed().as_secs_f64() * 1e3,
+                hooks,
             })
         }
         Mode::Bpftrace => {
@@ -205,6 +221,17 @@ fn start(mode: Mode, lotrace: &Path, ns: &Netns) -> Result<Tracer> {
     }
 }
 
+/// "N/M" from lotrace's "...: N/M hooks attached..." line.
+fn hooks_attached(line: &str) -> Option<String> {
+    let before = line
+        .split(" hooks attached")
+        .next()
+        .filter(|_| line.contains(" hooks attached"))?;
+    let n = before.rsplit(' ').next()?;
+    let (a, b) = n.split_once('/')?;
+    (a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok()).then(|| n.to_string())
+}
+
 fn vm_hwm_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -229,6 +256,7 @@ fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
             mut child,
             err,
             attach_ms,
+            hooks,
         } => {
             std::thread::sleep(Duration::from_millis(200));
             let rss = vm_hwm_kib(child.id());
@@ -243,6 +271,8 @@ fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
             let v: Value = serde_json::from_str(last).with_context(|| format!("summary: {last}"))?;
             let s = &v["summary"];
             Ok(Some(LotraceRun {
+                hooks,
+                emitted: s["events_emitted"].as_u64().unwrap_or(0),
                 attach_ms,
                 peak_rss_kib: rss,
                 packets: s["packets"].as_u64().unwrap_or(0),
@@ -477,24 +507,71 @@ fn callgrind_counts(err: &str) -> Option<(u64, u64)> {
     Some((ir, packets))
 }
 
+/// Builds lotrace with the empty-hook floor object (loopback-ebpf's `floor` feature) in a target
+/// directory of its own, so that no other build ever embeds it.
+fn floor_lotrace(root: &Path) -> Result<std::path::PathBuf> {
+    let dir = root.join("target/bench/floor");
+    run_ok(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .current_dir(root)
+            .args(["build", "-q", "--release", "-p", "loopback-user", "--bin", "lotrace"])
+            .env("LOTRACE_EBPF_FLOOR", "1")
+            .env("CARGO_TARGET_DIR", &dir),
+    )
+    .context("building the empty-hook floor lotrace")?;
+    Ok(dir.join("release/lotrace"))
+}
+
+/// The floor measures the same hooks doing nothing: it must attach what lotrace attaches and
+/// emit no event.
+fn floor_is_comparable(runs: &BTreeMap<(Workload, Mode), Vec<LotraceRun>>, w: Workload) -> Result<()> {
+    let (Some(lo), Some(fl)) = (
+        runs.get(&(w, Mode::Lotrace)).and_then(|r| r.last()),
+        runs.get(&(w, Mode::Floor)).and_then(|r| r.last()),
+    ) else {
+        return Ok(());
+    };
+    if lo.hooks != fl.hooks || fl.emitted != 0 {
+        bail!(
+            "the empty-hook floor is not comparable: lotrace attached {} hooks, the floor {} (and emitted {} events)",
+            lo.hooks,
+            fl.hooks,
+            fl.emitted
+        );
+    }
+    Ok(())
+}
+
 pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     ensure_tools("bench", Need::Test)?;
     ensure_tools("bench", Need::Bench)?;
     let lotrace = root.join("target/release/lotrace");
+    eprintln!("xtask bench: building the empty-hook floor (every program returns at once)...");
+    let floor = floor_lotrace(root)?;
+    let bins = Binaries {
+        lotrace: &lotrace,
+        floor: &floor,
+    };
     eprintln!("xtask bench: offline reconstruction (criterion)...");
     let user = criterion(root)?;
     eprintln!("xtask bench: user-space instructions per packet (callgrind)...");
     let (ipp, ipp_packets) = instructions_per_packet(root, &lotrace, 2_000)?;
     let ns = Netns::new()?;
     let workloads = [Workload::PingPong, Workload::UdpStream, Workload::TcpBulk];
-    let modes = [Mode::Untraced, Mode::Lotrace, Mode::LotraceCost, Mode::Bpftrace];
+    let modes = [
+        Mode::Untraced,
+        Mode::Lotrace,
+        Mode::Floor,
+        Mode::LotraceCost,
+        Mode::Bpftrace,
+    ];
     let mut results: BTreeMap<(Workload, Mode), Vec<f64>> = BTreeMap::new();
     let mut runs: BTreeMap<(Workload, Mode), Vec<LotraceRun>> = BTreeMap::new();
     for rep in 0..reps {
         for w in workloads {
             for m in modes {
                 eprint!("xtask bench: rep {}/{reps} {w:?} {m:?}... ", rep + 1);
-                let tracer = start(m, &lotrace, &ns)?;
+                let tracer = start(m, &bins, &ns)?;
                 let v = workload(w, &ns, secs);
                 let lr = stop(tracer)?;
                 let v = v?;
@@ -503,6 +580,7 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
                 if let Some(lr) = lr {
                     runs.entry((w, m)).or_default().push(lr);
                 }
+                floor_is_comparable(&runs, w)?;
             }
         }
     }
@@ -515,13 +593,14 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     );
     let mut t = String::new();
     t += &format!("Medians of {reps} interleaved runs of {secs} s each; ratio = traced / untraced ({machine}).\n\n");
-    t += "| workload | untraced | lotrace | ratio | target | lotrace --kernel-cost | ratio | bpftrace (count 15 tp) | ratio |\n";
-    t += "|---|---|---|---|---|---|---|---|---|\n";
+    t += "| workload | untraced | lotrace | ratio | empty hooks | ratio | lotrace - floor | target | lotrace --kernel-cost | ratio | bpftrace (count 15 tp) | ratio |\n";
+    t += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for w in workloads {
         let m = |mode| median(results.get(&(w, mode)).map(|v| v.as_slice()).unwrap_or(&[]));
-        let (base, lo, lc, bt) = (
+        let (base, lo, fl, lc, bt) = (
             m(Mode::Untraced),
             m(Mode::Lotrace),
+            m(Mode::Floor),
             m(Mode::LotraceCost),
             m(Mode::Bpftrace),
         );
@@ -533,11 +612,14 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
             }
         };
         t += &format!(
-            "| {} | {} | {} | {:.2}x | {} | {} | {:.2}x | {} | {:.2}x |\n",
+            "| {} | {} | {} | {:.2}x | {} | {:.2}x | {:+.2}x | {} | {} | {:.2}x | {} | {:.2}x |\n",
             w.name(),
             fmt(base),
             fmt(lo),
             lo / base,
+            fmt(fl),
+            fl / base,
+            (lo - fl) / base,
             w.target(),
             fmt(lc),
             lc / base,
@@ -545,6 +627,8 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
             bt / base
         );
     }
+    t += "\nempty hooks: the same lotrace and hooks, every program returning at once (the floor, built by the bench alone); \
+          lotrace - floor: the difference of their ratios, what lotrace's programs and user space add to the hooks.\n";
     t += "\n| lotrace, per workload (both modes) | packets | complete | lost events | expired | kernel time per packet (--kernel-cost) | peak RSS | start to attached |\n";
     t += "|---|---|---|---|---|---|---|---|\n";
     for w in workloads {
@@ -586,6 +670,17 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::{callgrind_counts, throughput};
+
+    #[test]
+    fn attached_hooks_are_read_from_the_start_line() {
+        let l = "lotrace: tracing network namespace x (inode 4026532177): 17/23 hooks attached; NOT attached: a";
+        assert_eq!(super::hooks_attached(l).as_deref(), Some("17/23"));
+        assert_eq!(
+            super::hooks_attached("lotrace: 23/23 hooks attached").as_deref(),
+            Some("23/23")
+        );
+        assert_eq!(super::hooks_attached("lotrace: error: no hooks attached"), None);
+    }
 
     #[test]
     fn callgrind_and_summary_counts_are_read() {

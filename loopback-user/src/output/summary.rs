@@ -72,7 +72,7 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
             "copies": stats.copies,
             "expired": stats.expired,
             "in_flight_at_end": stats.in_flight_at_end,
-            "softirq_context": stats.by_context,
+            "softirq_context": stats.by_context(),
             "stage_latency": stages,
             "bpf_programs": costs_json(&sum.costs),
             "bpf_stats_unavailable": sum.costs_unavailable,
@@ -134,8 +134,9 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
         stats.expired,
         stats.in_flight_at_end
     );
-    if !stats.by_context.is_empty() {
-        let c: Vec<String> = stats.by_context.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let contexts = stats.by_context();
+    if !contexts.is_empty() {
+        let c: Vec<String> = contexts.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let _ = writeln!(s, "    softirq context: {}", c.join(", "));
     }
     if let Some(why) = &sum.costs_unavailable {

@@ -39,6 +39,7 @@ pub enum SoftirqContext {
 }
 
 impl SoftirqContext {
+    pub const ALL: [SoftirqContext; 3] = [SoftirqContext::Inline, SoftirqContext::Ksoftirqd, SoftirqContext::Other];
     pub fn as_str(&self) -> &'static str {
         match self {
             SoftirqContext::Inline => "inline",

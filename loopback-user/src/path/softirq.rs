@@ -32,13 +32,25 @@ pub(super) fn derive(p: &mut PacketPath) {
         comm: recv.comm,
         dev: None,
     };
-    if raised {
-        p.stages.push(mk(StageKind::SoftirqRaise, raise_ts));
+    // Placed where a stable sort by time puts them: after every stage at or before their time
+    // (a sort of the whole path when the path is not in time order, which hooks on different
+    // CPUs can make it).
+    let sorted = p.stages.is_sorted_by_key(|s| s.t_ns);
+    for (added, kind, t) in [
+        (raised, StageKind::SoftirqRaise, raise_ts),
+        (new_run, StageKind::SoftirqEntry, entry_ts),
+    ] {
+        if !added {
+            continue;
+        }
+        if sorted {
+            let at = p.stages.partition_point(|s| s.t_ns <= t);
+            p.stages.insert(at, mk(kind, t));
+        } else {
+            p.stages.push(mk(kind, t));
+        }
     }
-    if new_run {
-        p.stages.push(mk(StageKind::SoftirqEntry, entry_ts));
-    }
-    if raised || new_run {
+    if !sorted && (raised || new_run) {
         p.stages.sort_by_key(|s| s.t_ns);
     }
     p.softirq = Some(Softirq {

@@ -3,7 +3,7 @@ use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 
-use super::{PacketPath, StageKind, Verdict};
+use super::{PacketPath, SoftirqContext, StageKind, Verdict};
 
 /// Totals for the exit summary.
 #[derive(Clone, Debug, Default)]
@@ -22,7 +22,8 @@ pub struct Stats {
     pub copies: u64,
     /// Per stage: latency from the previous stage, in ns.
     pub stage_latency: StageLatency,
-    pub by_context: BTreeMap<&'static str, u64>,
+    /// Packets per softirq context, indexed by [`SoftirqContext`] (see [`Stats::by_context`]).
+    contexts: [u64; SoftirqContext::ALL.len()],
 }
 
 /// One latency histogram per stage, indexed by the stage itself (no map lookup per stage of
@@ -51,6 +52,16 @@ impl StageLatency {
 }
 
 impl Stats {
+    /// Packets per softirq context, by name (the contexts seen).
+    pub fn by_context(&self) -> BTreeMap<&'static str, u64> {
+        SoftirqContext::ALL
+            .iter()
+            .zip(self.contexts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, n)| (c.as_str(), n))
+            .collect()
+    }
+
     pub(super) fn account(&mut self, p: &PacketPath) {
         let s = self;
         if p.is_copy() {
@@ -67,11 +78,18 @@ impl Stats {
         if p.verdict == Verdict::InFlight {
             s.in_flight_at_end += 1;
         }
-        if let Some(r) = p.drop_label() {
-            *s.drops.entry(r).or_default() += 1;
+        if p.is_drop() {
+            // The reason is copied into the map once, not for every drop.
+            let r = p.drop_reason.as_deref().unwrap_or("unknown");
+            match s.drops.get_mut(r) {
+                Some(n) => *n += 1,
+                None => {
+                    s.drops.insert(r.to_string(), 1);
+                }
+            }
         }
         if let Some(si) = &p.softirq {
-            *s.by_context.entry(si.context.as_str()).or_default() += 1;
+            s.contexts[si.context as usize] += 1;
         }
         for (stage, d) in p.timed_stages().skip(1) {
             s.stage_latency.record(stage.stage, d);

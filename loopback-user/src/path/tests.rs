@@ -315,7 +315,7 @@ fn ksoftirqd_and_other_contexts_are_told_apart() {
     let (paths, stats) = run(s.events);
     let ctx: Vec<_> = paths.iter().map(|p| p.softirq.as_ref().map(|s| s.context)).collect();
     assert_eq!(ctx, [Some(SoftirqContext::Ksoftirqd), Some(SoftirqContext::Other)]);
-    assert_eq!(stats.by_context.get("ksoftirqd"), Some(&1));
+    assert_eq!(stats.by_context().get("ksoftirqd"), Some(&1));
 }
 
 #[allow(clippy::too_many_arguments)] // a TCP header's fields, in header order
