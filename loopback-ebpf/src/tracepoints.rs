@@ -153,7 +153,9 @@ fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
     // before the scope: a segment may be allocated at the address of an skb whose free fired
     // no tracepoint and is still in scope.
     let parent = gso_parent();
-    if parent != 0 && is_lo::<A>(dev) {
+    // (The namespace test: another namespace's segments may follow ours on this CPU, and its
+    // split skb, never in scope, does not reset the parent.)
+    if parent != 0 && is_lo::<A>(dev) && dev_in_scope::<A>(dev) {
         ensure_tracked(skb);
         let head = Hit {
             arg1: parent,
@@ -165,8 +167,16 @@ fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
         };
         open_run::<A>(Hook::Xmit, skb, head, false);
     } else if tracked(skb) {
-        // Another device's transmit of a traced skb (it left through a veth).
-        emit_hit::<A>(Hook::Xmit, skb, hit());
+        if dev_in_scope::<A>(dev) {
+            // Another device's transmit of a traced skb (it left through a veth).
+            emit_hit::<A>(Hook::Xmit, skb, hit());
+        } else {
+            // Not ours: an skb of this namespace freed where no tracepoint fires (TCP) is still in
+            // scope, and another namespace's GSO segment (which passes no `net_dev_queue`, where
+            // foreign skbs leave scope) was allocated at its address. A traced skb is never sent
+            // by a device of another namespace: once through a veth it is followed no further.
+            untrack(skb);
+        }
     }
     0
 }

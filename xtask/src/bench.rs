@@ -592,11 +592,21 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
             .trim()
     );
     let mut t = String::new();
-    t += &format!("Medians of {reps} interleaved runs of {secs} s each; ratio = traced / untraced ({machine}).\n\n");
+    t += &format!(
+        "Medians of {reps} interleaved runs of {secs} s each; ratio = the median of each repetition's traced / untraced ({machine}).\n\n"
+    );
     t += "| workload | untraced | lotrace | ratio | empty hooks | ratio | lotrace - floor | target | lotrace --kernel-cost | ratio | bpftrace (count 15 tp) | ratio |\n";
     t += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for w in workloads {
-        let m = |mode| median(results.get(&(w, mode)).map(|v| v.as_slice()).unwrap_or(&[]));
+        let runs_of = |mode| results.get(&(w, mode)).map(|v| v.as_slice()).unwrap_or(&[]);
+        let m = |mode| median(runs_of(mode));
+        // Each ratio is the median of the repetitions' own ratios (a run against the untraced
+        // run of the same repetition): the machine's speed drifts between repetitions, and
+        // this VM's did by 1.5x within one bench.
+        let per_rep = |f: &dyn Fn(usize) -> f64| median(&(0..runs_of(Mode::Untraced).len()).map(f).collect::<Vec<_>>());
+        let at = |mode, i: usize| runs_of(mode).get(i).copied().unwrap_or(f64::NAN);
+        let ratio = |mode| per_rep(&|i| at(mode, i) / at(Mode::Untraced, i));
+        let above_floor = per_rep(&|i| (at(Mode::Lotrace, i) - at(Mode::Floor, i)) / at(Mode::Untraced, i));
         let (base, lo, fl, lc, bt) = (
             m(Mode::Untraced),
             m(Mode::Lotrace),
@@ -616,15 +626,15 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
             w.name(),
             fmt(base),
             fmt(lo),
-            lo / base,
+            ratio(Mode::Lotrace),
             fmt(fl),
-            fl / base,
-            (lo - fl) / base,
+            ratio(Mode::Floor),
+            above_floor,
             w.target(),
             fmt(lc),
-            lc / base,
+            ratio(Mode::LotraceCost),
             fmt(bt),
-            bt / base
+            ratio(Mode::Bpftrace)
         );
     }
     t += "\nempty hooks: the same lotrace and hooks, every program returning at once (the floor, built by the bench alone); \

@@ -194,6 +194,40 @@ fn bulk_tcp_is_one_record_per_lo_crossing_exactly_as_tcpdump_sees_it() {
     }
 }
 
+#[test]
+fn another_namespaces_traffic_never_enters_the_trace() {
+    if !privileged() {
+        return;
+    }
+    let sb = Sandbox::new("lt-mine").expect("sandbox");
+    let other = Sandbox::new("lt-other").expect("sandbox");
+    let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+    // Bulk TCP here and in another namespace at once. TCP frees fire no tracepoint, so skbs of
+    // this namespace stay in scope after their free; the other namespace's GSO segments (which
+    // pass no `net_dev_queue`) are allocated at their addresses, and its lo has ifindex 1 too.
+    // Every record must still be one crossing of this namespace's lo, as tcpdump sees it.
+    exact_against_tcpdump("beside-another-namespace", &sb, || {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let beside = s.spawn(|| {
+                // Bounded: at most 400 transfers, and none after this namespace's are done.
+                for _ in 0..400 {
+                    if done.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let got = other.netns.run(|| traffic::tcp_bulk(ip, 16, 256 * 1024));
+                    assert_eq!(got.expect("netns").expect("bulk"), 16 * 256 * 1024);
+                }
+            });
+            for _ in 0..40 {
+                assert_eq!(traffic::tcp_bulk(ip, 16, 256 * 1024).expect("bulk"), 16 * 256 * 1024);
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            beside.join().expect("the other namespace's traffic");
+        });
+    });
+}
+
 pub(crate) fn icmp_echo_paths(extra: &[&str]) {
     let sb = Sandbox::new("lt-test").expect("sandbox");
     sb.add_veth("lt0", "lt0p", &["10.200.0.1/24", "fd00:200::1/64"], true)
