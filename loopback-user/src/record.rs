@@ -22,7 +22,7 @@
 use std::{
     collections::BTreeMap,
     fs::File,
-    io::{BufWriter, Read, Write},
+    io::{BufRead, BufWriter, Read, Write},
     path::Path,
 };
 
@@ -154,13 +154,16 @@ pub enum FrameRef<'a> {
     Trailer(Trailer),
 }
 
-pub struct Reader<R: Read> {
+pub struct Reader<R: BufRead> {
     r: R,
     offset: u64,
     pub header: Header,
     done: bool,
-    /// The current frame's bytes, reused from frame to frame.
+    /// A frame cut by the end of the input's buffer, read whole here (reused from frame to
+    /// frame).
     buf: Vec<u8>,
+    /// Bytes of the frame last handed out from the input's own buffer, consumed before the next.
+    pending: usize,
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(n)` short of that only at the end of the input.
@@ -184,7 +187,7 @@ impl Reader<std::io::BufReader<File>> {
     }
 }
 
-impl<R: Read> Reader<R> {
+impl<R: BufRead> Reader<R> {
     pub fn new(mut r: R) -> Result<Self, RecordingError> {
         let mut pre = [0u8; 16];
         let n = fill(&mut r, &mut pre)?;
@@ -220,6 +223,7 @@ impl<R: Read> Reader<R> {
             header,
             done: false,
             buf: Vec::new(),
+            pending: 0,
         })
     }
 
@@ -237,12 +241,35 @@ impl<R: Read> Reader<R> {
         }))
     }
 
-    /// The next frame, borrowing the reader's buffer; `None` at a clean end of file.
+    /// The next frame, borrowing the reader's buffer; `None` at a clean end of file. A frame
+    /// that lies whole in the input's buffer (nearly all) is handed out where it lies, not
+    /// copied; one cut by the buffer's end is read into a buffer of our own.
     pub fn next_frame_ref(&mut self) -> Result<Option<FrameRef<'_>>, RecordingError> {
         if self.done {
             return Ok(None);
         }
+        self.r.consume(std::mem::take(&mut self.pending));
         let start = self.offset;
+        let io = |e: std::io::Error| RecordingError::Io(e.to_string());
+        let avail = self.r.fill_buf().map_err(io)?;
+        let whole = match avail.first_chunk::<8>() {
+            Some(fh) => Some(frame_header(fh, start)?).filter(|(_, len)| avail.len() >= 8 + *len as usize),
+            None => None,
+        };
+        if let Some((kind, len)) = whole {
+            // Again: the buffer as it is (nothing is read when it holds bytes).
+            let data = self
+                .r
+                .fill_buf()
+                .map_err(io)?
+                .get(8..8 + len as usize)
+                .ok_or_else(|| RecordingError::Io("the input's buffer shrank between two looks".into()))?;
+            self.pending = 8 + len as usize;
+            self.offset = start + 8 + len as u64;
+            let frame = frame(kind, data, start, len)?;
+            self.done = matches!(frame, FrameRef::Trailer(_));
+            return Ok(Some(frame));
+        }
         let mut fh = [0u8; 8];
         let n = fill(&mut self.r, &mut fh)?;
         if n == 0 {
@@ -252,14 +279,7 @@ impl<R: Read> Reader<R> {
         if n < 8 {
             return Err(at(start, format!("truncated frame header ({n} of 8 bytes)")));
         }
-        let kind = u32::from_le_bytes([fh[0], fh[1], fh[2], fh[3]]);
-        let len = u32::from_le_bytes([fh[4], fh[5], fh[6], fh[7]]);
-        if !(KIND_EVENT..=KIND_TRAILER).contains(&kind) {
-            return Err(at(start, format!("unknown frame kind {kind}")));
-        }
-        if len > MAX_FRAME {
-            return Err(at(start + 4, format!("frame length {len} is implausible")));
-        }
+        let (kind, len) = frame_header(&fh, start)?;
         self.buf.resize(len as usize, 0);
         let data = self.buf.as_mut_slice();
         let got = fill(&mut self.r, data)?;
@@ -267,24 +287,39 @@ impl<R: Read> Reader<R> {
             return Err(at(start, format!("truncated frame ({got} of {len} bytes)")));
         }
         self.offset = start + 8 + len as u64;
-        Ok(Some(match kind {
-            KIND_EVENT => FrameRef::Event(&self.buf),
-            KIND_TICK => {
-                let b: [u8; 8] = self
-                    .buf
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| at(start + 4, format!("tick frame of {len} bytes, expected 8")))?;
-                FrameRef::Tick(u64::from_le_bytes(b))
-            }
-            _ => {
-                let t =
-                    serde_json::from_slice(&self.buf).map_err(|e| at(start + 8, format!("corrupt trailer: {e}")))?;
-                self.done = true;
-                FrameRef::Trailer(t)
-            }
-        }))
+        let frame = frame(kind, &self.buf, start, len)?;
+        self.done = matches!(frame, FrameRef::Trailer(_));
+        Ok(Some(frame))
     }
+}
+
+/// A frame header's kind and length, checked (`start`: the frame's offset, for errors).
+fn frame_header(fh: &[u8; 8], start: u64) -> Result<(u32, u32), RecordingError> {
+    let kind = u32::from_le_bytes([fh[0], fh[1], fh[2], fh[3]]);
+    let len = u32::from_le_bytes([fh[4], fh[5], fh[6], fh[7]]);
+    if !(KIND_EVENT..=KIND_TRAILER).contains(&kind) {
+        return Err(at(start, format!("unknown frame kind {kind}")));
+    }
+    if len > MAX_FRAME {
+        return Err(at(start + 4, format!("frame length {len} is implausible")));
+    }
+    Ok((kind, len))
+}
+
+/// A frame from its kind and bytes.
+fn frame(kind: u32, data: &[u8], start: u64, len: u32) -> Result<FrameRef<'_>, RecordingError> {
+    Ok(match kind {
+        KIND_EVENT => FrameRef::Event(data),
+        KIND_TICK => {
+            let b: [u8; 8] = data
+                .try_into()
+                .map_err(|_| at(start + 4, format!("tick frame of {len} bytes, expected 8")))?;
+            FrameRef::Tick(u64::from_le_bytes(b))
+        }
+        _ => {
+            FrameRef::Trailer(serde_json::from_slice(data).map_err(|e| at(start + 8, format!("corrupt trailer: {e}")))?)
+        }
+    })
 }
 
 #[cfg(test)]
