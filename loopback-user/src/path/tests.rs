@@ -420,6 +420,53 @@ fn udp_is_delivered_by_the_applications_read() {
 }
 
 #[test]
+fn a_read_whose_packet_its_free_already_ended_delivers_no_other() {
+    // Where a function hook sees UDP's free (inside recvmsg), each read shows as the packet's
+    // own `consume`, then the read. Two packets queued: each read is its own packet's, and the
+    // second packet is not delivered by the first read (nor its free left over as a packet).
+    let udp = |sport| PacketInfo {
+        proto: PROTO_UDP,
+        sport: Some(sport),
+        dport: Some(2),
+        icmp: None,
+        ..icmp_info("127.0.0.1", "127.0.0.1", 0, 0, 0)
+    };
+    let mut s = Seq::new();
+    for (skb, sport) in [(0x7, 1), (0x8, 3)] {
+        s.lo_path(skb, 1, "a", udp(sport), true);
+        s.ev(Hook::SockQueue, skb, 1, "a", "", None, 0xfeed, 0);
+    }
+    for skb in [0x7, 0x8] {
+        s.ev(Hook::Consume, skb, 2, "b", "", None, 0, 0);
+        s.ev(Hook::AppRecv, 0, 2, "b", "", None, 0xfeed, 64);
+    }
+    let (paths, stats) = run(s.events);
+    let got: Vec<_> = paths.iter().map(|p| (p.skb, p.verdict, p.complete)).collect();
+    assert_eq!(got, [(0x7, Verdict::Consumed, true), (0x8, Verdict::Consumed, true)]);
+    assert_eq!(stats.packets, 2);
+
+    // Without that hook, each read delivers; a packet dropped from the queue was not read.
+    let mut s = Seq::new();
+    for (skb, sport) in [(0x7, 1), (0x8, 3), (0x9, 5)] {
+        s.lo_path(skb, 1, "a", udp(sport), true);
+        s.ev(Hook::SockQueue, skb, 1, "a", "", None, 0xfeed, 0);
+    }
+    s.ev(Hook::Free, 0x7, 1, "a", "", None, 2, 0);
+    s.ev(Hook::AppRecv, 0, 2, "b", "", None, 0xfeed, 64);
+    s.ev(Hook::AppRecv, 0, 2, "b", "", None, 0xfeed, 64);
+    let (paths, _) = run(s.events);
+    let got: Vec<_> = paths.iter().map(|p| (p.skb, p.verdict)).collect();
+    assert_eq!(
+        got,
+        [
+            (0x7, Verdict::Dropped),
+            (0x8, Verdict::Delivered),
+            (0x9, Verdict::Delivered)
+        ]
+    );
+}
+
+#[test]
 fn packet_sent_on_another_device_left_the_host() {
     let mut s = Seq::new();
     let info = PacketInfo {

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use loopback_common::{CONSUME_GSO_SPLIT, Hook};
 // FxHash: the tracker's maps are keyed by skb addresses and small tuples, on the per-event hot
 // path; SipHash's DoS resistance buys nothing here and costs a third of the lookup time.
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::{PacketPath, Stage, StageKind, Stats, Verdict, Wire, is_complete, pairing::Pairing};
 use crate::decode::{Event, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RouteInfo};
@@ -52,7 +52,11 @@ pub struct Tracker {
     /// Finished packets held back until their delivered clone shows up (or the wait ends).
     pub(super) awaiting_clone: VecDeque<PacketPath>,
     /// Per socket: UDP packets queued to it, oldest first (matched to the application's reads).
-    sock_queues: FxHashMap<u64, VecDeque<u64>>,
+    sock_queues: FxHashMap<u64, VecDeque<(u64, u64)>>,
+    /// Queued UDP packets (path ids) that their own free ended before the application's read
+    /// was seen (where a function hook sees UDP's free, in recvmsg before it returns): that read
+    /// was theirs, not the next packet's.
+    read_while_queued: FxHashSet<u64>,
     /// Per CPU: the skb just split into GSO segments there (address, path so far, segments
     /// seen). Its segments follow on the same CPU, inside the same `__dev_queue_xmit`.
     gso_parents: FxHashMap<u32, (u64, Box<PacketPath>, u32)>,
@@ -72,6 +76,7 @@ impl Tracker {
             pairing: Pairing::default(),
             awaiting_clone: VecDeque::new(),
             sock_queues: FxHashMap::default(),
+            read_while_queued: FxHashSet::default(),
             gso_parents: FxHashMap::default(),
             drop_names,
             stats: Stats::default(),
@@ -131,15 +136,15 @@ impl Tracker {
         }
         if e.hook == Hook::SockQueue {
             // Only meaningful for a UDP packet still being received, queued once.
-            let queued = self.inflight.get(&e.skb).is_some_and(|p| {
+            let queued = self.inflight.get(&e.skb).filter(|p| {
                 p.has(StageKind::Receive)
                     && !p.has(StageKind::SockQueue)
                     && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
             });
-            if !queued {
+            let Some(id) = queued.map(|p| p.id) else {
                 return done;
-            }
-            self.sock_queues.entry(e.arg0).or_default().push_back(e.skb);
+            };
+            self.sock_queues.entry(e.arg0).or_default().push_back((e.skb, id));
         }
         let mut p = self.open(e, &mut done);
         self.apply(&mut p, e);
@@ -301,22 +306,32 @@ impl Tracker {
         }
     }
 
-    /// The application read from socket `arg0`: the oldest UDP packet queued to it was delivered.
+    /// The application read from socket `arg0`: one datagram, the oldest still queued to it.
+    /// Still in flight, it is delivered. Ended by its own free already (a function hook saw the
+    /// free inside this read), the read was its own and nothing else happens: the next queued
+    /// packet is not the one read. Ended otherwise (dropped from the queue, expired), it was
+    /// not read, and the next one is looked at.
     fn app_recv(&mut self, e: &Event, done: &mut Vec<PacketPath>) {
         let Some(q) = self.sock_queues.get_mut(&e.arg0) else {
             return;
         };
-        while let Some(skb) = q.pop_front() {
-            if let Some(mut p) = self.inflight.remove(&skb) {
-                p.stages.push(Stage::of(e, None));
-                if q.is_empty() {
-                    self.sock_queues.remove(&e.arg0);
-                }
-                self.finish(*p, Verdict::Delivered, done);
-                return;
+        let mut read = None;
+        while let Some((skb, id)) = q.pop_front() {
+            if self.inflight.get(&skb).is_some_and(|p| p.id == id) {
+                read = self.inflight.remove(&skb);
+                break;
+            }
+            if self.read_while_queued.remove(&id) {
+                break;
             }
         }
-        self.sock_queues.remove(&e.arg0);
+        if q.is_empty() {
+            self.sock_queues.remove(&e.arg0);
+        }
+        if let Some(mut p) = read {
+            p.stages.push(Stage::of(e, None));
+            self.finish(*p, Verdict::Delivered, done);
+        }
     }
 
     fn release_clone_waiters(&mut self, now: u64, done: &mut Vec<PacketPath>) {
@@ -427,6 +442,14 @@ impl Tracker {
 
     pub(super) fn finish(&mut self, mut p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
         p.verdict = verdict;
+        if verdict == Verdict::Consumed && p.has(StageKind::SockQueue) {
+            // Bounded: without the application's reads (no `sock_recv_length`) nothing removes
+            // these; a read that finds its packet gone then looks at the next one, as before.
+            if self.read_while_queued.len() >= 65_536 {
+                self.read_while_queued.clear();
+            }
+            self.read_while_queued.insert(p.id);
+        }
         // Only a drop, or a clone-delivered original (kept for the record, no drop), has a reason.
         if !matches!(verdict, Verdict::Dropped | Verdict::DeliveredClone) {
             p.drop_reason = None;

@@ -49,7 +49,7 @@ enum Source {
         ring: AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
     },
     Replay {
-        reader: record::Reader<std::io::BufReader<std::fs::File>>,
+        reader: Box<record::Reader<std::io::BufReader<std::fs::File>>>,
         /// Recording time of the first event, and when it was replayed.
         start: Option<(u64, Instant)>,
         next: Option<Frame>,
@@ -90,7 +90,7 @@ pub async fn run(cfg: TuiConfig) -> Result<()> {
             let app = App::new(format!("recording {name} (kernel {})", h.kernel_release), missing);
             (
                 Source::Replay {
-                    reader,
+                    reader: Box::new(reader),
                     start: None,
                     next: None,
                     trailer: None,

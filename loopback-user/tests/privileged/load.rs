@@ -107,7 +107,10 @@ fn honest_under_sustained_load() {
         .unwrap_or(5);
     let sb = Sandbox::new("lt-load").expect("sandbox");
     let before = lo_tx_packets(&sb);
-    let (mut child, _, err) = launch(&sb, &["--format", "json"], &[], Stdio::null());
+    // The packets, to show some incomplete ones when the counts disagree.
+    let out_path = std::env::temp_dir().join(format!("lotrace-load-{}.json", std::process::id()));
+    let out = std::fs::File::create(&out_path).expect("output file");
+    let (mut child, _, err) = launch(&sb, &["--format", "json"], &[], Stdio::from(out));
     let err_rx = read_all(err);
     pressure(&sb, secs);
     let hwm_kib: u64 = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
@@ -128,8 +131,25 @@ fn honest_under_sustained_load() {
     assert_eq!(s["events_emitted"], s["events_received"], "{s}");
     // Every lo packet is a reconstructed packet (complete, expired or in flight) unless events
     // were lost, and then the loss is reported: never fewer packets than sent without a count.
+    let text = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let _ = std::fs::remove_file(&out_path);
+    let incomplete: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|p| p["complete"] == false)
+        .take(3)
+        .map(|p| {
+            let stages: Vec<&str> = p["stages"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["stage"].as_str())
+                .collect();
+            format!("{} {} {}: {}", p["proto"], p["len"], p["verdict"], stages.join(","))
+        })
+        .collect();
     if lost == 0 {
-        assert_eq!(packets, sent, "{s}");
+        assert_eq!(packets, sent, "{s}\nincomplete, for example: {incomplete:#?}");
     } else {
         assert!(packets <= sent + lost && sent <= packets + lost, "sent {sent}: {s}");
     }
