@@ -5,7 +5,10 @@ use std::collections::HashMap;
 
 use loopback_common::{CONSUME_GSO_SPLIT, Hook};
 
-use super::{tracker::SEND_LINK_NS, *};
+use super::{
+    tracker::{SEND_LINK_INET_NS, SEND_LINK_NS},
+    *,
+};
 use crate::decode::{Event, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PacketInfo};
 use crate::decode::{Icmp, Tcp};
 
@@ -174,6 +177,30 @@ fn a_send_syscall_starts_its_threads_next_packet_only_if_recent() {
     assert_eq!(ps[0].stages[1].stage, StageKind::TcEgress);
     assert_eq!(ps[1].stages[0].stage, StageKind::TcEgress, "stale send not linked");
     assert!(ps.iter().all(|p| p.complete));
+}
+
+#[test]
+fn an_inet_send_links_its_transmit_even_when_slow() {
+    // Seen at the socket layer, the send is an inet send: its transmit is linked beyond the
+    // short window (an emulated guest took 13.6 ms), up to the longer bound.
+    let mut s = Seq::new();
+    let info = icmp_info("::1", "::1", 128, 1, 1);
+    for gap in [2 * SEND_LINK_NS, 2 * SEND_LINK_INET_NS] {
+        s.ev(Hook::AppSend, 0, 7, "ping", "", None, 44, 0);
+        s.ev(Hook::SockSend, 0, 7, "ping", "", None, 0xf00, 0);
+        s.t += gap;
+        let skb = 0xa0 + gap;
+        s.lo_path(skb, 7, "ping", info.clone(), true);
+        s.ev(Hook::Consume, skb, 7, "ping", "", None, 0, 0);
+    }
+    let (ps, _) = run(s.events);
+    let first = |p: &PacketPath| p.stages.iter().take(2).map(|s| s.stage).collect::<Vec<_>>();
+    assert_eq!(first(&ps[0]), [StageKind::AppSend, StageKind::SockSend]);
+    assert_eq!(
+        first(&ps[1])[0],
+        StageKind::TcEgress,
+        "beyond the longer bound: not linked"
+    );
 }
 
 #[test]
