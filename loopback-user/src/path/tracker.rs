@@ -46,7 +46,8 @@ pub(super) const SEND_LINK_INET_NS: u64 = 1_000_000_000;
 
 pub struct Tracker {
     pub(super) cfg: TrackerConfig,
-    /// Boxed: a packet moves out of and back into the map on every event.
+    /// Boxed: a packet moves out of and back into the map on the events that may end it or start
+    /// another at its address (the others add their stage where it lies).
     pub(super) inflight: FxHashMap<u64, Box<PacketPath>>,
     next_id: u64,
     /// Latest route lookup per thread: the next transmit of that thread used it.
