@@ -251,6 +251,30 @@ impl Decoder {
         }
     }
 
+    /// The task's name: the record's own, or, when the kernel left it out ([`HOOK_COMM_CACHED`]),
+    /// the one this CPU last named for the same task. A name this CPU already holds for the task
+    /// is taken as it is when the record's 16 bytes are the same (not read again).
+    fn task_name(&mut self, cpu: usize, pid_tgid: u64, cached: bool, raw: &[u8; NAME_LEN]) -> Name {
+        let known = self.last.get(cpu).filter(|(p, _)| *p == pid_tgid).map(|(_, n)| *n);
+        if cached {
+            return known.unwrap_or_else(|| {
+                self.unnamed += 1;
+                Name::from("?")
+            });
+        }
+        if let Some(n) = known.filter(|n| n.raw().0 == raw) {
+            return n;
+        }
+        let name = Name::from_array(raw);
+        if cpu < MAX_CPUS {
+            if self.last.len() <= cpu {
+                self.last.resize(cpu + 1, (u64::MAX, Name::default()));
+            }
+            self.last[cpu] = (pid_tgid, name);
+        }
+        name
+    }
+
     /// Decodes one ring record into its events, in the order the hooks ran: one for an ordinary
     /// record, the head and then each staged hook for a run record ([`HOOK_RUN`]). Returns how
     /// many events it handed to `f` (nothing on error).
@@ -260,13 +284,8 @@ impl Decoder {
     /// event's `packet` and `wire`: they belong to the one hook that captured them.
     pub fn decode_each(&mut self, bytes: &[u8], mut f: impl FnMut(&mut Event)) -> Result<u64, DecodeError> {
         let run = run_stages(bytes)?;
-        // The task this CPU last named: its name is taken as it is when the record names the
-        // same task with the same bytes (no need to read it again).
-        let known = bytes
-            .get(std::mem::offset_of!(RawEvent, cpu)..)
-            .and_then(|b| b.first_chunk::<4>())
-            .and_then(|c| self.last.get(u32::from_le_bytes(*c) as usize));
-        let (mut e, cached, pid_tgid) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)], known)?;
+        let (mut e, cached, pid_tgid, comm) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)])?;
+        e.comm = self.task_name(e.cpu as usize, pid_tgid, cached, &comm);
         // Whole frames (hdr_kind ETH: the lo programs, and a GSO segment's first hook) are wire
         // bytes; `wire_bytes` leaves every other capture out.
         let mut wire = if self.keep_wire {
@@ -274,21 +293,6 @@ impl Decoder {
         } else {
             None
         };
-        let cpu = e.cpu as usize;
-        if cached {
-            match self.last.get(cpu) {
-                Some(&(p, name)) if p == pid_tgid => e.comm = name,
-                _ => {
-                    e.comm = Name::from("?");
-                    self.unnamed += 1;
-                }
-            }
-        } else if cpu < MAX_CPUS {
-            if self.last.len() <= cpu {
-                self.last.resize(cpu + 1, (u64::MAX, Name::default()));
-            }
-            self.last[cpu] = (pid_tgid, e.comm);
-        }
         // The captured bytes go to the hook that captured them (0: the head).
         let mut packet = e.packet.take();
         if run.hdr_at == 0 {
@@ -385,10 +389,12 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if run_stages(bytes)?.n != 0 {
         return Err(DecodeError::Several);
     }
-    let (mut e, cached, _) = decode_raw(bytes, None)?;
-    if cached {
-        e.comm = Name::from("?");
-    }
+    let (mut e, cached, _, comm) = decode_raw(bytes)?;
+    e.comm = if cached {
+        Name::from("?")
+    } else {
+        Name::from_array(&comm)
+    };
     Ok(e)
 }
 
@@ -409,9 +415,11 @@ fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
     Some(v.into_boxed_slice())
 }
 
-/// `known`: a task (pid_tgid) and name seen before, reused when the record names that task with
-/// the same 16 bytes.
-fn decode_raw(bytes: &[u8], known: Option<&(u64, Name)>) -> Result<(Event, bool, u64), DecodeError> {
+/// The event of a record, with its task's name left to the caller: also whether the kernel left
+/// the name out ([`HOOK_COMM_CACHED`]), the task (pid_tgid) and the name's raw bytes.
+type Raw = (Event, bool, u64, [u8; NAME_LEN]);
+
+fn decode_raw(bytes: &[u8]) -> Result<Raw, DecodeError> {
     if bytes.len() < RAW_EVENT_SIZE {
         return Err(DecodeError::Size(bytes.len()));
     }
@@ -432,10 +440,7 @@ fn decode_raw(bytes: &[u8], known: Option<&(u64, Name)>) -> Result<(Event, bool,
         skb: raw.skb,
         tgid: (raw.pid_tgid >> 32) as u32,
         tid: raw.pid_tgid as u32,
-        comm: match known {
-            Some((p, n)) if *p == raw.pid_tgid && n.raw().0 == &raw.comm => *n,
-            _ => Name::from_array(&raw.comm),
-        },
+        comm: Name::default(),
         ifname: Name::from_array(&raw.ifname),
         ifindex: raw.ifindex,
         cpu: raw.cpu,
@@ -447,7 +452,7 @@ fn decode_raw(bytes: &[u8], known: Option<&(u64, Name)>) -> Result<(Event, bool,
         route,
         wire: None,
     };
-    Ok((e, cached, raw.pid_tgid))
+    Ok((e, cached, raw.pid_tgid, raw.comm))
 }
 
 fn parse_route(h: &[u8], raw: &RawEvent) -> Option<RouteInfo> {

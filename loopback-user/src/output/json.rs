@@ -264,8 +264,8 @@ impl<'a> Out<'a> {
         }
     }
 
-    /// A string known to need no escaping (this program's own stage and verdict names).
-    fn plain(&mut self, s: &'static str) {
+    /// A string known to need no escaping (this program's own names, an IPv6 address).
+    fn plain(&mut self, s: &str) {
         debug_assert!(!s.bytes().any(json_escaped));
         self.byte(b'"');
         self.bytes(s.as_bytes());
@@ -317,16 +317,9 @@ impl<'a> Out<'a> {
                 }
                 self.byte(b'"');
             }
-            Some(a) => self.plain_owned(&a.to_string()),
+            Some(a) => self.plain(&a.to_string()),
             None => self.lit(b"null"),
         }
-    }
-
-    /// A string made here that needs no escaping (an IPv6 address).
-    fn plain_owned(&mut self, s: &str) {
-        self.byte(b'"');
-        self.bytes(s.as_bytes());
-        self.byte(b'"');
     }
 
     fn packet(&mut self, p: &PacketPath) {
@@ -340,7 +333,7 @@ impl<'a> Out<'a> {
         match info {
             Some(i) => match proto_str(i.proto) {
                 Some(s) => self.plain(s),
-                None => self.plain_owned(&proto_name(i.proto)),
+                None => self.plain(&proto_name(i.proto)),
             },
             None => self.lit(b"null"),
         }

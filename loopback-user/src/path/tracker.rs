@@ -121,7 +121,7 @@ impl Tracker {
 
     /// Feeds one event; returns the packets it finished (in order). The steps: events about a
     /// thread rather than an skb ([`Self::thread_event`]), then the skb's path is found or
-    /// started ([`Self::open`]), the event is added to it ([`Self::apply`]), and the path ends
+    /// started ([`Self::open`]), the event is added to it ([`record`]), and the path ends
     /// or stays in flight ([`Self::end_or_keep`]).
     pub fn push(&mut self, e: &mut Event) -> Vec<PacketPath> {
         let mut done = Vec::new();
@@ -137,9 +137,7 @@ impl Tracker {
         if Self::continues(e)
             && let Some(p) = self.inflight.get_mut(&e.skb)
         {
-            if record(p, e) {
-                self.pairing.pair(p);
-            }
+            record(&mut self.pairing, p, e);
             return done;
         }
         if e.hook == Hook::SockQueue {
@@ -155,7 +153,7 @@ impl Tracker {
             self.sock_queues.entry(e.arg0).or_default().push_back((e.skb, id));
         }
         let mut p = self.open(e, &mut done);
-        self.apply(&mut p, e);
+        record(&mut self.pairing, &mut p, e);
         self.end_or_keep(p, e, &mut done);
         if self.inflight.len() > self.cfg.max_inflight {
             self.expire_oldest(&mut done);
@@ -262,13 +260,6 @@ impl Tracker {
                 }
                 p
             }
-        }
-    }
-
-    /// Adds the event to its path ([`record`]), pairing it as soon as its headers are known.
-    fn apply(&mut self, p: &mut PacketPath, e: &mut Event) {
-        if record(p, e) {
-            self.pairing.pair(p);
         }
     }
 
@@ -475,11 +466,11 @@ impl Tracker {
 }
 
 /// Adds the event to its path: captured bytes, headers, the crossing's length, devices, the
-/// receive's softirq arguments, and the stage itself. Returns whether the path should now be
-/// paired: it just got its headers, from a hook other than the socket copy. Packets are paired
-/// as soon as their headers are known, in transmit order: packets finish late (TCP frees fire
-/// no tracepoint), an ACK may finish before what it acknowledges.
-fn record(p: &mut PacketPath, e: &mut Event) -> bool {
+/// receive's softirq arguments, and the stage itself. A path that just got its headers, from a
+/// hook other than the socket copy, is paired at once: packets are paired in transmit order,
+/// since they finish late (TCP frees fire no tracepoint) and an ACK may finish before what it
+/// acknowledges. (A free function: it runs on a path where it lies in the map.)
+fn record(pairing: &mut Pairing, p: &mut PacketPath, e: &mut Event) {
     let dev = (!e.ifname.is_empty()).then_some(e.ifname);
     if p.wire.is_none()
         && let Some(bytes) = e.wire.take()
@@ -490,10 +481,11 @@ fn record(p: &mut PacketPath, e: &mut Event) -> bool {
             bytes,
         });
     }
-    let mut pair = false;
     if p.info.is_none() && e.packet.is_some() {
         p.info = e.packet.take();
-        pair = e.hook != Hook::CopyToUser;
+        if e.hook != Hook::CopyToUser {
+            pairing.pair(p);
+        }
     }
     // The length of the crossing itself: after the receive, TCP may coalesce later segments
     // into this skb (`tcp_try_coalesce`), and what the socket copies is then longer than
@@ -511,5 +503,4 @@ fn record(p: &mut PacketPath, e: &mut Event) -> bool {
         _ => {}
     }
     p.stages.push(Stage::of(e, dev));
-    pair
 }
