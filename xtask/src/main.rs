@@ -228,9 +228,13 @@ fn build() -> Result<()> {
     Ok(())
 }
 
+/// apt's wait for the package database's lock, in seconds, rather than failing at once.
+pub const APT_WAITS: [&str; 2] = ["-o", "DPkg::Lock::Timeout=600"];
+
 /// Installs the Debian packages of the declared tools (`tools.rs`) that `need` requires and that
 /// are missing; fast when none is. Refreshes the package lists once if the first try fails (a
-/// fresh machine).
+/// fresh machine). Waits for the package database while another apt holds its lock (a fresh
+/// machine's unattended upgrades, a package being installed by hand) instead of failing at once.
 pub fn ensure_tools(who: &str, need: Need) -> Result<()> {
     let missing = crate::tools::missing(need);
     if missing.is_empty() {
@@ -243,6 +247,7 @@ pub fn ensure_tools(who: &str, need: Need) -> Result<()> {
     eprintln!("xtask {who}: installing {} (for {})", pkgs.join(" "), bins.join(", "));
     let install = || {
         Command::new("apt-get")
+            .args(APT_WAITS)
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(&pkgs)
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -250,7 +255,7 @@ pub fn ensure_tools(who: &str, need: Need) -> Result<()> {
             .context("apt-get")
     };
     if !install()?.success() {
-        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        let _ = Command::new("apt-get").args(APT_WAITS).args(["update", "-qq"]).status();
         if !install()?.success() {
             bail!("apt-get install {} failed", pkgs.join(" "));
         }

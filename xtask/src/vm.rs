@@ -90,7 +90,10 @@ fn newest_package(k: &Kernel) -> Result<String> {
     };
     let mut names = search()?;
     if names.is_empty() {
-        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+        let _ = Command::new("apt-get")
+            .args(crate::APT_WAITS)
+            .args(["update", "-qq"])
+            .status();
         names = search()?;
     }
     names.sort_by_key(|n| version_key(n));
