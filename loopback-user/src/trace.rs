@@ -148,8 +148,8 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
                 drain(ring.get_mut(), &mut tracker, &mut queue, &mut intake)?;
             }
             _ = tick.tick() => {
-                let done = intake.expire(&mut tracker, monotonic_ns())?;
-                queue.send(done);
+                let mut done = intake.expire(&mut tracker, monotonic_ns())?;
+                queue.send(&mut done);
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -161,7 +161,7 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     }
     // What is still in the ring, then everything still held.
     drain(ring.get_mut(), &mut tracker, &mut queue, &mut intake)?;
-    queue.send(tracker.flush());
+    queue.send(&mut tracker.flush());
     let unprinted = queue.unprinted;
     let printer = queue.finish()?;
     let trailer = record::Trailer {
@@ -245,12 +245,12 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
             record::FrameRef::Event(bytes) => intake.take(bytes, &mut tracker, &mut |ps| printer.print_all(ps))?,
             record::FrameRef::Tick(now) => {
                 let done = intake.expire(&mut tracker, now)?;
-                printer.print_all(done)?;
+                printer.print_all(&done)?;
             }
             record::FrameRef::Trailer(t) => trailer = Some(t),
         }
     }
-    printer.print_all(tracker.flush())?;
+    printer.print_all(&tracker.flush())?;
     let t = trailer.unwrap_or_else(|| {
         eprintln!("lotrace: {name}: no trailer (the recording was cut short): the kernel's loss counters are unknown");
         record::Trailer::default()

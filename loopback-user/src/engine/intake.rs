@@ -19,6 +19,8 @@ pub struct Intake {
     pub undecodable: u64,
     /// `--write`: every record and expiry tick goes to the recording first.
     pub recorder: Option<record::Writer>,
+    /// The packets one event finished, handed to the sink: one vector, reused.
+    done: Vec<PacketPath>,
 }
 
 impl Intake {
@@ -35,15 +37,20 @@ impl Intake {
         &mut self,
         bytes: &[u8],
         tracker: &mut Tracker,
-        sink: &mut impl FnMut(Vec<PacketPath>) -> Result<()>,
+        sink: &mut impl FnMut(&mut Vec<PacketPath>) -> Result<()>,
     ) -> Result<()> {
         if let Some(r) = &mut self.recorder {
             r.event(bytes).context("writing the recording")?;
         }
         let mut result = Ok(());
+        let done = &mut self.done;
         match self.decoder.decode_each(bytes, |ev| {
             if result.is_ok() {
-                result = sink(tracker.push(ev));
+                tracker.push_into(ev, done);
+                if !done.is_empty() {
+                    result = sink(done);
+                    done.clear();
+                }
             }
         }) {
             Ok(events) => self.received += events,
@@ -64,7 +71,7 @@ pub fn pump(
     rb: &mut RingBuf<MapData>,
     intake: &mut Intake,
     tracker: &mut Tracker,
-    mut sink: impl FnMut(Vec<PacketPath>) -> Result<()>,
+    mut sink: impl FnMut(&mut Vec<PacketPath>) -> Result<()>,
 ) -> Result<()> {
     while let Some(item) = rb.next() {
         intake.take(&item, tracker, &mut sink)?;

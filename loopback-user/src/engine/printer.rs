@@ -67,8 +67,8 @@ impl Printer {
     }
 
     /// Prints the packets that pass the filter and `--pid`, up to `--count`.
-    pub fn print_all(&mut self, paths: Vec<PacketPath>) -> Result<()> {
-        for p in &paths {
+    pub fn print_all(&mut self, paths: &[PacketPath]) -> Result<()> {
+        for p in paths {
             if self.done() {
                 break;
             }

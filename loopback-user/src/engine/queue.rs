@@ -61,7 +61,8 @@ impl PrintQueue {
     }
 
     /// Queues the packets the printer wants; those that do not fit are counted, not printed.
-    pub fn send(&mut self, mut paths: Vec<PacketPath>) {
+    pub fn send(&mut self, paths: &mut Vec<PacketPath>) {
+        let mut paths = std::mem::take(paths);
         paths.retain(|p| wanted(p, self.filter.as_ref(), self.pid));
         if paths.is_empty() || self.done() {
             return;

@@ -125,20 +125,29 @@ impl Tracker {
     /// or stays in flight ([`Self::end_or_keep`]).
     pub fn push(&mut self, e: &mut Event) -> Vec<PacketPath> {
         let mut done = Vec::new();
-        self.release_clone_waiters(e.ts_ns, &mut done);
-        if self.thread_event(e, &mut done) {
-            return done;
+        self.push_into(e, &mut done);
+        done
+    }
+
+    /// [`Self::push`], appending the finished packets to `done` (the engine reuses one vector:
+    /// no allocation per event).
+    pub fn push_into(&mut self, e: &mut Event, done: &mut Vec<PacketPath>) {
+        if !self.awaiting_clone.is_empty() {
+            self.release_clone_waiters(e.ts_ns, done);
+        }
+        if self.thread_event(e, done) {
+            return;
         }
         if e.skb == 0 {
             self.stats.unlinked_lo_events += 1;
-            return done;
+            return;
         }
         // Most events add a stage to a path in flight: done where the path lies in the map.
         if Self::continues(e)
             && let Some(p) = self.inflight.get_mut(&e.skb)
         {
             record(&mut self.pairing, p, e);
-            return done;
+            return;
         }
         if e.hook == Hook::SockQueue {
             // Only meaningful for a UDP packet still being received, queued once.
@@ -148,17 +157,16 @@ impl Tracker {
                     && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
             });
             let Some(id) = queued.map(|p| p.id) else {
-                return done;
+                return;
             };
             self.sock_queues.entry(e.arg0).or_default().push_back((e.skb, id));
         }
-        let mut p = self.open(e, &mut done);
+        let mut p = self.open(e, done);
         record(&mut self.pairing, &mut p, e);
-        self.end_or_keep(p, e, &mut done);
+        self.end_or_keep(p, e, done);
         if self.inflight.len() > self.cfg.max_inflight {
-            self.expire_oldest(&mut done);
+            self.expire_oldest(done);
         }
-        done
     }
 
     /// An event that only adds a stage to its skb's path if one is in flight: not a transmit

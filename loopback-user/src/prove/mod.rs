@@ -132,7 +132,7 @@ pub(super) fn drain(
     intake: &mut Intake,
 ) -> Result<()> {
     pump(rb, intake, tracker, |ps| {
-        out.extend(ps);
+        out.append(ps);
         Ok(())
     })
 }

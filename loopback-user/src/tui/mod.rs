@@ -196,7 +196,7 @@ async fn event_loop(
                 None => quit = true,
             },
             _ = drain.tick() => match source {
-                Source::Live { ring, .. } => pump(ring.get_mut(), &mut intake, tracker, |ps| { packets.extend(ps); Ok(()) })?,
+                Source::Live { ring, .. } => pump(ring.get_mut(), &mut intake, tracker, |ps| { packets.append(ps); Ok(()) })?,
                 Source::Replay { reader, start, next, trailer, done } => {
                     if !*done {
                         replay_step(reader, start, next, trailer, done, &mut intake, tracker, speed, &mut packets)?;
@@ -282,7 +282,7 @@ fn replay_step(
                     }
                 }
                 intake.take(&bytes, tracker, &mut |ps| {
-                    packets.extend(ps);
+                    packets.append(ps);
                     Ok(())
                 })?;
             }
