@@ -253,7 +253,13 @@ pub struct KernelOffsets {
     pub fib6_table_id: u32,
     /// `struct sk_buff` -> `protocol` (`__be16`, the ethertype).
     pub skb_protocol: u32,
+    /// `struct sock` -> `sk_protocol` (a `u16`), or [`OFFSET_UNKNOWN`] where the kernel's BTF has
+    /// no such plain member (a bitfield on older kernels): then every socket counts as UDP.
+    pub sock_protocol: u32,
 }
+
+/// An offset the kernel's BTF does not give for an optional field.
+pub const OFFSET_UNKNOWN: u32 = u32::MAX;
 
 /// Index of each counter in the per-CPU `COUNTERS` array.
 pub mod counter {

@@ -96,6 +96,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     fib6_res_nh: 0,
     fib6_table_id: 0,
     skb_protocol: 0,
+    sock_protocol: loopback_common::OFFSET_UNKNOWN,
 };
 
 /// How many arguments the running kernel's `consume_skb` and `kfree_skb` tracepoints have, from

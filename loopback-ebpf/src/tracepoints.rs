@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
 };
-use loopback_common::{Hook, LOOPBACK_IFINDEX, NAME_LEN, NET_RX_SOFTIRQ, hdr_kind};
+use loopback_common::{Hook, LOOPBACK_IFINDEX, NAME_LEN, NET_RX_SOFTIRQ, OFFSET_UNKNOWN, hdr_kind};
 
 use crate::{
     emit::{
@@ -471,6 +471,21 @@ fn fib6_table_lookup_body<A: Args>(ctx: &A) -> i32 {
     0
 }
 
+/// `sk` is a UDP socket (`sk_protocol` IPPROTO_UDP), or the kernel's BTF does not say (then
+/// every socket counts). The socket queue and read hooks serve one purpose in user space:
+/// matching a UDP application's reads to its datagrams (the tracker keeps a queue per socket
+/// only for UDP packets). On other sockets (TCP above all: a queueing and a read per segment
+/// under bulk transfer) their records would be decoded and thrown away.
+#[inline(always)]
+fn udp_socket<A: Args>(sk: u64) -> bool {
+    const IPPROTO_UDP: u16 = 17;
+    let off = off!(sock_protocol);
+    if off == OFFSET_UNKNOWN as u64 {
+        return true;
+    }
+    read::<A, u16>(sk, off).is_none_or(|p| p == IPPROTO_UDP)
+}
+
 // sk_data_ready(const struct sock *sk) — sock:sk_data_ready, 6.7+. Runs while the receive
 // softirq processes the skb in RX_SKB (UDP/raw enqueue); the user side keeps it only
 // for a packet still being received.
@@ -482,6 +497,9 @@ pub fn sk_data_ready_body<A: Args>(ctx: &A) -> i32 {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
+    if !udp_socket::<A>(sk) {
+        return 0;
+    }
     emit(Hook::SockQueue, skb, false, |e| e.arg0 = sk);
     0
 }
@@ -496,10 +514,10 @@ twin!(
 #[inline(always)]
 fn sock_recv_length_body<A: Args>(ctx: &A) -> i32 {
     let ret: u64 = ctx.arg(1);
-    if (ret as i32) < 0 || !task_in_scope::<A>() {
+    let sk: u64 = ctx.arg(0);
+    if (ret as i32) < 0 || !udp_socket::<A>(sk) || !task_in_scope::<A>() {
         return 0;
     }
-    let sk: u64 = ctx.arg(0);
     emit(Hook::AppRecv, 0, false, |e| {
         e.arg0 = sk;
         e.arg1 = ret as i32 as u64;

@@ -14,9 +14,15 @@ fn replay(events: &[Vec<u8>]) -> u64 {
     let mut t = Tracker::new(TrackerConfig::default(), fixture::drop_reasons().into_iter().collect());
     let mut d = Decoder::default();
     let mut finished = 0u64;
+    // One vector for the finished packets, reused as the engine does.
+    let mut done = Vec::new();
     for b in events {
-        d.decode_each(b, |e| finished += t.push(e).len() as u64)
-            .expect("valid record");
+        d.decode_each(b, |e| {
+            t.push_into(e, &mut done);
+            finished += done.len() as u64;
+            done.clear();
+        })
+        .expect("valid record");
     }
     finished + t.flush().len() as u64
 }
@@ -27,9 +33,11 @@ fn to_json(events: &[Vec<u8>], out: &mut Vec<u8>) -> usize {
     out.clear();
     let mut t = Tracker::new(TrackerConfig::default(), fixture::drop_reasons().into_iter().collect());
     let mut d = Decoder::default();
+    let mut done = Vec::new();
     for b in events {
         d.decode_each(b, |e| {
-            for p in t.push(e) {
+            t.push_into(e, &mut done);
+            for p in done.drain(..) {
                 output::write_packet_json(out, &p).expect("write to memory");
             }
         })

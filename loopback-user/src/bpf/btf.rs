@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result, anyhow, bail};
 use btf_rs::{Btf, Type};
-use loopback_common::KernelOffsets;
+use loopback_common::{KernelOffsets, OFFSET_UNKNOWN};
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
@@ -117,6 +117,19 @@ impl KernelBtf {
         Ok(total)
     }
 
+    /// Offset of a dotted member path whose member is a plain 2-byte integer (not a bitfield).
+    fn u16_offset(&self, path: &str) -> Result<u32> {
+        let (parent, field) = path.rsplit_once('.').ok_or_else(|| anyhow!("{path}: no member"))?;
+        let s = self.struct_type(parent)?;
+        let (_, t) = self
+            .find_member(&s, field, 0)?
+            .ok_or_else(|| anyhow!("kernel struct has no member {path}"))?;
+        match t {
+            Type::Int(i) if i.size() == 2 => self.offset_of(path),
+            _ => bail!("{path} is not a 2-byte integer"),
+        }
+    }
+
     pub fn offsets(&self) -> Result<KernelOffsets> {
         let o = |p: &str| {
             self.offset_of(p)
@@ -142,6 +155,8 @@ impl KernelBtf {
             nhc_dev: o("fib_nh_common.nhc_dev")?,
             fib6_res_nh: o("fib6_result.nh")?,
             fib6_table_id: o("fib6_table.tb6_id")?,
+            // Optional: only a filter (UDP sockets) reads it.
+            sock_protocol: self.u16_offset("sock.sk_protocol").unwrap_or(OFFSET_UNKNOWN),
         })
     }
 

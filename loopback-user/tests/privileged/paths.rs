@@ -144,6 +144,64 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
     assert_eq!(s["lost_events"], 0);
 }
 
+/// The socket queue and read hooks record UDP sockets only: user space uses them for nothing
+/// but matching a UDP application's reads to its datagrams, and under bulk TCP they fired once per
+/// segment and read. A recording of TCP transfers followed by one UDP exchange holds the UDP
+/// exchange's queueings and reads and no others.
+#[test]
+fn socket_queue_and_read_records_come_from_udp_sockets_only() {
+    if !privileged() {
+        return;
+    }
+    let sb = Sandbox::new("lt-sockq").expect("sandbox");
+    let dir = std::env::temp_dir().join(format!("lotrace-sockq-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let rec = dir.join("run.lotrace");
+    let t = start(&sb, &["--write", rec.to_str().expect("utf8")]);
+    let t_line = t.first_line.clone();
+    let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+    sb.netns
+        .run(|| {
+            traffic::tcp_bulk(lo, 8, 64 * 1024).expect("tcp bulk");
+            traffic::tcp_exchange(lo, &[9u8; 1000]).expect("tcp");
+            traffic::udp_exchange(lo, &[7u8; 64]).expect("udp");
+        })
+        .expect("netns");
+    let (ps, summary) = stop(t);
+    let bytes = std::fs::read(&rec).expect("recording");
+    let _ = std::fs::remove_dir_all(&dir);
+    let tcp_reads = ps
+        .iter()
+        .filter(|p| p["proto"] == "tcp" && stages(p).contains(&"copy_to_user"))
+        .count();
+    assert!(tcp_reads >= 8, "the TCP data was read: {tcp_reads}");
+    let mut reader = loopback_user::record::Reader::new(bytes.as_slice()).expect("reader");
+    let mut d = loopback_user::decode::Decoder::default();
+    let (mut queued, mut reads) = (0u64, 0u64);
+    while let Some(frame) = reader.next_frame().expect("frame") {
+        if let loopback_user::record::Frame::Event(b) = frame {
+            d.decode_each(&b, |e| match e.hook {
+                loopback_common::Hook::SockQueue => queued += 1,
+                loopback_common::Hook::AppRecv => reads += 1,
+                _ => {}
+            })
+            .expect("decodes");
+        }
+    }
+    // The UDP request and response: each queued to its socket and read once.
+    let queue_hook = hooked(&t_line, "sk_data_ready");
+    let read_hook = hooked(&t_line, "sock_recv_length");
+    assert!(
+        queued <= 2 && (queued >= 1 || !queue_hook),
+        "socket queueings: {queued} ({t_line})"
+    );
+    assert!(
+        reads <= 2 && (reads >= 1 || !read_hook),
+        "application reads: {reads} ({t_line})"
+    );
+    assert_eq!(summary["summary"]["lost_events"], 0, "{summary}");
+}
+
 #[test]
 fn bulk_tcp_is_one_record_per_lo_crossing_exactly_as_tcpdump_sees_it() {
     if !privileged() {
