@@ -247,9 +247,7 @@ fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
     match t {
         Tracer::None => Ok(None),
         Tracer::Bpftrace { mut child } => {
-            // SAFETY: kill(2) of a child we started and have not yet waited for (no pid reuse).
-            unsafe { libc_kill(child.id() as i32, 2) };
-            child.wait()?;
+            interrupt(&mut child, "bpftrace")?;
             Ok(None)
         }
         Tracer::Lotrace {
@@ -260,9 +258,7 @@ fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
         } => {
             std::thread::sleep(Duration::from_millis(200));
             let rss = vm_hwm_kib(child.id());
-            // SAFETY: kill(2) of a child we started and have not yet waited for (no pid reuse).
-            unsafe { libc_kill(child.id() as i32, 2) };
-            let st = child.wait()?;
+            let st = interrupt(&mut child, "lotrace")?;
             let lines: Vec<String> = err.iter().collect();
             if !st.success() {
                 bail!("lotrace failed: {}", lines.join(" / "));
@@ -296,6 +292,26 @@ fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
 unsafe extern "C" {
     #[link_name = "kill"]
     fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// Stops a tracer we started the way Ctrl-C does, and waits for it. SIGINT is sent again every
+/// 2 s while it runs (bpftrace once missed a first SIGINT and waited in epoll for good, which hung
+/// a whole bench), and after 10 s it is killed and the bench fails saying so.
+fn interrupt(child: &mut std::process::Child, what: &str) -> Result<std::process::ExitStatus> {
+    for _ in 0..5 {
+        // SAFETY: kill(2) of a child we started and have not yet reaped (no pid reuse).
+        unsafe { libc_kill(child.id() as i32, 2) };
+        let until = std::time::Instant::now() + Duration::from_secs(2);
+        while std::time::Instant::now() < until {
+            if let Some(st) = child.try_wait()? {
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    child.kill()?;
+    child.wait()?;
+    bail!("{what} did not stop within 10 s of SIGINT (killed)")
 }
 
 fn field_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
@@ -679,7 +695,28 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{callgrind_counts, throughput};
+    use super::{callgrind_counts, interrupt, throughput};
+
+    #[test]
+    fn a_tracer_that_misses_sigint_gets_it_again_and_one_that_ignores_it_is_killed() {
+        use std::process::Command;
+        // Survives the first SIGINT (its trap only restores the default), stops at the second.
+        let mut once = Command::new("sh")
+            .args(["-c", "trap 'trap - INT' INT; while :; do sleep 0.05; done"])
+            .spawn()
+            .expect("sh");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let st = interrupt(&mut once, "once").expect("stopped by the second SIGINT");
+        assert!(!st.success());
+        let mut deaf = Command::new("sh")
+            .args(["-c", "trap '' INT; while :; do sleep 0.05; done"])
+            .spawn()
+            .expect("sh");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let err = interrupt(&mut deaf, "deaf").expect_err("killed");
+        assert_eq!(err.to_string(), "deaf did not stop within 10 s of SIGINT (killed)");
+        assert!(deaf.try_wait().expect("reaped").is_some());
+    }
 
     #[test]
     fn attached_hooks_are_read_from_the_start_line() {
