@@ -493,11 +493,10 @@ twin!("sk_data_ready", sk_data_ready, raw_sk_data_ready, sk_data_ready_body);
 #[inline(always)]
 pub fn sk_data_ready_body<A: Args>(ctx: &A) -> i32 {
     let skb = RX_SKB.get(0).copied().unwrap_or(0);
-    if skb == 0 || (skb != last_run_skb() && !tracked(skb)) {
-        return 0;
-    }
     let sk: u64 = ctx.arg(0);
-    if !udp_socket::<A>(sk) {
+    // The socket's protocol (one load) before the scope (a map lookup): under bulk TCP this
+    // returns at the load.
+    if skb == 0 || !udp_socket::<A>(sk) || (skb != last_run_skb() && !tracked(skb)) {
         return 0;
     }
     emit(Hook::SockQueue, skb, false, |e| e.arg0 = sk);

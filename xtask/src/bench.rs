@@ -699,20 +699,27 @@ mod tests {
 
     #[test]
     fn a_tracer_that_misses_sigint_gets_it_again_and_one_that_ignores_it_is_killed() {
-        use std::process::Command;
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        // A shell that sets its SIGINT trap, says so, then loops; returned once it has said so.
+        let ready = |trap: &str| {
+            let mut c = Command::new("sh")
+                .args(["-c", &format!("{trap}; echo ready; while :; do sleep 0.05; done")])
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("sh");
+            let mut line = String::new();
+            std::io::BufReader::new(c.stdout.take().expect("stdout"))
+                .read_line(&mut line)
+                .expect("read");
+            assert_eq!(line, "ready\n");
+            c
+        };
         // Survives the first SIGINT (its trap only restores the default), stops at the second.
-        let mut once = Command::new("sh")
-            .args(["-c", "trap 'trap - INT' INT; while :; do sleep 0.05; done"])
-            .spawn()
-            .expect("sh");
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut once = ready("trap 'trap - INT' INT");
         let st = interrupt(&mut once, "once").expect("stopped by the second SIGINT");
         assert!(!st.success());
-        let mut deaf = Command::new("sh")
-            .args(["-c", "trap '' INT; while :; do sleep 0.05; done"])
-            .spawn()
-            .expect("sh");
-        std::thread::sleep(std::time::Duration::from_millis(200));
+        let mut deaf = ready("trap '' INT");
         let err = interrupt(&mut deaf, "deaf").expect_err("killed");
         assert_eq!(err.to_string(), "deaf did not stop within 10 s of SIGINT (killed)");
         assert!(deaf.try_wait().expect("reaped").is_some());

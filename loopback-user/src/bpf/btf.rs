@@ -117,16 +117,13 @@ impl KernelBtf {
         Ok(total)
     }
 
-    /// Offset of a dotted member path whose member is a plain 2-byte integer (not a bitfield).
-    fn u16_offset(&self, path: &str) -> Result<u32> {
-        let (parent, field) = path.rsplit_once('.').ok_or_else(|| anyhow!("{path}: no member"))?;
-        let s = self.struct_type(parent)?;
-        let (_, t) = self
-            .find_member(&s, field, 0)?
-            .ok_or_else(|| anyhow!("kernel struct has no member {path}"))?;
-        match t {
-            Type::Int(i) if i.size() == 2 => self.offset_of(path),
-            _ => bail!("{path} is not a 2-byte integer"),
+    /// Offset of member `field` of struct `parent` when it is a plain 2-byte integer (a
+    /// bitfield is refused by `find_member`).
+    fn u16_offset(&self, parent: &str, field: &str) -> Result<u32> {
+        match self.find_member(&self.struct_type(parent)?, field, 0)? {
+            Some((off, Type::Int(i))) if i.size() == 2 => Ok(off),
+            Some(_) => bail!("{parent}.{field} is not a 2-byte integer"),
+            None => bail!("kernel struct {parent} has no member {field}"),
         }
     }
 
@@ -156,7 +153,7 @@ impl KernelBtf {
             fib6_res_nh: o("fib6_result.nh")?,
             fib6_table_id: o("fib6_table.tb6_id")?,
             // Optional: only a filter (UDP sockets) reads it.
-            sock_protocol: self.u16_offset("sock.sk_protocol").unwrap_or(OFFSET_UNKNOWN),
+            sock_protocol: self.u16_offset("sock", "sk_protocol").unwrap_or(OFFSET_UNKNOWN),
         })
     }
 
