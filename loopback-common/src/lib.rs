@@ -76,6 +76,11 @@ pub enum Hook {
 /// the driver: `validate_xmit_skb` split it into GSO segments, whose runs follow on this CPU
 /// (their head is [`Hook::Xmit`] with the split skb's address in `arg1`). 0 otherwise.
 pub const CONSUME_GSO_SPLIT: u64 = 1;
+/// Like [`CONSUME_GSO_SPLIT`], when the split skb's free never reached lotrace (the kernel
+/// skipped the `consume_skb` program: it was already running on this CPU, a recursion miss)
+/// and the split was recognised by its first segment's transmit instead. Staged then, with
+/// that transmit's time.
+pub const CONSUME_GSO_SPLIT_UNSEEN: u64 = 2;
 
 impl Hook {
     pub const ALL: [Hook; 17] = [
@@ -256,6 +261,10 @@ pub struct KernelOffsets {
     /// `struct sock` -> `sk_protocol` (a `u16`), or [`OFFSET_UNKNOWN`] where the kernel's BTF has
     /// no such plain member (a bitfield on older kernels): then every socket counts as UDP.
     pub sock_protocol: u32,
+    /// `struct net_device` -> `qdisc` (a `struct Qdisc *`) and `struct Qdisc` -> `enqueue`, or
+    /// [`OFFSET_UNKNOWN`]: whether `lo` has a queueing discipline (noqueue has no `enqueue`).
+    pub dev_qdisc: u32,
+    pub qdisc_enqueue: u32,
 }
 
 /// An offset the kernel's BTF does not give for an optional field.

@@ -5,7 +5,7 @@ use aya_ebpf::helpers::{
     generated::bpf_probe_read_kernel as probe_read_raw,
 };
 use loopback_common::{
-    CONSUME_GSO_SPLIT, HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE,
+    CONSUME_GSO_SPLIT, CONSUME_GSO_SPLIT_UNSEEN, HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE,
     RUN_STAGE_SIZE, RUN_TAIL_FIXED, RawEvent, RunStage, SNAP_EXTRA, counter, hdr_kind,
 };
 
@@ -234,17 +234,48 @@ pub fn free_in_run<M: Mem>(hook: Hook, mut hit: Hit) {
     let Some(slot) = run_slot() else {
         return;
     };
-    let head = slot.rec.head.hook & !(HOOK_RUN | HOOK_COMM_CACHED);
-    let n = slot.rec.tail.n as usize;
-    // Only tc egress / net_dev_queue staged so far: nothing reached the driver.
-    let split = hook == Hook::Consume
-        && (head == Hook::TcEgress as u8 || head == Hook::DevQueue as u8)
-        && (n == 0 || (n == 1 && slot.rec.tail.stages[0].hook == Hook::DevQueue as u8));
-    if split {
+    if hook == Hook::Consume && awaits_xmit(slot) {
         slot.gso_parent = slot.open;
         hit.arg0 = CONSUME_GSO_SPLIT;
     }
     run_stage::<M>(hook, hit, true);
+}
+
+/// Whether the open run is a transmit that has not reached the driver: only tc egress and/or
+/// `net_dev_queue` are staged.
+#[inline(always)]
+fn awaits_xmit(slot: &RunSlot) -> bool {
+    let head = slot.rec.head.hook & !(HOOK_RUN | HOOK_COMM_CACHED);
+    let n = slot.rec.tail.n as usize;
+    slot.open != 0
+        && (head == Hook::TcEgress as u8 || head == Hook::DevQueue as u8)
+        && (n == 0 || (n == 1 && slot.rec.tail.stages[0].hook == Hook::DevQueue as u8))
+}
+
+/// The skb of this CPU's open run if it waits for its transmit (see [`awaits_xmit`]), else 0.
+#[inline(always)]
+pub fn run_awaiting_xmit() -> u64 {
+    RUN.get(0)
+        .map(|s| if awaits_xmit(s) { s.open } else { 0 })
+        .unwrap_or(0)
+}
+
+/// Closes the open run as split into GSO segments whose split skb's free was not seen: the
+/// caller saw its first segment reach the driver (see [`CONSUME_GSO_SPLIT_UNSEEN`]). Returns
+/// the split skb, now [`gso_parent`]; the caller opens the segment's run.
+#[inline(always)]
+pub fn split_unseen<M: Mem>() -> u64 {
+    let Some(slot) = run_slot() else {
+        return 0;
+    };
+    let parent = slot.open;
+    slot.gso_parent = parent;
+    let hit = Hit {
+        arg0: CONSUME_GSO_SPLIT_UNSEEN,
+        ..Hit::default()
+    };
+    run_stage::<M>(Hook::Consume, hit, true);
+    parent
 }
 
 /// Sends this CPU's open run, if any (callers: the staging hooks, see [`open_run`]).

@@ -97,6 +97,8 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     fib6_table_id: 0,
     skb_protocol: 0,
     sock_protocol: loopback_common::OFFSET_UNKNOWN,
+    dev_qdisc: loopback_common::OFFSET_UNKNOWN,
+    qdisc_enqueue: loopback_common::OFFSET_UNKNOWN,
 };
 
 /// How many arguments the running kernel's `consume_skb` and `kfree_skb` tracepoints have, from
@@ -155,3 +157,10 @@ pub fn count_by(idx: u32, by: u64) -> u64 {
     }
     0
 }
+
+/// Tests only (the loader writes 1 under `LOTRACE_FAULT=miss-split-free`): the free of an skb
+/// split into GSO segments inside its own transmit run is ignored, as when the kernel skips
+/// the `consume_skb` program for a recursion miss. 0 otherwise, and the verifier then drops
+/// the test's branch.
+#[unsafe(no_mangle)]
+pub static MISS_SPLIT_FREE: u32 = 0;

@@ -9,13 +9,13 @@ use loopback_common::{Hook, LOOPBACK_IFINDEX, NAME_LEN, NET_RX_SOFTIRQ, OFFSET_U
 
 use crate::{
     emit::{
-        Hit, emit, emit_hit, free_in_run, gso_parent, last_run_skb, network_header, open_run, run_skb, run_stage,
-        set_dev, skb_data, skb_len,
+        Hit, emit, emit_hit, free_in_run, gso_parent, last_run_skb, network_header, open_run, run_awaiting_xmit,
+        run_skb, run_stage, set_dev, skb_data, skb_len, split_unseen,
     },
     kernel::{
-        Mem, dev_in_scope, ensure_tracked, net_in_scope, off, read, skb_dev, task_in_scope, track, tracked, untrack,
+        Mem, dev_in_scope, ensure_tracked, net_in_scope, off, probe, read, skb_dev, task_in_scope, track, tracked, untrack,
     },
-    maps::{CONSUME_SKB_ARGS, KFREE_SKB_ARGS, LO_INGRESS, RX_SKB, SEND_SYSCALLS, SOFTIRQ},
+    maps::{CONSUME_SKB_ARGS, KFREE_SKB_ARGS, LO_INGRESS, MISS_SPLIT_FREE, RX_SKB, SEND_SYSCALLS, SOFTIRQ},
 };
 
 /// `skb->protocol` of IPv4 / IPv6 as a little-endian load of the big-endian field reads it.
@@ -152,7 +152,19 @@ fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
     // first seen here. Its own run, its own bytes, the split skb's address in `arg1`. Checked
     // before the scope: a segment may be allocated at the address of an skb whose free fired
     // no tracepoint and is still in scope.
-    let parent = gso_parent();
+    let mut parent = gso_parent();
+    // The split skb's own free (`consume_skb` inside `validate_xmit_skb`) may never reach us:
+    // the kernel skips a program that is already running on this CPU (its recursion misses),
+    // e.g. a softirq's transmit that interrupted a task's `consume_skb`. Then the first segment
+    // says it: on lo without a queue, the only skb that reaches the driver while this CPU's
+    // run waits for its own transmit is what `validate_xmit_skb` made of it.
+    if parent == 0 {
+        let waiting = run_awaiting_xmit();
+        if waiting != 0 && is_lo::<A>(dev) && dev_in_scope::<A>(dev) && !dequeued::<A>(skb, dev) {
+            untrack(waiting);
+            parent = split_unseen::<A>();
+        }
+    }
     // (The namespace test: another namespace's segments may follow ours on this CPU, and its
     // split skb, never in scope, does not reset the parent.)
     if parent != 0 && is_lo::<A>(dev) && dev_in_scope::<A>(dev) {
@@ -179,6 +191,21 @@ fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
         }
     }
     0
+}
+
+/// Whether `skb`, reaching `dev`'s driver while this CPU's run waits for another skb's transmit,
+/// may be an older skb dequeued from a queueing discipline someone added (it passed
+/// `net_dev_queue`, so it is in scope; a segment never passed it). On lo's own noqueue (no
+/// `enqueue`) nothing is queued. When the kernel's BTF gave no offsets, any tracked skb may be.
+#[inline(always)]
+fn dequeued<A: Args>(skb: u64, dev: u64) -> bool {
+    let (dq, enq) = (off!(dev_qdisc), off!(qdisc_enqueue));
+    let queues = dq == OFFSET_UNKNOWN as u64
+        || match probe::<u64>(dev, dq) {
+            Some(q) if q != 0 => probe::<u64>(q, enq).is_none_or(|f| f != 0),
+            _ => true,
+        };
+    queues && tracked(skb)
 }
 
 // netif_rx(struct sk_buff *skb) — `netif_rx_internal`, before `enqueue_to_backlog`.
@@ -374,6 +401,13 @@ fn consume_skb_body<A: Args>(ctx: &A) -> i32 {
 #[inline(always)]
 pub fn freed<A: Args>(hook: Hook, skb: u64, hit: Hit) {
     if run_skb() == skb {
+        // SAFETY: a plain read of a read-only global the loader wrote before loading.
+        if unsafe { core::ptr::read_volatile(&MISS_SPLIT_FREE) } != 0
+            && hook == Hook::Consume
+            && run_awaiting_xmit() == skb
+        {
+            return;
+        }
         untrack(skb);
         free_in_run::<A>(hook, hit);
         return;

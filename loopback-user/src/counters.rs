@@ -14,6 +14,11 @@ pub struct KernelCounters {
     pub read_failed: u64,
     /// Events submitted to the ring buffer.
     pub emitted: u64,
+    /// Runs of lotrace's programs that the kernel skipped because that program was already
+    /// running on the CPU (a softirq interrupting it: the kernel's `recursion_misses`), summed
+    /// over the programs. Each may have lost an event. (Absent from older recordings: 0.)
+    #[serde(default)]
+    pub skipped_runs: u64,
 }
 
 /// Kernel-side cost of one attached program (BPF_STATS_RUN_TIME, enabled while tracing).

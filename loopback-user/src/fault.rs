@@ -19,6 +19,11 @@ pub enum Fault {
     /// `no-fentry`: fentry attachments fail, as on a kernel without ftrace trampolines (the
     /// function hooks then go in as kprobes, where the kernel has them).
     NoFentry,
+    /// `miss-split-free`: the kernel programs ignore the free of every skb split into GSO
+    /// segments inside its transmit, as when the kernel skips the `consume_skb` program
+    /// (already running on that CPU: a recursion miss), so the split is found from its
+    /// segments.
+    MissSplitFree,
     /// `refuse-hook:PROGRAM`: that hook fails to attach, as on a kernel without it.
     RefuseHook(String),
 }
@@ -33,6 +38,7 @@ impl Fault {
             "no-btf" => Fault::NoBtf,
             "no-tcx" => Fault::NoTcx,
             "no-fentry" => Fault::NoFentry,
+            "miss-split-free" => Fault::MissSplitFree,
             _ => match v.strip_prefix("refuse-hook:") {
                 Some(p) => Fault::RefuseHook(p.to_string()),
                 None => Fault::None,

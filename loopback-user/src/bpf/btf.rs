@@ -132,6 +132,12 @@ impl KernelBtf {
             self.offset_of(p)
                 .with_context(|| format!("resolving {p} in kernel BTF"))
         };
+        // Optional, together: only the rare case of another skb reaching lo's driver while a
+        // run waits for its own transmit reads them (see `loopback_common::KernelOffsets`).
+        let (dev_qdisc, qdisc_enqueue) = match (self.offset_of("net_device.qdisc"), self.offset_of("Qdisc.enqueue")) {
+            (Ok(d), Ok(e)) => (d, e),
+            _ => (OFFSET_UNKNOWN, OFFSET_UNKNOWN),
+        };
         Ok(KernelOffsets {
             skb_dev: o("sk_buff.dev")?,
             skb_len: o("sk_buff.len")?,
@@ -154,6 +160,8 @@ impl KernelBtf {
             fib6_table_id: o("fib6_table.tb6_id")?,
             // Optional: only a filter (UDP sockets) reads it.
             sock_protocol: self.u16_offset("sock", "sk_protocol").unwrap_or(OFFSET_UNKNOWN),
+            dev_qdisc,
+            qdisc_enqueue,
         })
     }
 
@@ -232,6 +240,9 @@ mod tests {
         assert!(o.skb_data > o.skb_head || o.skb_head > 0);
         assert_ne!(o.dev_name, o.dev_ifindex);
         assert_eq!(o.flowi4_daddr, o.flowi4_saddr + 4, "flowi4: saddr then daddr");
+        // Every kernel lotrace runs on has these (the guests check 6.1 and 6.12).
+        assert_ne!(o.dev_qdisc, OFFSET_UNKNOWN, "net_device.qdisc");
+        assert_ne!(o.qdisc_enqueue, OFFSET_UNKNOWN, "Qdisc.enqueue");
         // The tracepoints' shapes come from BTF: net_dev_xmit(skb, rc, dev, len) everywhere;
         // consume_skb has 1 or 2 arguments, kfree_skb 2 to 4, depending on the kernel.
         assert_eq!(k.tracepoint_args("net_dev_xmit"), Some(4));

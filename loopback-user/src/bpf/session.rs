@@ -376,6 +376,13 @@ impl Session {
             scope_full: sum(counter::SCOPE_FULL)?,
             read_failed: sum(counter::READ_FAILED)?,
             emitted: sum(counter::EMITTED)?,
+            skipped_runs: self
+                .outcomes
+                .iter()
+                .filter(|o| o.attached)
+                .filter_map(|o| self.ebpf.program(o.used)?.fd().ok())
+                .filter_map(|fd| recursion_misses(std::os::fd::AsFd::as_fd(fd)))
+                .sum(),
         })
     }
 
@@ -639,6 +646,9 @@ pub struct KernelShape {
     pub kfree_skb_args: u32,
     /// tc and XDP programs may call the task helpers (1) or not (0).
     pub lo_task_helpers: u32,
+    /// Tests only (`LOTRACE_FAULT=miss-split-free`): 1 makes the programs act as if the kernel
+    /// skipped the `consume_skb` program at every GSO split (see `MISS_SPLIT_FREE`).
+    pub miss_split_free: u32,
 }
 
 impl KernelShape {
@@ -649,6 +659,7 @@ impl KernelShape {
             consume_skb_args: args("consume_skb", 2),
             kfree_skb_args: args("kfree_skb", 3),
             lo_task_helpers: u32::from(lo_task_helpers_allowed()),
+            miss_split_free: u32::from(*crate::fault::get() == crate::fault::Fault::MissSplitFree),
         }
     }
 
@@ -656,8 +667,31 @@ impl KernelShape {
         loader
             .override_global("CONSUME_SKB_ARGS", &self.consume_skb_args, true)
             .override_global("KFREE_SKB_ARGS", &self.kfree_skb_args, true)
-            .override_global("LO_TASK_HELPERS", &self.lo_task_helpers, true);
+            .override_global("LO_TASK_HELPERS", &self.lo_task_helpers, true)
+            .override_global("MISS_SPLIT_FREE", &self.miss_split_free, true);
     }
+}
+
+/// Offset of `recursion_misses` in `struct bpf_prog_info` (uapi; the member exists since Linux
+/// 5.12), checked against aya-obj's bindings by a test. aya does not expose it.
+const PROG_INFO_RECURSION_MISSES: usize = 208;
+
+/// How many runs of the program the kernel skipped because it was already running on that CPU
+/// (`BPF_OBJ_GET_INFO_BY_FD`); None when the kernel does not say (older than the member).
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let mut info = [0u64; 32];
+    // union bpf_attr for BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info (pointer).
+    let mut attr = [0u8; 16];
+    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
+    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: `attr` is a valid bpf_attr image; the kernel writes at most `info_len` bytes to
+    // `info`, which outlives the call, and the filled length back into `attr`.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), attr.len() as u32) };
+    let filled = u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]) as usize;
+    (rc == 0 && filled >= PROG_INFO_RECURSION_MISSES + 8).then(|| info[PROG_INFO_RECURSION_MISSES / 8])
 }
 
 /// `struct bpf_insn`: code, dst:4 | src:4 (`regs`), off (0 here), imm.
@@ -711,6 +745,14 @@ pub fn lo_task_helpers_allowed() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recursion_misses_is_read_where_the_uapi_puts_it() {
+        assert_eq!(
+            std::mem::offset_of!(aya_obj::generated::bpf_prog_info, recursion_misses),
+            PROG_INFO_RECURSION_MISSES
+        );
+    }
 
     #[test]
     fn a_verifier_log_becomes_its_reason_on_one_line() {

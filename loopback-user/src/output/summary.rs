@@ -61,6 +61,7 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
             "complete_pct": pct(stats.complete, stats.packets),
             "drops": stats.drops,
             "lost_events": sum.kernel.ring_lost,
+            "skipped_runs": sum.kernel.skipped_runs,
             "scope_overflow": sum.kernel.scope_full,
             "read_failures": sum.kernel.read_failed,
             "undecodable_events": sum.undecodable,
@@ -121,10 +122,11 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     }
     let _ = writeln!(
         s,
-        "    events: {} emitted, {} received | lost events: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | socket copies: {} | expired: {} | in flight at end: {}",
+        "    events: {} emitted, {} received | lost events: {} | skipped program runs: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | socket copies: {} | expired: {} | in flight at end: {}",
         sum.kernel.emitted,
         sum.received,
         sum.kernel.ring_lost,
+        sum.kernel.skipped_runs,
         sum.kernel.scope_full,
         sum.kernel.read_failed,
         sum.undecodable,

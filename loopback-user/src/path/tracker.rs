@@ -2,7 +2,7 @@
 //! address reuse, GSO segments, clones held for their original, expiry).
 use std::collections::{HashMap, VecDeque};
 
-use loopback_common::{CONSUME_GSO_SPLIT, Hook};
+use loopback_common::{CONSUME_GSO_SPLIT, CONSUME_GSO_SPLIT_UNSEEN, Hook};
 // FxHash: the tracker's maps are keyed by skb addresses and small tuples, on the per-event hot
 // path; SipHash's DoS resistance buys nothing here and costs a third of the lookup time.
 use rustc_hash::{FxHashMap, FxHashSet};
@@ -277,7 +277,9 @@ impl Tracker {
         match e.hook {
             // Split into GSO segments before the driver (the kernel program says so), which
             // follow on this CPU. Held to start their paths.
-            Hook::Consume if e.arg0 == CONSUME_GSO_SPLIT => {
+            // (`CONSUME_GSO_SPLIT_UNSEEN`: the split skb's free did not reach the program, its
+            // first segment's transmit said it, at that time.)
+            Hook::Consume if e.arg0 == CONSUME_GSO_SPLIT || e.arg0 == CONSUME_GSO_SPLIT_UNSEEN => {
                 if let Some(last) = p.stages.last_mut() {
                     last.stage = StageKind::GsoSegment;
                 }
