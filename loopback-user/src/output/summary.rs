@@ -70,6 +70,8 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
             "unnamed_events": sum.unnamed,
             "unlinked_lo_events": stats.unlinked_lo_events,
             "gso_splits": stats.gso_splits,
+            "tc_only": stats.tc_only,
+            "frees_after_end": stats.frees_after_end,
             "copies": stats.copies,
             "expired": stats.expired,
             "in_flight_at_end": stats.in_flight_at_end,
@@ -122,7 +124,7 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     }
     let _ = writeln!(
         s,
-        "    events: {} emitted, {} received | lost events: {} | skipped program runs: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | socket copies: {} | expired: {} | in flight at end: {}",
+        "    events: {} emitted, {} received | lost events: {} | skipped program runs: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | seen by tc only: {} crossings, {} transmits | frees after the end: {} | socket copies: {} | expired: {} | in flight at end: {}",
         sum.kernel.emitted,
         sum.received,
         sum.kernel.ring_lost,
@@ -132,6 +134,9 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
         sum.undecodable,
         stats.unlinked_lo_events,
         stats.gso_splits,
+        stats.tc_only.ingress,
+        stats.tc_only.egress,
+        stats.frees_after_end,
         stats.copies,
         stats.expired,
         stats.in_flight_at_end

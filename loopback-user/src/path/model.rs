@@ -190,7 +190,8 @@ pub fn is_complete(p: &PacketPath) -> bool {
         .map(|s| s.stage)
         .find(|s| !matches!(s, K::Route | K::AppSend | K::SockSend));
     let sent_here = matches!(first, Some(K::TcEgress | K::DevQueue));
-    let started = sent_here || matches!(first, Some(K::Receive | K::TcIngress | K::CopyToUser));
+    // (A path that starts at tc ingress lacks its receive hook: see `Stats::tc_only`.)
+    let started = sent_here || matches!(first, Some(K::Receive | K::CopyToUser));
     let ended = matches!(
         p.verdict,
         Verdict::Consumed

@@ -17,6 +17,12 @@ pub struct Stats {
     pub unlinked_lo_events: u64,
     /// skbs split into GSO segments before `lo` (each segment is a packet of its own).
     pub gso_splits: u64,
+    /// Frees at an address with no packet in flight: the free of a packet that had ended
+    /// already (a UDP datagram delivered by its read and freed later, deferred to the CPU that
+    /// allocated it; or an expired one). Not packets.
+    pub frees_after_end: u64,
+    /// Packets lo's tc programs saw while the kernel ran no tracing program for them.
+    pub tc_only: TcOnly,
     /// Copies first seen at the socket ([`PacketPath::is_copy`]): printed, not counted as
     /// packets.
     pub copies: u64,
@@ -24,6 +30,18 @@ pub struct Stats {
     pub stage_latency: StageLatency,
     /// Packets per softirq context, indexed by [`SoftirqContext`] (see [`Stats::by_context`]).
     contexts: [u64; SoftirqContext::ALL.len()],
+}
+
+/// Packets that lo's tc programs saw but no tracepoint program did: the kernel ran no BPF
+/// tracing program there (measured on one host: softirqs run on top of one particular process,
+/// where bpftrace's programs did not run either, while ftrace saw the tracepoints).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TcOnly {
+    /// Crossings seen at tc ingress only: printed (incomplete), counted as packets.
+    pub ingress: u64,
+    /// Transmits seen at tc egress only, which never crossed as themselves (their GSO segments
+    /// did, seen at tc ingress only): not packets, not printed.
+    pub egress: u64,
 }
 
 /// One latency histogram per stage, indexed by the stage itself (no map lookup per stage of

@@ -336,6 +336,43 @@ fn address_reuse_starts_a_new_packet() {
     assert_eq!(paths[1].info.as_ref().and_then(|i| i.icmp).map(|i| i.seq), Some(2));
 }
 
+/// Measured on one host: where a softirq ran on top of one particular process, the kernel ran
+/// no BPF tracing program (nor bpftrace's), while lo's tc programs still saw each packet. Each
+/// crossing passes tc egress and tc ingress once, so a second one at an address is a new
+/// packet: nothing is merged, and the count stays the kernel's.
+#[test]
+fn a_second_tc_egress_or_ingress_at_an_address_is_a_new_packet() {
+    let mut s = Seq::new();
+    let a = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, 1);
+    let b = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, 2);
+    // A crossing seen in full, whose free fired no tracepoint.
+    s.lo_path(0xa0, 1, "a", a.clone(), false);
+    s.ev(Hook::TcIngress, 0xa0, 1, "a", "lo", None, 0, 0);
+    // Two crossings at its address seen at tc ingress only (GSO segments of an skb seen at
+    // tc egress only, at 0xb0).
+    s.ev(Hook::TcEgress, 0xb0, 1, "a", "lo", Some(b.clone()), 0, 0);
+    s.ev(Hook::TcIngress, 0xa0, 1, "a", "lo", Some(b.clone()), 0, 0);
+    s.ev(Hook::TcIngress, 0xa0, 1, "a", "lo", Some(b.clone()), 0, 0);
+    // A later transmit at 0xb0, seen in full.
+    s.lo_path(0xb0, 1, "a", b, false);
+    s.ev(Hook::TcIngress, 0xb0, 1, "a", "lo", None, 0, 0);
+    s.ev(Hook::Consume, 0xb0, 1, "a", "", None, 0, 0);
+    s.ev(Hook::Consume, 0xa0, 1, "a", "", None, 0, 0);
+    let (ps, stats) = run(s.events);
+    let count = |p: &PacketPath, k: StageKind| p.stages.iter().filter(|s| s.stage == k).count();
+    for p in &ps {
+        assert!(count(p, StageKind::TcEgress) <= 1, "{p:#?}");
+        assert_eq!(count(p, StageKind::TcIngress), 1, "{p:#?}");
+    }
+    assert_eq!(ps.len(), 4, "{ps:#?}");
+    assert_eq!(stats.packets, 4);
+    assert_eq!((stats.tc_only.ingress, stats.tc_only.egress), (2, 1));
+    let only_ingress: Vec<_> = ps.iter().filter(|p| p.stages[0].stage == StageKind::TcIngress).collect();
+    assert_eq!(only_ingress.len(), 2);
+    assert!(only_ingress.iter().all(|p| !p.complete), "a crossing seen at tc ingress only is not complete");
+    assert_eq!(ps.iter().filter(|p| p.complete).count(), 2);
+}
+
 #[test]
 fn ksoftirqd_and_other_contexts_are_told_apart() {
     let mut s = Seq::new();
@@ -446,8 +483,12 @@ fn udp_is_delivered_by_the_applications_read() {
     s.ev(Hook::SockQueue, 0x7, 1, "a", "", None, 0xfeed, 0); // duplicate: ignored
     s.ev(Hook::AppRecv, 0, 2, "b", "", None, 0xbeef, 64); // other socket: nothing
     s.ev(Hook::AppRecv, 0, 2, "b", "", None, 0xfeed, 64);
-    let (paths, _) = run(s.events);
-    assert_eq!(paths.len(), 1);
+    // Its free, deferred to the CPU that allocated it (`skb_defer_free_flush`), comes after
+    // the read: the end of a packet that ended, no packet of its own.
+    s.ev(Hook::Consume, 0x7, 3, "c", "", None, 0, 0);
+    let (paths, stats) = run(s.events);
+    assert_eq!(paths.len(), 1, "{paths:#?}");
+    assert_eq!((stats.packets, stats.frees_after_end), (1, 1));
     assert_eq!(paths[0].verdict, Verdict::Delivered);
     assert!(paths[0].complete);
     assert_eq!(paths[0].stage_names().iter().filter(|s| **s == "sock_queue").count(), 1);

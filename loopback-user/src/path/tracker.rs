@@ -145,6 +145,7 @@ impl Tracker {
         // Most events add a stage to a path in flight: done where the path lies in the map.
         if Self::continues(e)
             && let Some(p) = self.inflight.get_mut(&e.skb)
+            && !(e.hook == Hook::TcIngress && passed_tc_ingress(p))
         {
             record(&mut self.pairing, p, e);
             return;
@@ -160,6 +161,13 @@ impl Tracker {
                 return;
             };
             self.sock_queues.entry(e.arg0).or_default().push_back((e.skb, id));
+        }
+        // A free with nothing in flight at its address ends a packet that ended already: a
+        // UDP datagram delivered by its read, freed later on the CPU that allocated it
+        // (`skb_defer_free_flush`), or one that expired. It starts no packet.
+        if matches!(e.hook, Hook::Consume | Hook::Free) && !self.inflight.contains_key(&e.skb) {
+            self.stats.frees_after_end += 1;
+            return;
         }
         let mut p = self.open(e, done);
         record(&mut self.pairing, &mut p, e);
@@ -218,11 +226,19 @@ impl Tracker {
         }
         // A new transmit on an address whose previous packet got no free tracepoint (TCP
         // paths) ends that packet: the address was reused.
-        if matches!(e.hook, Hook::TcEgress | Hook::DevQueue)
-            && let Some(old) = self.inflight.get(&e.skb)
-            && old.has(StageKind::DevQueue)
-            && let Some(old) = self.inflight.remove(&e.skb)
-        {
+        // Likewise a tc egress or tc ingress on a path that passed it already: on lo each
+        // crossing passes each exactly once. (Seen where the kernel ran no tracing program for a
+        // packet, which lo's tc programs still saw: see `Stats::tc_only`.)
+        let reused = match e.hook {
+            Hook::TcEgress => self
+                .inflight
+                .get(&e.skb)
+                .is_some_and(|old| old.has(StageKind::DevQueue) || old.has(StageKind::TcEgress)),
+            Hook::DevQueue => self.inflight.get(&e.skb).is_some_and(|old| old.has(StageKind::DevQueue)),
+            Hook::TcIngress => self.inflight.get(&e.skb).is_some_and(|old| passed_tc_ingress(old)),
+            _ => false,
+        };
+        if reused && let Some(old) = self.inflight.remove(&e.skb) {
             self.finish(*old, Verdict::FreedUntraced, done);
         }
         match self.inflight.remove(&e.skb) {
@@ -455,6 +471,16 @@ impl Tracker {
     }
 
     pub(super) fn finish(&mut self, mut p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
+        // Seen by tc egress on lo and by nothing after it: the kernel ran no tracing program
+        // for this transmit, and it never crossed lo as itself (else its own tc ingress would
+        // be on it): a GSO split whose segments were seen at tc ingress only. No packet.
+        if p.stages.iter().all(|s| s.stage == StageKind::TcEgress) && !p.stages.is_empty() {
+            self.stats.tc_only.egress += 1;
+            return;
+        }
+        if p.stages.first().is_some_and(|s| s.stage == StageKind::TcIngress) {
+            self.stats.tc_only.ingress += 1;
+        }
         p.verdict = verdict;
         if verdict == Verdict::Consumed && p.has(StageKind::SockQueue) {
             // Bounded: without the application's reads (no `sock_recv_length`) nothing removes
@@ -513,4 +539,16 @@ fn record(pairing: &mut Pairing, p: &mut PacketPath, e: &mut Event) {
         _ => {}
     }
     p.stages.push(Stage::of(e, dev));
+}
+
+/// Whether the path passed tc ingress on lo already. Checked for every tc ingress event: the
+/// usual one closes the receive run just after `receive` (or generic XDP), so only a path that
+/// ends otherwise is looked through.
+#[inline]
+fn passed_tc_ingress(p: &PacketPath) -> bool {
+    match p.stages.last().map(|s| s.stage) {
+        Some(StageKind::Receive | StageKind::Xdp) | None => false,
+        Some(StageKind::TcIngress) => true,
+        Some(_) => p.has(StageKind::TcIngress),
+    }
 }
