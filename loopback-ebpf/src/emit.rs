@@ -185,7 +185,13 @@ pub fn run_stage<M: Mem>(hook: Hook, hit: Hit, close: bool) {
         emit_hit::<M>(hook, skb, hit);
         return;
     }
-    let st: &mut RunStage = &mut slot.rec.tail.stages[n & (MAX_RUN - 1)];
+    // The index is masked from a second load of `n`: the compiler cannot drop the mask after
+    // the check above (it knows nothing of a volatile load), so every verifier sees an index
+    // below MAX_RUN. (Without it, 6.1's verifier refused `stages[n]` in net_dev_start_xmit's
+    // raw tracepoint program: "invalid access to map value, off=10456".)
+    // SAFETY: a read of a field of this CPU's slot, valid for the program run.
+    let i = unsafe { core::ptr::read_volatile(&slot.rec.tail.n) } as usize & (MAX_RUN - 1);
+    let st: &mut RunStage = &mut slot.rec.tail.stages[i];
     // SAFETY: a helper call without arguments.
     st.ts_ns = unsafe { bpf_ktime_get_ns() };
     st.hook = hook as u8;

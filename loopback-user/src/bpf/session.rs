@@ -689,7 +689,14 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
     // SAFETY: `attr` is a valid bpf_attr image; the kernel writes at most `info_len` bytes to
     // `info`, which outlives the call, and the filled length back into `attr`.
-    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, attr.as_mut_ptr(), attr.len() as u32) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            attr.as_mut_ptr(),
+            attr.len() as u32,
+        )
+    };
     let filled = u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]) as usize;
     (rc == 0 && filled >= PROG_INFO_RECURSION_MISSES + 8).then(|| info[PROG_INFO_RECURSION_MISSES / 8])
 }

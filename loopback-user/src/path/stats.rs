@@ -87,6 +87,9 @@ impl Stats {
             return;
         }
         s.packets += 1;
+        if p.stages.first().is_some_and(|st| st.stage == StageKind::TcIngress) {
+            s.tc_only.ingress += 1;
+        }
         if p.complete {
             s.complete += 1;
         }

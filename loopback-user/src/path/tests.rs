@@ -367,9 +367,15 @@ fn a_second_tc_egress_or_ingress_at_an_address_is_a_new_packet() {
     assert_eq!(ps.len(), 4, "{ps:#?}");
     assert_eq!(stats.packets, 4);
     assert_eq!((stats.tc_only.ingress, stats.tc_only.egress), (2, 1));
-    let only_ingress: Vec<_> = ps.iter().filter(|p| p.stages[0].stage == StageKind::TcIngress).collect();
+    let only_ingress: Vec<_> = ps
+        .iter()
+        .filter(|p| p.stages[0].stage == StageKind::TcIngress)
+        .collect();
     assert_eq!(only_ingress.len(), 2);
-    assert!(only_ingress.iter().all(|p| !p.complete), "a crossing seen at tc ingress only is not complete");
+    assert!(
+        only_ingress.iter().all(|p| !p.complete),
+        "a crossing seen at tc ingress only is not complete"
+    );
     assert_eq!(ps.iter().filter(|p| p.complete).count(), 2);
 }
 

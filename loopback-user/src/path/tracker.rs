@@ -165,11 +165,17 @@ impl Tracker {
         // A free with nothing in flight at its address ends a packet that ended already: a
         // UDP datagram delivered by its read, freed later on the CPU that allocated it
         // (`skb_defer_free_flush`), or one that expired. It starts no packet.
-        if matches!(e.hook, Hook::Consume | Hook::Free) && !self.inflight.contains_key(&e.skb) {
-            self.stats.frees_after_end += 1;
-            return;
-        }
-        let mut p = self.open(e, done);
+        let mut p = if matches!(e.hook, Hook::Consume | Hook::Free) {
+            match self.inflight.remove(&e.skb) {
+                Some(p) => p,
+                None => {
+                    self.stats.frees_after_end += 1;
+                    return;
+                }
+            }
+        } else {
+            self.open(e, done)
+        };
         record(&mut self.pairing, &mut p, e);
         self.end_or_keep(p, e, done);
         if self.inflight.len() > self.cfg.max_inflight {
@@ -222,7 +228,7 @@ impl Tracker {
             && let Some(old) = self.inflight.remove(&e.skb)
         {
             let v = self.idle_verdict(&old);
-            self.finish(*old, v, done);
+            self.finish_unseen(*old, v, done);
         }
         // A new transmit on an address whose previous packet got no free tracepoint (TCP
         // paths) ends that packet: the address was reused.
@@ -234,12 +240,15 @@ impl Tracker {
                 .inflight
                 .get(&e.skb)
                 .is_some_and(|old| old.has(StageKind::DevQueue) || old.has(StageKind::TcEgress)),
-            Hook::DevQueue => self.inflight.get(&e.skb).is_some_and(|old| old.has(StageKind::DevQueue)),
+            Hook::DevQueue => self
+                .inflight
+                .get(&e.skb)
+                .is_some_and(|old| old.has(StageKind::DevQueue)),
             Hook::TcIngress => self.inflight.get(&e.skb).is_some_and(|old| passed_tc_ingress(old)),
             _ => false,
         };
         if reused && let Some(old) = self.inflight.remove(&e.skb) {
-            self.finish(*old, Verdict::FreedUntraced, done);
+            self.finish_unseen(*old, Verdict::FreedUntraced, done);
         }
         match self.inflight.remove(&e.skb) {
             Some(p) => p,
@@ -382,14 +391,15 @@ impl Tracker {
         for (_, k) in by_age.into_iter().take(excess) {
             if let Some(p) = self.inflight.remove(&k) {
                 let v = self.idle_verdict(&p);
-                self.finish(*p, v, done);
+                self.finish_unseen(*p, v, done);
             }
         }
     }
 
     fn idle_verdict(&self, p: &PacketPath) -> Verdict {
         let tcp = p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP);
-        if tcp && p.has(StageKind::Receive) {
+        // (A crossing seen at tc ingress only was received too: see `Stats::tc_only`.)
+        if tcp && (p.has(StageKind::Receive) || p.has(StageKind::TcIngress)) {
             Verdict::FreedUntraced
         } else {
             Verdict::Expired
@@ -420,7 +430,7 @@ impl Tracker {
         stale_paths.sort_by_key(|p| p.id);
         for p in stale_paths {
             let v = self.idle_verdict(&p);
-            self.finish(p, v, &mut done);
+            self.finish_unseen(p, v, &mut done);
         }
         self.last_route
             .retain(|_, (st, _)| now.saturating_sub(st.t_ns) <= self.cfg.max_idle_ns);
@@ -465,22 +475,24 @@ impl Tracker {
             } else {
                 Verdict::InFlight
             };
-            self.finish(p, v, &mut done);
+            self.finish_unseen(p, v, &mut done);
         }
         done
     }
 
-    pub(super) fn finish(&mut self, mut p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
-        // Seen by tc egress on lo and by nothing after it: the kernel ran no tracing program
-        // for this transmit, and it never crossed lo as itself (else its own tc ingress would
-        // be on it): a GSO split whose segments were seen at tc ingress only. No packet.
-        if p.stages.iter().all(|s| s.stage == StageKind::TcEgress) && !p.stages.is_empty() {
+    /// [`Self::finish`] for a path that ends unseen (its address reused, idle, or at the end).
+    /// A path seen by tc egress on lo and by nothing after it is no packet: the kernel ran no
+    /// tracing program for that transmit, and it never crossed lo as itself (else its own tc
+    /// ingress would be on it): a GSO split whose segments were seen at tc ingress only.
+    fn finish_unseen(&mut self, p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
+        if p.stages.len() == 1 && p.stages[0].stage == StageKind::TcEgress {
             self.stats.tc_only.egress += 1;
             return;
         }
-        if p.stages.first().is_some_and(|s| s.stage == StageKind::TcIngress) {
-            self.stats.tc_only.ingress += 1;
-        }
+        self.finish(p, verdict, done);
+    }
+
+    pub(super) fn finish(&mut self, mut p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
         p.verdict = verdict;
         if verdict == Verdict::Consumed && p.has(StageKind::SockQueue) {
             // Bounded: without the application's reads (no `sock_recv_length`) nothing removes

@@ -265,12 +265,23 @@ fn a_gso_split_whose_free_is_not_seen_is_found_at_its_first_segment() {
     let sb = Sandbox::new("lt-unseen").expect("sandbox");
     for addr in ["127.0.0.1", "::1"] {
         let ip: IpAddr = addr.parse().expect("ip");
+        let bulk = || assert_eq!(traffic::tcp_bulk(ip, 16, 256 * 1024).expect("bulk"), 16 * 256 * 1024);
+        let splits = |s: &Value| s["summary"]["gso_splits"].as_u64().unwrap_or(0);
+        // Whether this kernel splits such writes at all (6.18 here does: TCP builds skbs up to
+        // lo's tso_max_size; 6.1 builds none longer than lo's gso_max_size).
+        let seen = splits(&exact_against_tcpdump_env(
+            &format!("seen-split-{addr}"),
+            &sb,
+            &[],
+            bulk,
+        ));
         let env = [("LOTRACE_FAULT", "miss-split-free")];
-        let summary = exact_against_tcpdump_env(&format!("unseen-split-{addr}"), &sb, &env, || {
-            assert_eq!(traffic::tcp_bulk(ip, 16, 256 * 1024).expect("bulk"), 16 * 256 * 1024);
-        });
-        let splits = summary["summary"]["gso_splits"].as_u64().unwrap_or(0);
-        assert!(splits > 0, "{addr}: no GSO split to find: {summary}");
+        let unseen = exact_against_tcpdump_env(&format!("unseen-split-{addr}"), &sb, &env, bulk);
+        if seen > 0 {
+            assert!(splits(&unseen) > 0, "{addr}: no GSO split found: {unseen}");
+        } else {
+            eprintln!("{addr}: this kernel split none of these writes: nothing to find");
+        }
     }
 }
 
