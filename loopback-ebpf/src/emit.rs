@@ -304,11 +304,17 @@ fn send_run(slot: &mut RunSlot) {
         (RAW_EVENT_SIZE as u64, 1)
     } else {
         slot.rec.head.hook |= HOOK_RUN;
-        let n = if n > MAX_RUN as u64 { MAX_RUN as u64 } else { n };
-        (
-            (RAW_EVENT_SIZE + RUN_TAIL_FIXED) as u64 + n * RUN_STAGE_SIZE as u64,
-            n + 1,
-        )
+        const FIXED: u64 = (RAW_EVENT_SIZE + RUN_TAIL_FIXED) as u64;
+        if n >= MAX_RUN as u64 {
+            (FIXED + (MAX_RUN * RUN_STAGE_SIZE) as u64, MAX_RUN as u64 + 1)
+        } else {
+            // Below MAX_RUN, masked from a second load (see `run_stage`): the compiler knows the
+            // value it just stored and would drop a plain clamp, and 6.1's verifier, which does
+            // not know that bound, refused the size ("off=32 size=10392").
+            // SAFETY: a read of a field of this CPU's slot, valid for the program run.
+            let k = unsafe { core::ptr::read_volatile(&slot.rec.tail.n) } as u64 & (MAX_RUN as u64 - 1);
+            (FIXED + k * RUN_STAGE_SIZE as u64, n + 1)
+        }
     };
     let before = peek(counter::EMITTED);
     // SAFETY: EVENTS is the ring buffer map and the record is `size` bytes of live memory
