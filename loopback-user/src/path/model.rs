@@ -190,8 +190,11 @@ pub fn is_complete(p: &PacketPath) -> bool {
         .map(|s| s.stage)
         .find(|s| !matches!(s, K::Route | K::AppSend | K::SockSend));
     let sent_here = matches!(first, Some(K::TcEgress | K::DevQueue));
-    // (A path that starts at tc ingress lacks its receive hook: see `Stats::tc_only`.)
-    let started = sent_here || matches!(first, Some(K::Receive | K::CopyToUser));
+    // A path that starts at tc ingress lacks its receive hook, and one received on lo its
+    // transmit (see `Stats::tc_only`); one received through another device (a veth) starts at
+    // its receive.
+    let from_outside = p.rx_dev.is_none_or(|d| d.as_bytes() != b"lo");
+    let started = sent_here || first == Some(K::CopyToUser) || (first == Some(K::Receive) && from_outside);
     let ended = matches!(
         p.verdict,
         Verdict::Consumed

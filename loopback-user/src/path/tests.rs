@@ -353,6 +353,9 @@ fn a_second_tc_egress_or_ingress_at_an_address_is_a_new_packet() {
     s.ev(Hook::TcEgress, 0xb0, 1, "a", "lo", Some(b.clone()), 0, 0);
     s.ev(Hook::TcIngress, 0xa0, 1, "a", "lo", Some(b.clone()), 0, 0);
     s.ev(Hook::TcIngress, 0xa0, 1, "a", "lo", Some(b.clone()), 0, 0);
+    // A crossing at 0xa0 whose transmit hooks did not run, received where they do.
+    s.ev(Hook::Receive, 0xa0, 1, "a", "lo", Some(b.clone()), 0, 0);
+    s.ev(Hook::TcIngress, 0xa0, 1, "a", "lo", None, 0, 0);
     // A later transmit at 0xb0, seen in full.
     s.lo_path(0xb0, 1, "a", b, false);
     s.ev(Hook::TcIngress, 0xb0, 1, "a", "lo", None, 0, 0);
@@ -364,8 +367,11 @@ fn a_second_tc_egress_or_ingress_at_an_address_is_a_new_packet() {
         assert!(count(p, StageKind::TcEgress) <= 1, "{p:#?}");
         assert_eq!(count(p, StageKind::TcIngress), 1, "{p:#?}");
     }
-    assert_eq!(ps.len(), 4, "{ps:#?}");
-    assert_eq!(stats.packets, 4);
+    assert_eq!(ps.len(), 5, "{ps:#?}");
+    assert_eq!(stats.packets, 5);
+    for p in &ps {
+        assert!(count(p, StageKind::Receive) <= 1, "{p:#?}");
+    }
     assert_eq!((stats.tc_only.ingress, stats.tc_only.egress), (2, 1));
     let only_ingress: Vec<_> = ps
         .iter()

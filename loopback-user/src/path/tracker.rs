@@ -145,7 +145,7 @@ impl Tracker {
         // Most events add a stage to a path in flight: done where the path lies in the map.
         if Self::continues(e)
             && let Some(p) = self.inflight.get_mut(&e.skb)
-            && !(e.hook == Hook::TcIngress && passed_tc_ingress(p))
+            && !(matches!(e.hook, Hook::Receive | Hook::TcIngress) && passed_tc_ingress(p))
         {
             record(&mut self.pairing, p, e);
             return;
@@ -244,7 +244,7 @@ impl Tracker {
                 .inflight
                 .get(&e.skb)
                 .is_some_and(|old| old.has(StageKind::DevQueue)),
-            Hook::TcIngress => self.inflight.get(&e.skb).is_some_and(|old| passed_tc_ingress(old)),
+            Hook::Receive | Hook::TcIngress => self.inflight.get(&e.skb).is_some_and(|old| passed_tc_ingress(old)),
             _ => false,
         };
         if reused && let Some(old) = self.inflight.remove(&e.skb) {
@@ -553,14 +553,28 @@ fn record(pairing: &mut Pairing, p: &mut PacketPath, e: &mut Event) {
     p.stages.push(Stage::of(e, dev));
 }
 
-/// Whether the path passed tc ingress on lo already. Checked for every tc ingress event: the
-/// usual one closes the receive run just after `receive` (or generic XDP), so only a path that
-/// ends otherwise is looked through.
+/// Whether the path passed tc ingress on lo already: then a receive or tc ingress at its
+/// address is another crossing. Checked for every receive and tc ingress event: the usual
+/// ones follow the transmit chain, or `receive` (or generic XDP) in the same run, so only a
+/// path that ends otherwise is looked through.
 #[inline]
 fn passed_tc_ingress(p: &PacketPath) -> bool {
+    use StageKind as K;
     match p.stages.last().map(|s| s.stage) {
-        Some(StageKind::Receive | StageKind::Xdp) | None => false,
-        Some(StageKind::TcIngress) => true,
-        Some(_) => p.has(StageKind::TcIngress),
+        None
+        | Some(
+            K::Receive
+            | K::Xdp
+            | K::XmitDone
+            | K::BacklogEnqueue
+            | K::Xmit
+            | K::SoftirqRaise
+            | K::SoftirqEntry
+            | K::DevQueue
+            | K::TcEgress
+            | K::GsoSegment,
+        ) => false,
+        Some(K::TcIngress) => true,
+        Some(_) => p.has(K::TcIngress),
     }
 }

@@ -148,10 +148,17 @@ fn honest_under_sustained_load() {
             format!("{} {} {}: {}", p["proto"], p["len"], p["verdict"], stages.join(","))
         })
         .collect();
-    if lost == 0 {
+    // Where the kernel ran no tracing program for some packets (seen by lo's tc programs only,
+    // `tc_only`: softirqs on top of one process of this host), a few such crossings have been
+    // found at addresses holding other packets; they are counted there, never silently.
+    let unseen = s["tc_only"]["ingress"].as_u64().expect("tc_only") + s["tc_only"]["egress"].as_u64().expect("tc_only");
+    if lost == 0 && unseen == 0 {
         assert_eq!(packets, sent, "{s}\nincomplete, for example: {incomplete:#?}");
     } else {
-        assert!(packets <= sent + lost && sent <= packets + lost, "sent {sent}: {s}");
+        assert!(
+            packets <= sent + lost && sent <= packets + lost + unseen,
+            "sent {sent}: {s}"
+        );
     }
     assert!(hwm_kib < 64 * 1024, "peak RSS {hwm_kib} KiB");
 }
