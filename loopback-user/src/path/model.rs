@@ -117,6 +117,8 @@ pub struct PacketPath {
     pub clone_of: Option<u64>,
     pub complete: bool,
     pub(super) receive_arg: Option<(u64, u64)>,
+    /// It passed tc ingress on lo: a receive or tc ingress at its address is another crossing.
+    pub(super) passed_tc_ingress: bool,
     /// The packet's bytes as first seen on `lo` (only when the decoder keeps them).
     pub wire: Option<Wire>,
 }
@@ -182,6 +184,7 @@ impl PacketPath {
 /// or copy_to_user (a clone);
 /// a packet sent on lo must show xmit, backlog enqueue and receive; the end is a free tracepoint,
 /// or for TCP a receive followed by a free path that has no tracepoint.
+#[inline(always)]
 pub fn is_complete(p: &PacketPath) -> bool {
     use StageKind as K;
     let first = p

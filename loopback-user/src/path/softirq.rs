@@ -3,6 +3,7 @@
 use super::{PacketPath, Softirq, SoftirqContext, Stage, StageKind};
 
 /// Softirq context from the receive event: who ran it, and whether this packet raised it.
+#[inline(always)]
 pub(super) fn derive(p: &mut PacketPath) {
     let Some(recv) = p.stages.iter().find(|s| s.stage == StageKind::Receive).cloned() else {
         return;

@@ -115,6 +115,7 @@ impl Tracker {
             clone_of: None,
             complete: false,
             receive_arg: None,
+            passed_tc_ingress: false,
             wire: None,
         }
     }
@@ -145,7 +146,7 @@ impl Tracker {
         // Most events add a stage to a path in flight: done where the path lies in the map.
         if Self::continues(e)
             && let Some(p) = self.inflight.get_mut(&e.skb)
-            && !(matches!(e.hook, Hook::Receive | Hook::TcIngress) && passed_tc_ingress(p))
+            && !(p.passed_tc_ingress && matches!(e.hook, Hook::Receive | Hook::TcIngress))
         {
             record(&mut self.pairing, p, e);
             return;
@@ -228,7 +229,7 @@ impl Tracker {
             && let Some(old) = self.inflight.remove(&e.skb)
         {
             let v = self.idle_verdict(&old);
-            self.finish_unseen(*old, v, done);
+            self.finish_unseen_boxed(old, v, done);
         }
         // A new transmit on an address whose previous packet got no free tracepoint (TCP
         // paths) ends that packet: the address was reused.
@@ -244,11 +245,11 @@ impl Tracker {
                 .inflight
                 .get(&e.skb)
                 .is_some_and(|old| old.has(StageKind::DevQueue)),
-            Hook::Receive | Hook::TcIngress => self.inflight.get(&e.skb).is_some_and(|old| passed_tc_ingress(old)),
+            Hook::Receive | Hook::TcIngress => self.inflight.get(&e.skb).is_some_and(|old| old.passed_tc_ingress),
             _ => false,
         };
         if reused && let Some(old) = self.inflight.remove(&e.skb) {
-            self.finish_unseen(*old, Verdict::FreedUntraced, done);
+            self.finish_unseen_boxed(old, Verdict::FreedUntraced, done);
         }
         match self.inflight.remove(&e.skb) {
             Some(p) => p,
@@ -314,8 +315,8 @@ impl Tracker {
                     None => {}
                 }
             }
-            Hook::Consume => self.finish(*p, Verdict::Consumed, done),
-            Hook::LeftNetns => self.finish(*p, Verdict::LeftNetns, done),
+            Hook::Consume => self.finish_boxed(p, Verdict::Consumed, done),
+            Hook::LeftNetns => self.finish_boxed(p, Verdict::LeftNetns, done),
             Hook::Free => {
                 let name = self
                     .drop_names
@@ -331,7 +332,7 @@ impl Tracker {
                     p.verdict = Verdict::Dropped;
                     self.awaiting_clone.push_back(*p);
                 } else {
-                    self.finish(*p, Verdict::Dropped, done);
+                    self.finish_boxed(p, Verdict::Dropped, done);
                 }
             }
             Hook::CopyToUser if p.stages.len() == 1 && p.clone_of.is_none() => {
@@ -369,7 +370,7 @@ impl Tracker {
         }
         if let Some(mut p) = read {
             p.stages.push(Stage::of(e, None));
-            self.finish(*p, Verdict::Delivered, done);
+            self.finish_boxed(p, Verdict::Delivered, done);
         }
     }
 
@@ -391,7 +392,7 @@ impl Tracker {
         for (_, k) in by_age.into_iter().take(excess) {
             if let Some(p) = self.inflight.remove(&k) {
                 let v = self.idle_verdict(&p);
-                self.finish_unseen(*p, v, done);
+                self.finish_unseen_boxed(p, v, done);
             }
         }
     }
@@ -485,14 +486,44 @@ impl Tracker {
     /// tracing program for that transmit, and it never crossed lo as itself (else its own tc
     /// ingress would be on it): a GSO split whose segments were seen at tc ingress only.
     fn finish_unseen(&mut self, p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
-        if p.stages.len() == 1 && p.stages[0].stage == StageKind::TcEgress {
-            self.stats.tc_only.egress += 1;
-            return;
+        if !self.tc_egress_only(&p) {
+            self.finish(p, verdict, done);
         }
-        self.finish(p, verdict, done);
+    }
+
+    /// [`Self::finish_unseen`] for a path in its box.
+    fn finish_unseen_boxed(&mut self, p: Box<PacketPath>, verdict: Verdict, done: &mut Vec<PacketPath>) {
+        if !self.tc_egress_only(&p) {
+            self.finish_boxed(p, verdict, done);
+        }
+    }
+
+    /// Whether the path is a transmit seen at tc egress only (counted: no packet).
+    #[inline]
+    fn tc_egress_only(&mut self, p: &PacketPath) -> bool {
+        let only = p.stages.len() == 1 && p.stages[0].stage == StageKind::TcEgress;
+        if only {
+            self.stats.tc_only.egress += 1;
+        }
+        only
     }
 
     pub(super) fn finish(&mut self, mut p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
+        self.seal(&mut p, verdict);
+        done.push(p);
+    }
+
+    /// [`Self::finish`] for a path in its box (where it lay in flight): moved once, into
+    /// `done`, not first out of the box.
+    fn finish_boxed(&mut self, mut p: Box<PacketPath>, verdict: Verdict, done: &mut Vec<PacketPath>) {
+        self.seal(&mut p, verdict);
+        done.push(*p);
+    }
+
+    /// Everything [`Self::finish`] does but handing the path on: its verdict, softirq,
+    /// completeness and statistics.
+    #[inline]
+    fn seal(&mut self, p: &mut PacketPath, verdict: Verdict) {
         p.verdict = verdict;
         if verdict == Verdict::Consumed && p.has(StageKind::SockQueue) {
             // Bounded: without the application's reads (no `sock_recv_length`) nothing removes
@@ -506,10 +537,9 @@ impl Tracker {
         if !matches!(verdict, Verdict::Dropped | Verdict::DeliveredClone) {
             p.drop_reason = None;
         }
-        super::softirq::derive(&mut p);
-        p.complete = is_complete(&p);
-        self.stats.account(&p);
-        done.push(p);
+        super::softirq::derive(p);
+        p.complete = is_complete(p);
+        self.stats.account(p);
     }
 }
 
@@ -548,33 +578,8 @@ fn record(pairing: &mut Pairing, p: &mut PacketPath, e: &mut Event) {
             p.rx_dev = dev;
             p.receive_arg = Some((e.arg0, e.arg1));
         }
+        Hook::TcIngress => p.passed_tc_ingress = true,
         _ => {}
     }
     p.stages.push(Stage::of(e, dev));
-}
-
-/// Whether the path passed tc ingress on lo already: then a receive or tc ingress at its
-/// address is another crossing. Checked for every receive and tc ingress event: the usual
-/// ones follow the transmit chain, or `receive` (or generic XDP) in the same run, so only a
-/// path that ends otherwise is looked through.
-#[inline]
-fn passed_tc_ingress(p: &PacketPath) -> bool {
-    use StageKind as K;
-    match p.stages.last().map(|s| s.stage) {
-        None
-        | Some(
-            K::Receive
-            | K::Xdp
-            | K::XmitDone
-            | K::BacklogEnqueue
-            | K::Xmit
-            | K::SoftirqRaise
-            | K::SoftirqEntry
-            | K::DevQueue
-            | K::TcEgress
-            | K::GsoSegment,
-        ) => false,
-        Some(K::TcIngress) => true,
-        Some(_) => p.has(K::TcIngress),
-    }
 }
