@@ -222,13 +222,24 @@ pub fn run_stage<M: Mem>(hook: Hook, hit: Hit, close: bool) {
     }
 }
 
-/// The skb just split into GSO segments on this CPU, if the last run was its transmit run and
-/// ended with its free (see [`RunSlot::gso_parent`]).
+/// What this CPU's run says of an skb that reaches a driver and is not the open run's own.
+pub enum AtXmit {
+    Nothing,
+    /// A segment of this skb, just split into GSO segments on this CPU: the last run was its
+    /// transmit run and ended with its free (see [`RunSlot::gso_parent`]).
+    SegmentOf(u64),
+    /// This skb's run waits for its transmit (see [`awaits_xmit`]).
+    Waiting(u64),
+}
+
+/// [`AtXmit`], from one look at this CPU's run.
 #[inline(always)]
-pub fn gso_parent() -> u64 {
-    RUN.get(0)
-        .map(|s| if s.open == 0 { s.gso_parent } else { 0 })
-        .unwrap_or(0)
+pub fn at_xmit() -> AtXmit {
+    match RUN.get(0) {
+        Some(s) if s.open == 0 && s.gso_parent != 0 => AtXmit::SegmentOf(s.gso_parent),
+        Some(s) if awaits_xmit(s) => AtXmit::Waiting(s.open),
+        _ => AtXmit::Nothing,
+    }
 }
 
 /// Closes the open run with its skb's free. A transmit run (opened by tc egress or
@@ -258,17 +269,9 @@ fn awaits_xmit(slot: &RunSlot) -> bool {
         && (n == 0 || (n == 1 && slot.rec.tail.stages[0].hook == Hook::DevQueue as u8))
 }
 
-/// The skb of this CPU's open run if it waits for its transmit (see [`awaits_xmit`]), else 0.
-#[inline(always)]
-pub fn run_awaiting_xmit() -> u64 {
-    RUN.get(0)
-        .map(|s| if awaits_xmit(s) { s.open } else { 0 })
-        .unwrap_or(0)
-}
-
 /// Closes the open run as split into GSO segments whose split skb's free was not seen: the
 /// caller saw its first segment reach the driver (see [`CONSUME_GSO_SPLIT_UNSEEN`]). Returns
-/// the split skb, now [`gso_parent`]; the caller opens the segment's run.
+/// the split skb, now [`RunSlot::gso_parent`]; the caller opens the segment's run.
 #[inline(always)]
 pub fn split_unseen<M: Mem>() -> u64 {
     let Some(slot) = run_slot() else {

@@ -9,8 +9,8 @@ use loopback_common::{Hook, LOOPBACK_IFINDEX, NAME_LEN, NET_RX_SOFTIRQ, OFFSET_U
 
 use crate::{
     emit::{
-        Hit, emit, emit_hit, free_in_run, gso_parent, last_run_skb, network_header, open_run, run_awaiting_xmit,
-        run_skb, run_stage, set_dev, skb_data, skb_len, split_unseen,
+        AtXmit, Hit, at_xmit, emit, emit_hit, free_in_run, last_run_skb, network_header, open_run, run_skb, run_stage,
+        set_dev, skb_data, skb_len, split_unseen,
     },
     kernel::{
         Mem, dev_in_scope, ensure_tracked, net_in_scope, off, probe, read, skb_dev, task_in_scope, track, tracked, untrack,
@@ -152,22 +152,26 @@ fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
     // first seen here. Its own run, its own bytes, the split skb's address in `arg1`. Checked
     // before the scope: a segment may be allocated at the address of an skb whose free fired
     // no tracepoint and is still in scope.
-    let mut parent = gso_parent();
+    //
     // The split skb's own free (`consume_skb` inside `validate_xmit_skb`) may never reach us:
     // the kernel skips a program that is already running on this CPU (its recursion misses),
     // e.g. a softirq's transmit that interrupted a task's `consume_skb`. Then the first segment
     // says it: on lo without a queue, the only skb that reaches the driver while this CPU's
     // run waits for its own transmit is what `validate_xmit_skb` made of it.
-    if parent == 0 {
-        let waiting = run_awaiting_xmit();
-        if waiting != 0 && is_lo::<A>(dev) && dev_in_scope::<A>(dev) && !dequeued::<A>(skb, dev) {
-            untrack(waiting);
-            parent = split_unseen::<A>();
-        }
-    }
+    //
     // (The namespace test: another namespace's segments may follow ours on this CPU, and its
     // split skb, never in scope, does not reset the parent.)
-    if parent != 0 && is_lo::<A>(dev) && dev_in_scope::<A>(dev) {
+    let parent = match at_xmit() {
+        AtXmit::Nothing => 0,
+        _ if !(is_lo::<A>(dev) && dev_in_scope::<A>(dev)) => 0,
+        AtXmit::SegmentOf(parent) => parent,
+        AtXmit::Waiting(_) if dequeued::<A>(skb, dev) => 0,
+        AtXmit::Waiting(waiting) => {
+            untrack(waiting);
+            split_unseen::<A>()
+        }
+    };
+    if parent != 0 {
         ensure_tracked(skb);
         let head = Hit {
             arg1: parent,
@@ -404,7 +408,7 @@ pub fn freed<A: Args>(hook: Hook, skb: u64, hit: Hit) {
         // SAFETY: a plain read of a read-only global the loader wrote before loading.
         if unsafe { core::ptr::read_volatile(&MISS_SPLIT_FREE) } != 0
             && hook == Hook::Consume
-            && run_awaiting_xmit() == skb
+            && matches!(at_xmit(), AtXmit::Waiting(w) if w == skb)
         {
             return;
         }

@@ -377,13 +377,18 @@ impl Session {
             read_failed: sum(counter::READ_FAILED)?,
             emitted: sum(counter::EMITTED)?,
             skipped_runs: self
-                .outcomes
-                .iter()
-                .filter(|o| o.attached)
-                .filter_map(|o| self.ebpf.program(o.used)?.fd().ok())
-                .filter_map(|fd| recursion_misses(std::os::fd::AsFd::as_fd(fd)))
+                .attached_programs()
+                .filter_map(|(_, p)| recursion_misses(std::os::fd::AsFd::as_fd(p.fd().ok()?)))
                 .sum(),
         })
+    }
+
+    /// Every attached program, with its name in the object.
+    fn attached_programs(&self) -> impl Iterator<Item = (&str, &aya::programs::Program)> {
+        self.outcomes
+            .iter()
+            .filter(|o| o.attached)
+            .filter_map(|o| Some((o.used, self.ebpf.program(o.used)?)))
     }
 
     /// Run count and time of every attached program (empty when the kernel refused statistics).
@@ -391,13 +396,11 @@ impl Session {
         if self.stats_fd.is_none() {
             return Vec::new();
         }
-        self.outcomes
-            .iter()
-            .filter(|o| o.attached)
-            .filter_map(|o| {
-                let info = self.ebpf.program(o.used)?.info().ok()?;
+        self.attached_programs()
+            .filter_map(|(used, p)| {
+                let info = p.info().ok()?;
                 Some(ProgramCost {
-                    program: o.used.to_string(),
+                    program: used.to_string(),
                     runs: info.run_count(),
                     total_ns: info.run_time().as_nanos() as u64,
                 })

@@ -400,7 +400,7 @@ impl Tracker {
     fn idle_verdict(&self, p: &PacketPath) -> Verdict {
         let tcp = p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP);
         // (A crossing seen at tc ingress only was received too: see `Stats::tc_only`.)
-        if tcp && (p.has(StageKind::Receive) || p.has(StageKind::TcIngress)) {
+        if tcp && (p.receive_arg.is_some() || p.passed_tc_ingress) {
             Verdict::FreedUntraced
         } else {
             Verdict::Expired
