@@ -1,5 +1,6 @@
-//! Pure, bounds-checked decoding: ring-buffer bytes -> [`Event`]. No transmutes: the record is
-//! read with `read_unaligned`, the hook id goes through `TryFrom`, headers through etherparse.
+//! Pure, bounds-checked decoding: ring-buffer bytes -> [`Event`]. No transmutes: the record's
+//! fields are read where they lie (at their `offset_of`, in the host's byte order, as the kernel
+//! wrote them), the hook id goes through `TryFrom`, headers through etherparse.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use etherparse::{LaxNetSlice, LaxSlicedPacket};
@@ -223,6 +224,8 @@ pub struct Decoder {
     pub keep_wire: bool,
     /// Records whose name could not be restored (the record that carried it was lost).
     pub unnamed: u64,
+    /// The last device name made ([`Self::dev_name`]).
+    last_dev: Name,
 }
 
 /// CPUs beyond this are not cached (their names show as "?").
@@ -275,6 +278,18 @@ impl Decoder {
         name
     }
 
+    /// A device name: the last one made again when its 16 bytes are the same (a run of records
+    /// on `lo` names it in each), else made from the bytes.
+    fn dev_name(&mut self, raw: &[u8; NAME_LEN]) -> Name {
+        if raw[0] == 0 {
+            return Name::default();
+        }
+        if self.last_dev.raw().0 != raw {
+            self.last_dev = Name::from_array(raw);
+        }
+        self.last_dev
+    }
+
     /// Decodes one ring record into its events, in the order the hooks ran: one for an ordinary
     /// record, the head and then each staged hook for a run record ([`HOOK_RUN`]). Returns how
     /// many events it handed to `f` (nothing on error).
@@ -284,8 +299,9 @@ impl Decoder {
     /// event's `packet` and `wire`: they belong to the one hook that captured them.
     pub fn decode_each(&mut self, bytes: &[u8], mut f: impl FnMut(&mut Event)) -> Result<u64, DecodeError> {
         let run = run_stages(bytes)?;
-        let (mut e, cached, pid_tgid, comm) = decode_raw(&bytes[..bytes.len().min(RAW_EVENT_SIZE)])?;
-        e.comm = self.task_name(e.cpu as usize, pid_tgid, cached, &comm);
+        let (mut e, cached, pid_tgid, comm, ifname) = decode_raw(bytes)?;
+        e.comm = self.task_name(e.cpu as usize, pid_tgid, cached, comm);
+        e.ifname = self.dev_name(ifname);
         // Whole frames (hdr_kind ETH: the lo programs, and a GSO segment's first hook) are wire
         // bytes; `wire_bytes` leaves every other capture out.
         let mut wire = if self.keep_wire {
@@ -389,13 +405,33 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if run_stages(bytes)?.n != 0 {
         return Err(DecodeError::Several);
     }
-    let (mut e, cached, _, comm) = decode_raw(bytes)?;
-    e.comm = if cached {
-        Name::from("?")
-    } else {
-        Name::from_array(&comm)
-    };
+    let (mut e, cached, _, comm, ifname) = decode_raw(bytes)?;
+    e.comm = if cached { Name::from("?") } else { Name::from_array(comm) };
+    e.ifname = Name::from_array(ifname);
     Ok(e)
+}
+
+/// Field `$f` of the [`RawEvent`] at the start of `$b` (checked to be that long), read where it
+/// lies: the record is not copied out whole (184 bytes, a `memcpy` call per record).
+macro_rules! field {
+    ($b:expr, $f:ident : $t:ty) => {{
+        const AT: usize = std::mem::offset_of!(RawEvent, $f);
+        <$t>::from_ne_bytes(match $b[AT..AT + size_of::<$t>()].try_into() {
+            Ok(a) => a,
+            Err(_) => unreachable!("a fixed-size slice"),
+        })
+    }};
+}
+
+/// The bytes of array field `$f` of the [`RawEvent`] at the start of `$b`, in place.
+macro_rules! array {
+    ($b:expr, $f:ident : $n:expr) => {{
+        const AT: usize = std::mem::offset_of!(RawEvent, $f);
+        match <&[u8; $n]>::try_from(&$b[AT..AT + $n]) {
+            Ok(a) => a,
+            Err(_) => unreachable!("a fixed-size slice"),
+        }
+    }};
 }
 
 /// The link-layer bytes of an `lo` record: the header capture, then whatever an ordinary record
@@ -405,57 +441,59 @@ fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
     if bytes.get(std::mem::offset_of!(RawEvent, hdr_kind)) != Some(&hdr_kind::ETH) {
         return None;
     }
-    // SAFETY: decode_raw checked the length; plain old data.
-    let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let n = (raw.hdr_len as usize).min(HDR_CAP);
-    let mut v = raw.hdr[..n].to_vec();
+    let b = bytes.first_chunk::<RAW_EVENT_SIZE>()?;
+    let n = (field!(b, hdr_len: u16) as usize).min(HDR_CAP);
+    let mut v = array!(b, hdr: HDR_CAP)[..n].to_vec();
     if n == HDR_CAP && with_tail {
         v.extend_from_slice(&bytes[RAW_EVENT_SIZE..]);
     }
     Some(v.into_boxed_slice())
 }
 
-/// The event of a record, with its task's name left to the caller: also whether the kernel left
-/// the name out ([`HOOK_COMM_CACHED`]), the task (pid_tgid) and the name's raw bytes.
-type Raw = (Event, bool, u64, [u8; NAME_LEN]);
+/// The event of a record, with its task's name and device name left to the caller: also whether
+/// the kernel left the task name out ([`HOOK_COMM_CACHED`]), the task (pid_tgid) and the two
+/// names' raw bytes.
+type Raw<'a> = (Event, bool, u64, &'a [u8; NAME_LEN], &'a [u8; NAME_LEN]);
 
-fn decode_raw(bytes: &[u8]) -> Result<Raw, DecodeError> {
-    if bytes.len() < RAW_EVENT_SIZE {
+fn decode_raw(bytes: &[u8]) -> Result<Raw<'_>, DecodeError> {
+    let Some(b) = bytes.first_chunk::<RAW_EVENT_SIZE>() else {
         return Err(DecodeError::Size(bytes.len()));
-    }
-    // SAFETY: length checked above; RawEvent is plain old data, every bit pattern is valid.
-    let raw: RawEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let cached = raw.hook & HOOK_COMM_CACHED != 0;
-    let hook = Hook::try_from(raw.hook & !HOOK_FLAGS).map_err(DecodeError::Hook)?;
-    let n = (raw.hdr_len as usize).min(HDR_CAP);
-    let hdr = &raw.hdr[..n];
-    let (packet, route) = match raw.hdr_kind {
+    };
+    let raw_hook = field!(b, hook: u8);
+    let cached = raw_hook & HOOK_COMM_CACHED != 0;
+    let hook = Hook::try_from(raw_hook & !HOOK_FLAGS).map_err(DecodeError::Hook)?;
+    let n = (field!(b, hdr_len: u16) as usize).min(HDR_CAP);
+    let hdr = &array!(b, hdr: HDR_CAP)[..n];
+    let ifname = array!(b, ifname: NAME_LEN);
+    let (arg0, arg1) = (field!(b, arg0: u64), field!(b, arg1: u64));
+    let (packet, route) = match field!(b, hdr_kind: u8) {
         hdr_kind::L3 => (parse_l3(hdr), None),
         hdr_kind::ETH => (parse_eth(hdr), None),
-        hdr_kind::ROUTE => (None, parse_route(hdr, &raw)),
+        hdr_kind::ROUTE => (None, parse_route(hdr, arg0, arg1, ifname)),
         _ => (None, None),
     };
+    let pid_tgid = field!(b, pid_tgid: u64);
     let e = Event {
-        ts_ns: raw.ts_ns,
-        skb: raw.skb,
-        tgid: (raw.pid_tgid >> 32) as u32,
-        tid: raw.pid_tgid as u32,
+        ts_ns: field!(b, ts_ns: u64),
+        skb: field!(b, skb: u64),
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
         comm: Name::default(),
-        ifname: Name::from_array(&raw.ifname),
-        ifindex: raw.ifindex,
-        cpu: raw.cpu,
-        len: raw.len,
+        ifname: Name::default(),
+        ifindex: field!(b, ifindex: u32),
+        cpu: field!(b, cpu: u32),
+        len: field!(b, len: u32),
         hook,
-        arg0: raw.arg0,
-        arg1: raw.arg1,
+        arg0,
+        arg1,
         packet,
         route,
         wire: None,
     };
-    Ok((e, cached, raw.pid_tgid, raw.comm))
+    Ok((e, cached, pid_tgid, array!(b, comm: NAME_LEN), ifname))
 }
 
-fn parse_route(h: &[u8], raw: &RawEvent) -> Option<RouteInfo> {
+fn parse_route(h: &[u8], arg0: u64, arg1: u64, ifname: &[u8; NAME_LEN]) -> Option<RouteInfo> {
     if h.len() < 36 {
         return None;
     }
@@ -474,9 +512,9 @@ fn parse_route(h: &[u8], raw: &RawEvent) -> Option<RouteInfo> {
     Some(RouteInfo {
         dst,
         src,
-        table: raw.arg0 as u32,
-        err: raw.arg1 as i64 as i32,
-        dev: Name::from_array(&raw.ifname),
+        table: arg0 as u32,
+        err: arg1 as i64 as i32,
+        dev: Name::from_array(ifname),
     })
 }
 

@@ -143,25 +143,26 @@ impl Tracker {
             self.stats.unlinked_lo_events += 1;
             return;
         }
-        // Most events add a stage to a path in flight: done where the path lies in the map.
-        if Self::continues(e)
-            && let Some(p) = self.inflight.get_mut(&e.skb)
-            && !(p.passed_tc_ingress && matches!(e.hook, Hook::Receive | Hook::TcIngress))
+        // Most events add a stage to a path in flight: done where the path lies in the map (one
+        // lookup; a path moves out of the map only when it may end or give way to another).
+        if let Some(p) = self.inflight.get_mut(&e.skb)
+            && Self::continues(e, p)
         {
             record(&mut self.pairing, p, e);
             return;
         }
         if e.hook == Hook::SockQueue {
             // Only meaningful for a UDP packet still being received, queued once.
-            let queued = self.inflight.get(&e.skb).filter(|p| {
+            let Some(p) = self.inflight.get_mut(&e.skb).filter(|p| {
                 p.has(StageKind::Receive)
                     && !p.has(StageKind::SockQueue)
                     && p.info.as_ref().is_some_and(|i| i.proto == PROTO_UDP)
-            });
-            let Some(id) = queued.map(|p| p.id) else {
+            }) else {
                 return;
             };
-            self.sock_queues.entry(e.arg0).or_default().push_back((e.skb, id));
+            self.sock_queues.entry(e.arg0).or_default().push_back((e.skb, p.id));
+            record(&mut self.pairing, p, e);
+            return;
         }
         // A free with nothing in flight at its address ends a packet that ended already: a
         // UDP datagram delivered by its read, freed later on the CPU that allocated it
@@ -184,14 +185,30 @@ impl Tracker {
         }
     }
 
-    /// An event that only adds a stage to its skb's path if one is in flight: not a transmit
-    /// start (which may reuse an address), not a GSO segment, not an end, not a socket queueing.
-    /// (A socket copy starts a path of its own only when none is in flight.)
-    fn continues(e: &Event) -> bool {
+    /// Whether the event adds a stage to `p`, the path in flight at its address: not a GSO
+    /// segment (a new skb), not an end, not a socket queueing (which is checked first), not a
+    /// crossing that [`Self::reuses`] the address.
+    #[inline(always)]
+    fn continues(e: &Event, p: &PacketPath) -> bool {
         match e.hook {
-            Hook::TcEgress | Hook::DevQueue | Hook::Consume | Hook::LeftNetns | Hook::Free | Hook::SockQueue => false,
+            Hook::Consume | Hook::LeftNetns | Hook::Free | Hook::SockQueue => false,
             Hook::Xmit => e.arg1 == 0,
-            _ => true,
+            _ => !Self::reuses(e, p),
+        }
+    }
+
+    /// Whether the event is another crossing at the address of `p`, whose free fired no
+    /// tracepoint (TCP paths): a transmit start on a path that passed it already, or a tc
+    /// egress, tc ingress or receive on a path that passed tc ingress. On lo each crossing passes
+    /// each exactly once (seen where the kernel ran no tracing program for a packet, which lo's
+    /// tc programs still saw: see `Stats::tc_only`).
+    #[inline(always)]
+    fn reuses(e: &Event, p: &PacketPath) -> bool {
+        match e.hook {
+            Hook::TcEgress => p.has(StageKind::DevQueue) || p.has(StageKind::TcEgress),
+            Hook::DevQueue => p.has(StageKind::DevQueue),
+            Hook::Receive | Hook::TcIngress => p.passed_tc_ingress,
+            _ => false,
         }
     }
 
@@ -225,35 +242,19 @@ impl Tracker {
         // A GSO segment (the head of its own transmit run, the split skb in `arg1`) is a new
         // skb: whatever was open at its address ended unseen (its free fired no tracepoint).
         let segment_of = (e.hook == Hook::Xmit && e.arg1 != 0).then_some(e.arg1);
-        if segment_of.is_some()
-            && let Some(old) = self.inflight.remove(&e.skb)
-        {
-            let v = self.idle_verdict(&old);
-            self.finish_unseen_boxed(old, v, done);
-        }
-        // A new transmit on an address whose previous packet got no free tracepoint (TCP
-        // paths) ends that packet: the address was reused.
-        // Likewise a tc egress or tc ingress on a path that passed it already: on lo each
-        // crossing passes each exactly once. (Seen where the kernel ran no tracing program for a
-        // packet, which lo's tc programs still saw: see `Stats::tc_only`.)
-        let reused = match e.hook {
-            Hook::TcEgress => self
-                .inflight
-                .get(&e.skb)
-                .is_some_and(|old| old.has(StageKind::DevQueue) || old.has(StageKind::TcEgress)),
-            Hook::DevQueue => self
-                .inflight
-                .get(&e.skb)
-                .is_some_and(|old| old.has(StageKind::DevQueue)),
-            Hook::Receive | Hook::TcIngress => self.inflight.get(&e.skb).is_some_and(|old| old.passed_tc_ingress),
-            _ => false,
-        };
-        if reused && let Some(old) = self.inflight.remove(&e.skb) {
-            self.finish_unseen_boxed(old, Verdict::FreedUntraced, done);
-        }
         match self.inflight.remove(&e.skb) {
-            Some(p) => p,
-            None if segment_of.is_some() => {
+            // (`push_into` added every other event to the path in flight at its address.)
+            Some(old) if segment_of.is_some() => {
+                let v = self.idle_verdict(&old);
+                self.finish_unseen_boxed(old, v, done);
+            }
+            // Another crossing at the address: its previous packet ended unseen.
+            Some(old) if Self::reuses(e, &old) => self.finish_unseen_boxed(old, Verdict::FreedUntraced, done),
+            Some(p) => return p,
+            None => {}
+        }
+        match segment_of {
+            Some(_) => {
                 let mut p = Box::new(self.new_packet(e));
                 // Its path so far is the split skb's (send, route, tc egress, dev queue, split).
                 if let Some((parent, pp, n)) = self.gso_parents.get_mut(&e.cpu)
