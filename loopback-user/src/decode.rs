@@ -3,7 +3,7 @@
 //! wrote them), the hook id goes through `TryFrom`, headers through etherparse.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use etherparse::{LaxNetSlice, LaxSlicedPacket};
+use etherparse::{LaxIpSlice, LaxNetSlice, LaxSlicedPacket};
 use loopback_common::{
     HDR_CAP, HOOK_COMM_CACHED, HOOK_FLAGS, HOOK_RUN, Hook, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE, RUN_STAGE_SIZE,
     RUN_TAIL_FIXED, RawEvent, RunStage, hdr_kind,
@@ -518,14 +518,28 @@ fn parse_route(h: &[u8], arg0: u64, arg1: u64, ifname: &[u8; NAME_LEN]) -> Optio
     })
 }
 
+/// Header fields of a link-layer capture. IPv4 and IPv6 frames (all of `lo`'s) go straight to
+/// the IP layer (etherparse's full packet slicer also slices the transport header, which is
+/// read by hand below, and copies its state at each layer: a fifth of decoding); other ether
+/// types (VLAN tags) go through the full slicer.
 pub fn parse_eth(h: &[u8]) -> Option<PacketInfo> {
-    let p = LaxSlicedPacket::from_ethernet(h).ok()?;
-    from_net(p.net.as_ref()?)
+    const IPV4: u16 = etherparse::EtherType::IPV4.0;
+    const IPV6: u16 = etherparse::EtherType::IPV6.0;
+    if let Some(&[t0, t1]) = h.get(12..14)
+        && matches!(u16::from_be_bytes([t0, t1]), IPV4 | IPV6)
+    {
+        return parse_l3(&h[14..]);
+    }
+    match LaxSlicedPacket::from_ethernet(h).ok()?.net? {
+        LaxNetSlice::Ipv4(v4) => from_ip(&LaxIpSlice::Ipv4(v4)),
+        LaxNetSlice::Ipv6(v6) => from_ip(&LaxIpSlice::Ipv6(v6)),
+        LaxNetSlice::Arp(_) => None,
+    }
 }
 
+/// Header fields of a capture that starts at the IP header.
 pub fn parse_l3(h: &[u8]) -> Option<PacketInfo> {
-    let p = LaxSlicedPacket::from_ip(h).ok()?;
-    from_net(p.net.as_ref()?)
+    from_ip(&LaxIpSlice::from_slice(h).ok()?.0)
 }
 
 fn be16(b: &[u8], at: usize) -> Option<u16> {
@@ -535,9 +549,9 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-fn from_net(net: &LaxNetSlice<'_>) -> Option<PacketInfo> {
+fn from_ip(net: &LaxIpSlice<'_>) -> Option<PacketInfo> {
     let (src, dst, total_payload): (IpAddr, IpAddr, Option<u32>) = match net {
-        LaxNetSlice::Ipv4(v4) => {
+        LaxIpSlice::Ipv4(v4) => {
             let h = v4.header();
             let total = h.total_len() as u32;
             let hl = h.ihl() as u32 * 4;
@@ -547,7 +561,7 @@ fn from_net(net: &LaxNetSlice<'_>) -> Option<PacketInfo> {
                 total.checked_sub(hl),
             )
         }
-        LaxNetSlice::Ipv6(v6) => {
+        LaxIpSlice::Ipv6(v6) => {
             let h = v6.header();
             let ext = v6.extensions().slice().len() as u32;
             (
@@ -556,9 +570,8 @@ fn from_net(net: &LaxNetSlice<'_>) -> Option<PacketInfo> {
                 (h.payload_length() as u32).checked_sub(ext),
             )
         }
-        LaxNetSlice::Arp(_) => return None,
     };
-    let pl = net.ip_payload_ref()?;
+    let pl = net.payload();
     let proto = pl.ip_number.0;
     // Transport fields are read by hand: the capture is a fixed 96 bytes and etherparse's
     // transport slicers reject headers whose options run past it; we need only fixed fields.
@@ -899,6 +912,61 @@ mod tests {
                 r.hdr_len = u16::MAX; // larger than the buffer: must be clamped
                 let _ = decode(&encode(&r)).expect("decodes");
             }
+        }
+    }
+
+    /// The fields the full slicer finds (the way headers were parsed before the IP fast path).
+    fn through_full_slicer(p: Option<LaxSlicedPacket<'_>>) -> Option<PacketInfo> {
+        match p?.net? {
+            LaxNetSlice::Ipv4(v4) => from_ip(&LaxIpSlice::Ipv4(v4)),
+            LaxNetSlice::Ipv6(v6) => from_ip(&LaxIpSlice::Ipv6(v6)),
+            LaxNetSlice::Arp(_) => None,
+        }
+    }
+
+    #[test]
+    fn headers_read_at_the_ip_layer_are_what_the_full_slicer_reads() {
+        let mut frames: Vec<Vec<u8>> = vec![icmp_echo_v4()];
+        // Real headers of every kind, then the same cut short and with bytes flipped.
+        let v4 = || etherparse::PacketBuilder::ethernet2([1; 6], [2; 6]).ipv4([127, 0, 0, 1], [127, 0, 0, 2], 64);
+        let v6 = || etherparse::PacketBuilder::ethernet2([1; 6], [2; 6]).ipv6([1; 16], [2; 16], 64);
+        for b in [v4().tcp(1, 2, 3, 4), v6().tcp(1, 2, 3, 4)] {
+            let mut f = Vec::new();
+            b.write(&mut f, &[7; 40]).expect("writes");
+            frames.push(f);
+        }
+        for b in [v4().udp(5, 6), v6().udp(5, 6)] {
+            let mut f = Vec::new();
+            b.write(&mut f, &[7; 40]).expect("writes");
+            frames.push(f);
+        }
+        let vlan = etherparse::PacketBuilder::ethernet2([1; 6], [2; 6])
+            .single_vlan(etherparse::VlanId::try_new(5).expect("vlan id"))
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1, 2);
+        let mut f = Vec::new();
+        vlan.write(&mut f, &[1; 8]).expect("writes");
+        frames.push(f);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut cases = Vec::new();
+        for f in &frames {
+            for cut in 0..=f.len().min(HDR_CAP) {
+                cases.push(f[..cut].to_vec());
+            }
+            for _ in 0..2000 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let mut g = f[..f.len().min(HDR_CAP)].to_vec();
+                let at = (x as usize) % g.len();
+                g[at] ^= (x >> 32) as u8 | 1;
+                cases.push(g);
+            }
+        }
+        for c in &cases {
+            assert_eq!(parse_eth(c), through_full_slicer(LaxSlicedPacket::from_ethernet(c).ok()), "{c:02x?}");
+            let l3 = c.get(14..).unwrap_or_default();
+            assert_eq!(parse_l3(l3), through_full_slicer(LaxSlicedPacket::from_ip(l3).ok()), "{l3:02x?}");
         }
     }
 }
