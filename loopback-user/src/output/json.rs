@@ -87,10 +87,21 @@ fn pair(out: &mut Digits, at: usize, d: u32) {
     out[at + 1] = PAIRS[d + 1];
 }
 
+/// How many decimal digits `n` (below 10^8) has (1 for 0): from its bit length, whose
+/// logarithm `* 1233 >> 12` (log10(2) in 12 bits) is the digit count or one more, then one
+/// comparison (`ilog10` took about 17 instructions, a tenth of writing the JSON line's numbers).
+#[inline(always)]
+fn digits(n: u32) -> usize {
+    const POW10: [u32; 9] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000, 100_000_000];
+    let m = n | 1;
+    let t = (((32 - m.leading_zeros()) * 1233) >> 12) as usize;
+    t + 1 - usize::from(m < POW10[t])
+}
+
 /// `n` (below 10^8) without leading zeros at the start of `out`; returns its length.
 #[inline(always)]
 fn upto8(out: &mut Digits, mut n: u32) -> usize {
-    let len = n.checked_ilog10().map_or(1, |l| l as usize + 1);
+    let len = digits(n);
     let mut i = len;
     while n >= 100 {
         i -= 2;
@@ -526,6 +537,19 @@ mod tests {
         }
         for n in [0, 1, -1, 42, -42, i32::MIN, i32::MAX] {
             assert_eq!(written(64, |o| o.signed(n)), n.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn digit_counts_are_those_of_std() {
+        for n in (0..100_000_000u32).step_by(97).chain([0, 1, 9, 10, 99, 100, 99_999_999]) {
+            assert_eq!(digits(n), n.to_string().len(), "{n}");
+        }
+        for p in 0..8 {
+            let t = 10u32.pow(p);
+            for n in [t - 1, t, t + 1] {
+                assert_eq!(digits(n), n.to_string().len(), "{n}");
+            }
         }
     }
 
