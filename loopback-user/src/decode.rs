@@ -406,7 +406,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         return Err(DecodeError::Several);
     }
     let (mut e, cached, _, comm, ifname) = decode_raw(bytes)?;
-    e.comm = if cached { Name::from("?") } else { Name::from_array(comm) };
+    e.comm = if cached {
+        Name::from("?")
+    } else {
+        Name::from_array(comm)
+    };
     e.ifname = Name::from_array(ifname);
     Ok(e)
 }
@@ -964,9 +968,17 @@ mod tests {
             }
         }
         for c in &cases {
-            assert_eq!(parse_eth(c), through_full_slicer(LaxSlicedPacket::from_ethernet(c).ok()), "{c:02x?}");
+            assert_eq!(
+                parse_eth(c),
+                through_full_slicer(LaxSlicedPacket::from_ethernet(c).ok()),
+                "{c:02x?}"
+            );
             let l3 = c.get(14..).unwrap_or_default();
-            assert_eq!(parse_l3(l3), through_full_slicer(LaxSlicedPacket::from_ip(l3).ok()), "{l3:02x?}");
+            assert_eq!(
+                parse_l3(l3),
+                through_full_slicer(LaxSlicedPacket::from_ip(l3).ok()),
+                "{l3:02x?}"
+            );
         }
     }
 }

@@ -542,7 +542,10 @@ mod tests {
 
     #[test]
     fn digit_counts_are_those_of_std() {
-        for n in (0..100_000_000u32).step_by(97).chain([0, 1, 9, 10, 99, 100, 99_999_999]) {
+        for n in (0..100_000_000u32)
+            .step_by(97)
+            .chain([0, 1, 9, 10, 99, 100, 99_999_999])
+        {
             assert_eq!(digits(n), n.to_string().len(), "{n}");
         }
         for p in 0..8 {
