@@ -620,7 +620,7 @@ fn from_ip(net: &LaxIpSlice<'_>) -> Option<PacketInfo> {
 }
 
 /// The name of a transport protocol this program knows ([`proto_name`] names the others).
-pub fn proto_str(p: u8) -> Option<&'static str> {
+pub const fn proto_str(p: u8) -> Option<&'static str> {
     Some(match p {
         PROTO_ICMP => "icmp",
         PROTO_TCP => "tcp",

@@ -15,9 +15,9 @@ use serde_json::Value;
 
 use super::text::table_name;
 use crate::{
-    decode::{Name, json_escaped, proto_name, proto_str},
+    decode::{Name, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, json_escaped, proto_name, proto_str},
     hooks::StageKind,
-    path::PacketPath,
+    path::{PacketPath, SoftirqContext, Verdict},
 };
 
 /// One JSON line for a packet, written straight to `w`. Formatting goes into a reused buffer,
@@ -219,6 +219,70 @@ const TAILS: [[([u8; TAIL], usize); StageKind::ALL.len() + 1]; 2] = {
     t
 };
 
+/// Room for a short string this program writes, quoted.
+const SHORT: usize = 24;
+
+/// `"s"`, zero-padded to [`SHORT`] bytes, with its length: a string known when the program is
+/// built, written as one fixed-size copy (a `memcpy` call of its length cost more).
+const fn quoted(s: &str) -> ([u8; SHORT], usize) {
+    let b = s.as_bytes();
+    assert!(b.len() + 2 <= SHORT);
+    let mut q = [0u8; SHORT];
+    q[0] = b'"';
+    let mut i = 0;
+    while i < b.len() {
+        q[i + 1] = b[i];
+        i += 1;
+    }
+    q[i + 1] = b'"';
+    (q, i + 2)
+}
+
+/// Each verdict's name, quoted, indexed by the verdict.
+const VERDICTS: [([u8; SHORT], usize); Verdict::ALL.len()] = {
+    let mut t = [([0u8; SHORT], 0); Verdict::ALL.len()];
+    let mut i = 0;
+    while i < t.len() {
+        assert!(Verdict::ALL[i] as usize == i);
+        t[i] = quoted(Verdict::ALL[i].as_str());
+        i += 1;
+    }
+    t
+};
+
+/// Each softirq context's name, quoted, indexed by the context.
+const CONTEXTS: [([u8; SHORT], usize); SoftirqContext::ALL.len()] = {
+    let mut t = [([0u8; SHORT], 0); SoftirqContext::ALL.len()];
+    let mut i = 0;
+    while i < t.len() {
+        assert!(SoftirqContext::ALL[i] as usize == i);
+        t[i] = quoted(SoftirqContext::ALL[i].as_str());
+        i += 1;
+    }
+    t
+};
+
+/// The name of a transport protocol this program knows, quoted (see [`proto_str`]).
+fn proto_quoted(p: u8) -> Option<&'static ([u8; SHORT], usize)> {
+    const fn q(p: u8) -> ([u8; SHORT], usize) {
+        match proto_str(p) {
+            Some(s) => quoted(s),
+            None => panic!("a known protocol"),
+        }
+    }
+    const ICMP: ([u8; SHORT], usize) = q(PROTO_ICMP);
+    const TCP: ([u8; SHORT], usize) = q(PROTO_TCP);
+    const UDP: ([u8; SHORT], usize) = q(PROTO_UDP);
+    const ICMPV6: ([u8; SHORT], usize) = q(PROTO_ICMPV6);
+    Some(match p {
+        PROTO_ICMP => &ICMP,
+        PROTO_TCP => &TCP,
+        PROTO_UDP => &UDP,
+        PROTO_ICMPV6 => &ICMPV6,
+        _ => return None,
+    })
+}
+
 /// A line being written: `b` is the whole room, `at` how much is written.
 struct Out<'a> {
     b: &'a mut [u8],
@@ -411,8 +475,8 @@ impl<'a> Out<'a> {
         self.num(first);
         self.lit(b",\"proto\":");
         match info {
-            Some(i) => match proto_str(i.proto) {
-                Some(s) => self.plain(s),
+            Some(i) => match proto_quoted(i.proto) {
+                Some((q, len)) => self.cut(q, *len),
                 None => self.plain(&proto_name(i.proto)),
             },
             None => self.lit(b"null"),
@@ -464,7 +528,8 @@ impl<'a> Out<'a> {
         self.lit(b",\"complete\":");
         self.boolean(p.complete);
         self.lit(b",\"verdict\":");
-        self.plain(p.verdict.as_str());
+        let (q, len) = &VERDICTS[p.verdict as usize];
+        self.cut(q, *len);
         self.lit(b",\"drop_reason\":");
         self.opt_string(p.drop_reason.as_deref());
         self.lit(b",\"reply_of\":");
@@ -496,7 +561,8 @@ impl<'a> Out<'a> {
                 self.lit(b"{\"cpu\":");
                 self.num(s.cpu);
                 self.lit(b",\"context\":");
-                self.plain(s.context.as_str());
+                let (q, len) = &CONTEXTS[s.context as usize];
+                self.cut(q, *len);
                 self.lit(b",\"task\":");
                 self.name(s.task);
                 self.lit(b",\"pid\":");

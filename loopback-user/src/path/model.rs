@@ -40,7 +40,7 @@ pub enum SoftirqContext {
 
 impl SoftirqContext {
     pub const ALL: [SoftirqContext; 3] = [SoftirqContext::Inline, SoftirqContext::Ksoftirqd, SoftirqContext::Other];
-    pub fn as_str(&self) -> &'static str {
+    pub const fn as_str(&self) -> &'static str {
         match self {
             SoftirqContext::Inline => "inline",
             SoftirqContext::Ksoftirqd => "ksoftirqd",
@@ -85,7 +85,21 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn as_str(&self) -> &'static str {
+    /// Every verdict, in declaration order (`ALL[v as usize] == v`).
+    pub const ALL: [Verdict; 8] = [
+        Verdict::Consumed,
+        Verdict::Delivered,
+        Verdict::DeliveredClone,
+        Verdict::Dropped,
+        Verdict::FreedUntraced,
+        Verdict::LeftNetns,
+        Verdict::Expired,
+        Verdict::InFlight,
+    ];
+}
+
+impl Verdict {
+    pub const fn as_str(&self) -> &'static str {
         match self {
             Verdict::Consumed => "consumed",
             Verdict::Delivered => "delivered",
