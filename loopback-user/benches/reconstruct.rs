@@ -29,7 +29,7 @@ fn replay(events: &[Vec<u8>]) -> u64 {
 
 /// The whole user-space pipeline of `trace --format json`: decode, reconstruct, one JSON line per
 /// packet (into memory, so no write is timed).
-fn to_json(events: &[Vec<u8>], out: &mut Vec<u8>) -> usize {
+fn to_json(events: &[Vec<u8>], out: &mut output::JsonLines) -> usize {
     out.clear();
     let mut t = Tracker::new(TrackerConfig::default(), fixture::drop_reasons().into_iter().collect());
     let mut d = Decoder::default();
@@ -38,13 +38,13 @@ fn to_json(events: &[Vec<u8>], out: &mut Vec<u8>) -> usize {
         d.decode_each(b, |e| {
             t.push_into(e, &mut done);
             for p in done.drain(..) {
-                output::write_packet_json(out, &p).expect("write to memory");
+                out.push(&p);
             }
         })
         .expect("valid record");
     }
     for p in t.flush() {
-        output::write_packet_json(out, &p).expect("write to memory");
+        out.push(&p);
     }
     out.len()
 }
@@ -72,7 +72,7 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("json");
     g.throughput(Throughput::Elements(packets));
     g.sample_size(20);
-    let mut out = Vec::new();
+    let mut out = output::JsonLines::default();
     g.bench_function("lo_session_packets", |b| b.iter(|| to_json(&events, &mut out)));
     g.finish();
 }

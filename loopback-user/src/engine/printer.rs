@@ -7,7 +7,7 @@ use anyhow::Result;
 use super::Intake;
 use crate::{
     filter::Expr,
-    output::{Summary, TextStyle, packet_text, summary_json, summary_text, write_packet_json},
+    output::{JsonLines, Summary, TextStyle, packet_text, summary_json, summary_text},
     path::{PacketPath, Stats},
     pcap::PcapOut,
     record,
@@ -41,10 +41,16 @@ pub fn wanted(p: &PacketPath, filter: Option<&Expr>, pid: Option<u32>) -> bool {
 
 /// Prints finished packets that pass the filter and `--pid`, up to `--count` (and writes them
 /// to the pcapng file when there is one).
+/// JSON lines go to stdout once this many bytes of them are waiting (and whenever the printer
+/// runs out of packets to print).
+const LINES_AT_ONCE: usize = 64 * 1024;
+
 pub struct Printer {
     pub(super) opts: PrintOpts,
     style: TextStyle,
     out: std::io::BufWriter<std::io::Stdout>,
+    /// JSON lines not yet written to `out` (which passes a write this large straight on).
+    lines: JsonLines,
     pub printed: u64,
     pub pcap: Option<PcapOut>,
 }
@@ -57,6 +63,7 @@ impl Printer {
             opts,
             style: TextStyle { color, wall_offset_ns },
             out: std::io::BufWriter::new(stdout),
+            lines: JsonLines::default(),
             printed: 0,
             pcap,
         }
@@ -94,7 +101,12 @@ impl Printer {
     /// One packet to stdout and the pcapng file.
     fn print(&mut self, p: &PacketPath) -> Result<()> {
         match self.opts.format {
-            Format::Json => write_packet_json(&mut self.out, p)?,
+            Format::Json => {
+                self.lines.push(p);
+                if self.lines.len() >= LINES_AT_ONCE {
+                    self.write_lines()?;
+                }
+            }
             Format::Text => write!(self.out, "{}", packet_text(p, &self.style))?,
         }
         if let Some(pc) = &mut self.pcap {
@@ -104,7 +116,16 @@ impl Printer {
         Ok(())
     }
 
+    fn write_lines(&mut self) -> Result<()> {
+        if !self.lines.is_empty() {
+            self.out.write_all(self.lines.as_bytes())?;
+            self.lines.clear();
+        }
+        Ok(())
+    }
+
     pub fn flush(&mut self) -> Result<()> {
+        self.write_lines()?;
         self.out.flush()?;
         Ok(())
     }

@@ -20,19 +20,47 @@ use crate::{
     path::{PacketPath, SoftirqContext, Verdict},
 };
 
-/// One JSON line for a packet, written straight to `w`. Formatting goes into a reused buffer,
-/// then one write.
-pub fn write_packet_json(w: &mut impl std::io::Write, p: &PacketPath) -> std::io::Result<()> {
-    thread_local! {
-        static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-    }
-    BUF.with_borrow_mut(|b| {
-        let mut o = Out::new(b, room(p));
+/// JSON lines, written straight into one buffer (grown to a bound on each line, zeroed once,
+/// then reused) that is handed on whole: the printer writes it to stdout in large writes, with
+/// no copy of each line into a second buffer.
+#[derive(Default)]
+pub struct JsonLines {
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+impl JsonLines {
+    /// Appends the packet's line (and its newline).
+    pub fn push(&mut self, p: &PacketPath) {
+        let need = self.filled + room(p) + 1;
+        if self.buf.len() < need {
+            self.buf.resize(need, 0);
+        }
+        let mut o = Out {
+            b: &mut self.buf[self.filled..],
+            at: 0,
+        };
         o.packet(p);
         o.byte(b'\n');
-        let n = o.at;
-        w.write_all(&b[..n])
-    })
+        self.filled += o.at;
+    }
+
+    /// The lines written since the last [`Self::clear`].
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.filled]
+    }
+
+    pub fn len(&self) -> usize {
+        self.filled
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.filled == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.filled = 0;
+    }
 }
 
 #[cfg(any(test, feature = "test-support"))]

@@ -8,6 +8,6 @@ mod text;
 
 #[cfg(any(test, feature = "test-support"))]
 pub use json::packet_json;
-pub use json::{stages_json, write_packet_json};
+pub use json::{JsonLines, stages_json};
 pub use summary::{Summary, summary_json, summary_text};
 pub use text::{TextStyle, fmt_ns, packet_text, table_name};
