@@ -366,9 +366,8 @@ impl Tracker {
                 break;
             }
         }
-        if q.is_empty() {
-            self.sock_queues.remove(&e.arg0);
-        }
+        // An emptied queue stays (its socket is likely read again: no allocation per datagram);
+        // `expire` drops the empty ones.
         if let Some(mut p) = read {
             p.stages.push(Stage::of(e, None));
             self.finish_boxed(p, Verdict::Delivered, done);
@@ -436,6 +435,7 @@ impl Tracker {
         }
         self.last_route
             .retain(|_, (st, _)| now.saturating_sub(st.t_ns) <= self.cfg.max_idle_ns);
+        self.sock_queues.retain(|_, q| !q.is_empty());
         done
     }
 
