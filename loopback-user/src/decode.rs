@@ -459,6 +459,7 @@ fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
 /// names' raw bytes.
 type Raw<'a> = (Event, bool, u64, &'a [u8; NAME_LEN], &'a [u8; NAME_LEN]);
 
+#[inline(always)]
 fn decode_raw(bytes: &[u8]) -> Result<Raw<'_>, DecodeError> {
     let Some(b) = bytes.first_chunk::<RAW_EVENT_SIZE>() else {
         return Err(DecodeError::Size(bytes.len()));
