@@ -692,13 +692,11 @@ mod tests {
             }
         }
         // And pseudo-random names drawn from the bytes that matter.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut xs = crate::fixture::xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..200_000 {
             let mut a = [0u8; NAME_LEN];
             for b in &mut a {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+                let x = xs.next().unwrap_or_default();
                 let pick = b"\0\0ab/\"\\\x1f\x20\x21\x7f\x80\xff\n";
                 *b = pick[(x % pick.len() as u64) as usize];
             }
@@ -952,16 +950,12 @@ mod tests {
         let mut f = Vec::new();
         vlan.write(&mut f, &[1; 8]).expect("writes");
         frames.push(f);
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
         let mut cases = Vec::new();
         for f in &frames {
             for cut in 0..=f.len().min(HDR_CAP) {
                 cases.push(f[..cut].to_vec());
             }
-            for _ in 0..2000 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
+            for x in crate::fixture::xorshift(0x9e37_79b9_7f4a_7c15).take(2000) {
                 let mut g = f[..f.len().min(HDR_CAP)].to_vec();
                 let at = (x as usize) % g.len();
                 g[at] ^= (x >> 32) as u8 | 1;

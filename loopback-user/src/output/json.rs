@@ -266,29 +266,26 @@ const fn quoted(s: &str) -> ([u8; SHORT], usize) {
     (q, i + 2)
 }
 
+/// The names of `$t::ALL`, quoted, indexed by the value they name (checked when the program is
+/// built).
+macro_rules! quoted_names {
+    ($t:ty) => {{
+        let mut t = [([0u8; SHORT], 0); <$t>::ALL.len()];
+        let mut i = 0;
+        while i < t.len() {
+            assert!(<$t>::ALL[i] as usize == i);
+            t[i] = quoted(<$t>::ALL[i].as_str());
+            i += 1;
+        }
+        t
+    }};
+}
+
 /// Each verdict's name, quoted, indexed by the verdict.
-const VERDICTS: [([u8; SHORT], usize); Verdict::ALL.len()] = {
-    let mut t = [([0u8; SHORT], 0); Verdict::ALL.len()];
-    let mut i = 0;
-    while i < t.len() {
-        assert!(Verdict::ALL[i] as usize == i);
-        t[i] = quoted(Verdict::ALL[i].as_str());
-        i += 1;
-    }
-    t
-};
+const VERDICTS: [([u8; SHORT], usize); Verdict::ALL.len()] = quoted_names!(Verdict);
 
 /// Each softirq context's name, quoted, indexed by the context.
-const CONTEXTS: [([u8; SHORT], usize); SoftirqContext::ALL.len()] = {
-    let mut t = [([0u8; SHORT], 0); SoftirqContext::ALL.len()];
-    let mut i = 0;
-    while i < t.len() {
-        assert!(SoftirqContext::ALL[i] as usize == i);
-        t[i] = quoted(SoftirqContext::ALL[i].as_str());
-        i += 1;
-    }
-    t
-};
+const CONTEXTS: [([u8; SHORT], usize); SoftirqContext::ALL.len()] = quoted_names!(SoftirqContext);
 
 /// The name of a transport protocol this program knows, quoted (see [`proto_str`]).
 fn proto_quoted(p: u8) -> Option<&'static ([u8; SHORT], usize)> {
@@ -692,14 +689,12 @@ mod tests {
             let t = 10u64.pow(p);
             edges.extend([t - 1, t, t + 1]);
         }
-        let mut x = 0x2545_f491_4f6c_dd1du64;
-        for _ in 0..100_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            // Every magnitude, not only 20-digit numbers.
-            edges.push(x >> (x % 64));
-        }
+        // Every magnitude, not only 20-digit numbers.
+        edges.extend(
+            crate::fixture::xorshift(0x2545_f491_4f6c_dd1d)
+                .take(100_000)
+                .map(|x| x >> (x % 64)),
+        );
         for n in edges {
             assert_eq!(written(64, |o| o.num(n)), n.to_string().as_bytes());
         }

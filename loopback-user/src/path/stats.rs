@@ -180,13 +180,11 @@ mod tests {
             let t = 1u64 << p;
             values.extend([t - 1, t, t + 1, 3 * t / 2]);
         }
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for _ in 0..50_000 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            values.push(x >> (x % 64));
-        }
+        values.extend(
+            crate::fixture::xorshift(0x9e37_79b9_7f4a_7c15)
+                .take(50_000)
+                .map(|x| x >> (x % 64)),
+        );
         let mut mine = StageLatency::default();
         let mut theirs = histogram();
         for &v in &values {
