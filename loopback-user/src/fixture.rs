@@ -324,6 +324,17 @@ pub fn write_recording(path: &std::path::Path, rounds: u64) -> std::io::Result<(
     w.finish(&Trailer::default())
 }
 
+/// A fixed pseudo-random sequence (xorshift64) from `seed` (not 0): the tests' inputs beyond
+/// the hand-picked edges, the same on every run.
+pub fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
+    std::iter::successors(Some(seed), |&x| {
+        let x = x ^ x << 13;
+        let x = x ^ x >> 7;
+        Some(x ^ x << 17)
+    })
+    .skip(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,15 +381,4 @@ mod tests {
         let contexts = stats.by_context();
         assert!(contexts.contains_key("ksoftirqd") && contexts.contains_key("inline"));
     }
-}
-
-/// A fixed pseudo-random sequence (xorshift64) from `seed` (not 0): the tests' inputs beyond
-/// the hand-picked edges, the same on every run.
-pub fn xorshift(seed: u64) -> impl Iterator<Item = u64> {
-    std::iter::successors(Some(seed), |&x| {
-        let x = x ^ x << 13;
-        let x = x ^ x >> 7;
-        Some(x ^ x << 17)
-    })
-    .skip(1)
 }
