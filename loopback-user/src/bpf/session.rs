@@ -675,33 +675,33 @@ impl KernelShape {
     }
 }
 
-/// Offset of `recursion_misses` in `struct bpf_prog_info` (uapi; the member exists since Linux
-/// 5.12), checked against aya-obj's bindings by a test. aya does not expose it.
-const PROG_INFO_RECURSION_MISSES: usize = 208;
-
 /// How many runs of the program the kernel skipped because it was already running on that CPU
-/// (`BPF_OBJ_GET_INFO_BY_FD`); None when the kernel does not say (older than the member).
+/// (`recursion_misses` of `struct bpf_prog_info`, through `BPF_OBJ_GET_INFO_BY_FD`; aya does not
+/// expose it); None when the kernel does not say (older than the member, Linux 5.12).
 fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     use std::os::fd::AsRawFd;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let mut info = [0u64; 32];
-    // union bpf_attr for BPF_OBJ_GET_INFO_BY_FD: bpf_fd, info_len, info (pointer).
-    let mut attr = [0u8; 16];
-    attr[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&(std::mem::size_of_val(&info) as u32).to_ne_bytes());
-    attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
-    // SAFETY: `attr` is a valid bpf_attr image; the kernel writes at most `info_len` bytes to
-    // `info`, which outlives the call, and the filled length back into `attr`.
+
+    use aya_obj::generated::{bpf_attr, bpf_cmd::BPF_OBJ_GET_INFO_BY_FD, bpf_prog_info};
+    // SAFETY: plain C structs of integers, for which all zeroes is a valid value.
+    let mut info: bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    attr.info.bpf_fd = fd.as_raw_fd() as u32;
+    attr.info.info_len = std::mem::size_of::<bpf_prog_info>() as u32;
+    attr.info.info = &mut info as *mut bpf_prog_info as u64;
+    // SAFETY: `attr` is a valid bpf_attr for the command; the kernel writes at most `info_len`
+    // bytes to `info`, which outlives the call, and the length it filled back into `attr`.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            attr.as_mut_ptr(),
-            attr.len() as u32,
+            BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            &mut attr as *mut bpf_attr,
+            std::mem::size_of::<bpf_attr>() as u32,
         )
     };
-    let filled = u32::from_ne_bytes([attr[4], attr[5], attr[6], attr[7]]) as usize;
-    (rc == 0 && filled >= PROG_INFO_RECURSION_MISSES + 8).then(|| info[PROG_INFO_RECURSION_MISSES / 8])
+    // SAFETY: the union's `info` member is the one written above and by the kernel.
+    let filled = unsafe { attr.info.info_len } as usize;
+    let end = std::mem::offset_of!(bpf_prog_info, recursion_misses) + 8;
+    (rc == 0 && filled >= end).then_some(info.recursion_misses)
 }
 
 /// `struct bpf_insn`: code, dst:4 | src:4 (`regs`), off (0 here), imm.
@@ -758,9 +758,10 @@ mod tests {
 
     #[test]
     fn recursion_misses_is_read_where_the_uapi_puts_it() {
+        // Offset 208 of the uapi's struct bpf_prog_info: the bindings read are the kernel's.
         assert_eq!(
             std::mem::offset_of!(aya_obj::generated::bpf_prog_info, recursion_misses),
-            PROG_INFO_RECURSION_MISSES
+            208
         );
     }
 

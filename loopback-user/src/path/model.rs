@@ -96,9 +96,7 @@ impl Verdict {
         Verdict::Expired,
         Verdict::InFlight,
     ];
-}
 
-impl Verdict {
     pub const fn as_str(&self) -> &'static str {
         match self {
             Verdict::Consumed => "consumed",
