@@ -246,10 +246,10 @@ impl Tracker {
             // (`push_into` added every other event to the path in flight at its address.)
             Some(old) if segment_of.is_some() => {
                 let v = self.idle_verdict(&old);
-                self.finish_unseen_boxed(old, v, done);
+                self.finish_unseen(old, v, done);
             }
             // Another crossing at the address: its previous packet ended unseen.
-            Some(old) if Self::reuses(e, &old) => self.finish_unseen_boxed(old, Verdict::FreedUntraced, done),
+            Some(old) if Self::reuses(e, &old) => self.finish_unseen(old, Verdict::FreedUntraced, done),
             Some(p) => return p,
             None => {}
         }
@@ -316,8 +316,8 @@ impl Tracker {
                     None => {}
                 }
             }
-            Hook::Consume => self.finish_boxed(p, Verdict::Consumed, done),
-            Hook::LeftNetns => self.finish_boxed(p, Verdict::LeftNetns, done),
+            Hook::Consume => self.finish(p, Verdict::Consumed, done),
+            Hook::LeftNetns => self.finish(p, Verdict::LeftNetns, done),
             Hook::Free => {
                 let name = self
                     .drop_names
@@ -333,7 +333,7 @@ impl Tracker {
                     p.verdict = Verdict::Dropped;
                     self.awaiting_clone.push_back(*p);
                 } else {
-                    self.finish_boxed(p, Verdict::Dropped, done);
+                    self.finish(p, Verdict::Dropped, done);
                 }
             }
             Hook::CopyToUser if p.stages.len() == 1 && p.clone_of.is_none() => {
@@ -370,7 +370,7 @@ impl Tracker {
         // `expire` drops the empty ones.
         if let Some(mut p) = read {
             p.stages.push(Stage::of(e, None));
-            self.finish_boxed(p, Verdict::Delivered, done);
+            self.finish(p, Verdict::Delivered, done);
         }
     }
 
@@ -392,7 +392,7 @@ impl Tracker {
         for (_, k) in by_age.into_iter().take(excess) {
             if let Some(p) = self.inflight.remove(&k) {
                 let v = self.idle_verdict(&p);
-                self.finish_unseen_boxed(p, v, done);
+                self.finish_unseen(p, v, done);
             }
         }
     }
@@ -486,16 +486,9 @@ impl Tracker {
     /// A path seen by tc egress on lo and by nothing after it is no packet: the kernel ran no
     /// tracing program for that transmit, and it never crossed lo as itself (else its own tc
     /// ingress would be on it): a GSO split whose segments were seen at tc ingress only.
-    fn finish_unseen(&mut self, p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
-        if !self.tc_egress_only(&p) {
+    fn finish_unseen(&mut self, mut p: impl Held, verdict: Verdict, done: &mut Vec<PacketPath>) {
+        if !self.tc_egress_only(p.path()) {
             self.finish(p, verdict, done);
-        }
-    }
-
-    /// [`Self::finish_unseen`] for a path in its box.
-    fn finish_unseen_boxed(&mut self, p: Box<PacketPath>, verdict: Verdict, done: &mut Vec<PacketPath>) {
-        if !self.tc_egress_only(&p) {
-            self.finish_boxed(p, verdict, done);
         }
     }
 
@@ -509,16 +502,12 @@ impl Tracker {
         only
     }
 
-    pub(super) fn finish(&mut self, mut p: PacketPath, verdict: Verdict, done: &mut Vec<PacketPath>) {
-        self.seal(&mut p, verdict);
-        done.push(p);
-    }
-
-    /// [`Self::finish`] for a path in its box (where it lay in flight): moved once, into
-    /// `done`, not first out of the box.
-    fn finish_boxed(&mut self, mut p: Box<PacketPath>, verdict: Verdict, done: &mut Vec<PacketPath>) {
-        self.seal(&mut p, verdict);
-        done.push(*p);
+    /// Seals the path and hands it on in `done`: a path in its box (where it lay in flight) is
+    /// moved once, into `done`, not first out of the box.
+    #[inline]
+    pub(super) fn finish(&mut self, mut p: impl Held, verdict: Verdict, done: &mut Vec<PacketPath>) {
+        self.seal(p.path(), verdict);
+        done.push(p.into_path());
     }
 
     /// Everything [`Self::finish`] does but handing the path on: its verdict, softirq,
@@ -541,6 +530,30 @@ impl Tracker {
         super::softirq::derive(p);
         p.complete = is_complete(p);
         self.stats.account(p);
+    }
+}
+
+/// A path being finished, where it lies: in its box (taken from the map) or out of it.
+pub(super) trait Held {
+    fn path(&mut self) -> &mut PacketPath;
+    fn into_path(self) -> PacketPath;
+}
+
+impl Held for PacketPath {
+    fn path(&mut self) -> &mut PacketPath {
+        self
+    }
+    fn into_path(self) -> PacketPath {
+        self
+    }
+}
+
+impl Held for Box<PacketPath> {
+    fn path(&mut self) -> &mut PacketPath {
+        self
+    }
+    fn into_path(self) -> PacketPath {
+        *self
     }
 }
 
