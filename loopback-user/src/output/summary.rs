@@ -124,7 +124,7 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
     }
     let _ = writeln!(
         s,
-        "    events: {} emitted, {} received | lost events: {} | skipped program runs: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | seen by tc only: {} crossings, {} transmits | frees after the end: {} | socket copies: {} | expired: {} | in flight at end: {}",
+        "    events: {} emitted, {} received | lost events: {} | skipped program runs: {} | scope overflow: {} | read failures: {} | undecodable: {} | unlinked lo events: {} | GSO splits: {} | seen by tc only: {} crossings at ingress, {} at egress and ingress, {} transmits | frees after the end: {} | socket copies: {} | expired: {} | in flight at end: {}",
         sum.kernel.emitted,
         sum.received,
         sum.kernel.ring_lost,
@@ -135,6 +135,7 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
         stats.unlinked_lo_events,
         stats.gso_splits,
         stats.tc_only.ingress,
+        stats.tc_only.both,
         stats.tc_only.egress,
         stats.frees_after_end,
         stats.copies,

@@ -167,6 +167,16 @@ impl PacketPath {
     pub fn has(&self, stage: StageKind) -> bool {
         self.stages.iter().any(|s| s.stage == stage)
     }
+    /// The first stage seen on the skb itself (not a stage of the sending thread: its route
+    /// lookup, send call or socket send).
+    #[inline]
+    pub fn first_skb_stage(&self) -> Option<StageKind> {
+        use StageKind as K;
+        self.stages
+            .iter()
+            .map(|s| s.stage)
+            .find(|s| !matches!(s, K::Route | K::AppSend | K::SockSend))
+    }
     #[cfg(test)]
     pub fn stage_names(&self) -> Vec<&'static str> {
         self.stages.iter().map(|s| s.stage.as_str()).collect()
@@ -199,11 +209,7 @@ impl PacketPath {
 #[inline(always)]
 pub fn is_complete(p: &PacketPath) -> bool {
     use StageKind as K;
-    let first = p
-        .stages
-        .iter()
-        .map(|s| s.stage)
-        .find(|s| !matches!(s, K::Route | K::AppSend | K::SockSend));
+    let first = p.first_skb_stage();
     let sent_here = matches!(first, Some(K::TcEgress | K::DevQueue));
     // A path that starts at tc ingress lacks its receive hook, and one received on lo its
     // transmit (see `Stats::tc_only`); one received through another device (a veth) starts at
@@ -219,7 +225,10 @@ pub fn is_complete(p: &PacketPath) -> bool {
             | Verdict::FreedUntraced
             | Verdict::LeftNetns
     );
-    let through_lo = if sent_here && p.tx_dev.is_some_and(|d| d.as_bytes() == b"lo") {
+    // tc programs are on lo only: a path that starts at tc egress was sent on lo, even where
+    // the kernel ran no tracing program to name its device (see `Stats::tc_only`).
+    let on_lo = first == Some(K::TcEgress) || p.tx_dev.is_some_and(|d| d.as_bytes() == b"lo");
+    let through_lo = if sent_here && on_lo {
         p.has(StageKind::Xmit) && p.has(StageKind::BacklogEnqueue) && p.has(StageKind::Receive)
     } else {
         true

@@ -39,6 +39,9 @@ pub struct Stats {
 pub struct TcOnly {
     /// Crossings seen at tc ingress only: printed (incomplete), counted as packets.
     pub ingress: u64,
+    /// Crossings seen at tc egress and tc ingress but at no transmit hook between (the kernel
+    /// ran no tracing program for the whole crossing): printed (incomplete), counted as packets.
+    pub both: u64,
     /// Transmits seen at tc egress only, which never crossed as themselves (their GSO segments
     /// did, seen at tc ingress only): not packets, not printed.
     pub egress: u64,
@@ -123,11 +126,16 @@ impl Stats {
             return;
         }
         s.packets += 1;
-        if p.stages.first().is_some_and(|st| st.stage == StageKind::TcIngress) {
-            s.tc_only.ingress += 1;
-        }
         if p.complete {
             s.complete += 1;
+        } else {
+            match p.first_skb_stage() {
+                Some(StageKind::TcIngress) => s.tc_only.ingress += 1,
+                Some(StageKind::TcEgress) if p.has(StageKind::TcIngress) && !p.has(StageKind::Xmit) => {
+                    s.tc_only.both += 1
+                }
+                _ => {}
+            }
         }
         if p.verdict == Verdict::Expired {
             s.expired += 1;

@@ -383,6 +383,32 @@ fn a_second_tc_egress_or_ingress_at_an_address_is_a_new_packet() {
     assert_eq!(ps.iter().filter(|p| p.complete).count(), 2);
 }
 
+/// Seen in CI: a TCP ACK sent from a softirq on top of this host's PID 1, for which the kernel
+/// ran no tracing program at all, passed lo's tc egress and tc ingress and nothing between. It
+/// is one crossing and one record, but not a complete one, and `tc_only.both` counts it.
+#[test]
+fn a_crossing_seen_by_tc_programs_only_is_its_own_incomplete_record_and_counted() {
+    let mut s = Seq::new();
+    let a = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, 1);
+    let b = icmp_info("127.0.0.1", "127.0.0.1", 8, 1, 2);
+    s.lo_path(0xa0, 1, "a", a, false);
+    s.ev(Hook::TcIngress, 0xa0, 1, "a", "lo", None, 0, 0);
+    s.ev(Hook::TcEgress, 0xa0, 1, "a", "lo", Some(b.clone()), 0, 0);
+    s.ev(Hook::TcIngress, 0xa0, 1, "a", "lo", Some(b), 0, 0);
+    s.ev(Hook::Consume, 0xa0, 1, "a", "", None, 0, 0);
+    let (ps, stats) = run(s.events);
+    assert_eq!(ps.len(), 2, "{ps:#?}");
+    assert_eq!(stats.packets, 2);
+    assert!(ps[0].complete, "{:#?}", ps[0]);
+    assert_eq!(ps[1].stage_names(), ["tc_egress", "tc_ingress", "consume"]);
+    assert!(!ps[1].complete, "no transmit, backlog or receive seen: {:#?}", ps[1]);
+    assert_eq!(stats.complete, 1);
+    assert_eq!(
+        (stats.tc_only.ingress, stats.tc_only.both, stats.tc_only.egress),
+        (0, 1, 0)
+    );
+}
+
 #[test]
 fn ksoftirqd_and_other_contexts_are_told_apart() {
     let mut s = Seq::new();

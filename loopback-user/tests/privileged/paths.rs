@@ -511,17 +511,47 @@ pub(crate) fn exact_against_tcpdump_env(
         (Some(0), Some(0)),
         "{name}: {s}"
     );
+    let kernel = after - before;
     assert_eq!(
         s["packets"].as_u64(),
-        Some(after - before),
-        "{name}: packets vs lo tx counter: {s}"
+        Some(ps.len() as u64),
+        "{name}: records printed: {s}"
     );
-    assert_eq!(ps.len() as u64, after - before, "{name}: records printed");
-    for p in &ps {
-        let xmits = stages(p).iter().filter(|s| **s == "xmit").count();
-        assert_eq!(xmits, 1, "{name}: one transmit on lo per record: {p}");
-        assert_eq!(p["complete"], true, "{name}: {p}");
+    // Crossings the kernel ran no tracing program for (this host: softirqs on top of its PID 1)
+    // were seen by lo's tc programs only. Each is a record of its own without a transmit, not
+    // complete, and counted in `tc_only` (a GSO parent seen at tc egress only is no record).
+    let tc_only = |k: &str| s["tc_only"][k].as_u64().expect("tc_only");
+    let without_transmit = tc_only("ingress") + tc_only("both");
+    let unseen = without_transmit + tc_only("egress");
+    if unseen == 0 {
+        assert_eq!(ps.len() as u64, kernel, "{name}: packets vs lo tx counter: {s}");
+    } else {
+        // Where that happened, a crossing can be seen at an address lotrace cannot tell from
+        // another packet's (see the README's Identity): never more records than crossings, and
+        // never more missing than the kernel left unseen.
+        eprintln!(
+            "{name}: the kernel ran no tracing program for some crossings: {}",
+            s["tc_only"]
+        );
+        assert!(
+            ps.len() as u64 <= kernel && kernel <= ps.len() as u64 + unseen,
+            "{name}: {} records vs lo tx counter {kernel}: {s}",
+            ps.len()
+        );
     }
+    let mut no_xmit = 0;
+    for p in &ps {
+        let count = |stage: &str| stages(p).iter().filter(|s| **s == stage).count();
+        if count("xmit") == 0 {
+            no_xmit += 1;
+            assert_eq!(count("tc_ingress"), 1, "{name}: seen by tc only: {p}");
+            assert_eq!(p["complete"], false, "{name}: seen by tc only: {p}");
+        } else {
+            assert_eq!(count("xmit"), 1, "{name}: one transmit on lo per record: {p}");
+            assert_eq!(p["complete"], true, "{name}: {p}");
+        }
+    }
+    assert_eq!(no_xmit, without_transmit, "{name}: records without a transmit: {s}");
     // The headers are each skb's own: the same segments as on the wire, one to one.
     let mut mine: Vec<Segment> = ps
         .iter()
@@ -543,9 +573,24 @@ pub(crate) fn exact_against_tcpdump_env(
     let mut wire = pcap_segments(&pcap);
     mine.sort();
     wire.sort();
-    assert_eq!(mine.len(), wire.len(), "{name}: TCP records vs tcpdump");
-    let differ: Vec<_> = mine.iter().zip(&wire).filter(|(a, b)| a != b).take(3).collect();
-    assert!(differ.is_empty(), "{name}: lotrace vs tcpdump: {differ:?}");
+    if unseen == 0 {
+        assert_eq!(mine.len(), wire.len(), "{name}: TCP records vs tcpdump");
+        let differ: Vec<_> = mine.iter().zip(&wire).filter(|(a, b)| a != b).take(3).collect();
+        assert!(differ.is_empty(), "{name}: lotrace vs tcpdump: {differ:?}");
+    } else {
+        // Each record is still a segment tcpdump saw, once; only unseen ones may be missing.
+        let mut left = wire.clone();
+        for m in &mine {
+            let at = left.binary_search(m);
+            assert!(at.is_ok(), "{name}: not on the wire (or twice): {m:?}");
+            left.remove(at.unwrap_or_default());
+        }
+        assert!(
+            left.len() as u64 <= unseen,
+            "{name}: {} segments missing: {s}",
+            left.len()
+        );
+    }
     // lotrace's own pcapng counts the same way: one block per crossing, GSO segments included.
     let blocks = Command::new(tools::require("tcpdump"))
         .args(["-nn", "-r"])
