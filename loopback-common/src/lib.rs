@@ -166,10 +166,27 @@ const _: () = assert!(RUN_RECORD_SIZE == RAW_EVENT_SIZE + RUN_TAIL_FIXED + MAX_R
 
 impl TryFrom<u8> for Hook {
     type Error = u8;
+    /// One bounds check and one load: `ALL` holds the hooks in the order of their numbers,
+    /// from 1 (checked at compile time below).
+    #[inline]
     fn try_from(v: u8) -> Result<Self, u8> {
-        Hook::ALL.iter().copied().find(|h| *h as u8 == v).ok_or(v)
+        match Hook::ALL.get((v as usize).wrapping_sub(1)) {
+            Some(h) => Ok(*h),
+            None => Err(v),
+        }
     }
 }
+
+const _: () = {
+    let mut i = 0;
+    while i < Hook::ALL.len() {
+        assert!(
+            Hook::ALL[i] as usize == i + 1,
+            "Hook::ALL is in the order of the hooks' numbers"
+        );
+        i += 1;
+    }
+};
 
 /// Send-family syscall numbers of the host architecture, written into the programs at load time
 /// (the eBPF target itself is architecture-neutral). Unused slots hold `u64::MAX`.
@@ -313,6 +330,20 @@ mod tests {
         assert_eq!(Hook::try_from(200), Err(200));
         for h in Hook::ALL {
             assert_eq!(h as u8 & HOOK_FLAGS, 0, "{h:?} collides with a flag bit");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Hook;
+
+    /// Every byte decodes to the hook of that number, or is refused.
+    #[test]
+    fn hook_numbers_decode_to_their_hooks_and_nothing_else() {
+        for v in 0..=u8::MAX {
+            let expected = Hook::ALL.iter().copied().find(|h| *h as u8 == v).ok_or(v);
+            assert_eq!(Hook::try_from(v), expected, "{v}");
         }
     }
 }

@@ -10,6 +10,29 @@ use loopback_common::{
 };
 use serde::Serialize;
 
+/// Field `$f` of the [`RawEvent`] at the start of `$b` (checked to be that long), read where it
+/// lies: the record is not copied out whole (184 bytes, a `memcpy` call per record).
+macro_rules! field {
+    ($b:expr, $f:ident : $t:ty) => {{
+        const AT: usize = std::mem::offset_of!(RawEvent, $f);
+        <$t>::from_ne_bytes(match $b[AT..AT + size_of::<$t>()].try_into() {
+            Ok(a) => a,
+            Err(_) => unreachable!("a fixed-size slice"),
+        })
+    }};
+}
+
+/// The bytes of array field `$f` of the [`RawEvent`] at the start of `$b`, in place.
+macro_rules! array {
+    ($b:expr, $f:ident : $n:expr) => {{
+        const AT: usize = std::mem::offset_of!(RawEvent, $f);
+        match <&[u8; $n]>::try_from(&$b[AT..AT + $n]) {
+            Ok(a) => a,
+            Err(_) => unreachable!("a fixed-size slice"),
+        }
+    }};
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
     #[error("event record is {0} bytes, expected {RAW_EVENT_SIZE}")]
@@ -299,9 +322,16 @@ impl Decoder {
     /// event's `packet` and `wire`: they belong to the one hook that captured them.
     pub fn decode_each(&mut self, bytes: &[u8], mut f: impl FnMut(&mut Event)) -> Result<u64, DecodeError> {
         let run = run_stages(bytes)?;
-        let (mut e, cached, pid_tgid, comm, ifname) = decode_raw(bytes)?;
-        e.comm = self.task_name(e.cpu as usize, pid_tgid, cached, comm);
-        e.ifname = self.dev_name(ifname);
+        let (b, hook) = checked(bytes)?;
+        let mut e = event_of(b, hook);
+        let cached = field!(b, hook: u8) & HOOK_COMM_CACHED != 0;
+        e.comm = self.task_name(
+            e.cpu as usize,
+            field!(b, pid_tgid: u64),
+            cached,
+            array!(b, comm: NAME_LEN),
+        );
+        e.ifname = self.dev_name(array!(b, ifname: NAME_LEN));
         // Whole frames (hdr_kind ETH: the lo programs, and a GSO segment's first hook) are wire
         // bytes; `wire_bytes` leaves every other capture out.
         let mut wire = if self.keep_wire {
@@ -405,37 +435,15 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if run_stages(bytes)?.n != 0 {
         return Err(DecodeError::Several);
     }
-    let (mut e, cached, _, comm, ifname) = decode_raw(bytes)?;
-    e.comm = if cached {
+    let (b, hook) = checked(bytes)?;
+    let mut e = event_of(b, hook);
+    e.comm = if field!(b, hook: u8) & HOOK_COMM_CACHED != 0 {
         Name::from("?")
     } else {
-        Name::from_array(comm)
+        Name::from_array(array!(b, comm: NAME_LEN))
     };
-    e.ifname = Name::from_array(ifname);
+    e.ifname = Name::from_array(array!(b, ifname: NAME_LEN));
     Ok(e)
-}
-
-/// Field `$f` of the [`RawEvent`] at the start of `$b` (checked to be that long), read where it
-/// lies: the record is not copied out whole (184 bytes, a `memcpy` call per record).
-macro_rules! field {
-    ($b:expr, $f:ident : $t:ty) => {{
-        const AT: usize = std::mem::offset_of!(RawEvent, $f);
-        <$t>::from_ne_bytes(match $b[AT..AT + size_of::<$t>()].try_into() {
-            Ok(a) => a,
-            Err(_) => unreachable!("a fixed-size slice"),
-        })
-    }};
-}
-
-/// The bytes of array field `$f` of the [`RawEvent`] at the start of `$b`, in place.
-macro_rules! array {
-    ($b:expr, $f:ident : $n:expr) => {{
-        const AT: usize = std::mem::offset_of!(RawEvent, $f);
-        match <&[u8; $n]>::try_from(&$b[AT..AT + $n]) {
-            Ok(a) => a,
-            Err(_) => unreachable!("a fixed-size slice"),
-        }
-    }};
 }
 
 /// The link-layer bytes of an `lo` record: the header capture, then whatever an ordinary record
@@ -454,31 +462,33 @@ fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
     Some(v.into_boxed_slice())
 }
 
-/// The event of a record, with its task's name and device name left to the caller: also whether
-/// the kernel left the task name out ([`HOOK_COMM_CACHED`]), the task (pid_tgid) and the two
-/// names' raw bytes.
-type Raw<'a> = (Event, bool, u64, &'a [u8; NAME_LEN], &'a [u8; NAME_LEN]);
-
+/// The fixed part of a record and its hook, checked: the record is long enough and its hook
+/// known.
 #[inline(always)]
-fn decode_raw(bytes: &[u8]) -> Result<Raw<'_>, DecodeError> {
+fn checked(bytes: &[u8]) -> Result<(&[u8; RAW_EVENT_SIZE], Hook), DecodeError> {
     let Some(b) = bytes.first_chunk::<RAW_EVENT_SIZE>() else {
         return Err(DecodeError::Size(bytes.len()));
     };
-    let raw_hook = field!(b, hook: u8);
-    let cached = raw_hook & HOOK_COMM_CACHED != 0;
-    let hook = Hook::try_from(raw_hook & !HOOK_FLAGS).map_err(DecodeError::Hook)?;
+    let hook = Hook::try_from(field!(b, hook: u8) & !HOOK_FLAGS).map_err(DecodeError::Hook)?;
+    Ok((b, hook))
+}
+
+/// The event of a checked record ([`checked`]), with its task's name and device name left to
+/// the caller. Built where it is returned (no `Result` around it: moving the event out of one
+/// cost a `memcpy` per record).
+#[inline(always)]
+fn event_of(b: &[u8; RAW_EVENT_SIZE], hook: Hook) -> Event {
     let n = (field!(b, hdr_len: u16) as usize).min(HDR_CAP);
     let hdr = &array!(b, hdr: HDR_CAP)[..n];
-    let ifname = array!(b, ifname: NAME_LEN);
     let (arg0, arg1) = (field!(b, arg0: u64), field!(b, arg1: u64));
     let (packet, route) = match field!(b, hdr_kind: u8) {
         hdr_kind::L3 => (parse_l3(hdr), None),
         hdr_kind::ETH => (parse_eth(hdr), None),
-        hdr_kind::ROUTE => (None, parse_route(hdr, arg0, arg1, ifname)),
+        hdr_kind::ROUTE => (None, parse_route(hdr, arg0, arg1, array!(b, ifname: NAME_LEN))),
         _ => (None, None),
     };
     let pid_tgid = field!(b, pid_tgid: u64);
-    let e = Event {
+    Event {
         ts_ns: field!(b, ts_ns: u64),
         skb: field!(b, skb: u64),
         tgid: (pid_tgid >> 32) as u32,
@@ -494,8 +504,7 @@ fn decode_raw(bytes: &[u8]) -> Result<Raw<'_>, DecodeError> {
         packet,
         route,
         wire: None,
-    };
-    Ok((e, cached, pid_tgid, array!(b, comm: NAME_LEN), ifname))
+    }
 }
 
 fn parse_route(h: &[u8], arg0: u64, arg1: u64, ifname: &[u8; NAME_LEN]) -> Option<RouteInfo> {
