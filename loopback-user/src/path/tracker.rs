@@ -44,18 +44,23 @@ pub(super) const SEND_LINK_NS: u64 = 10_000_000;
 /// thread's transmits much later.
 pub(super) const SEND_LINK_INET_NS: u64 = 1_000_000_000;
 
+/// What a thread did before its next transmit: its latest route lookup (which that transmit
+/// used), send-family syscall entry, and socket-layer send (`sock_sendmsg`, fentry/kprobe).
+#[derive(Default)]
+struct Sending {
+    route: Option<(Stage, RouteInfo)>,
+    send: Option<Stage>,
+    sock_send: Option<Stage>,
+}
+
 pub struct Tracker {
     pub(super) cfg: TrackerConfig,
     /// Boxed: a packet moves out of and back into the map on the events that may end it or start
     /// another at its address (the others add their stage where it lies).
     pub(super) inflight: FxHashMap<u64, Box<PacketPath>>,
     next_id: u64,
-    /// Latest route lookup per thread: the next transmit of that thread used it.
-    last_route: FxHashMap<u32, (Stage, RouteInfo)>,
-    /// Latest send-family syscall entry per thread (linked to its next transmit).
-    last_send: FxHashMap<u32, Stage>,
-    /// Per thread: its last `sock_sendmsg` (fentry/kprobe), linked like `last_send`.
-    last_sock_send: FxHashMap<u32, Stage>,
+    /// Per thread: what it did before its next transmit (one map lookup for all three).
+    threads: FxHashMap<u32, Sending>,
     pairing: Pairing,
     /// Finished packets held back until their delivered clone shows up (or the wait ends).
     pub(super) awaiting_clone: VecDeque<PacketPath>,
@@ -78,9 +83,7 @@ impl Tracker {
             cfg,
             inflight: FxHashMap::default(),
             next_id: 1,
-            last_route: FxHashMap::default(),
-            last_send: FxHashMap::default(),
-            last_sock_send: FxHashMap::default(),
+            threads: FxHashMap::default(),
             pairing: Pairing::default(),
             awaiting_clone: VecDeque::new(),
             sock_queues: FxHashMap::default(),
@@ -219,16 +222,17 @@ impl Tracker {
             Hook::Route => {
                 if let Some(r) = e.route {
                     let st = Stage::of(e, (!r.dev.is_empty()).then_some(r.dev));
-                    self.last_route.insert(e.tid, (st, r));
+                    self.threads.entry(e.tid).or_default().route = Some((st, r));
                 }
             }
             Hook::AppRecv => self.app_recv(e, done),
             Hook::AppSend => {
-                self.last_send.insert(e.tid, Stage::of(e, None));
-                self.last_sock_send.remove(&e.tid);
+                let t = self.threads.entry(e.tid).or_default();
+                t.send = Some(Stage::of(e, None));
+                t.sock_send = None;
             }
             Hook::SockSend => {
-                self.last_sock_send.insert(e.tid, Stage::of(e, None));
+                self.threads.entry(e.tid).or_default().sock_send = Some(Stage::of(e, None));
             }
             _ => return false,
         }
@@ -269,24 +273,23 @@ impl Tracker {
             }
             None => {
                 let mut p = Box::new(self.new_packet(e));
-                if matches!(e.hook, Hook::DevQueue | Hook::TcEgress) {
+                if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
+                    && let Some(t) = self.threads.get_mut(&e.tid)
+                {
                     // The send syscall this thread entered just before, and its socket-layer
                     // send (fentry/kprobe on `sock_sendmsg`, where the kernel allows them).
-                    let window = if self.last_sock_send.contains_key(&e.tid) {
+                    let window = if t.sock_send.is_some() {
                         SEND_LINK_INET_NS
                     } else {
                         SEND_LINK_NS
                     };
-                    for st in [self.last_send.remove(&e.tid), self.last_sock_send.remove(&e.tid)]
-                        .into_iter()
-                        .flatten()
-                    {
+                    for st in [t.send.take(), t.sock_send.take()].into_iter().flatten() {
                         if e.ts_ns.saturating_sub(st.t_ns) <= window {
                             p.stages.push(st);
                         }
                     }
                     // Its route lookup, when it was for this destination.
-                    if let Some((st, r)) = self.last_route.remove(&e.tid)
+                    if let Some((st, r)) = t.route.take()
                         && e.packet.as_ref().is_none_or(|i| i.dst == r.dst)
                     {
                         p.stages.push(st);
@@ -433,8 +436,15 @@ impl Tracker {
             let v = self.idle_verdict(&p);
             self.finish_unseen(p, v, &mut done);
         }
-        self.last_route
-            .retain(|_, (st, _)| now.saturating_sub(st.t_ns) <= self.cfg.max_idle_ns);
+        // What no transmit can link any more goes (a send links within its window).
+        let old = |st: &Stage, limit: u64| now.saturating_sub(st.t_ns) > limit;
+        let (idle, window) = (self.cfg.max_idle_ns, SEND_LINK_INET_NS.max(SEND_LINK_NS));
+        self.threads.retain(|_, t| {
+            t.route.take_if(|(st, _)| old(st, idle));
+            t.send.take_if(|st| old(st, window));
+            t.sock_send.take_if(|st| old(st, window));
+            t.route.is_some() || t.send.is_some() || t.sock_send.is_some()
+        });
         self.sock_queues.retain(|_, q| !q.is_empty());
         done
     }
