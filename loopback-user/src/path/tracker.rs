@@ -98,10 +98,11 @@ impl Tracker {
         self.inflight.len() + self.awaiting_clone.len()
     }
 
-    fn new_packet(&mut self, e: &Event) -> PacketPath {
+    /// A new path, built in its box (not built aside and copied in).
+    fn new_packet(&mut self, e: &Event) -> Box<PacketPath> {
         let id = self.next_id;
         self.next_id += 1;
-        PacketPath {
+        Box::write(Box::new_uninit(), PacketPath {
             id,
             skb: e.skb,
             // A lo crossing has up to about 16 stages: no regrowth on the way.
@@ -120,7 +121,7 @@ impl Tracker {
             receive_arg: None,
             passed_tc_ingress: false,
             wire: None,
-        }
+        })
     }
 
     /// Feeds one event; returns the packets it finished (in order). The steps: events about a
@@ -259,7 +260,7 @@ impl Tracker {
         }
         match segment_of {
             Some(_) => {
-                let mut p = Box::new(self.new_packet(e));
+                let mut p = self.new_packet(e);
                 // Its path so far is the split skb's (send, route, tc egress, dev queue, split).
                 if let Some((parent, pp, n)) = self.gso_parents.get_mut(&e.cpu)
                     && Some(*parent) == segment_of
@@ -272,7 +273,7 @@ impl Tracker {
                 p
             }
             None => {
-                let mut p = Box::new(self.new_packet(e));
+                let mut p = self.new_packet(e);
                 if matches!(e.hook, Hook::DevQueue | Hook::TcEgress)
                     && let Some(t) = self.threads.get_mut(&e.tid)
                 {
