@@ -102,26 +102,29 @@ impl Tracker {
     fn new_packet(&mut self, e: &Event) -> Box<PacketPath> {
         let id = self.next_id;
         self.next_id += 1;
-        Box::write(Box::new_uninit(), PacketPath {
-            id,
-            skb: e.skb,
-            // A lo crossing has up to about 16 stages: no regrowth on the way.
-            stages: Vec::with_capacity(16),
-            info: None,
-            len: e.len,
-            tx_dev: None,
-            rx_dev: None,
-            route: None,
-            softirq: None,
-            verdict: Verdict::InFlight,
-            drop_reason: None,
-            reply_of: None,
-            clone_of: None,
-            complete: false,
-            receive_arg: None,
-            passed_tc_ingress: false,
-            wire: None,
-        })
+        Box::write(
+            Box::new_uninit(),
+            PacketPath {
+                id,
+                skb: e.skb,
+                // A lo crossing has up to about 16 stages: no regrowth on the way.
+                stages: Vec::with_capacity(16),
+                info: None,
+                len: e.len,
+                tx_dev: None,
+                rx_dev: None,
+                route: None,
+                softirq: None,
+                verdict: Verdict::InFlight,
+                drop_reason: None,
+                reply_of: None,
+                clone_of: None,
+                complete: false,
+                receive_arg: None,
+                passed_tc_ingress: false,
+                wire: None,
+            },
+        )
     }
 
     /// Feeds one event; returns the packets it finished (in order). The steps: events about a
