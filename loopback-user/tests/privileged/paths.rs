@@ -92,7 +92,15 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
         .filter(|p| [tc as u64, ts as u64].contains(&p["sport"].as_u64().unwrap_or(0)))
         .collect();
     assert!(tcp.len() >= 7, "handshake, data both ways, close: {}", tcp.len());
-    for p in &tcp {
+    // A segment sent from a softirq that the kernel ran no tracing program in (this host: on
+    // top of its PID 1; see the README's Identity) was seen by lo's tc programs only: its record
+    // is incomplete and counted in `tc_only`, never taken for a traced one.
+    let (tc_seen, traced): (Vec<&Value>, Vec<&Value>) = tcp.iter().partition(|p| !stages(p).contains(&"xmit"));
+    let tc_only = &summary["summary"]["tc_only"];
+    let counted = tc_only["ingress"].as_u64().expect("tc_only") + tc_only["both"].as_u64().expect("tc_only");
+    assert!(tc_seen.len() as u64 <= counted, "{tc_only}: {tc_seen:#?}");
+    assert!(tc_seen.iter().all(|p| p["complete"] == false), "{tc_seen:#?}");
+    for p in &traced {
         assert_eq!(core_stages(p), LO_PATH, "{p}");
         assert_eq!(
             (p["tx_dev"].as_str(), p["rx_dev"].as_str(), p["left_host"].as_bool()),
@@ -117,7 +125,8 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
     }
     // Data segments were sent by the application through the socket layer.
     assert!(
-        tcp.iter()
+        traced
+            .iter()
             .filter(|p| p["tcp"]["flags"].as_u64().unwrap_or(0) & 0x08 != 0)
             .all(|p| stages(p).contains(&"sock_send") == hooked(&t_line, "inet_sendmsg")),
         "{t_line}"
