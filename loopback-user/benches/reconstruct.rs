@@ -54,12 +54,8 @@ fn to_json(events: &[&[u8]], out: &mut output::JsonLines) -> usize {
     out.len()
 }
 
-/// The records laid end to end in one buffer, as the ring buffer and a recording hold them.
-fn end_to_end(events: &[Vec<u8>]) -> Vec<u8> {
-    events.concat()
-}
-
-/// The records of `end_to_end` buffer `flat`, in order.
+/// The records of `events` in `flat`, the buffer that holds them end to end (`events.concat()`,
+/// as the ring buffer and a recording hold them), in order.
 fn records<'a>(flat: &'a [u8], events: &[Vec<u8>]) -> Vec<&'a [u8]> {
     let mut at = 0;
     events
@@ -75,14 +71,14 @@ fn records<'a>(flat: &'a [u8], events: &[Vec<u8>]) -> Vec<&'a [u8]> {
 fn bench(c: &mut Criterion) {
     let rounds = 8_000;
     let scattered = fixture::session(rounds);
-    let flat = end_to_end(&scattered);
+    let flat = scattered.concat();
     let events = records(&flat, &scattered);
     // 2 UDP per round, an ICMP pair every 4th, a drop every 6th.
     let packets = rounds * 2 + rounds / 4 * 2 + rounds / 6;
     assert_eq!(replay(&events), packets, "every packet reconstructed");
+    assert_eq!(replay(&scattered), packets, "the same records");
     let mut g = c.benchmark_group("reconstruct");
     // Throughput in hook events (a run record of the lo chain holds several).
-    assert_eq!(replay(&scattered), packets, "the same records");
     let hook_events: u64 = events.iter().map(|b| decode::record_events(b)).sum();
     g.throughput(Throughput::Elements(hook_events));
     g.sample_size(20);

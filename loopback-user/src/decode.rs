@@ -322,9 +322,8 @@ impl Decoder {
     /// event's `packet` and `wire`: they belong to the one hook that captured them.
     pub fn decode_each(&mut self, bytes: &[u8], mut f: impl FnMut(&mut Event)) -> Result<u64, DecodeError> {
         let run = run_stages(bytes)?;
-        let (b, hook) = checked(bytes)?;
+        let (b, hook, cached) = checked(bytes)?;
         let mut e = event_of(b, hook);
-        let cached = field!(b, hook: u8) & HOOK_COMM_CACHED != 0;
         e.comm = self.task_name(
             e.cpu as usize,
             field!(b, pid_tgid: u64),
@@ -435,9 +434,9 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if run_stages(bytes)?.n != 0 {
         return Err(DecodeError::Several);
     }
-    let (b, hook) = checked(bytes)?;
+    let (b, hook, cached) = checked(bytes)?;
     let mut e = event_of(b, hook);
-    e.comm = if field!(b, hook: u8) & HOOK_COMM_CACHED != 0 {
+    e.comm = if cached {
         Name::from("?")
     } else {
         Name::from_array(array!(b, comm: NAME_LEN))
@@ -463,14 +462,15 @@ fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
 }
 
 /// The fixed part of a record and its hook, checked: the record is long enough and its hook
-/// known.
+/// known. Also whether the kernel left the task's name out ([`HOOK_COMM_CACHED`]).
 #[inline(always)]
-fn checked(bytes: &[u8]) -> Result<(&[u8; RAW_EVENT_SIZE], Hook), DecodeError> {
+fn checked(bytes: &[u8]) -> Result<(&[u8; RAW_EVENT_SIZE], Hook, bool), DecodeError> {
     let Some(b) = bytes.first_chunk::<RAW_EVENT_SIZE>() else {
         return Err(DecodeError::Size(bytes.len()));
     };
-    let hook = Hook::try_from(field!(b, hook: u8) & !HOOK_FLAGS).map_err(DecodeError::Hook)?;
-    Ok((b, hook))
+    let raw = field!(b, hook: u8);
+    let hook = Hook::try_from(raw & !HOOK_FLAGS).map_err(DecodeError::Hook)?;
+    Ok((b, hook, raw & HOOK_COMM_CACHED != 0))
 }
 
 /// The event of a checked record ([`checked`]), with its task's name and device name left to
@@ -544,7 +544,12 @@ pub fn parse_eth(h: &[u8]) -> Option<PacketInfo> {
     {
         return parse_l3(&h[14..]);
     }
-    match LaxSlicedPacket::from_ethernet(h).ok()?.net? {
+    from_net(LaxSlicedPacket::from_ethernet(h).ok()?.net?)
+}
+
+/// Header fields of what etherparse's full slicer found at the network layer.
+fn from_net(net: LaxNetSlice<'_>) -> Option<PacketInfo> {
+    match net {
         LaxNetSlice::Ipv4(v4) => from_ip(&LaxIpSlice::Ipv4(v4)),
         LaxNetSlice::Ipv6(v6) => from_ip(&LaxIpSlice::Ipv6(v6)),
         LaxNetSlice::Arp(_) => None,
@@ -929,11 +934,7 @@ mod tests {
 
     /// The fields the full slicer finds (the way headers were parsed before the IP fast path).
     fn through_full_slicer(p: Option<LaxSlicedPacket<'_>>) -> Option<PacketInfo> {
-        match p?.net? {
-            LaxNetSlice::Ipv4(v4) => from_ip(&LaxIpSlice::Ipv4(v4)),
-            LaxNetSlice::Ipv6(v6) => from_ip(&LaxIpSlice::Ipv6(v6)),
-            LaxNetSlice::Arp(_) => None,
-        }
+        from_net(p?.net?)
     }
 
     #[test]

@@ -39,12 +39,12 @@ pub fn wanted(p: &PacketPath, filter: Option<&Expr>, pid: Option<u32>) -> bool {
     true
 }
 
-/// Prints finished packets that pass the filter and `--pid`, up to `--count` (and writes them
-/// to the pcapng file when there is one).
 /// JSON lines go to stdout once this many bytes of them are waiting (and whenever the printer
 /// runs out of packets to print).
 const LINES_AT_ONCE: usize = 64 * 1024;
 
+/// Prints finished packets that pass the filter and `--pid`, up to `--count` (and writes them
+/// to the pcapng file when there is one).
 pub struct Printer {
     pub(super) opts: PrintOpts,
     style: TextStyle,
