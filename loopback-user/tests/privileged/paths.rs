@@ -96,9 +96,12 @@ fn udp_and_tcp_exchanges_are_reconstructed_and_paired() {
     // top of its PID 1; see the README's Identity) was seen by lo's tc programs only: its record
     // is incomplete and counted in `tc_only`, never taken for a traced one.
     let (tc_seen, traced): (Vec<&Value>, Vec<&Value>) = tcp.iter().partition(|p| !stages(p).contains(&"xmit"));
-    let tc_only = &summary["summary"]["tc_only"];
-    let counted = tc_only["ingress"].as_u64().expect("tc_only") + tc_only["both"].as_u64().expect("tc_only");
-    assert!(tc_seen.len() as u64 <= counted, "{tc_only}: {tc_seen:#?}");
+    let counted = tc_only_records(&summary["summary"]);
+    assert!(
+        tc_seen.len() as u64 <= counted,
+        "{}: {tc_seen:#?}",
+        summary["summary"]["tc_only"]
+    );
     assert!(tc_seen.iter().all(|p| p["complete"] == false), "{tc_seen:#?}");
     for p in &traced {
         assert_eq!(core_stages(p), LO_PATH, "{p}");
@@ -529,9 +532,8 @@ pub(crate) fn exact_against_tcpdump_env(
     // Crossings the kernel ran no tracing program for (this host: softirqs on top of its PID 1)
     // were seen by lo's tc programs only. Each is a record of its own without a transmit, not
     // complete, and counted in `tc_only` (a GSO parent seen at tc egress only is no record).
-    let tc_only = |k: &str| s["tc_only"][k].as_u64().expect("tc_only");
-    let without_transmit = tc_only("ingress") + tc_only("both");
-    let unseen = without_transmit + tc_only("egress");
+    let without_transmit = tc_only_records(s);
+    let unseen = without_transmit + s["tc_only"]["egress"].as_u64().expect("tc_only");
     if unseen == 0 {
         assert_eq!(ps.len() as u64, kernel, "{name}: packets vs lo tx counter: {s}");
     } else {
@@ -588,16 +590,16 @@ pub(crate) fn exact_against_tcpdump_env(
         assert!(differ.is_empty(), "{name}: lotrace vs tcpdump: {differ:?}");
     } else {
         // Each record is still a segment tcpdump saw, once; only unseen ones may be missing.
-        let mut left = wire.clone();
         for m in &mine {
-            let at = left.binary_search(m);
-            assert!(at.is_ok(), "{name}: not on the wire (or twice): {m:?}");
-            left.remove(at.unwrap_or_default());
+            let Ok(at) = wire.binary_search(m) else {
+                panic!("{name}: not on the wire (or twice): {m:?}");
+            };
+            wire.remove(at);
         }
         assert!(
-            left.len() as u64 <= unseen,
+            wire.len() as u64 <= unseen,
             "{name}: {} segments missing: {s}",
-            left.len()
+            wire.len()
         );
     }
     // lotrace's own pcapng counts the same way: one block per crossing, GSO segments included.

@@ -163,6 +163,15 @@ pub(crate) fn stop(mut t: Tracer) -> (Vec<Value>, Value) {
     (packets, summary_of(&err))
 }
 
+/// Records of crossings seen by lo's tc programs only (the kernel ran no tracing program for
+/// them: `tc_only.ingress` and `tc_only.both` of summary `s`, the `summary` object).
+pub(crate) fn tc_only_records(s: &Value) -> u64 {
+    ["ingress", "both"]
+        .iter()
+        .map(|k| s["tc_only"][k].as_u64().expect("tc_only"))
+        .sum()
+}
+
 /// The JSON summary in lotrace's stderr: its last JSON line (a note such as "pcapng: N
 /// packet(s) written" may follow it).
 pub(crate) fn summary_of(err: &str) -> Value {
