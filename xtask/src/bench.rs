@@ -55,6 +55,9 @@ enum Workload {
     UdpStream,
     /// iperf3 TCP bulk transfer: throughput (Gbit/s).
     TcpBulk,
+    /// sockperf TCP ping-pong, client and server pinned to one CPU: median latency (us). TCP's
+    /// cost as a latency, which this VM measures steadily where iperf3's throughput swings.
+    TcpPingPong,
 }
 
 impl Workload {
@@ -63,6 +66,7 @@ impl Workload {
             Workload::PingPong => "UDP ping-pong p50 latency (us), 1 CPU",
             Workload::UdpStream => "UDP one-way 64 B message rate (msg/s)",
             Workload::TcpBulk => "TCP bulk throughput (Gbit/s, iperf3)",
+            Workload::TcpPingPong => "TCP ping-pong p50 latency (us), 1 CPU",
         }
     }
     fn target(&self) -> &'static str {
@@ -70,8 +74,25 @@ impl Workload {
             Workload::PingPong => "floor + 0.20x",
             Workload::UdpStream => ">= 0.80x",
             Workload::TcpBulk => ">= 0.90x",
+            Workload::TcpPingPong => "ahead of bpftrace",
         }
     }
+    /// A latency: lower is better (else a rate: higher is better).
+    fn is_latency(&self) -> bool {
+        matches!(self, Workload::PingPong | Workload::TcpPingPong)
+    }
+}
+
+/// In how many repetitions `a` did better than `b` (`latency`: lower is better), of those where
+/// both ran: "k/n".
+fn ahead_in(a: &[f64], b: &[f64], latency: bool) -> String {
+    let n = a.len().min(b.len());
+    let k = a
+        .iter()
+        .zip(b)
+        .filter(|(x, y)| if latency { x < y } else { x > y })
+        .count();
+    format!("{k}/{n}")
 }
 
 struct Netns(String);
@@ -324,15 +345,17 @@ fn field_after<'a>(text: &'a str, key: &str) -> Option<&'a str> {
 fn workload(w: Workload, ns: &Netns, secs: u32) -> Result<f64> {
     let t = secs.to_string();
     match w {
-        Workload::PingPong | Workload::UdpStream => {
+        Workload::PingPong | Workload::UdpStream | Workload::TcpPingPong => {
+            let tcp: &[&str] = if w == Workload::TcpPingPong { &["--tcp"] } else { &[] };
             let mut server = ns
                 .cmd("taskset")
                 .args(["-c", "0", "sockperf", "sr", "-i", "127.0.0.1", "-p", "11111"])
+                .args(tcp)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
             std::thread::sleep(Duration::from_millis(300));
-            let mode = if w == Workload::PingPong { "pp" } else { "tp" };
+            let mode = if w.is_latency() { "pp" } else { "tp" };
             let out = ns
                 .cmd("taskset")
                 .args([
@@ -349,12 +372,13 @@ fn workload(w: Workload, ns: &Netns, secs: u32) -> Result<f64> {
                     "-m",
                     "64",
                 ])
+                .args(tcp)
                 .output();
             let _ = server.kill();
             let _ = server.wait();
             let out = out?;
             let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-            let v = if w == Workload::PingPong {
+            let v = if w.is_latency() {
                 field_after(&text, "percentile 50.000 =")
             } else {
                 field_after(&text, "Message Rate is")
@@ -591,7 +615,12 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     eprintln!("xtask bench: user-space instructions per packet (callgrind)...");
     let (ipp, ipp_packets) = instructions_per_packet(root, &lotrace, 2_000)?;
     let ns = Netns::new()?;
-    let workloads = [Workload::PingPong, Workload::UdpStream, Workload::TcpBulk];
+    let workloads = [
+        Workload::PingPong,
+        Workload::UdpStream,
+        Workload::TcpBulk,
+        Workload::TcpPingPong,
+    ];
     let modes = [
         Mode::Untraced,
         Mode::Lotrace,
@@ -629,8 +658,8 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     t += &format!(
         "Medians of {reps} interleaved runs of {secs} s each; ratio = the median of each repetition's traced / untraced ({machine}).\n\n"
     );
-    t += "| workload | untraced | lotrace | ratio | empty hooks | ratio | lotrace - floor | target | lotrace --kernel-cost | ratio | bpftrace (count 15 tp) | ratio |\n";
-    t += "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    t += "| workload | untraced | lotrace | ratio | empty hooks | ratio | lotrace - floor | target | lotrace --kernel-cost | ratio | bpftrace (count 15 tp) | ratio | lotrace ahead of bpftrace |\n";
+    t += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for w in workloads {
         let runs_of = |mode| results.get(&(w, mode)).map(|v| v.as_slice()).unwrap_or(&[]);
         let m = |mode| median(runs_of(mode));
@@ -656,7 +685,7 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
             }
         };
         t += &format!(
-            "| {} | {} | {} | {:.2}x | {} | {:.2}x | {:+.2}x | {} | {} | {:.2}x | {} | {:.2}x |\n",
+            "| {} | {} | {} | {:.2}x | {} | {:.2}x | {:+.2}x | {} | {} | {:.2}x | {} | {:.2}x | in {} repetitions |\n",
             w.name(),
             fmt(base),
             fmt(lo),
@@ -668,11 +697,13 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
             fmt(lc),
             ratio(Mode::LotraceCost),
             fmt(bt),
-            ratio(Mode::Bpftrace)
+            ratio(Mode::Bpftrace),
+            ahead_in(runs_of(Mode::Lotrace), runs_of(Mode::Bpftrace), w.is_latency())
         );
     }
     t += "\nempty hooks: the same lotrace and hooks, every program returning at once (the floor, built by the bench alone); \
-          lotrace - floor: the difference of their ratios, what lotrace's programs and user space add to the hooks.\n";
+          lotrace - floor: the difference of their ratios, what lotrace's programs and user space add to the hooks; \
+          lotrace ahead of bpftrace: the repetitions in which lotrace's run did better than bpftrace's (same repetition, same workload).\n";
     t += "\n| lotrace, per workload (both modes) | packets | complete | lost events | expired | kernel time per packet (--kernel-cost) | peak RSS | start to attached |\n";
     t += "|---|---|---|---|---|---|---|---|\n";
     for w in workloads {
@@ -714,7 +745,16 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::{callgrind_counts, interrupt, throughput};
+    use super::{ahead_in, callgrind_counts, interrupt, throughput};
+
+    #[test]
+    fn lotrace_is_ahead_where_its_latency_is_lower_or_its_rate_higher_in_the_same_repetition() {
+        assert_eq!(ahead_in(&[1.0, 3.0, 2.0], &[2.0, 2.0, 2.0], true), "1/3");
+        assert_eq!(ahead_in(&[1.0, 3.0, 2.0], &[2.0, 2.0, 2.0], false), "1/3");
+        // Only repetitions where both ran count.
+        assert_eq!(ahead_in(&[5.0, 1.0], &[4.0, 2.0, 9.0], false), "1/2");
+        assert_eq!(ahead_in(&[], &[1.0], true), "0/0");
+    }
 
     #[test]
     fn a_tracer_that_misses_sigint_gets_it_again_and_one_that_ignores_it_is_killed() {
