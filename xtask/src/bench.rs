@@ -110,6 +110,25 @@ impl Netns {
         c.args(["netns", "exec", &self.0, prog]);
         c
     }
+    /// Waits until a socket listens on `port` in the namespace (`proto`: `ss`'s `-t` or `-u`),
+    /// at most 10 s: a workload's server is ready before its client starts.
+    fn wait_listening(&self, proto: &str, port: u16) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = self
+                .cmd("ss")
+                .args(["-H", "-l", "-n", proto, "sport", "=", &format!(":{port}")])
+                .output()
+                .context("ss")?;
+            if out.status.success() && !out.stdout.trim_ascii().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= until {
+                bail!("no server listened on port {port} within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Netns {
@@ -354,7 +373,12 @@ fn workload(w: Workload, ns: &Netns, secs: u32) -> Result<f64> {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
-            std::thread::sleep(Duration::from_millis(300));
+            let listening = ns.wait_listening(if w == Workload::TcpPingPong { "-t" } else { "-u" }, 11111);
+            if let Err(e) = listening {
+                let _ = server.kill();
+                let _ = server.wait();
+                return Err(e);
+            }
             let mode = if w.is_latency() { "pp" } else { "tp" };
             let out = ns
                 .cmd("taskset")
@@ -393,7 +417,11 @@ fn workload(w: Workload, ns: &Netns, secs: u32) -> Result<f64> {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
-            std::thread::sleep(Duration::from_millis(300));
+            if let Err(e) = ns.wait_listening("-t", 5201) {
+                let _ = server.kill();
+                let _ = server.wait();
+                return Err(e);
+            }
             let out = ns
                 .cmd("iperf3")
                 .args(["-c", "127.0.0.1", "-p", "5201", "-t", &t, "-J"])
