@@ -47,8 +47,8 @@ enum Mode {
     Bpftrace,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
-enum Workload {
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
+pub enum Workload {
     /// sockperf UDP ping-pong, client and server pinned to one CPU: median latency (us).
     PingPong,
     /// sockperf one-way UDP stream of 64-byte messages: message rate (msg/s).
@@ -624,7 +624,15 @@ fn floor_is_comparable(runs: &BTreeMap<(Workload, Mode), Vec<LotraceRun>>, w: Wo
     Ok(())
 }
 
-pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
+/// Every workload, in the table's order (`--workload` picks some).
+pub const WORKLOADS: [Workload; 4] = [
+    Workload::PingPong,
+    Workload::UdpStream,
+    Workload::TcpBulk,
+    Workload::TcpPingPong,
+];
+
+pub fn bench(root: &Path, reps: usize, secs: u32, workloads: &[Workload]) -> Result<()> {
     ensure_tools("bench", Need::Test)?;
     ensure_tools("bench", Need::Bench)?;
     // The release build `cargo xtask bench` just made, copied aside before anything else builds:
@@ -643,12 +651,6 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     eprintln!("xtask bench: user-space instructions per packet (callgrind)...");
     let (ipp, ipp_packets) = instructions_per_packet(root, &lotrace, 2_000)?;
     let ns = Netns::new()?;
-    let workloads = [
-        Workload::PingPong,
-        Workload::UdpStream,
-        Workload::TcpBulk,
-        Workload::TcpPingPong,
-    ];
     let modes = [
         Mode::Untraced,
         Mode::Lotrace,
@@ -659,7 +661,7 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     let mut results: BTreeMap<(Workload, Mode), Vec<f64>> = BTreeMap::new();
     let mut runs: BTreeMap<(Workload, Mode), Vec<LotraceRun>> = BTreeMap::new();
     for rep in 0..reps {
-        for w in workloads {
+        for &w in workloads {
             for m in modes {
                 eprint!("xtask bench: rep {}/{reps} {w:?} {m:?}... ", rep + 1);
                 let tracer = start(m, &bins, &ns)?;
@@ -688,7 +690,7 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
     );
     t += "| workload | untraced | lotrace | ratio | empty hooks | ratio | lotrace - floor | target | lotrace --kernel-cost | ratio | bpftrace (count 15 tp) | ratio | lotrace ahead of bpftrace |\n";
     t += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
-    for w in workloads {
+    for &w in workloads {
         let runs_of = |mode| results.get(&(w, mode)).map(|v| v.as_slice()).unwrap_or(&[]);
         let m = |mode| median(runs_of(mode));
         // Each ratio is the median of the repetitions' own ratios (a run against the untraced
@@ -734,7 +736,7 @@ pub fn bench(root: &Path, reps: usize, secs: u32) -> Result<()> {
           lotrace ahead of bpftrace: the repetitions in which lotrace's run did better than bpftrace's (same repetition, same workload).\n";
     t += "\n| lotrace, per workload (both modes) | packets | complete | lost events | expired | kernel time per packet (--kernel-cost) | peak RSS | start to attached |\n";
     t += "|---|---|---|---|---|---|---|---|\n";
-    for w in workloads {
+    for &w in workloads {
         let mut rs = runs.get(&(w, Mode::Lotrace)).cloned().unwrap_or_default();
         let costed = runs.get(&(w, Mode::LotraceCost)).cloned().unwrap_or_default();
         let kns = median(&costed.iter().map(|r| r.kernel_ns_per_packet).collect::<Vec<_>>());

@@ -55,6 +55,9 @@ enum Cmd {
         /// Seconds per workload run.
         #[arg(long, default_value_t = 3)]
         secs: u32,
+        /// Only these workloads (repeatable; default: all of them).
+        #[arg(long, value_enum)]
+        workload: Vec<bench::Workload>,
     },
 }
 
@@ -68,14 +71,19 @@ fn main() -> ExitCode {
         Cmd::Fuzz { secs } => setup()
             .and_then(|_| fuzz(secs))
             .and_then(|ok| if ok { Ok(()) } else { bail!("a fuzz target failed") }),
-        Cmd::Bench { reps, secs } => {
+        Cmd::Bench { reps, secs, workload } => {
             if !is_root() {
                 eprintln!("xtask: bench needs root (it loads lotrace and bpftrace): run `sudo -E cargo xtask bench`");
                 return ExitCode::FAILURE;
             }
-            setup()
-                .and_then(|_| build())
-                .and_then(|_| bench::bench(&root(), reps, secs))
+            setup().and_then(|_| build()).and_then(|_| {
+                let all = bench::WORKLOADS;
+                let chosen: Vec<_> = all
+                    .into_iter()
+                    .filter(|w| workload.is_empty() || workload.contains(w))
+                    .collect();
+                bench::bench(&root(), reps, secs, &chosen)
+            })
         }
     };
     match r {
