@@ -43,6 +43,8 @@ pub const TOOLS: &[Tool] = &[
     t("taskset", "util-linux", Need::Bench),
     t("unshare", "util-linux", Need::Bench),
     t("mountpoint", "util-linux", Need::Bench),
+    // Whether a workload's server listens yet.
+    t("ss", "iproute2", Need::Bench),
     // Kernel guests: fetch and unpack Debian's kernel packages, build an initramfs, boot.
     t("qemu-system-x86_64", "qemu-system-x86", Need::Vm),
     t("busybox", "busybox-static", Need::Vm),
