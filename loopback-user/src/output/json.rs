@@ -348,11 +348,10 @@ impl<'a> Out<'a> {
         self.at += s.len();
     }
 
-    /// Writes again the `len` bytes written at `from`: as a fixed 64-byte copy when they are
-    /// that short and 64 bytes lie written behind `from` (what follows them is cut back).
+    /// Writes again the `len` bytes written at `from`: as a fixed N-byte copy when they are
+    /// that short and N bytes lie written behind `from` (what follows them is cut back).
     #[inline(always)]
-    fn again(&mut self, from: usize, len: usize) {
-        const N: usize = 64;
+    fn again<const N: usize>(&mut self, from: usize, len: usize) {
         if len <= N && from + N <= self.at {
             let (done, free) = self.b.split_at_mut(self.at);
             free[..N].copy_from_slice(&done[from..from + N]);
@@ -362,6 +361,15 @@ impl<'a> Out<'a> {
         self.at += len;
     }
 
+    /// Room for the longest number, where the next byte goes.
+    #[inline(always)]
+    fn digits_at(&mut self) -> &mut Digits {
+        let Some(out) = self.b[self.at..].first_chunk_mut::<20>() else {
+            panic!("a JSON line outgrew its room");
+        };
+        out
+    }
+
     /// An unsigned number in decimal, written in place: cut into runs of 8 digits done in
     /// 32-bit arithmetic, two digits per step. (itoa writes into a buffer of its own, copied
     /// after with a `memcpy` call of a variable length: about a third of its cost here.)
@@ -369,9 +377,7 @@ impl<'a> Out<'a> {
     fn num(&mut self, n: impl Into<u64>) {
         const E8: u64 = 100_000_000;
         let n: u64 = n.into();
-        let Some(out) = self.b[self.at..].first_chunk_mut::<20>() else {
-            panic!("a JSON line outgrew its room");
-        };
+        let out = self.digits_at();
         let len = if n < E8 {
             upto8(out, n as u32)
         } else if n < E8 * E8 {
@@ -399,9 +405,7 @@ impl<'a> Out<'a> {
         }
         if high < 100 {
             // Up to 10 digits (less than 10 s since boot: fixtures, fresh guests), written whole.
-            let Some(out) = self.b[self.at..].first_chunk_mut::<20>() else {
-                panic!("a JSON line outgrew its room");
-            };
+            let out = self.digits_at();
             let l = if high >= 10 {
                 pair(out, 0, high as u32);
                 2
@@ -414,22 +418,15 @@ impl<'a> Out<'a> {
             return;
         }
         match *prev {
-            // At most 12 digits, written at least 16 bytes back: one fixed 16-byte copy.
-            Some((h, from, len)) if h == high && from + 16 <= self.at => {
-                let (done, free) = self.b.split_at_mut(self.at);
-                free[..16].copy_from_slice(&done[from..from + 16]);
-                self.at += len;
-            }
+            // At most 12 digits: a fixed 16-byte copy.
+            Some((h, from, len)) if h == high => self.again::<16>(from, len),
             _ => {
                 let from = self.at;
                 self.num(high);
                 *prev = Some((high, from, self.at - from));
             }
         }
-        let Some(out) = self.b[self.at..].first_chunk_mut::<20>() else {
-            panic!("a JSON line outgrew its room");
-        };
-        eight(out, 0, (t % E8) as u32);
+        eight(self.digits_at(), 0, (t % E8) as u32);
         self.at += 8;
     }
 
@@ -675,7 +672,7 @@ impl<'a> Out<'a> {
             self.num(d);
             let key = (s.cpu, s.pid, s.tid, s.comm);
             match task {
-                Some((k, from, len)) if k == key => self.again(from, len),
+                Some((k, from, len)) if k == key => self.again::<64>(from, len),
                 _ => {
                     let from = self.at;
                     self.lit(b",\"cpu\":");
@@ -824,16 +821,23 @@ mod tests {
     fn repeated_bytes_are_the_bytes_written_before_short_or_long() {
         for len in [0, 1, 17, 63, 64, 65, 200] {
             let text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
-            for gap in [0, 1, 64, 300] {
-                let got = written(2048, |o| {
-                    o.bytes(&text);
-                    o.bytes(&vec![b'-'; gap]);
-                    o.again(0, text.len());
-                });
+            for gap in [0, 1, 16, 64, 300] {
                 let mut want = text.clone();
                 want.extend(vec![b'-'; gap]);
                 want.extend(&text);
+                // Both copy sizes the writer uses (the task fields, a time's high digits).
+                let got = written(2048, |o| {
+                    o.bytes(&text);
+                    o.bytes(&vec![b'-'; gap]);
+                    o.again::<64>(0, text.len());
+                });
                 assert_eq!(got, want, "len {len} gap {gap}");
+                let got = written(2048, |o| {
+                    o.bytes(&text);
+                    o.bytes(&vec![b'-'; gap]);
+                    o.again::<16>(0, text.len());
+                });
+                assert_eq!(got, want, "len {len} gap {gap} (16)");
             }
         }
     }
