@@ -110,8 +110,20 @@ impl Netns {
         c.args(["netns", "exec", &self.0, prog]);
         c
     }
+    /// Starts a workload's server (`cmd`, made by [`Self::cmd`]) and returns once it listens on
+    /// `port` (`tcp`, else UDP); a server that does not within 10 s is stopped.
+    fn server(&self, cmd: &mut Command, tcp: bool, port: u16) -> Result<Child> {
+        let mut server = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        if let Err(e) = self.wait_listening(if tcp { "-t" } else { "-u" }, port) {
+            let _ = server.kill();
+            let _ = server.wait();
+            return Err(e);
+        }
+        Ok(server)
+    }
+
     /// Waits until a socket listens on `port` in the namespace (`proto`: `ss`'s `-t` or `-u`),
-    /// at most 10 s: a workload's server is ready before its client starts.
+    /// at most 10 s.
     fn wait_listening(&self, proto: &str, port: u16) -> Result<()> {
         let until = Instant::now() + Duration::from_secs(10);
         loop {
@@ -365,20 +377,15 @@ fn workload(w: Workload, ns: &Netns, secs: u32) -> Result<f64> {
     let t = secs.to_string();
     match w {
         Workload::PingPong | Workload::UdpStream | Workload::TcpPingPong => {
-            let tcp: &[&str] = if w == Workload::TcpPingPong { &["--tcp"] } else { &[] };
-            let mut server = ns
-                .cmd("taskset")
-                .args(["-c", "0", "sockperf", "sr", "-i", "127.0.0.1", "-p", "11111"])
-                .args(tcp)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            let listening = ns.wait_listening(if w == Workload::TcpPingPong { "-t" } else { "-u" }, 11111);
-            if let Err(e) = listening {
-                let _ = server.kill();
-                let _ = server.wait();
-                return Err(e);
-            }
+            let is_tcp = w == Workload::TcpPingPong;
+            let tcp: &[&str] = if is_tcp { &["--tcp"] } else { &[] };
+            let mut server = ns.server(
+                ns.cmd("taskset")
+                    .args(["-c", "0", "sockperf", "sr", "-i", "127.0.0.1", "-p", "11111"])
+                    .args(tcp),
+                is_tcp,
+                11111,
+            )?;
             let mode = if w.is_latency() { "pp" } else { "tp" };
             let out = ns
                 .cmd("taskset")
@@ -411,17 +418,7 @@ fn workload(w: Workload, ns: &Netns, secs: u32) -> Result<f64> {
                 .ok_or_else(|| anyhow!("sockperf {mode}: no result in {text}"))
         }
         Workload::TcpBulk => {
-            let mut server = ns
-                .cmd("iperf3")
-                .args(["-s", "-1", "-p", "5201"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            if let Err(e) = ns.wait_listening("-t", 5201) {
-                let _ = server.kill();
-                let _ = server.wait();
-                return Err(e);
-            }
+            let mut server = ns.server(ns.cmd("iperf3").args(["-s", "-1", "-p", "5201"]), true, 5201)?;
             let out = ns
                 .cmd("iperf3")
                 .args(["-c", "127.0.0.1", "-p", "5201", "-t", &t, "-J"])
@@ -623,14 +620,6 @@ fn floor_is_comparable(runs: &BTreeMap<(Workload, Mode), Vec<LotraceRun>>, w: Wo
     }
     Ok(())
 }
-
-/// Every workload, in the table's order (`--workload` picks some).
-pub const WORKLOADS: [Workload; 4] = [
-    Workload::PingPong,
-    Workload::UdpStream,
-    Workload::TcpBulk,
-    Workload::TcpPingPong,
-];
 
 pub fn bench(root: &Path, reps: usize, secs: u32, workloads: &[Workload]) -> Result<()> {
     ensure_tools("bench", Need::Test)?;
