@@ -41,14 +41,14 @@ macro_rules! func {
     ($name:tt, $fentry:ident, $kprobe:ident, $body:ident) => {
         #[fentry(function = $name)]
         pub fn $fentry(ctx: FEntryContext) -> u32 {
-            if !crate::floor() {
+            if !crate::silent() {
                 $body(&ctx);
             }
             0
         }
         #[kprobe]
         pub fn $kprobe(ctx: ProbeContext) -> u32 {
-            if !crate::floor() {
+            if !crate::silent() {
                 $body(&ctx);
             }
             0

@@ -36,7 +36,7 @@ fn lo_hit(data: usize, len: u32) -> Hit {
 /// `frags`: the kernel need not linearise large loopback packets for us.
 #[xdp(frags)]
 pub fn lo_xdp(ctx: XdpContext) -> u32 {
-    if crate::floor() {
+    if crate::silent() {
         return xdp_action::XDP_PASS;
     }
     let len = (ctx.data_end() - ctx.data()) as u32;
@@ -56,7 +56,7 @@ pub fn lo_xdp(ctx: XdpContext) -> u32 {
 /// its own: each packet crosses tc egress exactly once.
 #[classifier]
 pub fn lo_tc_egress(ctx: TcContext) -> i32 {
-    if crate::floor() {
+    if crate::silent() {
         return TC_ACT_UNSPEC;
     }
     let skb = ctx.skb.skb as u64;
@@ -105,7 +105,7 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
 /// tcx ingress on `lo`: the end of the receive chain's run.
 #[classifier]
 pub fn lo_tc_ingress(ctx: TcContext) -> i32 {
-    if crate::floor() {
+    if crate::silent() {
         return TC_ACT_UNSPEC;
     }
     let skb = ctx.skb.skb as u64;

@@ -36,6 +36,13 @@ pub fn floor() -> bool {
     }
 }
 
+/// Whether this program returns at once: the floor build always, every build while the loader's
+/// switch is off (see [`maps::ON`]).
+#[inline(always)]
+pub fn silent() -> bool {
+    floor() || !maps::on()
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -65,6 +65,26 @@ pub static RUN: PerCpuArray<RunSlot> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static LO_INGRESS: Array<u32> = Array::with_max_entries(1, 0);
 
+/// `BPF_F_MMAPABLE`: user space maps the array's values into its memory.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// The switch every program reads first: 0 (silent) until the loader has attached the whole
+/// hook plan, 1 while tracing, 0 again when the loader stops (it then waits one RCU grace period,
+/// after which no program run that could still emit is in flight, and drains the ring: the
+/// kernel's counts and the reader's then agree exactly). Memory-mapped by the loader, so that
+/// flipping it needs no system call (and no capability, which lotrace has dropped by then).
+/// Packets caught part-way through when it flips are told apart in user space
+/// (`in_flight_at_start`, `in_flight_at_end`).
+#[map]
+pub static ON: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Whether tracing is on (see [`ON`]).
+#[inline(always)]
+pub fn on() -> bool {
+    // SAFETY: a volatile read of a live array slot (the loader writes it through its mapping).
+    ON.get_ptr(0).is_some_and(|p| unsafe { core::ptr::read_volatile(p) } != 0)
+}
+
 /// Packet bytes to capture per packet on lo beyond the fixed header capture (0: none).
 /// Written at load time (`--snaplen`).
 #[unsafe(no_mangle)]

@@ -69,14 +69,14 @@ macro_rules! twin {
     ($name:tt, $btf:ident, $raw:ident, $body:ident) => {
         #[btf_tracepoint(function = $name)]
         pub fn $btf(ctx: BtfTracePointContext) -> i32 {
-            if crate::floor() {
+            if crate::silent() {
                 return 0;
             }
             $body(&ctx)
         }
         #[raw_tracepoint(tracepoint = $name)]
         pub fn $raw(ctx: RawTracePointContext) -> i32 {
-            if crate::floor() {
+            if crate::silent() {
                 return 0;
             }
             $body(&ctx)

@@ -107,6 +107,8 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         0 => String::new(),
         _ => format!(" (fallbacks: {}; why: `lotrace doctor`)", fallbacks.join(", ")),
     };
+    // The whole plan is attached: every program starts now, before the line that says so.
+    session.start();
     eprintln!(
         "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{fallbacks}{}{privileges}. Ctrl-C to stop.",
         cfg.netns.label,
@@ -159,13 +161,16 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
             break;
         }
     }
-    // What is still in the ring, then everything still held.
-    drain(ring.get_mut(), &mut tracker, &mut queue, &mut intake)?;
+    // Every program goes silent, then what is still in the ring, then everything still held.
+    let kernel = session.stop(|| {
+        drain(ring.get_mut(), &mut tracker, &mut queue, &mut intake)?;
+        Ok(intake.received)
+    })?;
     queue.send(&mut tracker.flush());
     let unprinted = queue.unprinted;
     let printer = queue.finish()?;
     let trailer = record::Trailer {
-        kernel: session.counters()?,
+        kernel,
         costs: session.program_costs(),
         costs_unavailable: session.stats_error.clone(),
     };

@@ -211,7 +211,7 @@ fn start(mode: Mode, bin: &Binaries, ns: &Netns) -> Result<Tracer> {
         Mode::Lotrace | Mode::LotraceCost | Mode::Floor => {
             let t0 = Instant::now();
             let exe = if mode == Mode::Floor { bin.floor } else { bin.lotrace };
-            let mut child = Command::new(exe)
+            let mut child = crate::signals::defaults(&mut Command::new(exe))
                 .args(["trace", "--netns", &ns.0, "--format", "json"])
                 .args(if mode == Mode::LotraceCost {
                     &["--kernel-cost"][..]
@@ -247,7 +247,7 @@ fn start(mode: Mode, bin: &Binaries, ns: &Netns) -> Result<Tracer> {
             );
             // tracefs is mounted in a private mount namespace only, and only when the host has not
             // mounted it already: the host is left as it is.
-            let mut child = Command::new("unshare")
+            let mut child = crate::signals::defaults(&mut Command::new("unshare"))
                 .args([
                     "-m",
                     "sh",
@@ -781,7 +781,7 @@ mod tests {
         use std::process::{Command, Stdio};
         // A shell that sets its SIGINT trap, says so, then loops; returned once it has said so.
         let ready = |trap: &str| {
-            let mut c = Command::new("sh")
+            let mut c = crate::signals::defaults(&mut Command::new("sh"))
                 .args(["-c", &format!("{trap}; echo ready; while :; do sleep 0.05; done")])
                 .stdout(Stdio::piped())
                 .spawn()

@@ -8,6 +8,7 @@ use std::{
 };
 
 mod bench;
+mod signals;
 mod tools;
 mod vm;
 
@@ -47,6 +48,21 @@ enum Cmd {
         #[arg(long, default_value_t = 300)]
         secs: u32,
     },
+    /// Boots a kernel guest N times per QEMU accelerator option set, each boot attaching and
+    /// detaching lotrace's whole plan under traffic, and prints how many boots the guest's own
+    /// kernel died in (how the README's guest crash rates were measured).
+    Soak {
+        /// Kernel series (6.1 or 6.12).
+        #[arg(long, default_value = "6.12")]
+        kernel: String,
+        /// Boots per option set.
+        #[arg(long, default_value_t = 10)]
+        boots: u32,
+        /// QEMU `-accel` option sets to compare (repeatable; default: the suite's own and
+        /// multi-threaded TCG).
+        #[arg(long)]
+        accel: Vec<String>,
+    },
     /// Benchmarks (root): traced vs untraced workloads and bpftrace, as ratios; reconstruction speed.
     Bench {
         /// Repetitions of every (workload, mode) pair.
@@ -71,6 +87,7 @@ fn main() -> ExitCode {
         Cmd::Fuzz { secs } => setup()
             .and_then(|_| fuzz(secs))
             .and_then(|ok| if ok { Ok(()) } else { bail!("a fuzz target failed") }),
+        Cmd::Soak { kernel, boots, accel } => setup().and_then(|_| build()).and_then(|_| soak(&kernel, boots, &accel)),
         Cmd::Bench { reps, secs, workload } => {
             if !is_root() {
                 eprintln!("xtask: bench needs root (it loads lotrace and bpftrace): run `sudo -E cargo xtask bench`");
@@ -126,9 +143,12 @@ fn status(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// cargo in the workspace root; its children (test binaries and what they start) get default
+/// signal dispositions (see `signals`).
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     c.current_dir(root());
+    signals::defaults(&mut c);
     c
 }
 
@@ -505,9 +525,18 @@ fn guest_suite(t: &mut Tally, series: &str, bin: &Path) {
         .ok()
         .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
         .unwrap_or_default();
+    // LOTRACE_GUEST_REPEAT=N (with a filter, for showing that a test passes run after run): the
+    // filtered tests run N times in one boot; the payload fails if any run did.
+    let repeat: u32 = std::env::var("LOTRACE_GUEST_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|_| !filter.is_empty())
+        .unwrap_or(1)
+        .clamp(1, 100);
     let payload = format!(
         "#!/bin/sh\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp CI=true\n\
-         echo \"guest kernel $(uname -r)\"\ncd {}\nexec {} --test-threads=1 --color never {filter}\n",
+         echo \"guest kernel $(uname -r)\"\ncd {}\nrc=0\n\
+         for i in $(seq {repeat}); do {} --test-threads=1 --color never {filter} || rc=$?; done\nexit $rc\n",
         root().join("loopback-user").display(),
         bin.display()
     );
@@ -544,6 +573,56 @@ fn guest_suite(t: &mut Tally, series: &str, bin: &Path) {
         }
         Err(e) => t.check(&format!("kernel {series} guest"), Err(e)),
     }
+}
+
+/// `cargo xtask soak`: boots per accelerator option set, each running lotrace's attach cycle.
+fn soak(series: &str, boots: u32, accel: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("soak boots guests and loads eBPF in them: run it as root");
+    }
+    let k = vm::kernel(series).ok_or_else(|| anyhow!("--kernel {series}: not a guest kernel series"))?;
+    ensure_tools("soak", Need::Vm)?;
+    let sets: Vec<String> = if accel.is_empty() {
+        vec![vm::ACCEL.to_string(), "tcg,thread=multi".to_string()]
+    } else {
+        accel.to_vec()
+    };
+    let lotrace = root().join("target/release/lotrace");
+    // Attach and detach the whole plan five times (doctor tries every hook, XDP too) while a
+    // flood ping keeps the loopback path busy, as the privileged suite does.
+    let payload = format!(
+        "#!/bin/sh\nexport PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp\n\
+         ip link set lo up\nping -f -q -w 60 127.0.0.1 >/dev/null 2>&1 &\n\
+         for i in 1 2 3 4 5; do {l} doctor >/dev/null 2>&1 || echo \"doctor rc=$?\"; {l} trace --duration 1 >/dev/null 2>&1 || echo \"trace rc=$?\"; done\n\
+         kill $! 2>/dev/null\necho soak-done\n",
+        l = lotrace.display()
+    );
+    let mut rows = Vec::new();
+    for set in &sets {
+        let (mut died, mut other) = (0, 0);
+        for boot in 1..=boots {
+            match vm::run_payload_with(&root(), k, &payload, Duration::from_secs(VM_TIMEOUT_SECS), set) {
+                Ok(run) if vm::kernel_crashed(&run) => died += 1,
+                Ok(run) if run.rc == Some(0) && run.output.contains("soak-done") => {}
+                Ok(run) => {
+                    other += 1;
+                    println!("soak: {set} boot {boot}: payload rc {:?}", run.rc);
+                }
+                Err(e) => {
+                    other += 1;
+                    println!("soak: {set} boot {boot}: {e:#}");
+                }
+            }
+            println!("soak: kernel {series}, -accel {set}: boot {boot}/{boots}: {died} crashed so far");
+        }
+        rows.push(format!(
+            "kernel {series}, -accel {set}: {died}/{boots} boots crashed ({other} other failures)"
+        ));
+    }
+    for r in rows {
+        println!("soak: {r}");
+    }
+    Ok(())
 }
 
 /// Boots of a guest whose own kernel dies under emulation (seen in about 1 of 3 6.12 runs, and

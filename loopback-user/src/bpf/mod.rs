@@ -4,3 +4,4 @@ pub mod classic_tc;
 pub mod doctor;
 pub mod object;
 pub mod session;
+pub mod switch;

@@ -19,7 +19,7 @@ use super::{
     btf::{KernelBtf, short_drop_reason},
     object,
 };
-use crate::bpf::classic_tc::ClassicTc;
+use crate::bpf::{classic_tc::ClassicTc, switch::Switch};
 use crate::counters::{KernelCounters, ProgramCost};
 use crate::hooks::{Attach, Candidate, Dir, HookPoint, PLAN};
 use crate::netns::Netns;
@@ -133,6 +133,8 @@ pub struct Session {
     pub classic_tc: ClassicTc,
     /// What lotrace cleaned up before attaching (filters a killed lotrace left behind).
     pub notes: Vec<String>,
+    /// The programs' switch: off until [`Session::start`], off again in [`Session::stop`].
+    pub switch: Switch,
 }
 
 /// Root, or CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN (or CAP_SYS_ADMIN).
@@ -325,6 +327,7 @@ impl Session {
                 o.error.as_deref().unwrap_or("refused")
             );
         }
+        let switch = Switch::map(ebpf.map("ON").ok_or_else(|| anyhow!("ON map missing"))?)?;
         // The receive hook stages the lo receive chain into one record only while our tc ingress
         // program is there to close it.
         if outcomes.iter().any(|o| o.attached && o.program == "lo_tc_ingress") {
@@ -353,7 +356,33 @@ impl Session {
             netns: opts.netns.clone(),
             classic_tc,
             notes,
+            switch,
         })
+    }
+
+    /// Every attached program starts at once (until now they returned at their first
+    /// instruction: no packet is caught by the hooks attached first and missed by the rest).
+    pub fn start(&mut self) {
+        self.switch.on();
+    }
+
+    /// Stops every program and collects what they left: turns the switch off, waits until no
+    /// program run is in flight, drains the ring through `drain` (which returns how many events
+    /// the reader has received in all) and reads the kernel's counters. The kernel's count of
+    /// submitted events then equals the reader's: nothing can be submitted after the last drain.
+    /// Where the kernel cannot confirm that the runs are over (`membarrier` refused), it drains
+    /// until the counts agree, for up to a second.
+    pub fn stop(&mut self, mut drain: impl FnMut() -> Result<u64>) -> Result<KernelCounters> {
+        let settled = self.switch.off();
+        let mut received = drain()?;
+        let mut kernel = self.counters()?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while !settled && kernel.emitted > received && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            received = drain()?;
+            kernel = self.counters()?;
+        }
+        Ok(kernel)
     }
 
     pub fn take_ring(&mut self) -> Result<RingBuf<MapData>> {

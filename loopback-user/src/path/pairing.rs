@@ -69,6 +69,8 @@ impl Tracker {
         {
             clone.clone_of = Some(orig.id);
             clone.reply_of = orig.reply_of;
+            // Bounded by the paths in flight: an original leaves the set when it is finished.
+            self.clone_read.insert(orig.id);
         }
     }
 }

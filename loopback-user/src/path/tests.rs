@@ -256,6 +256,37 @@ pub(crate) fn raw_ping_sequence() -> Vec<Event> {
     s.events
 }
 
+/// The clone's socket copy reaches the ring before the original's free (the reader ran on the
+/// other CPU while the softirq was still finishing the original): the same verdicts, and the
+/// original is not held waiting for a clone that was seen already, however long its free takes.
+#[test]
+fn a_clone_read_before_its_original_is_freed_still_makes_the_original_delivered_clone() {
+    let mut evs = raw_ping_sequence();
+    let free = evs.iter().position(|e| e.hook == Hook::Free).expect("free");
+    let copy = evs.iter().position(|e| e.hook == Hook::CopyToUser).expect("copy");
+    let mut f = evs.remove(free);
+    // Long after the copy (far beyond the clone wait): time decides nothing.
+    f.ts_ns = evs[copy - 1].ts_ns + 10_000_000_000;
+    evs.insert(copy, f);
+    let mut t = Tracker::new(TrackerConfig::default(), drops());
+    let mut done = Vec::new();
+    for mut e in evs {
+        t.push_into(&mut e, &mut done);
+    }
+    let rep = done
+        .iter()
+        .find(|p| p.skb == 0xb000)
+        .expect("reply finished at its free, not held")
+        .clone();
+    assert_eq!(rep.verdict, Verdict::DeliveredClone, "{rep:#?}");
+    assert!(rep.complete);
+    done.extend(t.flush());
+    let clone = done.iter().find(|p| p.skb == 0xc000).expect("clone");
+    assert_eq!(clone.clone_of, Some(rep.id));
+    assert!(t.stats.drops.is_empty(), "{:?}", t.stats.drops);
+    assert!(t.clone_read.is_empty());
+}
+
 #[test]
 fn raw_ping_is_reconstructed_paired_and_not_a_drop() {
     let (paths, stats) = run(raw_ping_sequence());

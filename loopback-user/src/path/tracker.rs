@@ -64,6 +64,10 @@ pub struct Tracker {
     pairing: Pairing,
     /// Finished packets held back until their delivered clone shows up (or the wait ends).
     pub(super) awaiting_clone: VecDeque<PacketPath>,
+    /// Paths (ids) still in flight whose clone was read already: the clone's socket copy can
+    /// reach the ring before the original's free (another CPU), and that free then ends the
+    /// original as delivered through its clone at once, whatever the time between them.
+    pub(super) clone_read: FxHashSet<u64>,
     /// Per socket: UDP packets queued to it, oldest first (matched to the application's reads).
     sock_queues: FxHashMap<u64, VecDeque<(u64, u64)>>,
     /// Queued UDP packets (path ids) that their own free ended before the application's read
@@ -86,6 +90,7 @@ impl Tracker {
             threads: FxHashMap::default(),
             pairing: Pairing::default(),
             awaiting_clone: VecDeque::new(),
+            clone_read: FxHashSet::default(),
             sock_queues: FxHashMap::default(),
             read_while_queued: FxHashSet::default(),
             gso_parents: FxHashMap::default(),
@@ -336,7 +341,9 @@ impl Tracker {
                     && p.info
                         .as_ref()
                         .is_some_and(|i| i.proto == PROTO_ICMP || i.proto == PROTO_ICMPV6);
-                if waits_for_clone {
+                if waits_for_clone && self.clone_read.contains(&p.id) {
+                    self.finish(p, Verdict::DeliveredClone, done);
+                } else if waits_for_clone {
                     p.verdict = Verdict::Dropped;
                     self.awaiting_clone.push_back(*p);
                 } else {
@@ -529,6 +536,9 @@ impl Tracker {
     #[inline]
     fn seal(&mut self, p: &mut PacketPath, verdict: Verdict) {
         p.verdict = verdict;
+        if !self.clone_read.is_empty() {
+            self.clone_read.remove(&p.id);
+        }
         if verdict == Verdict::Consumed && p.has(StageKind::SockQueue) {
             // Bounded: without the application's reads (no `sock_recv_length`) nothing removes
             // these; a read that finds its packet gone then looks at the next one, as before.

@@ -249,6 +249,7 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
     );
     let mut paths = Vec::new();
     let mut intake = Intake::default();
+    session.start();
     let mut probes = Vec::new();
     let mut scenarios: Vec<(&'static str, String)> = Vec::new();
     for step in &steps {
@@ -269,11 +270,12 @@ pub fn run(cfg: ProveConfig, cancel: &AtomicBool) -> Result<i32> {
             }
         }
     }
-    // Let the last frees land, then take everything.
-    std::thread::sleep(Duration::from_millis(50));
-    drain(&mut ring, &mut tracker, &mut paths, &mut intake)?;
+    // Every program goes silent, then everything in the ring and still held.
+    let kernel = session.stop(|| {
+        drain(&mut ring, &mut tracker, &mut paths, &mut intake)?;
+        Ok(intake.received)
+    })?;
     paths.extend(tracker.flush());
-    let kernel = session.counters()?;
     drop(session);
     drop(sandbox);
 

@@ -111,6 +111,7 @@ pub async fn run(cfg: TuiConfig) -> Result<()> {
             })?;
             tracker = Tracker::new(TrackerConfig::default(), session.drop_reasons.clone());
             let ring = session.take_ring()?;
+            session.start();
             // SAFETY: the ring buffer owns its map fd and lives as long as the AsyncFd.
             let ring =
                 unsafe { AsyncFd::register(ring) }.map_err(|_| anyhow::anyhow!("cannot poll the ring buffer fd"))?;

@@ -38,14 +38,13 @@ fn flood_ping_loses_nothing_with_or_without_lotrace() {
         signal(child.id(), libc::SIGINT);
         assert!(child.wait().expect("wait").success());
         let err = err_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
-        let summary: Value = serde_json::from_str(err.lines().last().expect("summary")).expect("json");
+        let summary = summary_of(&err);
         assert_eq!(
             got,
             (N as u64, N as u64),
             "traced {extra:?}: the same loss as untraced (none)"
         );
         let s = &summary["summary"];
-        assert_eq!(s["events_emitted"], s["events_received"], "{s}");
         let (rc, out, rerr) = run_bin(&["replay", &rec_s, "--format", "json"]);
         assert_eq!(rc, 0, "{rerr}");
         let on_lo = out
@@ -122,13 +121,13 @@ fn honest_under_sustained_load() {
     signal(child.id(), libc::SIGINT);
     assert!(child.wait().expect("wait").success());
     let err = err_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
-    let s: Value = serde_json::from_str(err.lines().last().expect("summary")).expect("json");
+    let s = summary_of(&err);
     let s = &s["summary"];
     let sent = lo_tx_packets(&sb) - before;
     let packets = s["packets"].as_u64().expect("packets");
     let lost = s["lost_events"].as_u64().expect("lost") + s["scope_overflow"].as_u64().expect("scope");
     assert!(sent > 10_000, "the load ran: {sent} packets");
-    assert_eq!(s["events_emitted"], s["events_received"], "{s}");
+    // (summary_of checked events_emitted == events_received: the off-by-one this test once hit.)
     // Every lo packet is a reconstructed packet (complete, expired or in flight) unless events
     // were lost, and then the loss is reported: never fewer packets than sent without a count.
     let text = std::fs::read_to_string(&out_path).unwrap_or_default();
@@ -190,7 +189,6 @@ fn a_stalled_stdout_never_stalls_tracing_and_what_is_not_printed_is_counted() {
     assert!(num("unprinted") > 0, "{s}");
     assert_eq!(num("printed") + num("unprinted"), num("packets") + num("copies"), "{s}");
     assert_eq!(out.lines().count() as u64, num("printed"), "{s}");
-    assert_eq!(num("events_emitted"), num("events_received"), "{s}");
     assert!(
         num("packets") + num("lost_events") >= 2 * N as u64,
         "every lo packet was reconstructed, or its loss counted: {s}"

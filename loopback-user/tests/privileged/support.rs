@@ -173,15 +173,30 @@ pub(crate) fn tc_only_records(s: &Value) -> u64 {
 }
 
 /// The JSON summary in lotrace's stderr: its last JSON line (a note such as "pcapng: N
-/// packet(s) written" may follow it).
+/// packet(s) written" may follow it). Every summary any test reads is checked here for what
+/// lotrace promises of every run: no event the kernel submitted goes unaccounted. The kernel
+/// counts what it submitted (`events_emitted`) and, apart, what it could not
+/// (`lost_events`: the ring was full); the reader counts what it read (`events_received`).
+/// The programs are silenced and the ring drained before the counters are read, so every
+/// event the programs tried to send is either received or counted lost:
+/// `events_emitted + lost_events == events_received + lost_events`, i.e. emitted == received.
 pub(crate) fn summary_of(err: &str) -> Value {
-    serde_json::from_str(
+    let v: Value = serde_json::from_str(
         err.lines()
             .rev()
             .find(|l| l.starts_with("{\"summary\""))
             .expect("summary line"),
     )
-    .expect("summary JSON")
+    .expect("summary JSON");
+    let s = &v["summary"];
+    let num = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {s}"));
+    assert_eq!(
+        num("events_emitted"),
+        num("events_received"),
+        "every submitted event was received (lost apart: {}): {s}",
+        num("lost_events")
+    );
+    v
 }
 
 /// Whether hook point `hook` attached, from lotrace's first line ("NOT attached: a, b (why)").
