@@ -140,6 +140,10 @@ pub struct PrintArgs {
     count: Option<u64>,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
+    /// Also print the packets cut by the start or end of tracing (caught part-way through when
+    /// the programs were switched on, or still in flight at stop); the summary counts them apart.
+    #[arg(long)]
+    partial: bool,
 }
 
 impl PrintArgs {
@@ -150,6 +154,7 @@ impl PrintArgs {
             pid: self.pid,
             count: self.count,
             format: self.format,
+            partial: self.partial,
         })
     }
 }

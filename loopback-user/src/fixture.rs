@@ -306,6 +306,7 @@ pub fn write_recording(path: &std::path::Path, rounds: u64) -> std::io::Result<(
         monotonic_ns: 1_000_000_000,
         realtime_ns: 1_767_225_600_000_000_000, // 2026-01-01T00:00:00Z
         snaplen: 96,
+        tracing_since_ns: 0,
         hooks: ["sys_enter", "fib_table_lookup", "net_dev_queue", "lo_tc_egress"]
             .iter()
             .map(|p| HookInfo {

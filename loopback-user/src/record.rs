@@ -63,6 +63,10 @@ pub struct Header {
     pub realtime_ns: u64,
     /// Packet bytes captured per packet on lo.
     pub snaplen: u32,
+    /// When the kernel programs were switched on (CLOCK_MONOTONIC ns; 0 in recordings made
+    /// before lotrace wrote it): replay tells packets caught part-way at the start by it.
+    #[serde(default)]
+    pub tracing_since_ns: u64,
     pub hooks: Vec<HookInfo>,
     /// Kernel drop reason names by number (they differ between kernels).
     pub drop_reasons: BTreeMap<u64, String>,
@@ -337,6 +341,7 @@ mod tests {
             monotonic_ns: 10,
             realtime_ns: 20,
             snaplen: 96,
+            tracing_since_ns: 0,
             hooks: vec![],
             drop_reasons: BTreeMap::from([(2, "NOT_SPECIFIED".to_string())]),
         }

@@ -59,7 +59,15 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     let ring = session.take_ring()?;
     // SAFETY: the ring buffer owns its map fd and lives as long as the AsyncFd.
     let mut ring = unsafe { AsyncFd::register(ring) }.map_err(|_| anyhow::anyhow!("cannot poll the ring buffer fd"))?;
-    let mut tracker = Tracker::new(TrackerConfig::default(), session.drop_reasons.clone());
+    // The whole plan is attached: every program starts now, at once.
+    session.start();
+    let mut tracker = Tracker::new(
+        TrackerConfig {
+            tracing_since_ns: session.switch.on_since_ns,
+            ..TrackerConfig::default()
+        },
+        session.drop_reasons.clone(),
+    );
     let header = recording_header(&session, cfg.snaplen);
     let (mut intake, printer) = outputs(cfg.print, cfg.pcapng.as_deref(), &header)?;
     if let Some(path) = &cfg.write {
@@ -107,8 +115,6 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         0 => String::new(),
         _ => format!(" (fallbacks: {}; why: `lotrace doctor`)", fallbacks.join(", ")),
     };
-    // The whole plan is attached: every program starts now, before the line that says so.
-    session.start();
     eprintln!(
         "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{fallbacks}{}{privileges}. Ctrl-C to stop.",
         cfg.netns.label,
@@ -197,6 +203,7 @@ fn recording_header(session: &Session, snaplen: u32) -> record::Header {
         monotonic_ns,
         realtime_ns,
         snaplen,
+        tracing_since_ns: session.switch.on_since_ns,
         hooks: session
             .outcomes
             .iter()
@@ -234,7 +241,13 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
         h.hooks.iter().filter(|x| x.attached).count(),
         h.hooks.len()
     );
-    let mut tracker = Tracker::new(TrackerConfig::default(), h.drop_reasons.clone().into_iter().collect());
+    let mut tracker = Tracker::new(
+        TrackerConfig {
+            tracing_since_ns: h.tracing_since_ns,
+            ..TrackerConfig::default()
+        },
+        h.drop_reasons.clone().into_iter().collect(),
+    );
     let (mut intake, mut printer) = outputs(cfg.print, cfg.pcapng.as_deref(), &h)?;
     let mut trailer = None;
     loop {

@@ -25,9 +25,14 @@ pub struct PrintOpts {
     pub pid: Option<u32>,
     pub count: Option<u64>,
     pub format: Format,
+    /// `--partial`: print packets cut by the start or end of tracing too.
+    pub partial: bool,
 }
 
-pub fn wanted(p: &PacketPath, filter: Option<&Expr>, pid: Option<u32>) -> bool {
+pub fn wanted(p: &PacketPath, filter: Option<&Expr>, pid: Option<u32>, partial: bool) -> bool {
+    if !partial && p.partial() {
+        return false;
+    }
     if filter.is_some_and(|f| !f.passes(p)) {
         return false;
     }
@@ -79,7 +84,7 @@ impl Printer {
             if self.done() {
                 break;
             }
-            if wanted(p, self.opts.filter.as_ref(), self.opts.pid) {
+            if wanted(p, self.opts.filter.as_ref(), self.opts.pid, self.opts.partial) {
                 self.print(p)?;
             }
         }

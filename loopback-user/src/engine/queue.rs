@@ -34,6 +34,7 @@ pub struct PrintQueue {
     shared: Arc<Shared>,
     filter: Option<Expr>,
     pid: Option<u32>,
+    partial: bool,
     /// Packets that passed the filter but did not fit in the queue.
     pub unprinted: u64,
 }
@@ -44,7 +45,7 @@ impl PrintQueue {
     pub fn start(printer: Printer) -> Result<Self> {
         let (tx, rx) = channel();
         let shared = Arc::new(Shared::default());
-        let (filter, pid) = (printer.opts.filter.clone(), printer.opts.pid);
+        let (filter, pid, partial) = (printer.opts.filter.clone(), printer.opts.pid, printer.opts.partial);
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("lotrace-print".into())
@@ -56,6 +57,7 @@ impl PrintQueue {
             shared,
             filter,
             pid,
+            partial,
             unprinted: 0,
         })
     }
@@ -63,7 +65,7 @@ impl PrintQueue {
     /// Queues the packets the printer wants; those that do not fit are counted, not printed.
     pub fn send(&mut self, paths: &mut Vec<PacketPath>) {
         let mut paths = std::mem::take(paths);
-        paths.retain(|p| wanted(p, self.filter.as_ref(), self.pid));
+        paths.retain(|p| wanted(p, self.filter.as_ref(), self.pid, self.partial));
         if paths.is_empty() || self.done() {
             return;
         }

@@ -595,6 +595,9 @@ impl<'a> Out<'a> {
         self.boolean(p.left_host());
         self.lit(b",\"complete\":");
         self.boolean(p.complete);
+        if p.in_flight_at_start {
+            self.lit(b",\"in_flight_at_start\":true");
+        }
         self.lit(b",\"verdict\":");
         let (q, len) = &VERDICTS[p.verdict as usize];
         self.cut(q, *len);

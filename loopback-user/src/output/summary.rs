@@ -75,6 +75,7 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
             "copies": stats.copies,
             "expired": stats.expired,
             "in_flight_at_end": stats.in_flight_at_end,
+            "in_flight_at_start": stats.in_flight_at_start,
             "softirq_context": stats.by_context(),
             "stage_latency": stages,
             "bpf_programs": costs_json(&sum.costs),
@@ -106,9 +107,20 @@ pub fn summary_text(stats: &Stats, sum: &Summary) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // Packets cut by the start or the end of tracing are no packets of the run's: said apart.
+    let mut cut = String::new();
+    if stats.in_flight_at_start > 0 {
+        let _ = write!(cut, ", {} in flight at start", stats.in_flight_at_start);
+    }
+    if stats.in_flight_at_end > 0 {
+        let _ = write!(cut, ", {} in flight at stop", stats.in_flight_at_end);
+    }
+    if !cut.is_empty() {
+        cut.push_str(" (not counted; --partial prints them)");
+    }
     let _ = writeln!(
         s,
-        "--- lotrace summary: {} packets ({} printed), {} complete ({}), drops: {}",
+        "--- lotrace summary: {} packets ({} printed), {} complete ({}), drops: {}{cut}",
         stats.packets,
         sum.printed,
         stats.complete,

@@ -207,3 +207,33 @@ fn text_and_summary_mention_what_matters() {
         (Some(40), Some(33))
     );
 }
+
+/// Packets cut by the start or the end of tracing are said apart, not as broken packets: the
+/// `--count 2` ping-pong of issue 30 ends "2 packets (2 printed), 2 complete (100%), ... 1 in
+/// flight at stop".
+#[test]
+fn the_summary_says_what_was_cut_by_start_and_stop_apart_from_the_packets() {
+    let mut stats = Stats::default();
+    (stats.packets, stats.complete, stats.in_flight_at_end) = (2, 2, 1);
+    let sum = Summary {
+        printed: 2,
+        ..Default::default()
+    };
+    let s = summary_text(&stats, &sum);
+    assert!(
+        s.starts_with("--- lotrace summary: 2 packets (2 printed), 2 complete (100%), drops: none, 1 in flight at stop (not counted; --partial prints them)\n"),
+        "{s}"
+    );
+    stats.in_flight_at_start = 3;
+    let j = summary_json(&stats, &sum);
+    assert_eq!(
+        (
+            j["summary"]["in_flight_at_start"].as_u64(),
+            j["summary"]["complete_pct"].as_f64()
+        ),
+        (Some(3), Some(100.0))
+    );
+    (stats.in_flight_at_start, stats.in_flight_at_end) = (0, 0);
+    let first = summary_text(&stats, &sum).lines().next().map(str::to_string);
+    assert!(first.is_some_and(|l| !l.contains("in flight")));
+}

@@ -12,7 +12,7 @@ mod stats;
 pub(crate) mod tests;
 mod tracker;
 
-pub use model::{PacketPath, Softirq, SoftirqContext, Stage, StageKind, Verdict, Wire, is_complete};
+pub use model::{PacketPath, Softirq, SoftirqContext, Stage, StageKind, Verdict, Wire, is_complete, seen_from_start};
 pub use pairing::{is_echo_reply, is_echo_request};
 pub use stats::Stats;
 pub use tracker::{Tracker, TrackerConfig};

@@ -128,6 +128,10 @@ pub struct PacketPath {
     pub reply_of: Option<u64>,
     pub clone_of: Option<u64>,
     pub complete: bool,
+    /// Caught part-way through when tracing started: its first stages ran before the programs
+    /// were switched on (see `TrackerConfig::tracing_since_ns`). Not a broken packet: not counted
+    /// in `packets` or `complete_pct`, not printed unless asked (`--partial`).
+    pub in_flight_at_start: bool,
     pub(super) receive_arg: Option<(u64, u64)>,
     /// It passed tc ingress on lo: a receive or tc ingress at its address is another crossing.
     pub(super) passed_tc_ingress: bool,
@@ -185,6 +189,11 @@ impl PacketPath {
     pub fn sender(&self) -> Option<&Stage> {
         self.stages.iter().find(|s| s.stage == StageKind::DevQueue)
     }
+    /// Cut by the start or the end of tracing (in flight at start, or still in flight at stop):
+    /// counted apart, not as a packet.
+    pub fn partial(&self) -> bool {
+        self.in_flight_at_start || self.verdict == Verdict::InFlight
+    }
     pub fn is_drop(&self) -> bool {
         self.verdict == Verdict::Dropped
     }
@@ -201,6 +210,16 @@ impl PacketPath {
     }
 }
 
+/// Seen from its start in the namespace: sent here (tc egress or `dev_queue` first), arrived
+/// from another device (its receive first), or a clone (first seen at the socket).
+#[inline(always)]
+pub fn seen_from_start(p: &PacketPath) -> bool {
+    use StageKind as K;
+    let first = p.first_skb_stage();
+    let from_outside = p.rx_dev.is_none_or(|d| d.as_bytes() != b"lo");
+    matches!(first, Some(K::TcEgress | K::DevQueue | K::CopyToUser)) || (first == Some(K::Receive) && from_outside)
+}
+
 /// Seen from its start in the namespace to its end (app_send and route, when linked, come first):
 /// start = tc_egress/dev_queue (sent here), receive/tc_ingress (arrived from another device)
 /// or copy_to_user (a clone);
@@ -214,8 +233,7 @@ pub fn is_complete(p: &PacketPath) -> bool {
     // A path that starts at tc ingress lacks its receive hook, and one received on lo its
     // transmit (see `Stats::tc_only`); one received through another device (a veth) starts at
     // its receive.
-    let from_outside = p.rx_dev.is_none_or(|d| d.as_bytes() != b"lo");
-    let started = sent_here || first == Some(K::CopyToUser) || (first == Some(K::Receive) && from_outside);
+    let started = seen_from_start(p);
     let ended = matches!(
         p.verdict,
         Verdict::Consumed

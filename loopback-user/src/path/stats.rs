@@ -12,6 +12,8 @@ pub struct Stats {
     pub complete: u64,
     pub expired: u64,
     pub in_flight_at_end: u64,
+    /// Caught part-way through when tracing started ([`PacketPath::in_flight_at_start`]).
+    pub in_flight_at_start: u64,
     pub drops: BTreeMap<String, u64>,
     /// Events of the `lo` programs that could not be linked to an skb.
     pub unlinked_lo_events: u64,
@@ -119,10 +121,34 @@ impl Stats {
             .collect()
     }
 
+    fn count_drop(&mut self, p: &PacketPath) {
+        if p.is_drop() {
+            // The reason is copied into the map once, not for every drop.
+            let r = p.drop_reason.as_deref().unwrap_or("unknown");
+            match self.drops.get_mut(r) {
+                Some(n) => *n += 1,
+                None => {
+                    self.drops.insert(r.to_string(), 1);
+                }
+            }
+        }
+    }
+
     pub(super) fn account(&mut self, p: &PacketPath) {
         let s = self;
         if p.is_copy() {
             s.copies += 1;
+            return;
+        }
+        // Cut by the start or the end of tracing: counted apart, not as packets (a drop seen of
+        // one caught at the start is still a drop).
+        if p.verdict == Verdict::InFlight {
+            s.in_flight_at_end += 1;
+            return;
+        }
+        if p.in_flight_at_start {
+            s.in_flight_at_start += 1;
+            s.count_drop(p);
             return;
         }
         s.packets += 1;
@@ -140,19 +166,7 @@ impl Stats {
         if p.verdict == Verdict::Expired {
             s.expired += 1;
         }
-        if p.verdict == Verdict::InFlight {
-            s.in_flight_at_end += 1;
-        }
-        if p.is_drop() {
-            // The reason is copied into the map once, not for every drop.
-            let r = p.drop_reason.as_deref().unwrap_or("unknown");
-            match s.drops.get_mut(r) {
-                Some(n) => *n += 1,
-                None => {
-                    s.drops.insert(r.to_string(), 1);
-                }
-            }
-        }
+        s.count_drop(p);
         if let Some(si) = &p.softirq {
             s.contexts[si.context as usize] += 1;
         }

@@ -627,3 +627,60 @@ fn packet_sent_on_another_device_left_the_host() {
     assert_eq!(paths[0].tx_dev.as_deref(), Some("veth0"));
     assert!(paths[0].complete);
 }
+
+/// Tracing switched on while a ping's request was half-way through lo: its path starts at its
+/// transmit, without the hooks that ran before the switch. It is one caught in flight at the
+/// start, counted apart and not in `packets`; its reply, seen whole, is a packet. Without the
+/// switch time (an old recording) the same path is an incomplete packet, as before.
+#[test]
+fn a_packet_caught_part_way_when_tracing_starts_is_counted_apart() {
+    let evs: Vec<Event> = raw_ping_sequence()
+        .into_iter()
+        .filter(|e| !(e.skb == 0xa000 && matches!(e.hook, Hook::TcEgress | Hook::DevQueue)))
+        .collect();
+    let since = evs[0].ts_ns - 50;
+    let run = |since: u64, shift: u64| {
+        let mut t = Tracker::new(
+            TrackerConfig {
+                tracing_since_ns: since,
+                ..TrackerConfig::default()
+            },
+            drops(),
+        );
+        let mut done = Vec::new();
+        for mut e in evs.clone() {
+            e.ts_ns += shift;
+            t.push_into(&mut e, &mut done);
+        }
+        done.extend(t.flush());
+        (done, t.stats)
+    };
+    let (ps, stats) = run(since, 0);
+    let req = ps.iter().find(|p| p.skb == 0xa000).expect("request");
+    assert!(req.in_flight_at_start && !req.complete && req.partial(), "{req:#?}");
+    assert_eq!((stats.packets, stats.complete, stats.in_flight_at_start), (1, 1, 1));
+    // Long after the switch, a path without its start is a broken packet, not a cut one.
+    let (ps, stats) = run(since, 10_000_000_000);
+    assert!(!ps.iter().any(|p| p.in_flight_at_start));
+    assert_eq!((stats.packets, stats.complete, stats.in_flight_at_start), (2, 1, 0));
+    let (_, stats) = run(0, 0);
+    assert_eq!((stats.packets, stats.in_flight_at_start), (2, 0));
+}
+
+/// A packet still in flight when tracing stops is not a packet of the run: `--count 2` on a
+/// ping-pong says "2 packets, 2 complete (100%), 1 in flight at stop".
+#[test]
+fn a_packet_in_flight_at_stop_is_counted_apart() {
+    let mut evs = raw_ping_sequence();
+    let mut s = Seq::new();
+    s.t = evs.last().expect("events").ts_ns;
+    let next = icmp_info("127.0.0.1", "127.0.0.1", 8, 77, 2);
+    s.ev(Hook::TcEgress, 0xd000, 500, "ping", "lo", Some(next.clone()), 0, 0);
+    s.ev(Hook::DevQueue, 0xd000, 500, "ping", "lo", Some(next), 0, 0);
+    evs.extend(s.events);
+    let (ps, stats) = run(evs);
+    let cut = ps.iter().find(|p| p.skb == 0xd000).expect("in flight");
+    assert_eq!(cut.verdict, Verdict::InFlight);
+    assert!(cut.partial());
+    assert_eq!((stats.packets, stats.complete, stats.in_flight_at_end), (2, 2, 1));
+}

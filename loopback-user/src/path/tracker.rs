@@ -7,7 +7,7 @@ use loopback_common::{CONSUME_GSO_SPLIT, CONSUME_GSO_SPLIT_UNSEEN, Hook};
 // path; SipHash's DoS resistance buys nothing here and costs a third of the lookup time.
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use super::{PacketPath, Stage, StageKind, Stats, Verdict, Wire, is_complete, pairing::Pairing};
+use super::{PacketPath, Stage, StageKind, Stats, Verdict, Wire, is_complete, pairing::Pairing, seen_from_start};
 use crate::decode::{Event, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, RouteInfo};
 
 #[derive(Clone, Copy, Debug)]
@@ -18,6 +18,12 @@ pub struct TrackerConfig {
     pub max_inflight: usize,
     /// How long a NO_SOCKET-freed ICMP packet waits for its delivered clone.
     pub clone_wait_ns: u64,
+    /// When the kernel programs were switched on (event clock; 0: unknown, e.g. a recording
+    /// made before lotrace recorded it). A packet not seen from its start whose first event
+    /// came within `max_idle_ns` of it is one caught part-way through at that moment
+    /// (`in_flight_at_start`), not a broken one: every hook was on from then, so what it lacks
+    /// ran before.
+    pub tracing_since_ns: u64,
 }
 
 impl Default for TrackerConfig {
@@ -26,6 +32,7 @@ impl Default for TrackerConfig {
             max_idle_ns: 2_000_000_000,
             max_inflight: 65_536,
             clone_wait_ns: 1_000_000_000,
+            tracing_since_ns: 0,
         }
     }
 }
@@ -125,6 +132,7 @@ impl Tracker {
                 reply_of: None,
                 clone_of: None,
                 complete: false,
+                in_flight_at_start: false,
                 receive_arg: None,
                 passed_tc_ingress: false,
                 wire: None,
@@ -493,7 +501,9 @@ impl Tracker {
         let mut rest: Vec<PacketPath> = self.inflight.drain().map(|(_, p)| *p).collect();
         rest.sort_by_key(|p| p.id);
         for p in rest {
-            let v = if p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP) && p.has(StageKind::Receive) {
+            let v = if p.info.as_ref().is_some_and(|i| i.proto == PROTO_TCP)
+                && (p.has(StageKind::Receive) || p.passed_tc_ingress)
+            {
                 Verdict::FreedUntraced
             } else {
                 Verdict::InFlight
@@ -553,6 +563,12 @@ impl Tracker {
         }
         super::softirq::derive(p);
         p.complete = is_complete(p);
+        let since = self.cfg.tracing_since_ns;
+        p.in_flight_at_start = !p.complete
+            && since != 0
+            && !seen_from_start(p)
+            && p.first_skb_stage() != Some(StageKind::TcIngress)
+            && p.first_ts().saturating_sub(since) <= self.cfg.max_idle_ns;
         self.stats.account(p);
     }
 }

@@ -27,6 +27,32 @@ pub fn udp_exchange(addr: IpAddr, payload: &[u8]) -> Result<(u16, u16)> {
     Ok((client.local_addr()?.port(), server.local_addr()?.port()))
 }
 
+/// UDP ping-pong between two sockets on `addr`, one exchange every `every`, until `stop` is set
+/// or `limit` has passed. Returns the exchanges made.
+pub fn udp_ping_pong(
+    addr: IpAddr,
+    every: Duration,
+    limit: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<u64> {
+    let server = UdpSocket::bind(SocketAddr::new(addr, 0))?;
+    let client = UdpSocket::bind(SocketAddr::new(addr, 0))?;
+    client.set_read_timeout(Some(Duration::from_secs(2)))?;
+    server.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let (to, t0) = (server.local_addr()?, Instant::now());
+    let mut buf = [0u8; 2048];
+    let mut n = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) && t0.elapsed() < limit {
+        client.send_to(&[7u8; 32], to)?;
+        let (k, from) = server.recv_from(&mut buf)?;
+        server.send_to(&buf[..k], from)?;
+        client.recv_from(&mut buf)?;
+        n += 1;
+        std::thread::sleep(every);
+    }
+    Ok(n)
+}
+
 /// A TCP connection on `addr`: connect, data both ways, close. Returns (client port, server port).
 pub fn tcp_exchange(addr: IpAddr, payload: &[u8]) -> Result<(u16, u16)> {
     let listener = TcpListener::bind(SocketAddr::new(addr, 0))?;

@@ -80,7 +80,13 @@ pub async fn run(cfg: TuiConfig) -> Result<()> {
             let name = file.display().to_string();
             let reader = record::Reader::open(file).map_err(|e| usage(format!("{name}: {e}")))?;
             let h = reader.header.clone();
-            tracker = Tracker::new(TrackerConfig::default(), h.drop_reasons.clone().into_iter().collect());
+            tracker = Tracker::new(
+                TrackerConfig {
+                    tracing_since_ns: h.tracing_since_ns,
+                    ..TrackerConfig::default()
+                },
+                h.drop_reasons.clone().into_iter().collect(),
+            );
             let missing = h
                 .hooks
                 .iter()
@@ -109,9 +115,15 @@ pub async fn run(cfg: TuiConfig) -> Result<()> {
                 kernel_cost: true,
                 ..SessionOptions::new(netns.clone())
             })?;
-            tracker = Tracker::new(TrackerConfig::default(), session.drop_reasons.clone());
             let ring = session.take_ring()?;
             session.start();
+            tracker = Tracker::new(
+                TrackerConfig {
+                    tracing_since_ns: session.switch.on_since_ns,
+                    ..TrackerConfig::default()
+                },
+                session.drop_reasons.clone(),
+            );
             // SAFETY: the ring buffer owns its map fd and lives as long as the AsyncFd.
             let ring =
                 unsafe { AsyncFd::register(ring) }.map_err(|_| anyhow::anyhow!("cannot poll the ring buffer fd"))?;
