@@ -59,6 +59,15 @@ pub struct Icmp {
     pub seq: u16,
 }
 
+impl PacketInfo {
+    /// The ICMP message's identifier and sequence number, which only echo requests and replies
+    /// have (in other messages, such as port unreachable, those bytes mean something else).
+    pub fn icmp_echo(&self) -> Option<(u16, u16)> {
+        let ic = self.icmp?;
+        matches!((self.proto, ic.ty), (PROTO_ICMP, 0 | 8) | (PROTO_ICMPV6, 128 | 129)).then_some((ic.id, ic.seq))
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Tcp {
     pub seq: u32,

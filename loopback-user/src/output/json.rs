@@ -560,16 +560,17 @@ impl<'a> Out<'a> {
         self.lit(b",\"dport\":");
         self.opt_num(info.and_then(|i| i.dport));
         self.lit(b",\"icmp\":");
-        match info.and_then(|i| i.icmp) {
-            Some(c) => {
+        match info.and_then(|i| i.icmp.map(|c| (c, i.icmp_echo()))) {
+            Some((c, echo)) => {
                 self.lit(b"{\"type\":");
                 self.num(c.ty);
                 self.lit(b",\"code\":");
                 self.num(c.code);
+                // Only echo messages have an identifier and a sequence number.
                 self.lit(b",\"id\":");
-                self.num(c.id);
+                self.opt_num(echo.map(|e| e.0));
                 self.lit(b",\"seq\":");
-                self.num(c.seq);
+                self.opt_num(echo.map(|e| e.1));
                 self.byte(b'}');
             }
             None => self.lit(b"null"),

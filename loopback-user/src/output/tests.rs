@@ -237,3 +237,36 @@ fn the_summary_says_what_was_cut_by_start_and_stop_apart_from_the_packets() {
     let first = summary_text(&stats, &sum).lines().next().map(str::to_string);
     assert!(first.is_some_and(|l| !l.contains("in flight")));
 }
+
+/// Only ICMP echo messages have an identifier and a sequence number: a port unreachable shows
+/// neither (JSON null), where an echo request shows both.
+#[test]
+fn icmp_errors_carry_no_echo_id_or_seq() {
+    let (ps, _) = paths();
+    let mut unreach = ps[0].clone();
+    if let Some(info) = &mut unreach.info
+        && let Some(ic) = &mut info.icmp
+    {
+        (ic.ty, ic.code) = (3, 3);
+    }
+    let st = TextStyle {
+        color: false,
+        wall_offset_ns: 0,
+    };
+    let j = packet_json(&unreach);
+    assert_eq!(
+        (
+            j["icmp"]["type"].as_u64(),
+            j["icmp"]["id"].clone(),
+            j["icmp"]["seq"].clone()
+        ),
+        (Some(3), Value::Null, Value::Null)
+    );
+    let t = packet_text(&unreach, &st);
+    assert!(t.contains("type 3 code 3") && !t.contains(" id "), "{t}");
+    let j = packet_json(&ps[0]);
+    assert_eq!(
+        (j["icmp"]["id"].as_u64(), j["icmp"]["seq"].as_u64()),
+        (Some(77), Some(1))
+    );
+}

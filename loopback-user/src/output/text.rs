@@ -62,9 +62,12 @@ pub fn packet_text(p: &PacketPath, st: &TextStyle) -> String {
                 let kind = match (i.proto, ic.ty) {
                     (1, 8) | (58, 128) => "echo-request".to_string(),
                     (1, 0) | (58, 129) => "echo-reply".to_string(),
-                    (_, t) => format!("type {t}"),
+                    (_, t) => format!("type {t} code {}", ic.code),
                 };
-                let _ = write!(w, " {kind} id {} seq {}", ic.id, ic.seq);
+                let _ = write!(w, " {kind}");
+                if let Some((id, seq)) = i.icmp_echo() {
+                    let _ = write!(w, " id {id} seq {seq}");
+                }
             }
             if let Some(t) = i.tcp {
                 let _ = write!(w, " [{}] seq {} ack {}", tcp_flags(t.flags), t.seq, t.ack);
