@@ -222,8 +222,11 @@ async fn event_loop(
                 }
             },
             _ = expire.tick() => {
-                if let Source::Live { .. } = source {
-                    packets.extend(intake.expire(tracker, monotonic_ns())?);
+                if let Source::Live { ring, .. } = source {
+                    // What happened before `now` is read first (see trace's expiry).
+                    let now = monotonic_ns();
+                    pump(ring.get_mut(), &mut intake, tracker, |ps| { packets.append(ps); Ok(()) })?;
+                    packets.extend(intake.expire(tracker, now)?);
                 }
             }
             _ = second.tick() => {

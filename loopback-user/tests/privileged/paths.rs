@@ -403,7 +403,16 @@ pub(crate) fn icmp_echo_paths(extra: &[&str]) {
         }
         assert_eq!(rep["reply_of"], req["id"], "{dst}: reply paired with its request");
         // Raw socket: the original reply is freed (NO_SOCKET) while a clone is delivered.
-        assert_eq!(rep["verdict"], "delivered_clone", "{dst}: {rep}");
+        // (On failure: every copy first seen at a socket, to tell a clone not linked from one
+        // never seen.)
+        let copies: Vec<&Value> = ps
+            .iter()
+            .filter(|p| stages(p).first() == Some(&"copy_to_user"))
+            .collect();
+        assert_eq!(
+            rep["verdict"], "delivered_clone",
+            "{dst}: {rep}\ncopies: {copies:#?}\n{summary}"
+        );
         let clone = ps
             .iter()
             .find(|p| p["clone_of"] == rep["id"])
