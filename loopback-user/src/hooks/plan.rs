@@ -315,17 +315,17 @@ mod tests {
         }
     }
 
-    /// The README's hook table is written from this one: a stage, hook or attach kind added or
-    /// renamed here without the README (or the other way round) fails here.
+    /// The hook table of docs/hook-plan.md is written from this one: a stage, hook or attach kind added or
+    /// renamed here without that table (or the other way round) fails here.
     #[test]
     fn the_readme_hook_table_says_what_the_plan_does() {
         use crate::hooks::StageKind;
-        let readme = include_str!("../../../README.md");
+        let readme = include_str!("../../../docs/hook-plan.md");
         let section = readme
             .split("## Hook plan")
             .nth(1)
             .and_then(|s| s.split("\n## ").next())
-            .expect("README has a Hook plan section");
+            .expect("docs/hook-plan.md has a Hook plan section");
         let rows: Vec<(Vec<&str>, &str)> = section
             .lines()
             .filter(|l| l.starts_with("| ") && !l.starts_with("| stage") && !l.starts_with("|---"))
