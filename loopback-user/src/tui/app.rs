@@ -129,6 +129,8 @@ pub struct App {
     pub drops: BTreeMap<String, u64>,
     pub kernel: KernelCounters,
     pub expired: u64,
+    /// Packets cut by the start or the end of tracing: counted apart, in no view.
+    pub partial: u64,
     pub costs: Vec<ProgramCost>,
     pub cpu_share: f64,
 }
@@ -179,6 +181,7 @@ impl App {
             drops: BTreeMap::new(),
             kernel: KernelCounters::default(),
             expired: 0,
+            partial: 0,
             costs: Vec::new(),
             cpu_share: 0.0,
         }
@@ -191,6 +194,8 @@ impl App {
                 for p in ps {
                     if self.paused {
                         self.skipped += 1;
+                    } else if p.partial() {
+                        self.partial += 1;
                     } else if self.wanted(&p) {
                         self.add(p);
                     }
@@ -427,10 +432,12 @@ pub fn flow_key(p: &PacketPath) -> FlowKey {
                 dst: ep(&i.dst, i.dport),
             }
         }
+        // A record whose bytes were not captured (a crossing seen by hooks that carry no
+        // headers only): shown under that name, never as a flow between unknown ends.
         None => FlowKey {
-            proto: "?".into(),
-            src: "?".into(),
-            dst: "?".into(),
+            proto: "-".into(),
+            src: "(headers not captured)".into(),
+            dst: "-".into(),
         },
     }
 }
@@ -468,6 +475,30 @@ mod tests {
             app.update(Msg::Packets(done));
         });
         app
+    }
+
+    /// No pseudo-flow: a packet cut by the start or end of tracing is counted apart and in no
+    /// view, and a record without captured headers is named for what it is.
+    #[test]
+    fn the_flow_table_shows_only_packet_flows() {
+        let mut app = fed(2);
+        let (flows, packets) = (app.flows.len(), app.packets);
+        let mut cut = app
+            .flows
+            .values()
+            .next()
+            .and_then(|f| f.recent.back())
+            .cloned()
+            .expect("a packet");
+        cut.in_flight_at_start = true;
+        let mut headless = cut.clone();
+        headless.in_flight_at_start = false;
+        headless.info = None;
+        app.update(Msg::Packets(vec![cut]));
+        assert_eq!((app.flows.len(), app.packets, app.partial), (flows, packets, 1));
+        app.update(Msg::Packets(vec![headless]));
+        assert!(app.flows.keys().all(|k| k.src != "?" && k.dst != "?"));
+        assert!(app.flows.keys().any(|k| k.src == "(headers not captured)"));
     }
 
     fn key(c: KeyCode) -> Msg {

@@ -4,7 +4,7 @@ use ratatui::{
     layout::{Constraint, Layout, Rect},
     style::{Color, Modifier, Style},
     text::{Line, Span},
-    widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Sparkline, Table, Wrap},
+    widgets::{Bar, BarChart, BarGroup, Block, Borders, Cell, Clear, Paragraph, Row, Sparkline, Table, Wrap},
 };
 
 use super::app::{App, Panel};
@@ -116,6 +116,9 @@ fn status_line(app: &App, f: &mut Frame, r: Rect) {
         Span::raw(" | "),
         alarm("expired", app.expired),
     ];
+    if app.partial > 0 {
+        spans.push(Span::raw(format!(" | cut by start/stop: {}", app.partial)));
+    }
     if !app.drops.is_empty() {
         let list: Vec<String> = app.drops.iter().map(|(k, v)| format!("{k} {v}")).collect();
         spans.push(Span::styled(
@@ -181,6 +184,17 @@ fn path_view(app: &App, f: &mut Frame, r: Rect) {
     f.render_widget(t, r);
     // Legend on the panel's last inner line, when there is room for it.
     let legend_y = r.y + 2 + STEPS.len() as u16;
+    // Below it, when there is room: the latency distribution of the selected step (the first
+    // step with packets when the panel is not focused).
+    let chart_y = legend_y + 1;
+    let bottom = r.y + r.height.saturating_sub(1);
+    if bottom > chart_y + 4 {
+        latency_chart(
+            app,
+            f,
+            Rect::new(r.x + 1, chart_y, r.width.saturating_sub(2), bottom - chart_y),
+        );
+    }
     if legend_y < r.y + r.height.saturating_sub(1) {
         let why = STEPS
             .iter()
@@ -193,6 +207,53 @@ fn path_view(app: &App, f: &mut Frame, r: Rect) {
             Rect::new(r.x + 1, legend_y, r.width.saturating_sub(2), 1),
         );
     }
+}
+
+/// Log2 buckets of a latency histogram from 64 ns up: (lower bound, count), without the empty
+/// buckets before the first and after the last one in use.
+pub fn log2_buckets(h: &hdrhistogram::Histogram<u64>) -> Vec<(u64, u64)> {
+    let mut v: Vec<(u64, u64)> = (6..=30)
+        .map(|k| {
+            let lo = if k == 6 { 0 } else { 1u64 << k };
+            let hi = (1u64 << (k + 1)) - 1;
+            (1u64 << k, h.count_between(lo, hi))
+        })
+        .collect();
+    while v.last().is_some_and(|b| b.1 == 0) {
+        v.pop();
+    }
+    let first = v.iter().position(|b| b.1 > 0).unwrap_or(v.len());
+    v.drain(..first);
+    v
+}
+
+/// The selected step's latency (from the previous step) as a histogram of log2 buckets: how it
+/// spreads, where p50/p99 are two numbers.
+fn latency_chart(app: &App, f: &mut Frame, r: Rect) {
+    let pick = if app.focus == Panel::Path {
+        Some(app.path_row)
+    } else {
+        (1..STEPS.len()).find(|&i| app.steps[i].latency.as_ref().is_some_and(|h| h.len() > 0))
+    };
+    let Some((i, h)) = pick
+        .filter(|&i| i > 0)
+        .and_then(|i| Some((i, app.steps.get(i)?.latency.as_ref()?)))
+    else {
+        return;
+    };
+    let bars: Vec<Bar> = log2_buckets(h)
+        .into_iter()
+        .map(|(lo, n)| Bar::default().value(n).label(Line::from(format!("≥{}", fmt_ns(lo)))))
+        .collect();
+    let chart = BarChart::default()
+        .block(Block::default().title(Span::styled(
+            format!("{} latency, packets per log2 bucket", STEPS[i].name),
+            bold(),
+        )))
+        .data(BarGroup::default().bars(&bars))
+        .bar_width(6)
+        .bar_gap(1);
+    f.render_widget(chart, r);
 }
 
 fn side_view(app: &App, f: &mut Frame, r: Rect) {
