@@ -233,7 +233,7 @@ fn latency_chart(app: &App, f: &mut Frame, r: Rect) {
     let pick = if app.focus == Panel::Path {
         Some(app.path_row)
     } else {
-        (1..STEPS.len()).find(|&i| app.steps[i].latency.as_ref().is_some_and(|h| h.len() > 0))
+        (1..STEPS.len()).find(|&i| app.steps[i].latency.as_ref().is_some_and(|h| !h.is_empty()))
     };
     let Some((i, h)) = pick
         .filter(|&i| i > 0)
