@@ -135,6 +135,9 @@ pub struct PacketPath {
     pub(super) receive_arg: Option<(u64, u64)>,
     /// It passed tc ingress on lo: a receive or tc ingress at its address is another crossing.
     pub(super) passed_tc_ingress: bool,
+    /// Its first event came on a CPU where no transmit had started since tracing was switched
+    /// on: what it lacks may have run before the switch (see `in_flight_at_start`).
+    pub(super) opened_before_first_start: bool,
     /// The packet's bytes as first seen on `lo` (only when the decoder keeps them).
     pub wire: Option<Wire>,
 }
@@ -189,10 +192,16 @@ impl PacketPath {
     pub fn sender(&self) -> Option<&Stage> {
         self.stages.iter().find(|s| s.stage == StageKind::DevQueue)
     }
-    /// Cut by the start or the end of tracing (in flight at start, or still in flight at stop):
-    /// counted apart, not as a packet.
+    /// Cut by the start or the end of tracing: caught part-way when tracing started, or still
+    /// on its way through lo when it stopped (in flight, not received yet). Counted apart, not
+    /// as a packet. (A socket's copy is never one: it is printed, not counted. A packet that
+    /// crossed lo and whose end no hook saw stays a packet, `in_flight` and incomplete.)
     pub fn partial(&self) -> bool {
-        self.in_flight_at_start || self.verdict == Verdict::InFlight
+        !self.is_copy() && (self.in_flight_at_start || self.cut_at_stop())
+    }
+    /// Still in flight at stop and not received yet.
+    pub fn cut_at_stop(&self) -> bool {
+        self.verdict == Verdict::InFlight && !self.passed_tc_ingress && !self.has(StageKind::Receive)
     }
     pub fn is_drop(&self) -> bool {
         self.verdict == Verdict::Dropped

@@ -142,7 +142,7 @@ impl Stats {
         }
         // Cut by the start or the end of tracing: counted apart, not as packets (a drop seen of
         // one caught at the start is still a drop).
-        if p.verdict == Verdict::InFlight {
+        if p.cut_at_stop() {
             s.in_flight_at_end += 1;
             return;
         }

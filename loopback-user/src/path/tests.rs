@@ -629,17 +629,18 @@ fn packet_sent_on_another_device_left_the_host() {
 }
 
 /// Tracing switched on while a ping's request was half-way through lo: its path starts at its
-/// transmit, without the hooks that ran before the switch. It is one caught in flight at the
-/// start, counted apart and not in `packets`; its reply, seen whole, is a packet. Without the
-/// switch time (an old recording) the same path is an incomplete packet, as before.
+/// transmit, without the hooks that ran before the switch, on a CPU where no transmit had
+/// started yet. It is one caught in flight at the start, counted apart and not in `packets`; its
+/// reply, seen whole, is a packet. The same broken path after a transmit started on that CPU is
+/// an incomplete packet, however soon after the switch (no time window decides it); without the
+/// switch (an old recording) too.
 #[test]
 fn a_packet_caught_part_way_when_tracing_starts_is_counted_apart() {
-    let evs: Vec<Event> = raw_ping_sequence()
+    let cut: Vec<Event> = raw_ping_sequence()
         .into_iter()
         .filter(|e| !(e.skb == 0xa000 && matches!(e.hook, Hook::TcEgress | Hook::DevQueue)))
         .collect();
-    let since = evs[0].ts_ns - 50;
-    let run = |since: u64, shift: u64| {
+    let run = |since: u64, evs: &[Event]| {
         let mut t = Tracker::new(
             TrackerConfig {
                 tracing_since_ns: since,
@@ -648,22 +649,32 @@ fn a_packet_caught_part_way_when_tracing_starts_is_counted_apart() {
             drops(),
         );
         let mut done = Vec::new();
-        for mut e in evs.clone() {
-            e.ts_ns += shift;
-            t.push_into(&mut e, &mut done);
+        for e in evs {
+            t.push_into(&mut e.clone(), &mut done);
         }
         done.extend(t.flush());
         (done, t.stats)
     };
-    let (ps, stats) = run(since, 0);
+    let (ps, stats) = run(1, &cut);
     let req = ps.iter().find(|p| p.skb == 0xa000).expect("request");
     assert!(req.in_flight_at_start && !req.complete && req.partial(), "{req:#?}");
     assert_eq!((stats.packets, stats.complete, stats.in_flight_at_start), (1, 1, 1));
-    // Long after the switch, a path without its start is a broken packet, not a cut one.
-    let (ps, stats) = run(since, 10_000_000_000);
+    // A whole ping first (other addresses), 50 us earlier: then the cut one is a broken packet.
+    let mut after: Vec<Event> = raw_ping_sequence()
+        .into_iter()
+        .map(|mut e| {
+            e.skb += 0x100;
+            e
+        })
+        .collect();
+    after.extend(cut.iter().cloned().map(|mut e| {
+        e.ts_ns += 50_000;
+        e
+    }));
+    let (ps, stats) = run(1, &after);
     assert!(!ps.iter().any(|p| p.in_flight_at_start));
-    assert_eq!((stats.packets, stats.complete, stats.in_flight_at_start), (2, 1, 0));
-    let (_, stats) = run(0, 0);
+    assert_eq!((stats.packets, stats.complete, stats.in_flight_at_start), (4, 3, 0));
+    let (_, stats) = run(0, &cut);
     assert_eq!((stats.packets, stats.in_flight_at_start), (2, 0));
 }
 

@@ -19,10 +19,11 @@ pub struct TrackerConfig {
     /// How long a NO_SOCKET-freed ICMP packet waits for its delivered clone.
     pub clone_wait_ns: u64,
     /// When the kernel programs were switched on (event clock; 0: unknown, e.g. a recording
-    /// made before lotrace recorded it). A packet not seen from its start whose first event
-    /// came within `max_idle_ns` of it is one caught part-way through at that moment
-    /// (`in_flight_at_start`), not a broken one: every hook was on from then, so what it lacks
-    /// ran before.
+    /// made before lotrace recorded it, whose start was not atomic). Every hook was on from
+    /// then, so a packet not seen from its start whose first event came on a CPU before any
+    /// transmit started there is one caught part-way through at that moment
+    /// (`in_flight_at_start`), not a broken one: what it lacks ran before the switch. (No time
+    /// window: a run shorter than any window would hide every broken packet in it.)
     pub tracing_since_ns: u64,
 }
 
@@ -71,6 +72,8 @@ pub struct Tracker {
     pairing: Pairing,
     /// Finished packets held back until their delivered clone shows up (or the wait ends).
     pub(super) awaiting_clone: VecDeque<PacketPath>,
+    /// CPUs on which a transmit started (tc egress or `net_dev_queue`) since tracing began.
+    started_cpus: FxHashSet<u32>,
     /// Paths (ids) still in flight whose clone was read already: the clone's socket copy can
     /// reach the ring before the original's free (another CPU), and that free then ends the
     /// original as delivered through its clone at once, whatever the time between them.
@@ -98,6 +101,7 @@ impl Tracker {
             pairing: Pairing::default(),
             awaiting_clone: VecDeque::new(),
             clone_read: FxHashSet::default(),
+            started_cpus: FxHashSet::default(),
             sock_queues: FxHashMap::default(),
             read_while_queued: FxHashSet::default(),
             gso_parents: FxHashMap::default(),
@@ -133,6 +137,7 @@ impl Tracker {
                 clone_of: None,
                 complete: false,
                 in_flight_at_start: false,
+                opened_before_first_start: false,
                 receive_arg: None,
                 passed_tc_ingress: false,
                 wire: None,
@@ -196,7 +201,12 @@ impl Tracker {
                 }
             }
         } else {
-            self.open(e, done)
+            if matches!(e.hook, Hook::TcEgress | Hook::DevQueue) && self.started_cpus.len() < 4096 {
+                self.started_cpus.insert(e.cpu);
+            }
+            let mut p = self.open(e, done);
+            p.opened_before_first_start = self.cfg.tracing_since_ns != 0 && !self.started_cpus.contains(&e.cpu);
+            p
         };
         record(&mut self.pairing, &mut p, e);
         self.end_or_keep(p, e, done);
@@ -563,12 +573,10 @@ impl Tracker {
         }
         super::softirq::derive(p);
         p.complete = is_complete(p);
-        let since = self.cfg.tracing_since_ns;
         p.in_flight_at_start = !p.complete
-            && since != 0
+            && p.opened_before_first_start
             && !seen_from_start(p)
-            && p.first_skb_stage() != Some(StageKind::TcIngress)
-            && p.first_ts().saturating_sub(since) <= self.cfg.max_idle_ns;
+            && p.first_skb_stage() != Some(StageKind::TcIngress);
         self.stats.account(p);
     }
 }
