@@ -313,15 +313,27 @@ fn tracing_started_and_stopped_amid_traffic_counts_only_whole_packets() {
             );
             let out_rx = read_all(child.stdout.take().expect("stdout"));
             let err_rx = read_all(err);
-            // It ends by itself once 100 packets are printed (2 per exchange: 50 ms of traffic).
-            let status = child.wait().expect("wait");
+            // It ends by itself once 100 packets are printed (2 per exchange: 50 ms of traffic);
+            // one that has not within 60 s is stopped, and its summary says why.
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let mut stopped = false;
+            let status = loop {
+                if let Some(st) = child.try_wait().expect("wait") {
+                    break st;
+                }
+                if !stopped && std::time::Instant::now() > deadline {
+                    signal(child.id(), libc::SIGINT);
+                    stopped = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
             let err = err_rx.recv_timeout(Duration::from_secs(10)).expect("stderr");
             assert!(status.success(), "run {run}: {err}");
             let out = out_rx.recv_timeout(Duration::from_secs(10)).expect("stdout");
             let s = summary_of(&err);
             let s = &s["summary"];
             let num = |k: &str| s[k].as_u64().unwrap_or_else(|| panic!("{k} in {s}"));
-            assert_eq!(num("printed"), 100, "run {run}: {s}");
+            assert_eq!(num("printed"), 100, "run {run} (stopped at 60 s: {stopped}): {s}");
             // Every counted packet is whole, but those the kernel ran no tracing program for
             // (`tc_only`, see the README's Identity: a host quirk, counted, never hidden).
             let unseen = tc_only_records(s);
