@@ -193,15 +193,14 @@ impl PacketPath {
         self.stages.iter().find(|s| s.stage == StageKind::DevQueue)
     }
     /// Cut by the start or the end of tracing: caught part-way when tracing started, or still
-    /// on its way through lo when it stopped (in flight, not received yet). Counted apart, not
-    /// as a packet. (A socket's copy is never one: it is printed, not counted. A packet that
-    /// crossed lo and whose end no hook saw stays a packet, `in_flight` and incomplete.)
+    /// in flight when it stopped (its end came after the programs were switched off). Counted
+    /// apart, not as a packet. (A socket's copy is never one: it is printed, not counted.)
     pub fn partial(&self) -> bool {
         !self.is_copy() && (self.in_flight_at_start || self.cut_at_stop())
     }
-    /// Still in flight at stop and not received yet.
+    /// Still in flight when tracing stopped.
     pub fn cut_at_stop(&self) -> bool {
-        self.verdict == Verdict::InFlight && !self.passed_tc_ingress && !self.has(StageKind::Receive)
+        self.verdict == Verdict::InFlight
     }
     pub fn is_drop(&self) -> bool {
         self.verdict == Verdict::Dropped
