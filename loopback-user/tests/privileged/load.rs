@@ -130,7 +130,8 @@ fn honest_under_sustained_load() {
         .map(|k| s[k].as_u64().expect(k))
         .sum::<u64>();
     let lost = s["lost_events"].as_u64().expect("lost") + s["scope_overflow"].as_u64().expect("scope");
-    assert!(sent > 10_000, "the load ran: {sent} packets");
+    // (An emulated guest sharing its host with other work once sent 6,147 in the 5 s.)
+    assert!(sent > 2_000, "the load ran: {sent} packets");
     // (summary_of checked events_emitted == events_received: the off-by-one this test once hit.)
     // Every lo packet is a reconstructed packet (complete, expired or in flight) unless events
     // were lost, and then the loss is reported: never fewer packets than sent without a count.
