@@ -282,6 +282,11 @@ pub struct KernelOffsets {
     /// [`OFFSET_UNKNOWN`]: whether `lo` has a queueing discipline (noqueue has no `enqueue`).
     pub dev_qdisc: u32,
     pub qdisc_enqueue: u32,
+    /// `struct sk_buff` -> `end` (on 64-bit kernels an offset from `head`: the shared info) and
+    /// `struct skb_shared_info` -> `dataref`, or [`OFFSET_UNKNOWN`]: whether a clone of a
+    /// dropped skb is still alive (a raw socket's copy of a ping reply), read by the agent.
+    pub skb_end: u32,
+    pub shinfo_dataref: u32,
 }
 
 /// An offset the kernel's BTF does not give for an optional field.
@@ -297,7 +302,144 @@ pub mod counter {
     pub const READ_FAILED: u32 = 2;
     /// Events reserved and submitted (the reader's count must reach this).
     pub const EMITTED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Agent mode: samples of a namespace that found the per-namespace map full (`--max-netns`).
+    pub const AGENT_NETNS_FULL: u32 = 4;
+    /// Agent mode: drops whose (namespace, reason) series found the drop map full.
+    pub const AGENT_DROPS_FULL: u32 = 5;
+    /// Agent mode: lo packets seen at transmit whose in-flight entry could not be stored.
+    pub const AGENT_FLIGHT_FULL: u32 = 6;
+    pub const COUNT: u32 = 7;
+}
+
+/// Agent mode (`lotrace agent`): what the kernel counts per network namespace, so that no
+/// per-packet record crosses to user space. Read by user space when Prometheus scrapes.
+pub mod agent {
+    /// Protocols packets and bytes are counted by (`PROTO_NAMES` order).
+    pub const PROTOS: usize = 6;
+    pub const PROTO_ICMP: usize = 0;
+    pub const PROTO_ICMPV6: usize = 1;
+    pub const PROTO_UDP: usize = 2;
+    pub const PROTO_TCP: usize = 3;
+    /// Another IP protocol (SCTP, IGMP, ...).
+    pub const PROTO_OTHER_IP: usize = 4;
+    /// Not IPv4 or IPv6 (ARP has no place on lo, but a packet socket may send anything).
+    pub const PROTO_NON_IP: usize = 5;
+    pub const PROTO_NAMES: [&str; PROTOS] = ["icmp", "icmpv6", "udp", "tcp", "other_ip", "non_ip"];
+
+    /// Latency stages, each a log2 histogram (`STAGE_NAMES` order).
+    pub const STAGES: usize = 4;
+    /// `net_dev_queue` -> `net_dev_start_xmit`: the qdisc (lo has none by default: ~0).
+    pub const STAGE_QDISC: usize = 0;
+    /// `net_dev_start_xmit` -> `netif_rx`: `loopback_xmit` up to the backlog enqueue.
+    pub const STAGE_XMIT: usize = 1;
+    /// `netif_rx` -> `netif_receive_skb`: waiting in the per-CPU backlog for the NET_RX softirq.
+    pub const STAGE_BACKLOG: usize = 2;
+    /// `net_dev_queue` -> `netif_receive_skb`: the whole lo crossing.
+    pub const STAGE_CROSSING: usize = 3;
+    pub const STAGE_NAMES: [&str; STAGES] = ["qdisc", "xmit", "backlog", "crossing"];
+
+    /// Log2 buckets in nanoseconds: bucket `i` counts latencies below `2^(i+1)` ns and at
+    /// least `2^i` ns (bucket 0 also holds 0 and 1 ns); the last bucket holds everything from
+    /// `2^(BUCKETS-1)` ns (about 1.07 s) up.
+    pub const BUCKETS: usize = 31;
+
+    /// Which context ran the NET_RX softirq that received a lo packet (`CONTEXT_NAMES` order).
+    pub const CONTEXTS: usize = 3;
+    /// The sending task itself, when it re-enabled bottom halves after its transmit.
+    pub const CTX_INLINE: usize = 0;
+    /// The CPU's `ksoftirqd` thread (the softirq was deferred).
+    pub const CTX_KSOFTIRQD: usize = 1;
+    /// Any other task (an interrupt exit on whatever ran, another task's bottom-half enable).
+    pub const CTX_OTHER: usize = 2;
+    pub const CONTEXT_NAMES: [&str; CONTEXTS] = ["inline", "ksoftirqd", "other"];
+
+    /// One namespace's counters on one CPU (a per-CPU hash map value keyed by netns inode).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct NetnsCounters {
+        /// lo packets received from the backlog (what lo's tx and rx counters count), by protocol.
+        pub packets: [u64; PROTOS],
+        /// Their bytes (`skb->len` without the Ethernet header, as lo's counters count it).
+        pub bytes: [u64; PROTOS],
+        /// `netif_rx` enqueues onto the per-CPU backlog.
+        pub backlog_enqueues: u64,
+        /// Received lo packets by the context that ran the softirq.
+        pub softirq: [u64; CONTEXTS],
+        /// Received lo packets whose stage times were not all known (in flight when the agent
+        /// started, or their in-flight entry was evicted): counted, not timed.
+        pub untimed: u64,
+        /// Per stage: log2 buckets and the sum of the latencies in nanoseconds.
+        pub hist: [[u64; BUCKETS]; STAGES],
+        pub hist_sum_ns: [u64; STAGES],
+    }
+
+    impl NetnsCounters {
+        pub const ZERO: Self = Self {
+            packets: [0; PROTOS],
+            bytes: [0; PROTOS],
+            backlog_enqueues: 0,
+            softirq: [0; CONTEXTS],
+            untimed: 0,
+            hist: [[0; BUCKETS]; STAGES],
+            hist_sum_ns: [0; STAGES],
+        };
+
+        /// Adds another CPU's counters.
+        pub fn add(&mut self, o: &Self) {
+            for i in 0..PROTOS {
+                self.packets[i] += o.packets[i];
+                self.bytes[i] += o.bytes[i];
+            }
+            self.backlog_enqueues += o.backlog_enqueues;
+            for i in 0..CONTEXTS {
+                self.softirq[i] += o.softirq[i];
+            }
+            self.untimed += o.untimed;
+            for s in 0..STAGES {
+                for b in 0..BUCKETS {
+                    self.hist[s][b] += o.hist[s][b];
+                }
+                self.hist_sum_ns[s] += o.hist_sum_ns[s];
+            }
+        }
+    }
+
+    /// The log2 bucket of a latency in nanoseconds.
+    #[inline(always)]
+    pub fn bucket(ns: u64) -> usize {
+        let b = if ns < 2 { 0 } else { 63 - ns.leading_zeros() as usize };
+        if b >= BUCKETS { BUCKETS - 1 } else { b }
+    }
+
+    /// Key of the drop counters: a namespace and a kernel drop reason (`enum skb_drop_reason`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct DropKey {
+        pub netns: u32,
+        pub reason: u32,
+    }
+
+    /// A lo packet between its transmit and its free (LRU hash keyed by skb address).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct InFlight {
+        pub queued_ns: u64,
+        pub xmit_ns: u64,
+        pub enqueued_ns: u64,
+        /// The task that sent it (to tell an inline softirq from another context).
+        pub pid_tgid: u64,
+        pub netns: u32,
+        pub _pad: u32,
+    }
+
+    /// `DropKey::reason` of an original freed while its clone lives on: the copy was delivered
+    /// (a raw socket's copy of a ping reply), not a drop.
+    pub const COPY_DELIVERED: u32 = u32::MAX;
+
+    /// Default bounds (flags of `lotrace agent`).
+    pub const DEFAULT_MAX_NETNS: u32 = 256;
+    pub const DEFAULT_MAX_DROP_SERIES: u32 = 4096;
+    pub const DEFAULT_MAX_IN_FLIGHT: u32 = 65536;
 }
 
 /// Per-CPU NET_RX softirq state kept by the softirq hooks and folded into receive events.
@@ -315,6 +457,9 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SoftirqState {}
     unsafe impl aya::Pod for super::RunRecord {}
+    unsafe impl aya::Pod for super::agent::NetnsCounters {}
+    unsafe impl aya::Pod for super::agent::DropKey {}
+    unsafe impl aya::Pod for super::agent::InFlight {}
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@ use aya_ebpf::helpers::{
     generated::bpf_probe_read_kernel as probe_read_raw,
 };
 use loopback_common::{
-    CONSUME_GSO_SPLIT, CONSUME_GSO_SPLIT_UNSEEN, HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN, NAME_LEN, RAW_EVENT_SIZE,
-    RUN_STAGE_SIZE, RUN_TAIL_FIXED, RawEvent, RunStage, SNAP_EXTRA, counter, hdr_kind,
+    CONSUME_GSO_SPLIT, CONSUME_GSO_SPLIT_UNSEEN, HDR_CAP, HOOK_COMM_CACHED, HOOK_RUN, Hook, LOOPBACK_IFINDEX, MAX_RUN,
+    NAME_LEN, RAW_EVENT_SIZE, RUN_STAGE_SIZE, RUN_TAIL_FIXED, RawEvent, RunStage, SNAP_EXTRA, counter, hdr_kind,
 };
 
 use crate::{

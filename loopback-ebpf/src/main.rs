@@ -6,6 +6,7 @@
 #![feature(asm_experimental_arch)]
 #![no_main]
 
+mod agent;
 mod doctor;
 mod emit;
 mod functions;

@@ -82,7 +82,8 @@ pub static ON: Array<u32> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 #[inline(always)]
 pub fn on() -> bool {
     // SAFETY: a volatile read of a live array slot (the loader writes it through its mapping).
-    ON.get_ptr(0).is_some_and(|p| unsafe { core::ptr::read_volatile(p) } != 0)
+    ON.get_ptr(0)
+        .is_some_and(|p| unsafe { core::ptr::read_volatile(p) } != 0)
 }
 
 /// Packet bytes to capture per packet on lo beyond the fixed header capture (0: none).
@@ -119,6 +120,8 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     sock_protocol: loopback_common::OFFSET_UNKNOWN,
     dev_qdisc: loopback_common::OFFSET_UNKNOWN,
     qdisc_enqueue: loopback_common::OFFSET_UNKNOWN,
+    skb_end: loopback_common::OFFSET_UNKNOWN,
+    shinfo_dataref: loopback_common::OFFSET_UNKNOWN,
 };
 
 /// How many arguments the running kernel's `consume_skb` and `kfree_skb` tracepoints have, from

@@ -13,7 +13,8 @@ use crate::{
         set_dev, skb_data, skb_len, split_unseen,
     },
     kernel::{
-        Mem, dev_in_scope, ensure_tracked, net_in_scope, off, probe, read, skb_dev, task_in_scope, track, tracked, untrack,
+        Mem, dev_in_scope, ensure_tracked, net_in_scope, off, probe, read, skb_dev, task_in_scope, track, tracked,
+        untrack,
     },
     maps::{CONSUME_SKB_ARGS, KFREE_SKB_ARGS, LO_INGRESS, MISS_SPLIT_FREE, RX_SKB, SEND_SYSCALLS, SOFTIRQ},
 };

@@ -103,6 +103,36 @@ pub enum Cmd {
         #[arg(long, value_name = "OUT")]
         pcapng: Option<PathBuf>,
     },
+    /// Always on: count the lo of every network namespace in the kernel (the host's, every
+    /// `ip netns` one, every container's and pod's) and serve it to Prometheus at /metrics.
+    /// Runs until SIGINT or SIGTERM.
+    Agent {
+        /// Address and port to serve /metrics on.
+        #[arg(long, value_name = "ADDR:PORT", default_value = crate::agent::DEFAULT_LISTEN, value_parser = crate::agent::parse_listen)]
+        listen: std::net::SocketAddr,
+        /// Watch only this namespace (an `ip netns` name, a path such as /proc/PID/ns/net, or an
+        /// nsfs inode number); repeatable. A name that does not exist yet is watched once it does.
+        #[arg(long, value_name = "NAME|PATH|INODE")]
+        netns: Vec<String>,
+        /// Most namespaces counted at once; the kernel preallocates
+        /// max-netns x CPUs x 1,160 bytes. Samples of namespaces beyond it are counted in
+        /// lotrace_agent_overflow_total{map="netns"}.
+        #[arg(long, value_name = "N", default_value_t = loopback_common::agent::DEFAULT_MAX_NETNS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        max_netns: u32,
+        /// Most (namespace, drop reason) series; beyond it, lotrace_agent_overflow_total{map="drops"}.
+        #[arg(long, value_name = "N", default_value_t = loopback_common::agent::DEFAULT_MAX_DROP_SERIES, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        max_drop_series: u32,
+        /// Most lo packets timed at once (between their transmit and their free).
+        #[arg(long, value_name = "N", default_value_t = loopback_common::agent::DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(64..=16_000_000))]
+        max_in_flight: u32,
+        /// Attach the raw tracepoint twins instead of tp_btf.
+        #[arg(long)]
+        raw_tp: bool,
+        /// Export each program's run time in the kernel (lotrace_agent_bpf_run_seconds_total);
+        /// the kernel's statistics add two clock reads to every BPF program run.
+        #[arg(long)]
+        kernel_cost: bool,
+    },
     /// Prove, with evidence from the running kernel, that traffic to local addresses stays on lo.
     /// With no target: builds a throwaway sandbox namespace and proves 127.0.0.1, another 127/8
     /// address, ::1, an interface's own IPv4/IPv6 addresses, localhost and 0.0.0.0, then repeats
@@ -244,6 +274,28 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             })
             .await?;
             Ok(0)
+        }
+        Cmd::Agent {
+            listen,
+            netns,
+            max_netns,
+            max_drop_series,
+            max_in_flight,
+            raw_tp,
+            kernel_cost,
+        } => {
+            crate::agent::run(crate::agent::AgentConfig {
+                listen,
+                netns,
+                bounds: crate::agent::bpf::Bounds {
+                    max_netns,
+                    max_drop_series,
+                    max_in_flight,
+                },
+                raw_tp,
+                kernel_cost,
+            })
+            .await
         }
         Cmd::Replay { file, print, pcapng } => {
             trace::replay(trace::ReplayConfig {

@@ -1,4 +1,5 @@
 //! lotrace: trace packets through the Linux loopback path with eBPF.
+pub mod agent;
 pub mod bpf;
 pub mod caps;
 pub mod cli;

@@ -138,6 +138,11 @@ impl KernelBtf {
             (Ok(d), Ok(e)) => (d, e),
             _ => (OFFSET_UNKNOWN, OFFSET_UNKNOWN),
         };
+        let (skb_end, shinfo_dataref) = match (self.offset_of("sk_buff.end"), self.offset_of("skb_shared_info.dataref"))
+        {
+            (Ok(e), Ok(d)) => (e, d),
+            _ => (OFFSET_UNKNOWN, OFFSET_UNKNOWN),
+        };
         Ok(KernelOffsets {
             skb_dev: o("sk_buff.dev")?,
             skb_len: o("sk_buff.len")?,
@@ -162,6 +167,8 @@ impl KernelBtf {
             sock_protocol: self.u16_offset("sock", "sk_protocol").unwrap_or(OFFSET_UNKNOWN),
             dev_qdisc,
             qdisc_enqueue,
+            skb_end,
+            shinfo_dataref,
         })
     }
 

@@ -26,6 +26,10 @@ pub struct Switch {
     pub on_since_ns: u64,
 }
 
+// SAFETY: the mapping belongs to the process, not to a thread; the one pointer is only written
+// through `&mut self` (and read with a volatile load), so moving the Switch to another thread is sound.
+unsafe impl Send for Switch {}
+
 impl Switch {
     /// Maps the `ON` array of a loaded object (still off).
     pub fn map(map: &Map) -> Result<Self> {

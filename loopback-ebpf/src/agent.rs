@@ -1,0 +1,379 @@
+//! Agent mode (`lotrace agent`): the lo path of every network namespace, counted in the kernel.
+//!
+//! No record crosses the ring buffer: these programs add to per-CPU counters and log2 latency
+//! histograms keyed by the namespace inode of the packet's `lo`, which user space reads when it
+//! is scraped. They are global (tracepoints), so one set serves every namespace; nothing is
+//! attached per namespace. A packet is one `lo` crossing, as lo's own counters count it: it is
+//! counted when the receive half takes it from the backlog (`netif_receive_skb` on a `lo`), with
+//! the stage times its transmit left in `AGENT_FLIGHT`.
+use aya_ebpf::{
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, map, raw_tracepoint},
+    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
+use loopback_common::{
+    LOOPBACK_IFINDEX,
+    agent::{self, DropKey, InFlight, NetnsCounters},
+    counter,
+};
+
+use crate::{
+    emit::{skb_data, skb_len},
+    kernel::{Mem, off, probe, read, skb_dev},
+    maps::{KFREE_SKB_ARGS, count},
+    tracepoints::Args,
+};
+
+/// Per namespace (inode), per CPU: what [`NetnsCounters`] says. Sized by `--max-netns`.
+#[map]
+pub static AGENT_NETNS: PerCpuHashMap<u32, NetnsCounters> =
+    PerCpuHashMap::with_max_entries(agent::DEFAULT_MAX_NETNS, 0);
+
+/// Drops of lo packets by namespace and kernel drop reason. Sized by `--max-drop-series`.
+#[map]
+pub static AGENT_DROPS: PerCpuHashMap<DropKey, u64> =
+    PerCpuHashMap::with_max_entries(agent::DEFAULT_MAX_DROP_SERIES, 0);
+
+/// lo packets between `net_dev_queue` and their free, by skb address. LRU: the frees that fire
+/// no tracepoint (some TCP paths) age out instead of filling it. Sized by `--max-in-flight`.
+#[map]
+pub static AGENT_FLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(agent::DEFAULT_MAX_IN_FLIGHT, 0);
+
+/// The zero value a namespace's first sample inserts (a map value: too large for the stack).
+#[map]
+pub static AGENT_ZERO: Array<NetnsCounters> = Array::with_max_entries(1, 0);
+
+/// With `--netns`: the namespaces to count (user space keeps it up to date); see `AGENT_FILTER`.
+#[map]
+pub static AGENT_ALLOW: HashMap<u32, u8> = HashMap::with_max_entries(agent::DEFAULT_MAX_NETNS, 0);
+
+/// 1 when `--netns` limits the agent to `AGENT_ALLOW` (written at load time).
+#[unsafe(no_mangle)]
+pub static AGENT_FILTER: u32 = 0;
+
+const BPF_NOEXIST: u64 = 1;
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper call without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Adds `by` to a counter that a nested program on this CPU may also be adding to.
+#[inline(always)]
+fn add(p: *mut u64, by: u64) {
+    // SAFETY: `p` points into a live map value; the instruction adds to that u64 only
+    // (BPF_ATOMIC | BPF_ADD; core's AtomicU64 has no read-modify-write on this target).
+    unsafe { core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) by) };
+}
+
+/// The namespace inode of a `lo`, or None when `dev` is not a loopback device.
+#[inline(always)]
+fn lo_netns<M: Mem>(dev: u64) -> Option<u32> {
+    if read::<M, u32>(dev, off!(dev_ifindex))? != LOOPBACK_IFINDEX {
+        return None;
+    }
+    let net = read::<M, u64>(dev, off!(dev_nd_net))?;
+    read::<M, u32>(net, off!(net_inum))
+}
+
+/// Whether this namespace is counted (every one, unless `--netns` limits it).
+#[inline(always)]
+fn wanted(netns: u32) -> bool {
+    // SAFETY: a plain read of a read-only global the loader wrote before loading.
+    if unsafe { core::ptr::read_volatile(&AGENT_FILTER) } == 0 {
+        return true;
+    }
+    AGENT_ALLOW.get_ptr(netns).is_some()
+}
+
+/// This CPU's counters of `netns`, inserted on its first sample; None (counted) when the map
+/// holds `--max-netns` namespaces already.
+#[inline(always)]
+fn counters(netns: u32) -> Option<*mut NetnsCounters> {
+    if let Some(p) = AGENT_NETNS.get_ptr_mut(netns) {
+        return Some(p);
+    }
+    let zero = AGENT_ZERO.get(0)?;
+    // Another CPU may insert the same namespace meanwhile (EEXIST): the lookup below finds it.
+    let _ = AGENT_NETNS.insert(netns, zero, BPF_NOEXIST);
+    let p = AGENT_NETNS.get_ptr_mut(netns);
+    if p.is_none() {
+        count(counter::AGENT_NETNS_FULL);
+    }
+    p
+}
+
+macro_rules! agent_twin {
+    ($name:tt, $btf:ident, $raw:ident, $body:ident) => {
+        #[btf_tracepoint(function = $name)]
+        pub fn $btf(ctx: BtfTracePointContext) -> i32 {
+            if crate::silent() {
+                return 0;
+            }
+            $body(&ctx)
+        }
+        #[raw_tracepoint(tracepoint = $name)]
+        pub fn $raw(ctx: RawTracePointContext) -> i32 {
+            if crate::silent() {
+                return 0;
+            }
+            $body(&ctx)
+        }
+    };
+}
+
+// net_dev_queue(struct sk_buff *skb): the packet enters lo's transmit; its flight starts.
+agent_twin!(
+    "net_dev_queue",
+    agent_net_dev_queue,
+    agent_raw_net_dev_queue,
+    queue_body
+);
+#[inline(always)]
+fn queue_body<A: Args>(ctx: &A) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let Some(netns) = lo_netns::<A>(skb_dev::<A>(skb)) else {
+        return 0;
+    };
+    if !wanted(netns) {
+        return 0;
+    }
+    let f = InFlight {
+        queued_ns: now_ns(),
+        pid_tgid: bpf_get_current_pid_tgid(),
+        netns,
+        ..InFlight::default()
+    };
+    if AGENT_FLIGHT.insert(skb, f, 0).is_err() {
+        count(counter::AGENT_FLIGHT_FULL);
+    }
+    0
+}
+
+/// The flight of `skb`, if its transmit was seen.
+#[inline(always)]
+fn flight(skb: u64) -> Option<*mut InFlight> {
+    AGENT_FLIGHT.get_ptr_mut(skb)
+}
+
+// net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev).
+agent_twin!(
+    "net_dev_start_xmit",
+    agent_net_dev_start_xmit,
+    agent_raw_net_dev_start_xmit,
+    start_xmit_body
+);
+#[inline(always)]
+fn start_xmit_body<A: Args>(ctx: &A) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    if let Some(f) = flight(skb) {
+        // SAFETY: a live LRU value; only this packet's own hooks write it, one after another.
+        unsafe { (*f).xmit_ns = now_ns() };
+    }
+    0
+}
+
+// netif_rx(struct sk_buff *skb): `loopback_xmit` enqueues it onto this CPU's backlog.
+agent_twin!("netif_rx", agent_netif_rx, agent_raw_netif_rx, netif_rx_body);
+#[inline(always)]
+fn netif_rx_body<A: Args>(ctx: &A) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let Some(netns) = lo_netns::<A>(skb_dev::<A>(skb)) else {
+        return 0;
+    };
+    if !wanted(netns) {
+        return 0;
+    }
+    if let Some(f) = flight(skb) {
+        // SAFETY: as in `start_xmit_body`.
+        unsafe { (*f).enqueued_ns = now_ns() };
+    }
+    if let Some(c) = counters(netns) {
+        // SAFETY: a live per-CPU map value; the field is a u64 inside it.
+        add(unsafe { &raw mut (*c).backlog_enqueues }, 1);
+    }
+    0
+}
+
+/// The protocol slot of a received lo packet (`skb->data` is its IP header by now).
+#[inline(always)]
+fn proto_of<A: Args>(skb: u64) -> usize {
+    let l3 = read::<A, u16>(skb, off!(skb_protocol)).unwrap_or(0);
+    let data = skb_data::<A>(skb);
+    let (at, v6) = match l3 {
+        ETH_P_IP_BE => (9, false),
+        ETH_P_IPV6_BE => (6, true),
+        _ => return agent::PROTO_NON_IP,
+    };
+    // Packet bytes are not BTF-typed memory: always a probe read.
+    match probe::<u8>(data, at) {
+        Some(1) if !v6 => agent::PROTO_ICMP,
+        Some(58) if v6 => agent::PROTO_ICMPV6,
+        Some(17) => agent::PROTO_UDP,
+        Some(6) => agent::PROTO_TCP,
+        _ => agent::PROTO_OTHER_IP,
+    }
+}
+
+/// Whether the current task is a `ksoftirqd/N` thread.
+#[inline(always)]
+fn in_ksoftirqd() -> bool {
+    match bpf_get_current_comm() {
+        Ok(c) => c[..10] == *b"ksoftirqd/",
+        Err(_) => false,
+    }
+}
+
+#[inline(always)]
+fn observe(c: *mut NetnsCounters, stage: usize, ns: u64) {
+    let b = agent::bucket(ns);
+    if stage < agent::STAGES && b < agent::BUCKETS {
+        // SAFETY: in-bounds fields of a live per-CPU map value.
+        unsafe {
+            add(&raw mut (*c).hist[stage][b], 1);
+            add(&raw mut (*c).hist_sum_ns[stage], ns);
+        }
+    }
+}
+
+// netif_receive_skb(struct sk_buff *skb): in the NET_RX softirq, the receive half takes the packet
+// from the backlog. One lo crossing: counted here, with its stage times.
+agent_twin!(
+    "netif_receive_skb",
+    agent_netif_receive_skb,
+    agent_raw_netif_receive_skb,
+    receive_body
+);
+#[inline(always)]
+fn receive_body<A: Args>(ctx: &A) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let Some(netns) = lo_netns::<A>(skb_dev::<A>(skb)) else {
+        return 0;
+    };
+    if !wanted(netns) {
+        return 0;
+    }
+    let Some(c) = counters(netns) else {
+        return 0;
+    };
+    let now = now_ns();
+    let proto = proto_of::<A>(skb);
+    let len = skb_len::<A>(skb) as u64;
+    if proto < agent::PROTOS {
+        // SAFETY: in-bounds fields of a live per-CPU map value.
+        unsafe {
+            add(&raw mut (*c).packets[proto], 1);
+            add(&raw mut (*c).bytes[proto], len);
+        }
+    }
+    let f = flight(skb).map(|f| {
+        // SAFETY: a live LRU value (copied out).
+        unsafe { *f }
+    });
+    let ctx_slot = if in_ksoftirqd() {
+        agent::CTX_KSOFTIRQD
+    } else if f.is_some_and(|f| f.pid_tgid == bpf_get_current_pid_tgid()) {
+        agent::CTX_INLINE
+    } else {
+        agent::CTX_OTHER
+    };
+    // SAFETY: in-bounds field of a live per-CPU map value.
+    add(unsafe { &raw mut (*c).softirq[ctx_slot] }, 1);
+    match f {
+        Some(f)
+            if f.queued_ns != 0 && f.xmit_ns >= f.queued_ns && f.enqueued_ns >= f.xmit_ns && now >= f.enqueued_ns =>
+        {
+            observe(c, agent::STAGE_QDISC, f.xmit_ns - f.queued_ns);
+            observe(c, agent::STAGE_XMIT, f.enqueued_ns - f.xmit_ns);
+            observe(c, agent::STAGE_BACKLOG, now - f.enqueued_ns);
+            observe(c, agent::STAGE_CROSSING, now - f.queued_ns);
+        }
+        // SAFETY: in-bounds field of a live per-CPU map value.
+        _ => add(unsafe { &raw mut (*c).untimed }, 1),
+    }
+    0
+}
+
+// kfree_skb(skb, location, reason[, rx_sk]): a lo packet dropped, with the kernel's reason.
+agent_twin!("kfree_skb", agent_kfree_skb, agent_raw_kfree_skb, kfree_body);
+#[inline(always)]
+fn kfree_body<A: Args>(ctx: &A) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let Some(f) = flight(skb) else {
+        return 0;
+    };
+    // SAFETY: a live LRU value.
+    let netns = unsafe { (*f).netns };
+    let _ = AGENT_FLIGHT.remove(skb);
+    // An entry whose free fired no tracepoint (some TCP paths) outlives its skb; an skb at the
+    // same address that now sits on another device is not ours. (UDP reuses `skb->dev` as
+    // scratch once queued to a socket: a read that finds no device, ifindex 0, is not a sign.)
+    let dev = skb_dev::<A>(skb);
+    if let Some(ifindex) = read::<A, u32>(dev, off!(dev_ifindex))
+        && ifindex != 0
+        && ifindex != LOOPBACK_IFINDEX
+    {
+        return 0;
+    }
+    // SAFETY: a plain read of a read-only global the loader wrote before loading.
+    let reason: u64 = if unsafe { core::ptr::read_volatile(&KFREE_SKB_ARGS) } >= 3 {
+        ctx.arg(2)
+    } else {
+        0
+    };
+    // The kernel frees the original of a packet a raw socket took a copy of (a ping reply to a
+    // raw-socket ping) as NO_SOCKET: its copy was delivered. Counted as such, not as a drop.
+    let reason = if clone_alive::<A>(skb) {
+        COPY_DELIVERED
+    } else {
+        reason as u32
+    };
+    let key = DropKey { netns, reason };
+    if let Some(p) = AGENT_DROPS.get_ptr_mut(key) {
+        add(p, 1);
+        return 0;
+    }
+    let _ = AGENT_DROPS.insert(key, 0u64, BPF_NOEXIST);
+    match AGENT_DROPS.get_ptr_mut(key) {
+        Some(p) => add(p, 1),
+        None => {
+            count(counter::AGENT_DROPS_FULL);
+        }
+    }
+    0
+}
+
+/// The `reason` of [`DropKey`] for an original freed while a clone of it lives on (not a
+/// kernel drop reason: those are small numbers).
+pub const COPY_DELIVERED: u32 = agent::COPY_DELIVERED;
+
+/// Whether another skb still shares this one's data (`skb_shared_info.dataref` above 1).
+#[inline(always)]
+fn clone_alive<A: Args>(skb: u64) -> bool {
+    let (end_off, dataref_off) = (off!(skb_end), off!(shinfo_dataref));
+    if end_off == loopback_common::OFFSET_UNKNOWN as u64 || dataref_off == loopback_common::OFFSET_UNKNOWN as u64 {
+        return false;
+    }
+    let head = read::<A, u64>(skb, off!(skb_head)).unwrap_or(0);
+    let end = read::<A, u32>(skb, end_off).unwrap_or(0) as u64;
+    if head == 0 || end == 0 {
+        return false;
+    }
+    // `dataref` counts the skbs sharing the data in its low 16 bits (the high ones: payload-only refs).
+    probe::<u32>(head + end, dataref_off).is_some_and(|d| d & 0xffff > 1)
+}
+
+// consume_skb(skb[, location]): freed normally; its flight ends.
+agent_twin!("consume_skb", agent_consume_skb, agent_raw_consume_skb, consume_body);
+#[inline(always)]
+fn consume_body<A: Args>(ctx: &A) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    if flight(skb).is_some() {
+        let _ = AGENT_FLIGHT.remove(skb);
+    }
+    0
+}

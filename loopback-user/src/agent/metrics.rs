@@ -1,0 +1,458 @@
+//! What a scrape returns: the kernel's per-namespace counters, read at the scrape and encoded by
+//! `prometheus-client` (OpenMetrics text). The names, labels and their bounds are listed in
+//! docs/agent.md; `every_metric_is_documented` keeps the two in step.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
+
+use loopback_common::agent::{self, CONTEXT_NAMES, NetnsCounters, PROTO_NAMES, STAGE_NAMES};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::{Registry, Unit},
+};
+
+use super::{
+    bpf::{AgentBpf, AgentMaps},
+    discover::{self, Found, Wanted},
+};
+
+/// Lowest histogram bound exported: 2^7 ns = 128 ns (the kernel's finer buckets are summed
+/// into it); the highest is 2^30 ns, about 1.07 s; above it, +Inf.
+const FIRST_BOUND_LOG2: usize = 7;
+
+/// Everything the agent knows, shared by the scanner and the scrapes.
+pub struct State {
+    pub bpf: AgentBpf,
+    pub maps: AgentMaps,
+    pub proc: PathBuf,
+    pub run_netns: PathBuf,
+    /// `--netns`: None watches every namespace.
+    pub wanted: Option<Vec<Wanted>>,
+    /// The last scan's namespaces (within `--netns`).
+    pub found: BTreeMap<u32, Found>,
+    /// Namespaces any scan found (one that is gone is released at once).
+    ever_found: BTreeSet<u32>,
+    /// Namespaces the kernel counted that no scan found: their packet count at the last scan
+    /// (released once it stops moving).
+    unfound: HashMap<u32, u64>,
+    /// Namespaces released because they went away.
+    pub released: u64,
+    pub scans: u64,
+}
+
+impl State {
+    pub fn new(bpf: AgentBpf, maps: AgentMaps, wanted: Option<Vec<Wanted>>) -> Self {
+        Self {
+            bpf,
+            maps,
+            proc: PathBuf::from("/proc"),
+            run_netns: PathBuf::from("/run/netns"),
+            wanted,
+            found: BTreeMap::new(),
+            ever_found: BTreeSet::new(),
+            unfound: HashMap::new(),
+            released: 0,
+            scans: 0,
+        }
+    }
+
+    /// Looks for namespaces again: new ones are allowed in (with `--netns`), gone ones released.
+    pub fn rescan(&mut self) {
+        let mut found = discover::scan(&self.proc, &self.run_netns);
+        if let Some(wanted) = &self.wanted {
+            let inodes: BTreeSet<u32> = wanted.iter().filter_map(|w| w.resolve(&self.run_netns)).collect();
+            found.retain(|ino, _| inodes.contains(ino));
+            // A wanted namespace that no scan finds (held only by a file descriptor) is still
+            // wanted: it is listed under the name it was given.
+            for (w, ino) in wanted.iter().filter_map(|w| Some((w, w.resolve(&self.run_netns)?))) {
+                found.entry(ino).or_insert_with(|| Found {
+                    source: "netns",
+                    name: match w {
+                        Wanted::Name(n) => n.clone(),
+                        Wanted::Path(p) => p.display().to_string(),
+                        Wanted::Inode(i) => i.to_string(),
+                    },
+                });
+            }
+            let allowed: BTreeSet<u32> = self.maps.allow.keys().filter_map(|k| k.ok()).collect();
+            for ino in found.keys().filter(|i| !allowed.contains(i)) {
+                let _ = self.maps.allow.insert(*ino, 1, 0);
+            }
+            for ino in allowed.iter().filter(|i| !found.contains_key(i)) {
+                let _ = self.maps.allow.remove(ino);
+            }
+        }
+        let mut counted: BTreeSet<u32> = self.maps.netns_totals().into_iter().map(|(k, _)| k).collect();
+        counted.extend(self.maps.drop_totals().into_iter().map(|(k, _)| k.netns));
+        let totals: HashMap<u32, u64> = self
+            .maps
+            .netns_totals()
+            .into_iter()
+            .map(|(k, c)| (k, c.packets.iter().sum::<u64>() + c.backlog_enqueues))
+            .collect();
+        for ino in counted.into_iter().filter(|i| !found.contains_key(i)) {
+            let now = totals.get(&ino).copied().unwrap_or(0);
+            let gone = self.ever_found.contains(&ino);
+            let idle = self.unfound.get(&ino) == Some(&now);
+            if gone || idle {
+                self.maps.release(ino);
+                self.unfound.remove(&ino);
+                self.ever_found.remove(&ino);
+                self.released += 1;
+            } else {
+                self.unfound.insert(ino, now);
+            }
+        }
+        for ino in self.ever_found.clone() {
+            if !found.contains_key(&ino) {
+                self.ever_found.remove(&ino);
+                self.released += 1;
+            }
+        }
+        self.ever_found.extend(found.keys().copied());
+        self.found = found;
+        self.scans += 1;
+    }
+}
+
+/// The Prometheus collector: reads the maps at every scrape.
+#[derive(Clone)]
+pub struct AgentCollector(pub Arc<Mutex<State>>);
+
+impl std::fmt::Debug for AgentCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentCollector")
+    }
+}
+
+/// Cumulative histogram buckets in seconds from the kernel's log2 nanosecond buckets.
+pub fn buckets(hist: &[u64; agent::BUCKETS]) -> Vec<(f64, u64)> {
+    let mut out = Vec::with_capacity(agent::BUCKETS - FIRST_BOUND_LOG2 + 1);
+    // Kernel bucket i holds [2^i, 2^(i+1)) ns: bound 2^(i+1) ns.
+    let low: u64 = hist[..FIRST_BOUND_LOG2].iter().sum();
+    out.push(((1u64 << FIRST_BOUND_LOG2) as f64 / 1e9, low));
+    for (i, &n) in hist.iter().enumerate().take(agent::BUCKETS - 1).skip(FIRST_BOUND_LOG2) {
+        out.push(((1u64 << (i + 1)) as f64 / 1e9, n));
+    }
+    out.push((f64::INFINITY, hist[agent::BUCKETS - 1]));
+    out
+}
+
+fn cpu_seconds() -> (f64, f64) {
+    // SAFETY: getrusage fills the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    (t(ru.ru_utime), t(ru.ru_stime))
+}
+
+type Labels<'a> = Vec<(&'static str, &'a str)>;
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    for (labels, v) in rows {
+        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, f64)]) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for AgentCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut totals: Vec<(u32, NetnsCounters)> = st.maps.netns_totals();
+        totals.sort_by_key(|(k, _)| *k);
+        let names: Vec<(u32, String)> = totals.iter().map(|(k, _)| (*k, k.to_string())).collect();
+        let ns = |i: usize| names[i].1.as_str();
+
+        let mut rows = Vec::new();
+        let mut bytes = Vec::new();
+        for (i, (_, c)) in totals.iter().enumerate() {
+            for (p, name) in PROTO_NAMES.iter().enumerate() {
+                if c.packets[p] != 0 {
+                    rows.push((vec![("netns", ns(i)), ("proto", *name)], c.packets[p]));
+                    bytes.push((vec![("netns", ns(i)), ("proto", *name)], c.bytes[p]));
+                }
+            }
+        }
+        counter(
+            &mut enc,
+            "lotrace_lo_packets",
+            "Packets that crossed a namespace's lo (received from the backlog), by protocol",
+            None,
+            &rows,
+        )?;
+        counter(
+            &mut enc,
+            "lotrace_lo",
+            "Their bytes, as lo's own counters count them",
+            Some(&Unit::Bytes),
+            &bytes,
+        )?;
+
+        let rows: Vec<_> = totals
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| (vec![("netns", ns(i))], c.backlog_enqueues))
+            .collect();
+        counter(
+            &mut enc,
+            "lotrace_lo_backlog_enqueues",
+            "netif_rx enqueues of lo packets onto the per-CPU backlog",
+            None,
+            &rows,
+        )?;
+
+        let mut rows = Vec::new();
+        for (i, (_, c)) in totals.iter().enumerate() {
+            for (x, name) in CONTEXT_NAMES.iter().enumerate() {
+                rows.push((vec![("netns", ns(i)), ("context", *name)], c.softirq[x]));
+            }
+        }
+        counter(
+            &mut enc,
+            "lotrace_lo_softirq_packets",
+            "lo packets by the context that ran the NET_RX softirq receiving them",
+            None,
+            &rows,
+        )?;
+
+        let rows: Vec<_> = totals
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| (vec![("netns", ns(i))], c.untimed))
+            .collect();
+        counter(
+            &mut enc,
+            "lotrace_lo_untimed_packets",
+            "lo packets counted without stage times (in flight when the agent started, or their in-flight entry was evicted)",
+            None,
+            &rows,
+        )?;
+
+        {
+            let mut m = enc.encode_descriptor(
+                "lotrace_lo_latency",
+                "Time through each stage of the lo path (crossing: net_dev_queue to netif_receive_skb)",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?;
+            for (i, (_, c)) in totals.iter().enumerate() {
+                for (s, stage) in STAGE_NAMES.iter().enumerate() {
+                    let b = buckets(&c.hist[s]);
+                    let count: u64 = c.hist[s].iter().sum();
+                    let labels = vec![("netns", ns(i)), ("stage", *stage)];
+                    m.encode_family(&labels)?
+                        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                            c.hist_sum_ns[s] as f64 / 1e9,
+                            count,
+                            &b,
+                            None,
+                        )?;
+                }
+            }
+        }
+
+        let all_drops = st.maps.drop_totals();
+        let mut copies: Vec<(u32, u64)> = all_drops
+            .iter()
+            .filter(|(k, _)| k.reason == agent::COPY_DELIVERED)
+            .map(|(k, n)| (k.netns, *n))
+            .collect();
+        copies.sort();
+        let mut drops: Vec<(String, String, u64)> = all_drops
+            .into_iter()
+            .filter(|(k, _)| k.reason != agent::COPY_DELIVERED)
+            .map(|(k, n)| {
+                let reason = st
+                    .bpf
+                    .drop_reasons
+                    .get(&(k.reason as u64))
+                    .cloned()
+                    .unwrap_or_else(|| k.reason.to_string());
+                (k.netns.to_string(), reason, n)
+            })
+            .collect();
+        drops.sort();
+        let rows: Vec<_> = drops
+            .iter()
+            .map(|(n, r, v)| (vec![("netns", n.as_str()), ("reason", r.as_str())], *v))
+            .collect();
+        counter(
+            &mut enc,
+            "lotrace_lo_drops",
+            "lo packets freed as dropped, by the kernel's drop reason",
+            None,
+            &rows,
+        )?;
+        let copy_ns: Vec<(String, u64)> = copies.iter().map(|(n, v)| (n.to_string(), *v)).collect();
+        let rows: Vec<_> = copy_ns.iter().map(|(n, v)| (vec![("netns", n.as_str())], *v)).collect();
+        counter(
+            &mut enc,
+            "lotrace_lo_copy_delivered_packets",
+            "lo packets the kernel freed as dropped while a copy of them was delivered (a raw socket's copy of a ping reply)",
+            None,
+            &rows,
+        )?;
+
+        let inos: Vec<String> = st.found.keys().map(|k| k.to_string()).collect();
+        let info: Vec<(Labels, f64)> = st
+            .found
+            .values()
+            .zip(&inos)
+            .map(|(f, ino)| {
+                (
+                    vec![("netns", ino.as_str()), ("source", f.source), ("name", f.name.as_str())],
+                    1.0,
+                )
+            })
+            .collect();
+        gauge(
+            &mut enc,
+            "lotrace_netns_info",
+            "A namespace the agent watches: where it was found and its name (join on netns)",
+            &info,
+        )?;
+        gauge(
+            &mut enc,
+            "lotrace_agent_netns_watched",
+            "Network namespaces the agent watches now",
+            &[(vec![], st.found.len() as f64)],
+        )?;
+        counter(
+            &mut enc,
+            "lotrace_agent_netns_released",
+            "Namespaces released because they went away",
+            None,
+            &[(vec![], st.released)],
+        )?;
+        let overflow = st.maps.overflow();
+        let rows: Vec<_> = overflow.iter().map(|(m, v)| (vec![("map", *m)], *v)).collect();
+        counter(
+            &mut enc,
+            "lotrace_agent_overflow",
+            "Samples not counted because a bounded map was full (--max-netns, --max-drop-series, --max-in-flight)",
+            None,
+            &rows,
+        )?;
+        counter(
+            &mut enc,
+            "lotrace_agent_read_failures",
+            "Kernel memory reads that failed in the agent's programs",
+            None,
+            &[(vec![], st.maps.counter(loopback_common::counter::READ_FAILED))],
+        )?;
+        let fails: Vec<(Labels, f64)> = st
+            .bpf
+            .failures
+            .iter()
+            .map(|f| (vec![("hook", f.hook), ("reason", f.reason.as_str())], 1.0))
+            .collect();
+        gauge(
+            &mut enc,
+            "lotrace_agent_attach_failures",
+            "Hooks the agent could not attach (1 each), with the kernel's reason",
+            &fails,
+        )?;
+        let hooks: Vec<(Labels, f64)> = st
+            .bpf
+            .attached
+            .iter()
+            .map(|a| (vec![("hook", a.hook), ("kind", a.kind)], 1.0))
+            .collect();
+        gauge(
+            &mut enc,
+            "lotrace_agent_hooks",
+            "Hooks attached (1 each) and how",
+            &hooks,
+        )?;
+        let (user, system) = cpu_seconds();
+        {
+            let mut m = enc.encode_descriptor(
+                "lotrace_agent_cpu",
+                "CPU time of the agent process",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?;
+            for (mode, v) in [("user", user), ("system", system)] {
+                ConstCounter::new(v).encode(m.encode_family(&vec![("mode", mode)])?)?;
+            }
+        }
+        let costs = st.bpf.program_costs();
+        if !costs.is_empty() {
+            let mut m = enc.encode_descriptor(
+                "lotrace_agent_bpf_run",
+                "Run time of each agent program in the kernel (--kernel-cost)",
+                Some(&Unit::Seconds),
+                MetricType::Counter,
+            )?;
+            for c in &costs {
+                ConstCounter::new(c.total_ns as f64 / 1e9)
+                    .encode(m.encode_family(&vec![("program", c.program.as_str())])?)?;
+            }
+            drop(m);
+            let rows: Vec<_> = costs
+                .iter()
+                .map(|c| (vec![("program", c.program.as_str())], c.runs))
+                .collect();
+            counter(
+                &mut enc,
+                "lotrace_agent_bpf_runs",
+                "Runs of each agent program (--kernel-cost)",
+                None,
+                &rows,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The registry a scrape encodes.
+pub fn registry(state: Arc<Mutex<State>>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(AgentCollector(state)));
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_buckets_become_cumulative_bounds_in_seconds() {
+        let mut h = [0u64; agent::BUCKETS];
+        h[0] = 1; // 0-1 ns
+        h[6] = 2; // 64-127 ns: below the first exported bound, 128 ns
+        h[10] = 3; // 1024-2047 ns: bound 2048 ns
+        h[agent::BUCKETS - 1] = 4; // >= 2^30 ns: +Inf
+        let b = buckets(&h);
+        assert_eq!(b[0], (128e-9, 3));
+        let at = b
+            .iter()
+            .position(|(le, _)| (*le - 2048e-9).abs() < 1e-15)
+            .expect("2048 ns bound");
+        assert_eq!(b[at].1, 3);
+        assert_eq!(*b.last().expect("+Inf"), (f64::INFINITY, 4));
+        assert_eq!(b.iter().map(|(_, n)| n).sum::<u64>(), h.iter().sum::<u64>());
+        // Bounds strictly increase.
+        assert!(b.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+}
