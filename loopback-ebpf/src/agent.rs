@@ -48,6 +48,10 @@ pub static AGENT_ZERO: Array<NetnsCounters> = Array::with_max_entries(1, 0);
 #[map]
 pub static AGENT_ALLOW: HashMap<u32, u8> = HashMap::with_max_entries(agent::DEFAULT_MAX_NETNS, 0);
 
+/// `SKB_DROP_REASON_NO_SOCKET`'s value in this kernel's BTF (0: unknown; written at load time).
+#[unsafe(no_mangle)]
+pub static AGENT_NO_SOCKET: u32 = 0;
+
 /// 1 when `--netns` limits the agent to `AGENT_ALLOW` (written at load time).
 #[unsafe(no_mangle)]
 pub static AGENT_FILTER: u32 = 0;
@@ -126,41 +130,14 @@ macro_rules! agent_twin {
     };
 }
 
-// net_dev_queue(struct sk_buff *skb): the packet enters lo's transmit; its flight starts.
-agent_twin!(
-    "net_dev_queue",
-    agent_net_dev_queue,
-    agent_raw_net_dev_queue,
-    queue_body
-);
-#[inline(always)]
-fn queue_body<A: Args>(ctx: &A) -> i32 {
-    let skb: u64 = ctx.arg(0);
-    let Some(netns) = lo_netns::<A>(skb_dev::<A>(skb)) else {
-        return 0;
-    };
-    if !wanted(netns) {
-        return 0;
-    }
-    let f = InFlight {
-        queued_ns: now_ns(),
-        pid_tgid: bpf_get_current_pid_tgid(),
-        netns,
-        ..InFlight::default()
-    };
-    if AGENT_FLIGHT.insert(skb, f, 0).is_err() {
-        count(counter::AGENT_FLIGHT_FULL);
-    }
-    0
-}
-
 /// The flight of `skb`, if its transmit was seen.
 #[inline(always)]
 fn flight(skb: u64) -> Option<*mut InFlight> {
     AGENT_FLIGHT.get_ptr_mut(skb)
 }
 
-// net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev).
+// net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev): lo's driver gets
+// the packet; its flight starts.
 agent_twin!(
     "net_dev_start_xmit",
     agent_net_dev_start_xmit,
@@ -170,9 +147,20 @@ agent_twin!(
 #[inline(always)]
 fn start_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    if let Some(f) = flight(skb) {
-        // SAFETY: a live LRU value; only this packet's own hooks write it, one after another.
-        unsafe { (*f).xmit_ns = now_ns() };
+    let Some(netns) = lo_netns::<A>(ctx.arg(1)) else {
+        return 0;
+    };
+    if !wanted(netns) {
+        return 0;
+    }
+    let f = InFlight {
+        xmit_ns: now_ns(),
+        pid_tgid: bpf_get_current_pid_tgid(),
+        netns,
+        ..InFlight::default()
+    };
+    if AGENT_FLIGHT.insert(skb, f, 0).is_err() {
+        count(counter::AGENT_FLIGHT_FULL);
     }
     0
 }
@@ -284,13 +272,10 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
     // SAFETY: in-bounds field of a live per-CPU map value.
     add(unsafe { &raw mut (*c).softirq[ctx_slot] }, 1);
     match f {
-        Some(f)
-            if f.queued_ns != 0 && f.xmit_ns >= f.queued_ns && f.enqueued_ns >= f.xmit_ns && now >= f.enqueued_ns =>
-        {
-            observe(c, agent::STAGE_QDISC, f.xmit_ns - f.queued_ns);
+        Some(f) if f.xmit_ns != 0 && f.enqueued_ns >= f.xmit_ns && now >= f.enqueued_ns => {
             observe(c, agent::STAGE_XMIT, f.enqueued_ns - f.xmit_ns);
             observe(c, agent::STAGE_BACKLOG, now - f.enqueued_ns);
-            observe(c, agent::STAGE_CROSSING, now - f.queued_ns);
+            observe(c, agent::STAGE_CROSSING, now - f.xmit_ns);
         }
         // SAFETY: in-bounds field of a live per-CPU map value.
         _ => add(unsafe { &raw mut (*c).untimed }, 1),

@@ -33,6 +33,8 @@ pub const TOOLS: &[Tool] = &[
     t("ping", "iputils-ping", Need::Test),
     t("tcpdump", "tcpdump", Need::Test),
     t("setpriv", "util-linux", Need::Test),
+    // The agent's metrics, scraped by a real Prometheus server.
+    t("prometheus", "prometheus", Need::Test),
     // The dashboard in a pseudo-terminal.
     t("script", "bsdutils", Need::Test),
     // Bench: workloads, CPU pinning, the bpftrace baseline in a private mount namespace.

@@ -25,9 +25,8 @@ use crate::bpf::{
 use crate::counters::ProgramCost;
 
 /// The tracepoints the agent counts at, and whether it cannot count without them.
-pub const HOOKS: [(&str, bool); 6] = [
+pub const HOOKS: [(&str, bool); 5] = [
     ("netif_receive_skb", true),
-    ("net_dev_queue", false),
     ("net_dev_start_xmit", false),
     ("netif_rx", false),
     ("kfree_skb", false),
@@ -80,7 +79,7 @@ impl AgentBpf {
         privileges().require()?;
         let kbtf = KernelBtf::load()?;
         let offsets: KernelOffsets = kbtf.offsets()?;
-        let drop_reasons = kbtf
+        let drop_reasons: HashMap<u64, String> = kbtf
             .enum_names("skb_drop_reason")
             .map(|m| {
                 m.into_iter()
@@ -92,11 +91,16 @@ impl AgentBpf {
         drop(kbtf);
         let btf = aya::Btf::from_sys_fs().context("parsing kernel BTF for tp_btf programs")?;
         let filter = u32::from(filter);
+        let no_socket = drop_reasons
+            .iter()
+            .find(|(_, n)| n.as_str() == "NO_SOCKET")
+            .map_or(0, |(v, _)| *v as u32);
         let mut loader = EbpfLoader::new();
         shape.apply(&mut loader);
         let ebpf = loader
             .override_global("OFFSETS", &offsets, true)
             .override_global("AGENT_FILTER", &filter, true)
+            .override_global("AGENT_NO_SOCKET", &no_socket, true)
             // The tracing maps are not used in agent mode: their smallest sizes.
             .map_max_entries("EVENTS", 4096)
             .map_max_entries("SCOPE", 256)

@@ -251,7 +251,7 @@ impl Collector for AgentCollector {
         {
             let mut m = enc.encode_descriptor(
                 "lotrace_lo_latency",
-                "Time through each stage of the lo path (crossing: net_dev_queue to netif_receive_skb)",
+                "Time through each stage of the lo path (crossing: net_dev_start_xmit to netif_receive_skb)",
                 Some(&Unit::Seconds),
                 MetricType::Histogram,
             )?;
@@ -398,17 +398,18 @@ impl Collector for AgentCollector {
         }
         let costs = st.bpf.program_costs();
         if !costs.is_empty() {
-            let mut m = enc.encode_descriptor(
-                "lotrace_agent_bpf_run",
-                "Run time of each agent program in the kernel (--kernel-cost)",
-                Some(&Unit::Seconds),
-                MetricType::Counter,
-            )?;
-            for c in &costs {
-                ConstCounter::new(c.total_ns as f64 / 1e9)
-                    .encode(m.encode_family(&vec![("program", c.program.as_str())])?)?;
+            {
+                let mut m = enc.encode_descriptor(
+                    "lotrace_agent_bpf_run",
+                    "Run time of each agent program in the kernel (--kernel-cost)",
+                    Some(&Unit::Seconds),
+                    MetricType::Counter,
+                )?;
+                for c in &costs {
+                    ConstCounter::new(c.total_ns as f64 / 1e9)
+                        .encode(m.encode_family(&vec![("program", c.program.as_str())])?)?;
+                }
             }
-            drop(m);
             let rows: Vec<_> = costs
                 .iter()
                 .map(|c| (vec![("program", c.program.as_str())], c.runs))

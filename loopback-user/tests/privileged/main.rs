@@ -10,6 +10,7 @@ mod support;
 #[path = "../../../xtask/src/tools.rs"]
 mod tools;
 
+mod agent;
 mod cleanup;
 mod kernels;
 mod load;

@@ -1,0 +1,456 @@
+//! `lotrace agent`: every namespace's lo counted in the kernel, checked against each namespace's
+//! own lo counters, scraped directly and through a real Prometheus server (Debian's).
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, Ipv4Addr, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use loopback_user::{netns::Sandbox, traffic};
+use serde_json::Value;
+
+use crate::support::{BIN, lo_tx_packets, privileged, tools};
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// A free TCP port on 127.0.0.1 (the kernel's pick; released for the caller to bind).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// One HTTP GET to 127.0.0.1:port; the body, or None when nothing answers.
+fn get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_string())
+}
+
+/// Waits up to `secs` for `f` to give Some, polling every 100 ms; panics with `what` otherwise.
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs} s waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub(crate) struct Agent {
+    child: Child,
+    pub(crate) port: u16,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Agent {
+    /// `lotrace agent --listen 127.0.0.1:PORT ARGS`, once it serves.
+    pub(crate) fn start(args: &[&str]) -> Self {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut child = Command::new(BIN)
+            .args(["agent", "--listen", &listen])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn lotrace agent");
+        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        err.read_line(&mut line).expect("read stderr");
+        assert!(line.contains("serving http://"), "the agent did not start: {line}");
+        Self {
+            child,
+            port,
+            stderr: crate::support::read_all(err),
+        }
+    }
+
+    pub(crate) fn metrics(&self) -> String {
+        get(self.port, "/metrics").expect("the agent answers /metrics")
+    }
+
+    /// Stops it with SIGTERM; its last stderr line.
+    pub(crate) fn stop(mut self) -> (i32, String) {
+        crate::support::signal(self.child.id(), libc::SIGTERM);
+        let status = self.child.wait().expect("wait agent");
+        let err = self.stderr.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        (status.code().unwrap_or(-1), err)
+    }
+}
+
+/// The samples of an OpenMetrics text whose name is `name` and whose labels include `netns`,
+/// by their other labels (as `k="v",...`).
+pub(crate) fn samples(text: &str, name: &str, netns: u32) -> BTreeMap<String, f64> {
+    let want = format!("netns=\"{netns}\"");
+    text.lines()
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{')?;
+            if n != name {
+                return None;
+            }
+            let labels = labels.trim_end_matches('}');
+            let mut rest: Vec<&str> = labels.split(',').collect();
+            let at = rest.iter().position(|l| *l == want)?;
+            rest.remove(at);
+            Some((rest.join(","), value.parse().ok()?))
+        })
+        .collect()
+}
+
+fn total(text: &str, name: &str, netns: u32) -> u64 {
+    samples(text, name, netns).values().sum::<f64>() as u64
+}
+
+fn lo_tx_bytes(sb: &Sandbox) -> u64 {
+    let out = Command::new("ip")
+        .args(["-n", &sb.name, "-s", "-j", "link", "show", "dev", "lo"])
+        .output()
+        .expect("ip");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("ip -j");
+    v[0]["stats64"]["tx"]["bytes"].as_u64().expect("tx bytes")
+}
+
+/// Known traffic in three namespaces: ICMP echoes, UDP exchanges, a TCP bulk transfer.
+fn traffic_in(sbs: &[Sandbox]) {
+    sbs[0]
+        .netns
+        .run(|| {
+            for seq in 0..40 {
+                traffic::icmp_echo(LOCAL, 0, 0x5a5a, seq, Duration::from_secs(2)).expect("echo");
+            }
+        })
+        .expect("ping in netns");
+    sbs[1]
+        .netns
+        .run(|| {
+            for _ in 0..30 {
+                traffic::udp_exchange(LOCAL, b"agent").expect("udp");
+            }
+        })
+        .expect("udp in netns");
+    sbs[2]
+        .netns
+        .run(|| traffic::tcp_bulk(LOCAL, 200, 16 << 10).expect("tcp bulk"))
+        .expect("tcp in netns");
+}
+
+/// The agent's counts of each namespace equal that namespace's lo counters exactly (packets and
+/// bytes), every stage histogram counts every packet, and nothing overflowed.
+fn check_exact(text: &str, sb: &Sandbox, sent: u64, bytes: u64) -> Result<(), String> {
+    let ino = sb.netns.inode;
+    let got = total(text, "lotrace_lo_packets_total", ino);
+    let got_bytes = total(text, "lotrace_lo_bytes_total", ino);
+    if got != sent || got_bytes != bytes {
+        return Err(format!(
+            "{}: agent {got} packets / {got_bytes} bytes, lo counters {sent} / {bytes}",
+            sb.name
+        ));
+    }
+    for stage in ["xmit", "backlog", "crossing"] {
+        let counts = samples(text, "lotrace_lo_latency_seconds_count", ino);
+        let n = counts.get(&format!("stage=\"{stage}\"")).copied().unwrap_or(-1.0) as i64;
+        if n != sent as i64 {
+            return Err(format!(
+                "{}: stage {stage} histogram counts {n}, packets {sent}",
+                sb.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn agent_counts_each_namespace_exactly_as_its_lo_does() {
+    if !privileged() {
+        return;
+    }
+    let sbs = [
+        Sandbox::new("lt-agent").expect("sandbox"),
+        Sandbox::new("lt-agent").expect("sandbox"),
+        Sandbox::new("lt-agent").expect("sandbox"),
+    ];
+    let agent = Agent::start(&[]);
+    let before: Vec<(u64, u64)> = sbs.iter().map(|s| (lo_tx_packets(s), lo_tx_bytes(s))).collect();
+    traffic_in(&sbs);
+    let sent: Vec<(u64, u64)> = sbs
+        .iter()
+        .zip(&before)
+        .map(|(s, b)| (lo_tx_packets(s) - b.0, lo_tx_bytes(s) - b.1))
+        .collect();
+    for (sb, (n, _)) in sbs.iter().zip(&sent) {
+        assert!(*n >= 60, "{}: only {n} lo packets: the traffic did not run", sb.name);
+    }
+    // Counted in the kernel as they happen: the first scrape after the traffic has them all.
+    let text = agent.metrics();
+    for (sb, (n, b)) in sbs.iter().zip(&sent) {
+        check_exact(&text, sb, *n, *b).unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Every metric the agent serves is documented.
+    let docs =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/agent.md")).expect("docs/agent.md");
+    for name in text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+    {
+        let suffix = if text.contains(&format!("# TYPE {name} counter")) {
+            "_total"
+        } else {
+            ""
+        };
+        let shown = format!("`{name}{suffix}`");
+        assert!(docs.contains(&shown), "{shown} is not in docs/agent.md");
+    }
+    // Each namespace's own protocol: the ICMP one has only ICMP, and so on.
+    assert!(samples(&text, "lotrace_lo_packets_total", sbs[0].netns.inode).contains_key("proto=\"icmp\""));
+    assert!(samples(&text, "lotrace_lo_packets_total", sbs[1].netns.inode).contains_key("proto=\"udp\""));
+    assert!(samples(&text, "lotrace_lo_packets_total", sbs[2].netns.inode).contains_key("proto=\"tcp\""));
+    for map in ["netns", "drops", "in_flight"] {
+        assert!(
+            text.contains(&format!("lotrace_agent_overflow_total{{map=\"{map}\"}} 0")),
+            "overflow of {map}:\n{text}"
+        );
+    }
+    // A namespace made now is watched within 2 s (the agent looks once a second).
+    let late = Sandbox::new("lt-agent").expect("sandbox");
+    let made = Instant::now();
+    let info = format!(
+        "lotrace_netns_info{{netns=\"{}\",source=\"netns\",name=\"{}\"}}",
+        late.netns.inode, late.name
+    );
+    wait_for(10, "the new namespace in /metrics", || {
+        agent.metrics().contains(&info).then_some(())
+    });
+    let took = made.elapsed();
+    let before = lo_tx_packets(&late);
+    late.netns
+        .run(|| traffic::icmp_echo(LOCAL, 0, 7, 1, Duration::from_secs(2)).expect("echo"))
+        .expect("ping");
+    let n = lo_tx_packets(&late) - before;
+    assert_eq!(total(&agent.metrics(), "lotrace_lo_packets_total", late.netns.inode), n);
+    // One that goes away is released: its series go.
+    let gone = late.netns.inode;
+    drop(late);
+    wait_for(10, "the removed namespace's series to go", || {
+        let t = agent.metrics();
+        (!t.contains(&format!("netns=\"{gone}\""))).then_some(())
+    });
+    let (rc, last) = agent.stop();
+    assert_eq!(rc, 0, "{last}");
+    assert!(
+        last.contains("stopped") && last.contains("nothing overflowed"),
+        "{last}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "a new namespace took {took:?} to be watched"
+    );
+    // Nothing of the agent's stays loaded.
+    let left: Vec<String> = aya::programs::loaded_programs()
+        .filter_map(|p| p.ok())
+        .filter_map(|p| p.name_as_str().map(str::to_string))
+        .filter(|n| n.starts_with("agent_"))
+        .collect();
+    let start = Instant::now();
+    let mut left = left;
+    while !left.is_empty() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        left = aya::programs::loaded_programs()
+            .filter_map(|p| p.ok())
+            .filter_map(|p| p.name_as_str().map(str::to_string))
+            .filter(|n| n.starts_with("agent_"))
+            .collect();
+    }
+    assert!(left.is_empty(), "still loaded after the agent stopped: {left:?}");
+}
+
+#[test]
+fn agent_with_netns_counts_only_those_and_a_bad_listen_is_one_line() {
+    if !privileged() {
+        return;
+    }
+    // Bad input: one line, exit 2, nothing loaded.
+    let (rc, _, err) = crate::support::run_bin(&["agent", "--listen", "nowhere"]);
+    assert_eq!(rc, 2, "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("not an address and port"), "{err}");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = busy.local_addr().expect("addr").port();
+    let (rc, _, err) = crate::support::run_bin(&["agent", "--listen", &format!("127.0.0.1:{port}")]);
+    assert_eq!(rc, 2, "{err}");
+    assert!(err.contains("cannot listen on") && err.contains("in use"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let a = Sandbox::new("lt-agentf").expect("sandbox");
+    let b = Sandbox::new("lt-agentf").expect("sandbox");
+    let agent = Agent::start(&["--netns", &a.name]);
+    for sb in [&a, &b] {
+        sb.netns
+            .run(|| traffic::icmp_echo(LOCAL, 0, 9, 1, Duration::from_secs(2)).expect("echo"))
+            .expect("ping");
+    }
+    let text = agent.metrics();
+    assert_eq!(total(&text, "lotrace_lo_packets_total", a.netns.inode), 2, "{text}");
+    assert!(!text.contains(&format!("netns=\"{}\"", b.netns.inode)), "{text}");
+    assert!(text.contains("lotrace_agent_netns_watched 1"), "{text}");
+    let (rc, last) = agent.stop();
+    assert_eq!(rc, 0, "{last}");
+}
+
+/// A real Prometheus server (Debian's), in a throwaway directory, scraping the agent every
+/// second; stopped and removed by Drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Prometheus {
+    fn start(target_port: u16) -> Self {
+        let bin = tools::path_of("prometheus").unwrap_or_else(|e| panic!("{e}"));
+        let dir = std::env::temp_dir().join(format!("lotrace-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).expect("prometheus dir");
+        let config = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: lotrace\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+        );
+        std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus.yml");
+        let port = free_port();
+        let child = Command::new(bin)
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("log")).expect("log"))
+            .spawn()
+            .expect("start prometheus");
+        let p = Self { child, port, dir };
+        wait_for(60, "Prometheus to scrape the agent (up == 1)", || {
+            (p.query("up{job=\"lotrace\"}")?.first()?.1 == 1.0).then_some(())
+        });
+        p
+    }
+
+    /// An instant query: (labels, value) per series; None while Prometheus does not answer.
+    fn query(&self, q: &str) -> Option<Vec<(Value, f64)>> {
+        let enc: String = q
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let body = get(self.port, &format!("/api/v1/query?query={enc}"))?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        if v["status"] != "success" {
+            return None;
+        }
+        Some(
+            v["data"]["result"]
+                .as_array()?
+                .iter()
+                .filter_map(|r| Some((r["metric"].clone(), r["value"][1].as_str()?.parse().ok()?)))
+                .collect(),
+        )
+    }
+
+    fn scalar(&self, q: &str) -> Option<f64> {
+        Some(self.query(q)?.first()?.1)
+    }
+}
+
+#[test]
+fn prometheus_scrapes_every_namespace_exactly() {
+    if !privileged() {
+        return;
+    }
+    let mut sbs: Vec<Sandbox> = (0..3).map(|_| Sandbox::new("lt-prom").expect("sandbox")).collect();
+    let agent = Agent::start(&[]);
+    let prom = Prometheus::start(agent.port);
+    for sb in &sbs {
+        let q = format!("lotrace_netns_info{{netns=\"{}\"}}", sb.netns.inode);
+        wait_for(30, &format!("{} in Prometheus", sb.name), || {
+            (prom.scalar(&q)? == 1.0).then_some(())
+        });
+    }
+    let before: Vec<(u64, u64)> = sbs.iter().map(|s| (lo_tx_packets(s), lo_tx_bytes(s))).collect();
+    traffic_in(&sbs);
+    for (sb, b) in sbs.iter().zip(&before) {
+        let (n, bytes) = (lo_tx_packets(sb) - b.0, lo_tx_bytes(sb) - b.1);
+        let ino = sb.netns.inode;
+        let q = format!("sum(lotrace_lo_packets_total{{netns=\"{ino}\"}})");
+        // Prometheus has it once a scrape after the traffic landed; then it must be exact.
+        let got = wait_for(30, &format!("{}'s packets in Prometheus", sb.name), || {
+            let v = prom.scalar(&q)? as u64;
+            (v >= n).then_some(v)
+        });
+        assert_eq!(got, n, "{}: Prometheus {got} packets, lo tx {n}", sb.name);
+        let got_bytes = prom
+            .scalar(&format!("sum(lotrace_lo_bytes_total{{netns=\"{ino}\"}})"))
+            .expect("bytes") as u64;
+        assert_eq!(got_bytes, bytes, "{}: bytes", sb.name);
+        for (labels, count) in prom
+            .query(&format!("lotrace_lo_latency_seconds_count{{netns=\"{ino}\"}}"))
+            .expect("histogram counts")
+        {
+            assert_eq!(
+                count as u64, n,
+                "{}: histogram {labels} counts {count}, packets {n}",
+                sb.name
+            );
+        }
+        // A quantile Prometheus computes from our buckets: a crossing takes some time, under 1 s.
+        let p50 = prom
+            .scalar(&format!(
+                "histogram_quantile(0.5, lotrace_lo_latency_seconds_bucket{{netns=\"{ino}\",stage=\"crossing\"}})"
+            ))
+            .expect("p50");
+        assert!(p50 > 0.0 && p50 < 1.0, "{}: crossing p50 {p50}", sb.name);
+    }
+    // A namespace made during the run appears; one removed stops being scraped.
+    let late = Sandbox::new("lt-prom").expect("sandbox");
+    let q = format!("lotrace_netns_info{{netns=\"{}\"}}", late.netns.inode);
+    wait_for(30, "the new namespace in Prometheus", || {
+        (prom.scalar(&q)? == 1.0).then_some(())
+    });
+    let gone = sbs.remove(0);
+    let ino = gone.netns.inode;
+    drop(gone);
+    // Gone from a scrape, its series are marked stale: an instant query no longer returns them.
+    wait_for(30, "the removed namespace to leave Prometheus", || {
+        prom.query(&format!("{{netns=\"{ino}\"}}"))?.is_empty().then_some(())
+    });
+    let (rc, last) = agent.stop();
+    assert_eq!(rc, 0, "{last}");
+}
