@@ -411,7 +411,7 @@ pub(crate) fn icmp_echo_paths(extra: &[&str]) {
             .collect();
         assert_eq!(
             rep["verdict"], "delivered_clone",
-            "{dst}: {rep}\ncopies: {copies:#?}\n{summary}"
+            "{dst}: {rep}\ncopies: {copies:#?}\n{summary}\nattached: {t_line}"
         );
         let clone = ps
             .iter()
