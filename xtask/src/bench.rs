@@ -45,6 +45,8 @@ enum Mode {
     /// kernel's own statistics cost.
     LotraceCost,
     Bpftrace,
+    /// `lotrace agent`: every namespace counted in the kernel, no per-packet records.
+    Agent,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, clap::ValueEnum)]
@@ -85,6 +87,11 @@ impl Workload {
 
 /// In how many repetitions `a` did better than `b` (`latency`: lower is better), of those where
 /// both ran: "k/n".
+/// The agent's slowdown as a share of trace's (each |ratio - 1|): 0.5 = half of trace's cost.
+fn slowdown_share(agent: f64, trace: f64) -> f64 {
+    (agent - 1.0).abs() / (trace - 1.0).abs().max(1e-9)
+}
+
 fn ahead_in(a: &[f64], b: &[f64], latency: bool) -> String {
     let n = a.len().min(b.len());
     let k = a
@@ -197,6 +204,32 @@ enum Tracer {
     Bpftrace {
         child: Child,
     },
+    Agent {
+        child: Child,
+        /// CPU seconds (user + system) when it started serving, and when.
+        cpu0: f64,
+        t0: Instant,
+    },
+}
+
+/// What the agent cost during one run.
+#[derive(Clone, Copy)]
+struct AgentRun {
+    /// Its user-space CPU while the workload ran, as a share of one core.
+    cpu_share: f64,
+    peak_rss_kib: u64,
+}
+
+/// CPU seconds (user + system) of a process, from /proc/PID/stat.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) ends with ')': utime is the 12th after it.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf with a constant argument.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
 }
 
 /// The lotrace binaries the bench runs: the release build and the empty-hook floor build.
@@ -234,6 +267,27 @@ fn start(mode: Mode, bin: &Binaries, ns: &Netns) -> Result<Tracer> {
                 err,
                 attach_ms: t0.elapsed().as_secs_f64() * 1e3,
                 hooks,
+            })
+        }
+        Mode::Agent => {
+            let mut child = crate::signals::defaults(&mut Command::new(bin.lotrace))
+                .args(["agent", "--listen", "127.0.0.1:0"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("start lotrace agent")?;
+            let err = read_lines(child.stderr.take().expect("stderr"));
+            let first = err
+                .recv_timeout(Duration::from_secs(20))
+                .map_err(|_| anyhow!("lotrace agent did not start"))?;
+            if !first.contains("serving http://") {
+                bail!("lotrace agent did not start: {first}");
+            }
+            std::thread::spawn(move || while err.recv().is_ok() {});
+            Ok(Tracer::Agent {
+                cpu0: cpu_secs(child.id()),
+                t0: Instant::now(),
+                child,
             })
         }
         Mode::Bpftrace => {
@@ -295,12 +349,32 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
+/// What a run of a tracer left to report.
+enum Report {
+    None,
+    Lotrace(LotraceRun),
+    Agent(AgentRun),
+}
+
+fn stop(t: Tracer) -> Result<Report> {
     match t {
-        Tracer::None => Ok(None),
+        Tracer::None => Ok(Report::None),
         Tracer::Bpftrace { mut child } => {
             interrupt(&mut child, "bpftrace")?;
-            Ok(None)
+            Ok(Report::None)
+        }
+        Tracer::Agent { mut child, cpu0, t0 } => {
+            let cpu = cpu_secs(child.id()) - cpu0;
+            let wall = t0.elapsed().as_secs_f64();
+            let rss = vm_hwm_kib(child.id());
+            let st = interrupt(&mut child, "lotrace agent")?;
+            if !st.success() {
+                bail!("lotrace agent failed ({st})");
+            }
+            Ok(Report::Agent(AgentRun {
+                cpu_share: cpu / wall.max(1e-9),
+                peak_rss_kib: rss,
+            }))
         }
         Tracer::Lotrace {
             mut child,
@@ -318,7 +392,7 @@ fn stop(t: Tracer) -> Result<Option<LotraceRun>> {
             let last = lines.last().ok_or_else(|| anyhow!("lotrace printed no summary"))?;
             let v: Value = serde_json::from_str(last).with_context(|| format!("summary: {last}"))?;
             let s = &v["summary"];
-            Ok(Some(LotraceRun {
+            Ok(Report::Lotrace(LotraceRun {
                 hooks,
                 emitted: s["events_emitted"].as_u64().unwrap_or(0),
                 attach_ms,
@@ -646,9 +720,11 @@ pub fn bench(root: &Path, reps: usize, secs: u32, workloads: &[Workload]) -> Res
         Mode::Floor,
         Mode::LotraceCost,
         Mode::Bpftrace,
+        Mode::Agent,
     ];
     let mut results: BTreeMap<(Workload, Mode), Vec<f64>> = BTreeMap::new();
     let mut runs: BTreeMap<(Workload, Mode), Vec<LotraceRun>> = BTreeMap::new();
+    let mut agent_runs: BTreeMap<Workload, Vec<AgentRun>> = BTreeMap::new();
     for rep in 0..reps {
         for &w in workloads {
             for m in modes {
@@ -659,8 +735,10 @@ pub fn bench(root: &Path, reps: usize, secs: u32, workloads: &[Workload]) -> Res
                 let v = v?;
                 eprintln!("{v:.3}");
                 results.entry((w, m)).or_default().push(v);
-                if let Some(lr) = lr {
-                    runs.entry((w, m)).or_default().push(lr);
+                match lr {
+                    Report::Lotrace(lr) => runs.entry((w, m)).or_default().push(lr),
+                    Report::Agent(ar) => agent_runs.entry(w).or_default().push(ar),
+                    Report::None => {}
                 }
                 floor_is_comparable(&runs, w)?;
             }
@@ -677,8 +755,8 @@ pub fn bench(root: &Path, reps: usize, secs: u32, workloads: &[Workload]) -> Res
     t += &format!(
         "Medians of {reps} interleaved runs of {secs} s each; ratio = the median of each repetition's traced / untraced ({machine}).\n\n"
     );
-    t += "| workload | untraced | lotrace | ratio | empty hooks | ratio | lotrace - floor | target | lotrace --kernel-cost | ratio | bpftrace (count 15 tp) | ratio | lotrace ahead of bpftrace |\n";
-    t += "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
+    t += "| workload | untraced | lotrace | ratio | empty hooks | ratio | lotrace - floor | target | lotrace --kernel-cost | ratio | bpftrace (count 15 tp) | ratio | lotrace ahead of bpftrace | agent | ratio | agent's slowdown / trace's | agent ahead of bpftrace |\n";
+    t += "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n";
     for &w in workloads {
         let runs_of = |mode| results.get(&(w, mode)).map(|v| v.as_slice()).unwrap_or(&[]);
         let m = |mode| median(runs_of(mode));
@@ -704,7 +782,7 @@ pub fn bench(root: &Path, reps: usize, secs: u32, workloads: &[Workload]) -> Res
             }
         };
         t += &format!(
-            "| {} | {} | {} | {:.2}x | {} | {:.2}x | {:+.2}x | {} | {} | {:.2}x | {} | {:.2}x | in {} repetitions |\n",
+            "| {} | {} | {} | {:.2}x | {} | {:.2}x | {:+.2}x | {} | {} | {:.2}x | {} | {:.2}x | in {} repetitions | {} | {:.2}x | {:.2} | in {} repetitions |\n",
             w.name(),
             fmt(base),
             fmt(lo),
@@ -717,12 +795,29 @@ pub fn bench(root: &Path, reps: usize, secs: u32, workloads: &[Workload]) -> Res
             ratio(Mode::LotraceCost),
             fmt(bt),
             ratio(Mode::Bpftrace),
-            ahead_in(runs_of(Mode::Lotrace), runs_of(Mode::Bpftrace), w.is_latency())
+            ahead_in(runs_of(Mode::Lotrace), runs_of(Mode::Bpftrace), w.is_latency()),
+            fmt(m(Mode::Agent)),
+            ratio(Mode::Agent),
+            slowdown_share(ratio(Mode::Agent), ratio(Mode::Lotrace)),
+            ahead_in(runs_of(Mode::Agent), runs_of(Mode::Bpftrace), w.is_latency())
         );
     }
     t += "\nempty hooks: the same lotrace and hooks, every program returning at once (the floor, built by the bench alone); \
           lotrace - floor: the difference of their ratios, what lotrace's programs and user space add to the hooks; \
           lotrace ahead of bpftrace: the repetitions in which lotrace's run did better than bpftrace's (same repetition, same workload).\n";
+    t += "agent: `lotrace agent` (every namespace, counted in the kernel); agent's slowdown / trace's: how much of trace's cost above untraced the agent has (a slowdown is |ratio - 1|; goal on UDP ping-pong <= 0.5).\n";
+    t += "\n| lotrace agent, per workload | user-space CPU (share of a core) | peak RSS |\n|---|---|---|\n";
+    for &w in workloads {
+        let rs = agent_runs.get(&w).cloned().unwrap_or_default();
+        let cpu = median(&rs.iter().map(|r| r.cpu_share).collect::<Vec<_>>());
+        let rss = rs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0);
+        t += &format!(
+            "| {} | {:.2}% | {:.1} MiB |\n",
+            w.name(),
+            cpu * 100.0,
+            rss as f64 / 1024.0
+        );
+    }
     t += "\n| lotrace, per workload (both modes) | packets | complete | lost events | expired | kernel time per packet (--kernel-cost) | peak RSS | start to attached |\n";
     t += "|---|---|---|---|---|---|---|---|\n";
     for &w in workloads {

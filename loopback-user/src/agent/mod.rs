@@ -115,6 +115,8 @@ pub async fn run(cfg: AgentConfig) -> Result<i32> {
     let listener =
         std::net::TcpListener::bind(cfg.listen).map_err(|e| usage(format!("cannot listen on {}: {e}", cfg.listen)))?;
     listener.set_nonblocking(true)?;
+    // Port 0 asks the kernel for one: say which.
+    let bound = listener.local_addr().unwrap_or(cfg.listen);
     let mut bpf = AgentBpf::open(&cfg.bounds, wanted.is_some(), cfg.raw_tp, cfg.kernel_cost)?;
     let maps = bpf.take_maps()?;
     let state = Arc::new(Mutex::new(State::new(bpf, maps, wanted)));
@@ -134,7 +136,7 @@ pub async fn run(cfg: AgentConfig) -> Result<i32> {
         let raw = st.bpf.attached.iter().filter(|a| a.kind == "raw_tracepoint").count();
         eprintln!(
             "lotrace agent: serving http://{}/metrics; {} namespaces; {} hooks attached{}{}",
-            cfg.listen,
+            bound,
             st.found.len(),
             st.bpf.attached.len(),
             if raw > 0 {

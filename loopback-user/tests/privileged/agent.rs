@@ -268,23 +268,116 @@ fn agent_counts_each_namespace_exactly_as_its_lo_does() {
         took < Duration::from_secs(3),
         "a new namespace took {took:?} to be watched"
     );
-    // Nothing of the agent's stays loaded.
-    let left: Vec<String> = aya::programs::loaded_programs()
+    assert_nothing_left("SIGTERM");
+}
+
+fn agent_programs_now() -> Vec<String> {
+    aya::programs::loaded_programs()
         .filter_map(|p| p.ok())
         .filter_map(|p| p.name_as_str().map(str::to_string))
         .filter(|n| n.starts_with("agent_"))
-        .collect();
+        .collect()
+}
+
+/// No program of an agent stays loaded (the kernel frees them asynchronously: up to 5 s).
+fn assert_nothing_left(after: &str) {
     let start = Instant::now();
-    let mut left = left;
+    let mut left = agent_programs_now();
     while !left.is_empty() && start.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(50));
-        left = aya::programs::loaded_programs()
-            .filter_map(|p| p.ok())
-            .filter_map(|p| p.name_as_str().map(str::to_string))
-            .filter(|n| n.starts_with("agent_"))
-            .collect();
+        left = agent_programs_now();
     }
-    assert!(left.is_empty(), "still loaded after the agent stopped: {left:?}");
+    assert!(left.is_empty(), "still loaded after {after}: {left:?}");
+}
+
+#[test]
+fn agent_beyond_its_namespace_bound_counts_the_overflow_and_stays_exact_within_it() {
+    if !privileged() {
+        return;
+    }
+    let sbs: Vec<Sandbox> = (0..8).map(|_| Sandbox::new("lt-agentb").expect("sandbox")).collect();
+    let agent = Agent::start(&["--max-netns", "4"]);
+    let mut sent = Vec::new();
+    for sb in &sbs {
+        let before = lo_tx_packets(sb);
+        sb.netns
+            .run(|| {
+                for seq in 0..5 {
+                    traffic::icmp_echo(LOCAL, 0, 0x0b0b, seq, Duration::from_secs(2)).expect("echo");
+                }
+            })
+            .expect("ping");
+        sent.push(lo_tx_packets(sb) - before);
+    }
+    let text = agent.metrics();
+    let mut absent_packets = 0;
+    let mut present = 0;
+    for (sb, n) in sbs.iter().zip(&sent) {
+        let got = total(&text, "lotrace_lo_packets_total", sb.netns.inode);
+        if text.contains(&format!("lotrace_lo_packets_total{{netns=\"{}\"", sb.netns.inode)) {
+            assert_eq!(got, *n, "{}: a namespace within the bound is counted exactly", sb.name);
+            present += 1;
+        } else {
+            absent_packets += n;
+        }
+    }
+    assert!(
+        present >= 1 && present <= 4,
+        "{present} of 8 namespaces counted with --max-netns 4"
+    );
+    let overflow = text
+        .lines()
+        .find_map(|l| l.strip_prefix("lotrace_agent_overflow_total{map=\"netns\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("netns overflow metric");
+    // Each packet of a namespace beyond the bound is two samples (backlog enqueue, receive).
+    assert!(
+        absent_packets > 0 && overflow >= 2 * absent_packets,
+        "overflow {overflow}, packets of namespaces beyond the bound {absent_packets}"
+    );
+    let (rc, last) = agent.stop();
+    assert_eq!(rc, 0, "{last}");
+    assert!(last.contains("overflowed:") && last.contains(" netns"), "{last}");
+}
+
+#[test]
+fn agent_killed_or_scraped_while_stopping_leaves_nothing() {
+    if !privileged() {
+        return;
+    }
+    // Scrapes racing SIGTERM: answered or refused, never a crash; exit 0.
+    let agent = Agent::start(&[]);
+    let port = agent.port;
+    let scraper = std::thread::spawn(move || {
+        let mut answered = 0;
+        for _ in 0..200 {
+            if get(port, "/metrics").is_some_and(|b| b.contains("lotrace_agent_netns_watched")) {
+                answered += 1;
+            }
+        }
+        answered
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let (rc, last) = agent.stop();
+    let answered = scraper.join().expect("scraper");
+    assert_eq!(rc, 0, "{last}");
+    assert!(last.contains("SIGTERM: stopped"), "{last}");
+    assert!(answered >= 1, "no scrape was answered before the stop");
+    assert_nothing_left("SIGTERM during scrapes");
+    // kill -9: the kernel closes its descriptors; nothing is attached per namespace.
+    let mut agent = Agent::start(&[]);
+    assert!(
+        !agent_programs_now().is_empty(),
+        "the agent's programs are loaded while it runs"
+    );
+    crate::support::signal(agent.child.id(), libc::SIGKILL);
+    let _ = agent.child.wait();
+    assert_nothing_left("kill -9");
+    // And the next one starts as usual.
+    let agent = Agent::start(&[]);
+    assert!(agent.metrics().contains("lotrace_agent_hooks"));
+    let (rc, last) = agent.stop();
+    assert_eq!(rc, 0, "{last}");
 }
 
 #[test]
