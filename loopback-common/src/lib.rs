@@ -365,6 +365,10 @@ pub mod agent {
         pub backlog_enqueues: u64,
         /// Received lo packets by the context that ran the softirq.
         pub softirq: [u64; CONTEXTS],
+        /// Packets to a loopback address (127.0.0.0/8, ::1) that a device other than lo
+        /// transmitted: traffic that should have stayed on lo left through another device
+        /// (what `lotrace prove` would call DISPROVEN).
+        pub escaped: u64,
         /// Received lo packets whose stage times were not all known (in flight when the agent
         /// started, or their in-flight entry was evicted): counted, not timed.
         pub untimed: u64,
@@ -379,6 +383,7 @@ pub mod agent {
             bytes: [0; PROTOS],
             backlog_enqueues: 0,
             softirq: [0; CONTEXTS],
+            escaped: 0,
             untimed: 0,
             hist: [[0; BUCKETS]; STAGES],
             hist_sum_ns: [0; STAGES],
@@ -395,6 +400,7 @@ pub mod agent {
                 self.softirq[i] += o.softirq[i];
             }
             self.untimed += o.untimed;
+            self.escaped += o.escaped;
             for s in 0..STAGES {
                 for b in 0..BUCKETS {
                     self.hist[s][b] += o.hist[s][b];
@@ -468,7 +474,7 @@ mod tests {
     #[test]
     fn the_agent_counters_are_the_size_the_docs_give() {
         // docs/agent.md and `lotrace agent --help` give the kernel's preallocation per namespace.
-        assert_eq!(core::mem::size_of::<agent::NetnsCounters>(), 904);
+        assert_eq!(core::mem::size_of::<agent::NetnsCounters>(), 912);
         assert_eq!(agent::bucket(0), 0);
         assert_eq!(agent::bucket(1023), 9);
         assert_eq!(agent::bucket(1024), 10);

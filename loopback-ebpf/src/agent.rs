@@ -19,7 +19,7 @@ use loopback_common::{
 };
 
 use crate::{
-    emit::{skb_data, skb_len},
+    emit::{network_header, skb_data, skb_len},
     kernel::{Mem, off, probe, read, skb_dev},
     maps::{KFREE_SKB_ARGS, count},
     tracepoints::Args,
@@ -147,7 +147,9 @@ agent_twin!(
 #[inline(always)]
 fn start_xmit_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let Some(netns) = lo_netns::<A>(ctx.arg(1)) else {
+    let dev: u64 = ctx.arg(1);
+    let Some(netns) = lo_netns::<A>(dev) else {
+        escaped::<A>(skb, dev);
         return 0;
     };
     if !wanted(netns) {
@@ -163,6 +165,37 @@ fn start_xmit_body<A: Args>(ctx: &A) -> i32 {
         count(counter::AGENT_FLIGHT_FULL);
     }
     0
+}
+
+/// A packet to a loopback address that a device other than lo is transmitting is counted in the
+/// device's namespace (`escaped`). Every transmit on the machine passes here: two reads and a
+/// compare, and a map lookup only for such a packet.
+#[inline(always)]
+fn escaped<A: Args>(skb: u64, dev: u64) {
+    let l3 = read::<A, u16>(skb, off!(skb_protocol)).unwrap_or(0);
+    let nh = network_header::<A>(skb);
+    let out = match l3 {
+        // IPv4 destination at 16: 127.0.0.0/8.
+        ETH_P_IP_BE => probe::<u8>(nh, 16) == Some(127),
+        // IPv6 destination at 24: ::1.
+        ETH_P_IPV6_BE => probe::<u64>(nh, 24) == Some(0) && probe::<u64>(nh, 32) == Some(1u64.to_be()),
+        _ => false,
+    };
+    if !out {
+        return;
+    }
+    let Some(net) = read::<A, u64>(dev, off!(dev_nd_net)) else {
+        return;
+    };
+    let Some(netns) = read::<A, u32>(net, off!(net_inum)) else {
+        return;
+    };
+    if wanted(netns)
+        && let Some(c) = counters(netns)
+    {
+        // SAFETY: a field of a live per-CPU map value.
+        add(unsafe { &raw mut (*c).escaped }, 1);
+    }
 }
 
 // netif_rx(struct sk_buff *skb): `loopback_xmit` enqueues it onto this CPU's backlog.

@@ -349,6 +349,87 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// One HTTP/1.0 GET of 127.0.0.1:port/metrics; the body.
+fn scrape(port: u16) -> Option<String> {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    Some(text.split_once("\r\n\r\n")?.1.to_string())
+}
+
+/// The agent at scale: its peak RSS with 100 idle namespaces, and the time from `ip netns add`
+/// to the new namespace's first packet showing in /metrics. Returns the table's lines.
+fn agent_scale(lotrace: &Path) -> Result<String> {
+    struct Spaces(Vec<String>);
+    impl Drop for Spaces {
+        fn drop(&mut self) {
+            for n in &self.0 {
+                let _ = Command::new("ip").args(["netns", "del", n]).status();
+            }
+        }
+    }
+    let mut spaces = Spaces(Vec::new());
+    for i in 0..100 {
+        let n = format!("lotrace-bench-idle-{}-{i}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &n]))?;
+        spaces.0.push(n);
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut child = crate::signals::defaults(&mut Command::new(lotrace))
+        .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start lotrace agent")?;
+    let res = (|| -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let watched = |t: &str| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("lotrace_agent_netns_watched "))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        while scrape(port).is_none_or(|t| watched(&t) < 101.0) {
+            if Instant::now() > deadline {
+                bail!("the agent did not see the 100 idle namespaces within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let rss = vm_hwm_kib(child.id());
+        let n = format!("lotrace-bench-new-{}", std::process::id());
+        let t0 = Instant::now();
+        run_ok(Command::new("ip").args(["netns", "add", &n]))?;
+        spaces.0.push(n.clone());
+        run_ok(Command::new("ip").args(["-n", &n, "link", "set", "lo", "up"]))?;
+        let ino = std::fs::metadata(format!("/run/netns/{n}"))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .context("stat the new namespace")?;
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &n, "ping", "-c", "1", "-W", "1", "127.0.0.1"])
+                .stdout(Stdio::null()),
+        )?;
+        let want = format!("lotrace_lo_packets_total{{netns=\"{ino}\"");
+        while scrape(port).is_none_or(|t| !t.contains(&want)) {
+            if Instant::now() > deadline + Duration::from_secs(10) {
+                bail!("the new namespace's packets did not show within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let first = t0.elapsed();
+        Ok(format!(
+            "\n| lotrace agent at scale | |\n|---|---|\n| peak RSS with 100 idle namespaces (101 watched) | {:.1} MiB |\n| `ip netns add` to its first ping counted in /metrics | {:.0} ms |\n",
+            rss as f64 / 1024.0,
+            first.as_secs_f64() * 1e3
+        ))
+    })();
+    let _ = interrupt(&mut child, "lotrace agent");
+    res
+}
+
 /// What a run of a tracer left to report.
 enum Report {
     None,
@@ -849,6 +930,8 @@ pub fn bench(root: &Path, reps: usize, secs: u32, workloads: &[Workload]) -> Res
     t += &format!(
         "User space per packet of `lotrace replay --format json` (decode + reconstruction + JSON line, callgrind, fixture recording of {ipp_packets} packets, start-up subtracted): {ipp:.0} instructions (target <= 5,000).\n"
     );
+    eprintln!("xtask bench: the agent with 100 idle namespaces...");
+    t += &agent_scale(&lotrace)?;
     println!("\n{t}");
     let dir = root.join("target/bench");
     std::fs::create_dir_all(&dir)?;

@@ -238,6 +238,18 @@ impl Collector for AgentCollector {
         let rows: Vec<_> = totals
             .iter()
             .enumerate()
+            .map(|(i, (_, c))| (vec![("netns", ns(i))], c.escaped))
+            .collect();
+        counter(
+            &mut enc,
+            "lotrace_lo_escaped_packets",
+            "Packets to a loopback address (127.0.0.0/8, ::1) transmitted by a device other than lo: they left the host",
+            None,
+            &rows,
+        )?;
+        let rows: Vec<_> = totals
+            .iter()
+            .enumerate()
             .map(|(i, (_, c))| (vec![("netns", ns(i))], c.untimed))
             .collect();
         counter(

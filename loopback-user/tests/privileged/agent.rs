@@ -547,3 +547,60 @@ fn prometheus_scrapes_every_namespace_exactly() {
     let (rc, last) = agent.stop();
     assert_eq!(rc, 0, "{last}");
 }
+
+#[test]
+fn agent_counts_loopback_traffic_that_left_through_another_device() {
+    if !privileged() {
+        return;
+    }
+    // A namespace whose routes send 127.0.0.99 out of a veth (route_localnet allows it, a
+    // permanent neighbour entry spares the ARP): what `prove` would call DISPROVEN.
+    let sb = Sandbox::new("lt-agente").expect("sandbox");
+    sb.add_veth("lt0", "lt0p", &["10.201.0.1/24"], true).expect("veth");
+    sb.netns
+        .run(|| std::fs::write("/proc/sys/net/ipv4/conf/lt0/route_localnet", "1"))
+        .expect("netns")
+        .expect("route_localnet");
+    sb.ip(&["route", "add", "127.0.0.99/32", "dev", "lt0", "table", "local"])
+        .expect("route");
+    sb.ip(&[
+        "neigh",
+        "add",
+        "127.0.0.99",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "lt0",
+        "nud",
+        "permanent",
+    ])
+    .expect("neigh");
+    let agent = Agent::start(&[]);
+    let ino = sb.netns.inode;
+    let before = total(&agent.metrics(), "lotrace_lo_escaped_packets_total", ino);
+    sb.netns
+        .run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            for _ in 0..3 {
+                s.send_to(b"leak", "127.0.0.99:9")
+                    .expect("send to 127.0.0.99 through lt0");
+            }
+        })
+        .expect("netns");
+    let text = wait_for(10, "the escaped packets", || {
+        let t = agent.metrics();
+        (total(&t, "lotrace_lo_escaped_packets_total", ino) >= before + 3).then_some(t)
+    });
+    // Traffic that stays on lo is not counted as escaped.
+    sb.netns
+        .run(|| traffic::icmp_echo(LOCAL, 0, 3, 1, Duration::from_secs(2)).expect("echo"))
+        .expect("ping");
+    let after = total(&agent.metrics(), "lotrace_lo_escaped_packets_total", ino);
+    assert_eq!(
+        after,
+        total(&text, "lotrace_lo_escaped_packets_total", ino),
+        "ping on lo counted as escaped"
+    );
+    let (rc, last) = agent.stop();
+    assert_eq!(rc, 0, "{last}");
+}
