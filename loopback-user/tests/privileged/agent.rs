@@ -322,7 +322,7 @@ fn agent_beyond_its_namespace_bound_counts_the_overflow_and_stays_exact_within_i
         }
     }
     assert!(
-        present >= 1 && present <= 4,
+        (1..=4).contains(&present),
         "{present} of 8 namespaces counted with --max-netns 4"
     );
     let overflow = text
