@@ -338,6 +338,15 @@ pub mod agent {
     pub const STAGE_CROSSING: usize = 2;
     pub const STAGE_NAMES: [&str; STAGES] = ["xmit", "backlog", "crossing"];
 
+    /// Delivery stages of a lo packet an application read (`DELIVERY_NAMES` order): from
+    /// `netif_receive_skb` to its first `skb_copy_datagram_iovec` (the application's recvmsg
+    /// copying it), and from lo's driver to that copy (end to end). A raw socket reads a clone,
+    /// not the packet itself, so ping replies read by a raw socket are not in them.
+    pub const DELIVERIES: usize = 2;
+    pub const DELIVERY_TO_APP: usize = 0;
+    pub const DELIVERY_END_TO_END: usize = 1;
+    pub const DELIVERY_NAMES: [&str; DELIVERIES] = ["receive_to_app", "end_to_end"];
+
     /// Log2 buckets in nanoseconds: bucket `i` counts latencies below `2^(i+1)` ns and at
     /// least `2^i` ns (bucket 0 also holds 0 and 1 ns); the last bucket holds everything from
     /// `2^(BUCKETS-1)` ns (about 1.07 s) up.
@@ -375,6 +384,10 @@ pub mod agent {
         /// Per stage: log2 buckets and the sum of the latencies in nanoseconds.
         pub hist: [[u64; BUCKETS]; STAGES],
         pub hist_sum_ns: [u64; STAGES],
+        /// Per delivery stage (`DELIVERY_NAMES`), for the lo packets an application read (their
+        /// first copy to user space): log2 buckets and the sum in nanoseconds.
+        pub delivery: [[u64; BUCKETS]; DELIVERIES],
+        pub delivery_sum_ns: [u64; DELIVERIES],
     }
 
     impl NetnsCounters {
@@ -387,6 +400,8 @@ pub mod agent {
             untimed: 0,
             hist: [[0; BUCKETS]; STAGES],
             hist_sum_ns: [0; STAGES],
+            delivery: [[0; BUCKETS]; DELIVERIES],
+            delivery_sum_ns: [0; DELIVERIES],
         };
 
         /// Adds another CPU's counters.
@@ -406,6 +421,12 @@ pub mod agent {
                     self.hist[s][b] += o.hist[s][b];
                 }
                 self.hist_sum_ns[s] += o.hist_sum_ns[s];
+            }
+            for d in 0..DELIVERIES {
+                for b in 0..BUCKETS {
+                    self.delivery[d][b] += o.delivery[d][b];
+                }
+                self.delivery_sum_ns[d] += o.delivery_sum_ns[d];
             }
         }
     }
@@ -433,8 +454,12 @@ pub mod agent {
         pub enqueued_ns: u64,
         /// The task that sent it (to tell an inline softirq from another context).
         pub pid_tgid: u64,
+        /// When the receive half took it from the backlog (0: not yet).
+        pub received_ns: u64,
         pub netns: u32,
-        pub _pad: u32,
+        /// 1 once an application's copy of it was counted (a TCP segment read in pieces is
+        /// delivered once).
+        pub copied: u32,
     }
 
     /// `DropKey::reason` of an original freed while its clone lives on: the copy was delivered
@@ -474,7 +499,7 @@ mod tests {
     #[test]
     fn the_agent_counters_are_the_size_the_docs_give() {
         // docs/agent.md and `lotrace agent --help` give the kernel's preallocation per namespace.
-        assert_eq!(core::mem::size_of::<agent::NetnsCounters>(), 912);
+        assert_eq!(core::mem::size_of::<agent::NetnsCounters>(), 1424);
         assert_eq!(agent::bucket(0), 0);
         assert_eq!(agent::bucket(1023), 9);
         assert_eq!(agent::bucket(1024), 10);

@@ -291,10 +291,15 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
             add(&raw mut (*c).bytes[proto], len);
         }
     }
-    let f = flight(skb).map(|f| {
+    let slot = flight(skb);
+    let f = slot.map(|f| {
         // SAFETY: a live LRU value (copied out).
         unsafe { *f }
     });
+    if let Some(p) = slot {
+        // SAFETY: a live LRU value; only this packet's own hooks write it, one after another.
+        unsafe { (*p).received_ns = now };
+    }
     let ctx_slot = if in_ksoftirqd() {
         agent::CTX_KSOFTIRQD
     } else if f.is_some_and(|f| f.pid_tgid == bpf_get_current_pid_tgid()) {
@@ -312,6 +317,50 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
         }
         // SAFETY: in-bounds field of a live per-CPU map value.
         _ => add(unsafe { &raw mut (*c).untimed }, 1),
+    }
+    0
+}
+
+#[inline(always)]
+fn observe_delivery(c: *mut NetnsCounters, which: usize, ns: u64) {
+    let b = agent::bucket(ns);
+    if which < agent::DELIVERIES && b < agent::BUCKETS {
+        // SAFETY: in-bounds fields of a live per-CPU map value.
+        unsafe {
+            add(&raw mut (*c).delivery[which][b], 1);
+            add(&raw mut (*c).delivery_sum_ns[which], ns);
+        }
+    }
+}
+
+// skb_copy_datagram_iovec(const struct sk_buff *skb, int len): an application's recvmsg copies
+// the packet's data: delivered. Timed once per packet (a TCP segment may be read in pieces).
+agent_twin!(
+    "skb_copy_datagram_iovec",
+    agent_skb_copy_datagram_iovec,
+    agent_raw_skb_copy_datagram_iovec,
+    copy_body
+);
+#[inline(always)]
+fn copy_body<A: Args>(ctx: &A) -> i32 {
+    let skb: u64 = ctx.arg(0);
+    let Some(p) = flight(skb) else {
+        return 0;
+    };
+    // SAFETY: a live LRU value (copied out).
+    let f = unsafe { *p };
+    if f.copied != 0 || f.received_ns == 0 || f.xmit_ns == 0 {
+        return 0;
+    }
+    // SAFETY: as above; marks it delivered.
+    unsafe { (*p).copied = 1 };
+    let now = now_ns();
+    if now < f.received_ns || f.received_ns < f.xmit_ns {
+        return 0;
+    }
+    if let Some(c) = counters(f.netns) {
+        observe_delivery(c, agent::DELIVERY_TO_APP, now - f.received_ns);
+        observe_delivery(c, agent::DELIVERY_END_TO_END, now - f.xmit_ns);
     }
     0
 }

@@ -115,7 +115,7 @@ pub enum Cmd {
         #[arg(long, value_name = "NAME|PATH|INODE")]
         netns: Vec<String>,
         /// Most namespaces counted at once; the kernel preallocates
-        /// max-netns x CPUs x 912 bytes. Samples of namespaces beyond it are counted in
+        /// max-netns x CPUs x 1,424 bytes. Samples of namespaces beyond it are counted in
         /// lotrace_agent_overflow_total{map="netns"}.
         #[arg(long, value_name = "N", default_value_t = loopback_common::agent::DEFAULT_MAX_NETNS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         max_netns: u32,

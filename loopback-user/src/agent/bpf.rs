@@ -25,12 +25,13 @@ use crate::bpf::{
 use crate::counters::ProgramCost;
 
 /// The tracepoints the agent counts at, and whether it cannot count without them.
-pub const HOOKS: [(&str, bool); 5] = [
+pub const HOOKS: [(&str, bool); 6] = [
     ("netif_receive_skb", true),
     ("net_dev_start_xmit", false),
     ("netif_rx", false),
     ("kfree_skb", false),
     ("consume_skb", false),
+    ("skb_copy_datagram_iovec", false),
 ];
 
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use loopback_common::agent::{self, CONTEXT_NAMES, NetnsCounters, PROTO_NAMES, STAGE_NAMES};
+use loopback_common::agent::{self, CONTEXT_NAMES, DELIVERY_NAMES, NetnsCounters, PROTO_NAMES, STAGE_NAMES};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -275,6 +275,29 @@ impl Collector for AgentCollector {
                     m.encode_family(&labels)?
                         .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                             c.hist_sum_ns[s] as f64 / 1e9,
+                            count,
+                            &b,
+                            None,
+                        )?;
+                }
+            }
+        }
+
+        {
+            let mut m = enc.encode_descriptor(
+                "lotrace_lo_delivery_latency",
+                "For lo packets an application read: receive to its first copy to user space (receive_to_app), and lo's driver to that copy (end_to_end)",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?;
+            for (i, (_, c)) in totals.iter().enumerate() {
+                for (d, name) in DELIVERY_NAMES.iter().enumerate() {
+                    let b = buckets(&c.delivery[d]);
+                    let count: u64 = c.delivery[d].iter().sum();
+                    let labels = vec![("netns", ns(i)), ("stage", *name)];
+                    m.encode_family(&labels)?
+                        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                            c.delivery_sum_ns[d] as f64 / 1e9,
                             count,
                             &b,
                             None,

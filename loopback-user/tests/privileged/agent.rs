@@ -208,6 +208,19 @@ fn agent_counts_each_namespace_exactly_as_its_lo_does() {
     for (sb, (n, b)) in sbs.iter().zip(&sent) {
         check_exact(&text, sb, *n, *b).unwrap_or_else(|e| panic!("{e}"));
     }
+    // Delivery: each of the 30 UDP exchanges is two datagrams an application read; the TCP bulk
+    // was read too (a segment read in pieces counts once, so at most its packets).
+    let delivered = |sb: &Sandbox, stage: &str| {
+        samples(&text, "lotrace_lo_delivery_latency_seconds_count", sb.netns.inode)
+            .get(&format!("stage=\"{stage}\""))
+            .copied()
+            .unwrap_or(-1.0) as i64
+    };
+    for stage in ["receive_to_app", "end_to_end"] {
+        assert_eq!(delivered(&sbs[1], stage), 60, "UDP datagrams read, {stage}");
+        let tcp = delivered(&sbs[2], stage);
+        assert!(tcp > 0 && tcp as u64 <= sent[2].0, "TCP segments read, {stage}: {tcp}");
+    }
     // Every metric the agent serves is documented.
     let docs =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/agent.md")).expect("docs/agent.md");
