@@ -340,8 +340,9 @@ pub mod agent {
 
     /// Delivery stages of a lo packet an application read (`DELIVERY_NAMES` order): from
     /// `netif_receive_skb` to its first `skb_copy_datagram_iovec` (the application's recvmsg
-    /// copying it), and from lo's driver to that copy (end to end). A raw socket reads a clone,
-    /// not the packet itself, so ping replies read by a raw socket are not in them.
+    /// copying it), and from lo's driver to that copy (end to end). TCP: a UDP datagram on a
+    /// linear skb is copied by `copy_linear_skb`, which fires no tracepoint, and a raw socket
+    /// reads a clone, not the packet itself; neither is in them.
     pub const DELIVERIES: usize = 2;
     pub const DELIVERY_TO_APP: usize = 0;
     pub const DELIVERY_END_TO_END: usize = 1;

@@ -208,17 +208,14 @@ fn agent_counts_each_namespace_exactly_as_its_lo_does() {
     for (sb, (n, b)) in sbs.iter().zip(&sent) {
         check_exact(&text, sb, *n, *b).unwrap_or_else(|e| panic!("{e}"));
     }
-    // Delivery: each of the 30 UDP exchanges is two datagrams an application read; the TCP bulk
-    // was read too (a segment read in pieces counts once, so at most its packets).
-    let delivered = |sb: &Sandbox, stage: &str| {
-        samples(&text, "lotrace_lo_delivery_latency_seconds_count", sb.netns.inode)
+    // Delivery: the TCP bulk was read by its server (a segment read in pieces counts once, so at
+    // most its packets). UDP datagrams on a linear skb are copied without a tracepoint
+    // (`copy_linear_skb`), so they are not in it (docs/agent.md).
+    for stage in ["receive_to_app", "end_to_end"] {
+        let tcp = samples(&text, "lotrace_lo_delivery_latency_seconds_count", sbs[2].netns.inode)
             .get(&format!("stage=\"{stage}\""))
             .copied()
-            .unwrap_or(-1.0) as i64
-    };
-    for stage in ["receive_to_app", "end_to_end"] {
-        assert_eq!(delivered(&sbs[1], stage), 60, "UDP datagrams read, {stage}");
-        let tcp = delivered(&sbs[2], stage);
+            .unwrap_or(-1.0) as i64;
         assert!(tcp > 0 && tcp as u64 <= sent[2].0, "TCP segments read, {stage}: {tcp}");
     }
     // Every metric the agent serves is documented.
