@@ -21,9 +21,21 @@ pub fn inode_of(path: &Path) -> Option<u32> {
     std::fs::metadata(path).ok().map(|m| m.ino() as u32)
 }
 
+/// The namespace of each process seen at the last scan: a process that was there before is not
+/// looked at again (a node with 10,000 processes would otherwise cost 10,000 `stat` calls a
+/// second); one that is gone is forgotten. A process that changes namespace with setns(2) keeps
+/// its first one here (a container's processes are born in theirs).
+#[derive(Default, Debug)]
+pub struct PidCache(std::collections::HashMap<u32, u32>);
+
 /// Every network namespace on the machine now, by inode. `proc` and `run_netns` are /proc and
 /// /run/netns (parameters for the tests).
 pub fn scan(proc: &Path, run_netns: &Path) -> BTreeMap<u32, Found> {
+    scan_with(proc, run_netns, &mut PidCache::default())
+}
+
+/// [`scan`], looking only at the processes `cache` has not seen.
+pub fn scan_with(proc: &Path, run_netns: &Path, cache: &mut PidCache) -> BTreeMap<u32, Found> {
     let mut out = BTreeMap::new();
     if let Some(ino) = inode_of(&proc.join("1/ns/net")) {
         out.insert(
@@ -52,8 +64,20 @@ pub fn scan(proc: &Path, run_netns: &Path) -> BTreeMap<u32, Found> {
             .filter_map(|e| e.file_name().to_str()?.parse().ok())
             .collect();
         pids.sort_unstable();
+        let alive: std::collections::HashSet<u32> = pids.iter().copied().collect();
+        cache.0.retain(|pid, _| alive.contains(pid));
         for pid in pids {
-            if let Some(ino) = inode_of(&proc.join(format!("{pid}/ns/net"))) {
+            let ino = match cache.0.get(&pid) {
+                Some(ino) => Some(*ino),
+                None => {
+                    let ino = inode_of(&proc.join(format!("{pid}/ns/net")));
+                    if let Some(i) = ino {
+                        cache.0.insert(pid, i);
+                    }
+                    ino
+                }
+            };
+            if let Some(ino) = ino {
                 out.entry(ino).or_insert_with(|| Found {
                     source: "process",
                     name: format!("pid:{pid}"),
@@ -108,6 +132,18 @@ mod tests {
         );
         assert_eq!(Wanted::parse("4026531840"), Ok(Wanted::Inode(4026531840)));
         assert!(Wanted::parse("bad name").unwrap_err().contains("invalid character"));
+    }
+
+    #[test]
+    fn a_cached_scan_finds_the_same_and_forgets_the_gone() {
+        let mut cache = PidCache::default();
+        let first = scan_with(Path::new("/proc"), Path::new("/nonexistent"), &mut cache);
+        assert!(!cache.0.is_empty());
+        cache.0.insert(u32::MAX, 1); // a pid that is not running
+        let again = scan_with(Path::new("/proc"), Path::new("/nonexistent"), &mut cache);
+        assert!(!cache.0.contains_key(&u32::MAX), "a gone process is forgotten");
+        let mine = inode_of(Path::new("/proc/self/ns/net")).expect("own netns");
+        assert!(first.contains_key(&mine) && again.contains_key(&mine));
     }
 
     #[test]

@@ -42,6 +42,7 @@ pub struct State {
     /// Namespaces released because they went away.
     pub released: u64,
     pub scans: u64,
+    pids: discover::PidCache,
 }
 
 impl State {
@@ -57,12 +58,13 @@ impl State {
             unfound: HashMap::new(),
             released: 0,
             scans: 0,
+            pids: discover::PidCache::default(),
         }
     }
 
     /// Looks for namespaces again: new ones are allowed in (with `--netns`), gone ones released.
     pub fn rescan(&mut self) {
-        let mut found = discover::scan(&self.proc, &self.run_netns);
+        let mut found = discover::scan_with(&self.proc, &self.run_netns, &mut self.pids);
         if let Some(wanted) = &self.wanted {
             let inodes: BTreeSet<u32> = wanted.iter().filter_map(|w| w.resolve(&self.run_netns)).collect();
             found.retain(|ino, _| inodes.contains(ino));
