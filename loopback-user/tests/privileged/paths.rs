@@ -367,10 +367,6 @@ pub(crate) fn icmp_echo_paths(extra: &[&str]) {
             assert_eq!(p["left_host"], false, "{dst}");
             assert_eq!(p["complete"], true, "{dst}: {p}");
             let si = &p["softirq"];
-            assert_eq!(
-                si["context"], "inline",
-                "{dst}: sent from a task, the softirq runs when it re-enables BH: {p}"
-            );
             // Same CPU as the transmit: the backlog is per CPU and RPS is off.
             let xmit_cpu = p["stages"]
                 .as_array()
@@ -380,6 +376,19 @@ pub(crate) fn icmp_echo_paths(extra: &[&str]) {
                 .expect("xmit")["cpu"]
                 .clone();
             assert_eq!(si["cpu"], xmit_cpu, "{dst}");
+            // Sent from a task, the softirq runs when that task re-enables bottom halves, unless
+            // the kernel has handed softirqs to this CPU's ksoftirqd meanwhile (it does under
+            // load: a 6.1 guest under emulation did, once in a full run). Then it must be that
+            // CPU's own ksoftirqd: never another task.
+            match si["context"].as_str() {
+                Some("inline") => {}
+                Some("ksoftirqd") => assert_eq!(
+                    si["task"].as_str(),
+                    Some(format!("ksoftirqd/{xmit_cpu}").as_str()),
+                    "{dst}: deferred to ksoftirqd, of the transmitting CPU: {p}"
+                ),
+                other => panic!("{dst}: softirq context {other:?}, want inline (or this CPU's ksoftirqd): {p}"),
+            }
         }
         let target = dst.to_string();
         assert_eq!(
