@@ -20,9 +20,9 @@ use loopback_common::{
 
 use crate::{
     emit::{network_header, skb_data, skb_len},
-    kernel::{Mem, off, probe, read, skb_dev},
-    maps::{KFREE_SKB_ARGS, count},
-    tracepoints::Args,
+    kernel::{Mem, dev_netns, off, probe, read, skb_dev},
+    maps::{KFREE_SKB_ARGS, atomic_add as add, count},
+    tracepoints::{Args, ETH_P_IP_BE, ETH_P_IPV6_BE, twin},
 };
 
 /// Per namespace (inode), per CPU: what [`NetnsCounters`] says. Sized by `--max-netns`.
@@ -57,21 +57,11 @@ pub static AGENT_NO_SOCKET: u32 = 0;
 pub static AGENT_FILTER: u32 = 0;
 
 const BPF_NOEXIST: u64 = 1;
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
 
 #[inline(always)]
 fn now_ns() -> u64 {
     // SAFETY: a helper call without arguments.
     unsafe { bpf_ktime_get_ns() }
-}
-
-/// Adds `by` to a counter that a nested program on this CPU may also be adding to.
-#[inline(always)]
-fn add(p: *mut u64, by: u64) {
-    // SAFETY: `p` points into a live map value; the instruction adds to that u64 only
-    // (BPF_ATOMIC | BPF_ADD; core's AtomicU64 has no read-modify-write on this target).
-    unsafe { core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) by) };
 }
 
 /// The namespace inode of a `lo`, or None when `dev` is not a loopback device.
@@ -80,8 +70,7 @@ fn lo_netns<M: Mem>(dev: u64) -> Option<u32> {
     if read::<M, u32>(dev, off!(dev_ifindex))? != LOOPBACK_IFINDEX {
         return None;
     }
-    let net = read::<M, u64>(dev, off!(dev_nd_net))?;
-    read::<M, u32>(net, off!(net_inum))
+    dev_netns::<M>(dev)
 }
 
 /// Whether this namespace is counted (every one, unless `--netns` limits it).
@@ -111,25 +100,6 @@ fn counters(netns: u32) -> Option<*mut NetnsCounters> {
     p
 }
 
-macro_rules! agent_twin {
-    ($name:tt, $btf:ident, $raw:ident, $body:ident) => {
-        #[btf_tracepoint(function = $name)]
-        pub fn $btf(ctx: BtfTracePointContext) -> i32 {
-            if crate::silent() {
-                return 0;
-            }
-            $body(&ctx)
-        }
-        #[raw_tracepoint(tracepoint = $name)]
-        pub fn $raw(ctx: RawTracePointContext) -> i32 {
-            if crate::silent() {
-                return 0;
-            }
-            $body(&ctx)
-        }
-    };
-}
-
 /// The flight of `skb`, if its transmit was seen.
 #[inline(always)]
 fn flight(skb: u64) -> Option<*mut InFlight> {
@@ -138,7 +108,7 @@ fn flight(skb: u64) -> Option<*mut InFlight> {
 
 // net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev): lo's driver gets
 // the packet; its flight starts.
-agent_twin!(
+twin!(
     "net_dev_start_xmit",
     agent_net_dev_start_xmit,
     agent_raw_net_dev_start_xmit,
@@ -184,10 +154,7 @@ fn escaped<A: Args>(skb: u64, dev: u64) {
     if !out {
         return;
     }
-    let Some(net) = read::<A, u64>(dev, off!(dev_nd_net)) else {
-        return;
-    };
-    let Some(netns) = read::<A, u32>(net, off!(net_inum)) else {
+    let Some(netns) = dev_netns::<A>(dev) else {
         return;
     };
     if wanted(netns)
@@ -199,7 +166,7 @@ fn escaped<A: Args>(skb: u64, dev: u64) {
 }
 
 // netif_rx(struct sk_buff *skb): `loopback_xmit` enqueues it onto this CPU's backlog.
-agent_twin!("netif_rx", agent_netif_rx, agent_raw_netif_rx, netif_rx_body);
+twin!("netif_rx", agent_netif_rx, agent_raw_netif_rx, netif_rx_body);
 #[inline(always)]
 fn netif_rx_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
@@ -249,21 +216,21 @@ fn in_ksoftirqd() -> bool {
     }
 }
 
+/// Adds one latency to a log2 histogram and its sum (fields of a live per-CPU map value, which a
+/// nested program may be adding to as well: raw pointers, atomic adds).
 #[inline(always)]
-fn observe(c: *mut NetnsCounters, stage: usize, ns: u64) {
+fn observe(hist: *mut [u64; agent::BUCKETS], sum: *mut u64, ns: u64) {
     let b = agent::bucket(ns);
-    if stage < agent::STAGES && b < agent::BUCKETS {
-        // SAFETY: in-bounds fields of a live per-CPU map value.
-        unsafe {
-            add(&raw mut (*c).hist[stage][b], 1);
-            add(&raw mut (*c).hist_sum_ns[stage], ns);
-        }
+    if b < agent::BUCKETS {
+        // SAFETY: in-bounds element of the histogram the caller points at.
+        add(unsafe { &raw mut (*hist)[b] }, 1);
+        add(sum, ns);
     }
 }
 
 // netif_receive_skb(struct sk_buff *skb): in the NET_RX softirq, the receive half takes the packet
 // from the backlog. One lo crossing: counted here, with its stage times.
-agent_twin!(
+twin!(
     "netif_receive_skb",
     agent_netif_receive_skb,
     agent_raw_netif_receive_skb,
@@ -311,9 +278,14 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
     add(unsafe { &raw mut (*c).softirq[ctx_slot] }, 1);
     match f {
         Some(f) if f.xmit_ns != 0 && f.enqueued_ns >= f.xmit_ns && now >= f.enqueued_ns => {
-            observe(c, agent::STAGE_XMIT, f.enqueued_ns - f.xmit_ns);
-            observe(c, agent::STAGE_BACKLOG, now - f.enqueued_ns);
-            observe(c, agent::STAGE_CROSSING, now - f.xmit_ns);
+            for (stage, ns) in [
+                (agent::STAGE_XMIT, f.enqueued_ns - f.xmit_ns),
+                (agent::STAGE_BACKLOG, now - f.enqueued_ns),
+                (agent::STAGE_CROSSING, now - f.xmit_ns),
+            ] {
+                // SAFETY: fields of a live per-CPU map value (constant, in-bounds stages).
+                unsafe { observe(&raw mut (*c).hist[stage], &raw mut (*c).hist_sum_ns[stage], ns) };
+            }
         }
         // SAFETY: in-bounds field of a live per-CPU map value.
         _ => add(unsafe { &raw mut (*c).untimed }, 1),
@@ -321,21 +293,9 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
     0
 }
 
-#[inline(always)]
-fn observe_delivery(c: *mut NetnsCounters, which: usize, ns: u64) {
-    let b = agent::bucket(ns);
-    if which < agent::DELIVERIES && b < agent::BUCKETS {
-        // SAFETY: in-bounds fields of a live per-CPU map value.
-        unsafe {
-            add(&raw mut (*c).delivery[which][b], 1);
-            add(&raw mut (*c).delivery_sum_ns[which], ns);
-        }
-    }
-}
-
 // skb_copy_datagram_iovec(const struct sk_buff *skb, int len): an application's recvmsg copies
 // the packet's data: delivered. Timed once per packet (a TCP segment may be read in pieces).
-agent_twin!(
+twin!(
     "skb_copy_datagram_iovec",
     agent_skb_copy_datagram_iovec,
     agent_raw_skb_copy_datagram_iovec,
@@ -359,14 +319,19 @@ fn copy_body<A: Args>(ctx: &A) -> i32 {
         return 0;
     }
     if let Some(c) = counters(f.netns) {
-        observe_delivery(c, agent::DELIVERY_TO_APP, now - f.received_ns);
-        observe_delivery(c, agent::DELIVERY_END_TO_END, now - f.xmit_ns);
+        for (d, ns) in [
+            (agent::DELIVERY_TO_APP, now - f.received_ns),
+            (agent::DELIVERY_END_TO_END, now - f.xmit_ns),
+        ] {
+            // SAFETY: fields of a live per-CPU map value (constant, in-bounds stages).
+            unsafe { observe(&raw mut (*c).delivery[d], &raw mut (*c).delivery_sum_ns[d], ns) };
+        }
     }
     0
 }
 
 // kfree_skb(skb, location, reason[, rx_sk]): a lo packet dropped, with the kernel's reason.
-agent_twin!("kfree_skb", agent_kfree_skb, agent_raw_kfree_skb, kfree_body);
+twin!("kfree_skb", agent_kfree_skb, agent_raw_kfree_skb, kfree_body);
 #[inline(always)]
 fn kfree_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
@@ -435,7 +400,7 @@ fn clone_alive<A: Args>(skb: u64) -> bool {
 }
 
 // consume_skb(skb[, location]): freed normally; its flight ends.
-agent_twin!("consume_skb", agent_consume_skb, agent_raw_consume_skb, consume_body);
+twin!("consume_skb", agent_consume_skb, agent_raw_consume_skb, consume_body);
 #[inline(always)]
 fn consume_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);

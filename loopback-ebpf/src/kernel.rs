@@ -73,13 +73,16 @@ pub fn net_in_scope<M: Mem>(net: u64) -> bool {
     net_inum::<M>(net) == Some(target())
 }
 
-/// Whether `dev` (a `struct net_device *`) lives in the traced namespace.
+/// The namespace inode of `dev` (a `struct net_device *`).
+#[inline(always)]
+pub fn dev_netns<M: Mem>(dev: u64) -> Option<u32> {
+    net_inum::<M>(read::<M, u64>(dev, off!(dev_nd_net))?)
+}
+
+/// Whether `dev` lives in the traced namespace.
 #[inline(always)]
 pub fn dev_in_scope<M: Mem>(dev: u64) -> bool {
-    match read::<M, u64>(dev, off!(dev_nd_net)) {
-        Some(net) => net_in_scope::<M>(net),
-        None => false,
-    }
+    dev_netns::<M>(dev) == Some(target())
 }
 
 #[inline(always)]

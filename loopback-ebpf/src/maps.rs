@@ -167,18 +167,22 @@ pub fn count(idx: u32) -> u64 {
 #[inline(always)]
 pub fn count_by(idx: u32, by: u64) -> u64 {
     if let Some(p) = COUNTERS.get_ptr_mut(idx) {
-        // Per-CPU slot, but a program can be interrupted on its CPU by another one (a softirq
-        // program nested in a task-context one): an atomic add loses no count.
-        // (core's AtomicU64 has no read-modify-write on this target, so the instruction is
-        // written out: BPF_ATOMIC | BPF_ADD.) The value read back afterwards may include a
-        // nested increment; callers use it only for pacing.
-        // SAFETY: `p` is a live per-CPU map slot from get_ptr_mut; the instruction adds to that u64 only.
-        unsafe {
-            core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) by);
-            return core::ptr::read_volatile(p);
-        }
+        atomic_add(p, by);
+        // The value read back may include a nested increment; callers use it only for pacing.
+        // SAFETY: `p` is a live per-CPU map slot from get_ptr_mut.
+        return unsafe { core::ptr::read_volatile(p) };
     }
     0
+}
+
+/// Adds `by` to a u64 in a map value. Per-CPU slots too: a program can be interrupted on its
+/// CPU by another one (a softirq program nested in a task-context one), and an atomic add loses
+/// no count. (core's AtomicU64 has no read-modify-write on this target, so the instruction is
+/// written out: BPF_ATOMIC | BPF_ADD.)
+#[inline(always)]
+pub fn atomic_add(p: *mut u64, by: u64) {
+    // SAFETY: callers pass a pointer into a live map value; the instruction adds to that u64 only.
+    unsafe { core::arch::asm!("lock *(u64 *)({p} + 0) += {v}", p = in(reg) p, v = in(reg) by) };
 }
 
 /// Tests only (the loader writes 1 under `LOTRACE_FAULT=miss-split-free`): the free of an skb

@@ -20,8 +20,8 @@ use crate::{
 };
 
 /// `skb->protocol` of IPv4 / IPv6 as a little-endian load of the big-endian field reads it.
-const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
-const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
+pub(crate) const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+pub(crate) const ETH_P_IPV6_BE: u16 = 0x86DDu16.to_be();
 
 /// Whether `dev` is its namespace's loopback device.
 #[inline(always)]
@@ -84,6 +84,7 @@ macro_rules! twin {
         }
     };
 }
+pub(crate) use twin;
 
 #[inline(always)]
 fn set_rx_skb(skb: u64) {
