@@ -249,6 +249,8 @@ const _: () = assert!(RAW_EVENT_SIZE.is_multiple_of(8));
 pub struct KernelOffsets {
     pub skb_dev: u32,
     pub skb_len: u32,
+    /// `struct sk_buff` -> `data_len`: the bytes in page fragments, past the linear data.
+    pub skb_data_len: u32,
     pub skb_head: u32,
     pub skb_data: u32,
     pub skb_network_header: u32,

@@ -89,10 +89,12 @@ pub struct Hit {
     pub dev: u64,
     /// The device is the traced `lo` (the `lo` programs have no device pointer).
     pub lo: bool,
-    /// Packet bytes to capture: `hdr_kind` and kernel address (0: none); `len` of them belong
-    /// to the packet.
+    /// Packet bytes to capture: `hdr_kind` and kernel address (0: none), and how many bytes
+    /// from there are the packet's linear data ([`linear_from`]): past them lies other kernel
+    /// memory, never captured.
     pub cap_kind: u8,
     pub cap_src: u64,
+    pub cap_len: u32,
 }
 
 impl Hit {
@@ -109,7 +111,7 @@ impl Hit {
             set_dev::<M>(e, self.dev);
         }
         if self.cap_src != 0 {
-            capture(e, self.cap_kind, self.cap_src, self.len);
+            capture(e, self.cap_kind, self.cap_src, self.cap_len);
         }
     }
 }
@@ -211,7 +213,7 @@ pub fn run_stage<M: Mem>(hook: Hook, hit: Hit, close: bool) {
         head.comm = bpf_get_current_comm().unwrap_or([0; NAME_LEN]);
     }
     if hit.cap_src != 0 && slot.hdr_known == 0 && head.hdr_kind == hdr_kind::NONE {
-        capture(head, hit.cap_kind, hit.cap_src, hit.len);
+        capture(head, hit.cap_kind, hit.cap_src, hit.cap_len);
         if head.hdr_kind != hdr_kind::NONE {
             slot.rec.tail.hdr_stage = n as u8 + 1;
         }
@@ -421,26 +423,38 @@ fn fill_common(e: &mut RawEvent, hook: Hook, skb: u64, task: &Task) {
     e.hdr_len = 0;
 }
 
-/// Copies `HDR_CAP` bytes of packet header starting at kernel address `src`.
-/// `avail` is how many of them belong to the packet.
+/// Copies up to `HDR_CAP` bytes of packet starting at kernel address `src`, of which `avail`
+/// are the packet's linear data: only those are read (a short packet, or one whose payload
+/// is in page fragments, is followed by other kernel memory, which a capture must not show).
 #[inline(always)]
 pub fn capture(e: &mut RawEvent, kind: u8, src: u64, avail: u32) {
-    if src == 0 {
+    if src == 0 || avail == 0 {
         return;
     }
-    // SAFETY: the destination is HDR_CAP bytes of `e.hdr`; the helper checks the kernel source
-    // address itself.
-    let rc = unsafe { probe_read_raw(e.hdr.as_mut_ptr() as *mut _, HDR_CAP as u32, src as *const _) };
+    let n = if avail as usize > HDR_CAP { HDR_CAP as u32 } else { avail };
+    // SAFETY: the destination is HDR_CAP bytes of `e.hdr` and `n` is at most that; the helper
+    // checks the kernel source address itself.
+    let rc = unsafe { probe_read_raw(e.hdr.as_mut_ptr() as *mut _, n, src as *const _) };
     if rc != 0 {
         count(counter::READ_FAILED);
         return;
     }
     e.hdr_kind = kind;
-    e.hdr_len = if avail as usize > HDR_CAP {
-        HDR_CAP as u16
+    e.hdr_len = n as u16;
+}
+
+/// How many bytes from kernel address `at` are the skb's linear data (it ends at `skb->data`
+/// plus `len - data_len`); 0 when `at` is unknown or not before that end.
+#[inline(always)]
+pub fn linear_from<M: Mem>(skb: u64, at: u64) -> u32 {
+    let data = skb_data::<M>(skb);
+    let headlen = skb_len::<M>(skb).saturating_sub(read::<M, u32>(skb, off!(skb_data_len)).unwrap_or(u32::MAX));
+    let end = data + headlen as u64;
+    if at == 0 || data == 0 || at >= end {
+        0
     } else {
-        avail as u16
-    };
+        (end - at) as u32
+    }
 }
 
 /// Device name and index of a `struct net_device *`.

@@ -20,14 +20,16 @@ use crate::{
     maps::{RX_SKB, SNAP_EXTRA_BYTES, count},
 };
 
-/// What every `lo` record carries: the device, the length, the first bytes of the frame.
+/// What every `lo` record carries: the device, the length, the first bytes of the frame (of
+/// its `linear` bytes at `data`: the rest may be in page fragments).
 #[inline(always)]
-fn lo_hit(data: usize, len: u32) -> Hit {
+fn lo_hit(data: usize, len: u32, linear: usize) -> Hit {
     Hit {
         len,
         lo: true,
         cap_kind: hdr_kind::ETH,
         cap_src: data as u64,
+        cap_len: linear as u32,
         ..Hit::default()
     }
 }
@@ -39,9 +41,9 @@ pub fn lo_xdp(ctx: XdpContext) -> u32 {
     if crate::silent() {
         return xdp_action::XDP_PASS;
     }
-    let len = (ctx.data_end() - ctx.data()) as u32;
+    let linear = ctx.data_end() - ctx.data();
     let skb = RX_SKB.get(0).copied().unwrap_or(0);
-    let hit = lo_hit(ctx.data(), len);
+    let hit = lo_hit(ctx.data(), linear as u32, linear);
     if skb != 0 && run_skb() == skb {
         run_stage::<ProbeMem>(Hook::Xdp, hit, false);
     } else {
@@ -64,14 +66,37 @@ pub fn lo_tc_egress(ctx: TcContext) -> i32 {
     // SAFETY: a plain read of a read-only global the loader wrote before loading.
     let want = unsafe { core::ptr::read_volatile(&SNAP_EXTRA_BYTES) };
     let len = ctx.len();
+    let linear = ctx.data_end() - ctx.data();
     if want == 0 || len <= HDR_CAP as u32 {
-        open_run::<ProbeMem>(Hook::TcEgress, skb, lo_hit(ctx.data(), len), false);
+        open_run::<ProbeMem>(Hook::TcEgress, skb, lo_hit(ctx.data(), len, linear), false);
         return TC_ACT_UNSPEC;
     }
     close_run();
-    let data = ctx.data();
     emit_long(Hook::TcEgress, skb, |e, tail| {
-        lo_hit(data, len).head::<ProbeMem>(e);
+        // The header capture too through the helper, which reads page fragments: a TCP
+        // segment's linear data on lo is its headers only, and its payload starts inside the
+        // first HDR_CAP bytes.
+        Hit {
+            len,
+            lo: true,
+            ..Hit::default()
+        }
+        .head::<ProbeMem>(e);
+        // SAFETY: `e.hdr` has HDR_CAP bytes and the packet is longer (`len > HDR_CAP`).
+        let rc = unsafe {
+            bpf_skb_load_bytes(
+                ctx.skb.skb as *const _,
+                0,
+                e.hdr.as_mut_ptr() as *mut core::ffi::c_void,
+                HDR_CAP as u32,
+            )
+        };
+        if rc != 0 {
+            count(counter::READ_FAILED);
+            return 0;
+        }
+        e.hdr_kind = hdr_kind::ETH;
+        e.hdr_len = HDR_CAP as u16;
         let mut extra = len - HDR_CAP as u32;
         if extra > want {
             extra = want;
@@ -109,7 +134,7 @@ pub fn lo_tc_ingress(ctx: TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     let skb = ctx.skb.skb as u64;
-    let hit = lo_hit(ctx.data(), ctx.len());
+    let hit = lo_hit(ctx.data(), ctx.len(), ctx.data_end() - ctx.data());
     if run_skb() == skb {
         run_stage::<ProbeMem>(Hook::TcIngress, hit, true);
     } else {

@@ -100,6 +100,7 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::C
 pub static OFFSETS: KernelOffsets = KernelOffsets {
     skb_dev: 0,
     skb_len: 0,
+    skb_data_len: 0,
     skb_head: 0,
     skb_data: 0,
     skb_network_header: 0,

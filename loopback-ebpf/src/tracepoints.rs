@@ -10,7 +10,7 @@ use loopback_common::{Hook, LOOPBACK_IFINDEX, NAME_LEN, NET_RX_SOFTIRQ, OFFSET_U
 use crate::{
     emit::{
         AtXmit, Hit, at_xmit, emit, emit_hit, free_in_run, last_run_skb, network_header, open_run, run_skb, run_stage,
-        set_dev, skb_data, skb_len, split_unseen,
+        linear_from, set_dev, skb_data, skb_len, split_unseen,
     },
     kernel::{
         Mem, dev_in_scope, ensure_tracked, net_in_scope, off, probe, read, skb_dev, task_in_scope, track, tracked,
@@ -119,6 +119,7 @@ fn net_dev_queue_body<A: Args>(ctx: &A) -> i32 {
     if fresh {
         hit.cap_kind = hdr_kind::L3;
         hit.cap_src = network_header::<A>(skb);
+        hit.cap_len = linear_from::<A>(skb, hit.cap_src);
     }
     if is_lo::<A>(dev) {
         open_run::<A>(Hook::DevQueue, skb, hit, !fresh);
@@ -181,6 +182,7 @@ fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
             // tc egress captures it: the segment's own bytes, for the record and for pcapng.
             cap_kind: hdr_kind::ETH,
             cap_src: skb_data::<A>(skb),
+            cap_len: linear_from::<A>(skb, skb_data::<A>(skb)),
             ..hit()
         };
         open_run::<A>(Hook::Xmit, skb, head, false);
@@ -312,6 +314,7 @@ fn netif_receive_skb_body<A: Args>(ctx: &A) -> i32 {
     if fresh {
         hit.cap_kind = hdr_kind::L3;
         hit.cap_src = skb_data::<A>(skb);
+        hit.cap_len = linear_from::<A>(skb, hit.cap_src);
     }
     // The run is closed by our tc ingress program, so only while it is attached.
     if lo && LO_INGRESS.get(0).is_some_and(|v| *v != 0) {
@@ -354,6 +357,7 @@ fn skb_copy_datagram_iovec_body<A: Args>(ctx: &A) -> i32 {
     if fresh {
         hit.cap_kind = hdr_kind::L3;
         hit.cap_src = network_header::<A>(skb);
+        hit.cap_len = linear_from::<A>(skb, hit.cap_src);
     }
     emit_hit::<A>(Hook::CopyToUser, skb, hit);
     0

@@ -254,6 +254,8 @@ pub struct Decoder {
     last: Vec<(u64, Name)>,
     /// Keep the packet bytes of `lo` events ([`Event::wire`]).
     pub keep_wire: bool,
+    /// At most this many of them (`--snaplen`: what the pcapng file and the filter see).
+    pub wire_cap: Option<usize>,
     /// Records whose name could not be restored (the record that carried it was lost).
     pub unnamed: u64,
     /// The last device name made ([`Self::dev_name`]).
@@ -343,7 +345,7 @@ impl Decoder {
         // Whole frames (hdr_kind ETH: the lo programs, and a GSO segment's first hook) are wire
         // bytes; `wire_bytes` leaves every other capture out.
         let mut wire = if self.keep_wire {
-            wire_bytes(bytes, run.n == 0)
+            wire_bytes(bytes, run.n == 0, self.wire_cap.unwrap_or(usize::MAX))
         } else {
             None
         };
@@ -456,7 +458,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 /// The link-layer bytes of an `lo` record: the header capture, then whatever an ordinary record
 /// carries past the fixed part (`--snaplen`; a run record's tail is not packet bytes).
-fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
+fn wire_bytes(bytes: &[u8], with_tail: bool, cap: usize) -> Option<Box<[u8]>> {
     // Most records carry no frame: look at the one byte before copying the record.
     if bytes.get(std::mem::offset_of!(RawEvent, hdr_kind)) != Some(&hdr_kind::ETH) {
         return None;
@@ -467,6 +469,7 @@ fn wire_bytes(bytes: &[u8], with_tail: bool) -> Option<Box<[u8]>> {
     if n == HDR_CAP && with_tail {
         v.extend_from_slice(&bytes[RAW_EVENT_SIZE..]);
     }
+    v.truncate(cap);
     Some(v.into_boxed_slice())
 }
 

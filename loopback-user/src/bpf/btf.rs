@@ -146,6 +146,7 @@ impl KernelBtf {
         Ok(KernelOffsets {
             skb_dev: o("sk_buff.dev")?,
             skb_len: o("sk_buff.len")?,
+            skb_data_len: o("sk_buff.data_len")?,
             skb_head: o("sk_buff.head")?,
             skb_data: o("sk_buff.data")?,
             skb_network_header: o("sk_buff.network_header")?,

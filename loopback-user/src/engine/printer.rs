@@ -160,11 +160,17 @@ impl Printer {
     }
 }
 
-/// The intake (keeping packet bytes when there is a pcapng file) and the printer of a run, live
+/// The intake (keeping packet bytes when there is a pcapng file or the filter tests bytes) and the printer of a run, live
 /// or replayed, with the clock reference and snaplen of its header.
+/// A filter that tests bytes past what each packet's capture holds is a usage error.
 pub fn outputs(print: PrintOpts, pcapng: Option<&std::path::Path>, h: &record::Header) -> Result<(Intake, Printer)> {
+    let bytes_filter = print.filter.as_ref().is_some_and(Expr::reads_bytes);
+    if let Some(f) = &print.filter {
+        f.check_capture(h.snaplen as usize).map_err(crate::usage::usage)?;
+    }
     let mut intake = Intake::default();
-    intake.decoder.keep_wire = pcapng.is_some();
+    intake.decoder.keep_wire = pcapng.is_some() || bytes_filter;
+    intake.decoder.wire_cap = Some(h.snaplen as usize);
     let pcap = pcapng
         .map(|p| PcapOut::create(p, h.snaplen, h.wall_offset_ns()))
         .transpose()?;

@@ -109,6 +109,9 @@ pub struct App {
     pub ended: bool,
     pub filter: Option<Expr>,
     pub filter_text: String,
+    /// Bytes captured per packet (the recording's `--snaplen`; the header capture live): a
+    /// filter that tests bytes past them is refused.
+    pub captured: usize,
     /// Some while the filter line is being edited.
     pub editing: Option<String>,
     pub error: Option<String>,
@@ -164,6 +167,7 @@ impl App {
             ended: false,
             filter: None,
             filter_text: String::new(),
+            captured: loopback_common::HDR_CAP,
             editing: None,
             error: None,
             focus: Panel::Flows,
@@ -338,7 +342,10 @@ impl App {
                         self.error = None;
                         self.reset_views();
                     } else {
-                        match filter::parse(&text) {
+                        match filter::parse(&text).map_err(|e| e.to_string()).and_then(|f| {
+                            f.check_capture(self.captured)?;
+                            Ok(f)
+                        }) {
                             Ok(f) => {
                                 self.filter = Some(f);
                                 self.filter_text = text;

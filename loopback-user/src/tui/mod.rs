@@ -93,7 +93,8 @@ pub async fn run(cfg: TuiConfig) -> Result<()> {
                 .filter(|x| !x.attached)
                 .map(|x| x.program.clone())
                 .collect();
-            let app = App::new(format!("recording {name} (kernel {})", h.kernel_release), missing);
+            let mut app = App::new(format!("recording {name} (kernel {})", h.kernel_release), missing);
+            app.captured = h.snaplen as usize;
             (
                 Source::Replay {
                     reader: Box::new(reader),
@@ -140,6 +141,7 @@ pub async fn run(cfg: TuiConfig) -> Result<()> {
         }
     };
     if let Some((text, f)) = cfg.filter {
+        f.check_capture(app.captured).map_err(usage)?;
         app.filter = Some(f);
         app.filter_text = text;
     }
@@ -198,6 +200,9 @@ async fn event_loop(
     let result = loop {
         let mut packets = Vec::new();
         let mut quit = false;
+        // Packet bytes are kept while the filter tests them (and only then: a copy per packet).
+        intake.decoder.keep_wire = app.filter.as_ref().is_some_and(Expr::reads_bytes);
+        intake.decoder.wire_cap = Some(app.captured);
         tokio::select! {
             k = input.recv() => match k {
                 Some(Event::Key(k)) if k.kind == KeyEventKind::Press => {
