@@ -350,6 +350,128 @@ fn agent_beyond_its_namespace_bound_counts_the_overflow_and_stays_exact_within_i
     assert!(last.contains("overflowed:") && last.contains(" netns"), "{last}");
 }
 
+/// The value of an unlabelled sample.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+}
+
+/// A thousand namespaces with traffic against the default bound of 256: no crash, every one
+/// counted is counted exactly, the rest is counted as overflow, and all are released once gone.
+/// (Host only: a thousand namespaces in an emulated guest take minutes.)
+#[test]
+fn thousand_namespaces_beyond_the_bound_are_overflow_and_all_are_released() {
+    if !privileged() {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let baseline = gauge(&agent.metrics(), "lotrace_agent_netns_watched").expect("watched gauge");
+    let sbs: Vec<Sandbox> = (0..1000).map(|_| Sandbox::new("lt-agentk").expect("sandbox")).collect();
+    let mut sent = Vec::new();
+    for sb in &sbs {
+        let before = lo_tx_packets(sb);
+        sb.netns
+            .run(|| traffic::icmp_echo(LOCAL, 0, 0x0c0c, 1, Duration::from_secs(2)).expect("echo"))
+            .expect("ping");
+        sent.push(lo_tx_packets(sb) - before);
+    }
+    let text = agent.metrics();
+    let (mut present, mut absent_packets) = (0, 0);
+    for (sb, n) in sbs.iter().zip(&sent) {
+        if text.contains(&format!("lotrace_lo_packets_total{{netns=\"{}\"", sb.netns.inode)) {
+            let got = total(&text, "lotrace_lo_packets_total", sb.netns.inode);
+            assert_eq!(got, *n, "{}: a namespace within the bound is counted exactly", sb.name);
+            present += 1;
+        } else {
+            absent_packets += n;
+        }
+    }
+    // The bound holds the host's namespace and any others this machine had too.
+    assert!(
+        (200..=256).contains(&present),
+        "{present} of 1000 namespaces counted with the default bound of 256"
+    );
+    let overflow = text
+        .lines()
+        .find_map(|l| l.strip_prefix("lotrace_agent_overflow_total{map=\"netns\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("netns overflow metric");
+    assert!(
+        overflow >= 2 * absent_packets && absent_packets > 0,
+        "overflow {overflow}, packets of namespaces beyond the bound {absent_packets}"
+    );
+    let inodes: Vec<u32> = sbs.iter().map(|s| s.netns.inode).collect();
+    drop(sbs);
+    // All released (series gone, watched back to where it was) within a few scans.
+    let text = wait_for(10, "the thousand namespaces released", || {
+        let t = agent.metrics();
+        let watched = gauge(&t, "lotrace_agent_netns_watched")?;
+        let any = inodes.iter().any(|i| t.contains(&format!("netns=\"{i}\"")));
+        (watched <= baseline && !any).then_some(t)
+    });
+    assert!(
+        gauge(&text, "lotrace_agent_netns_released_total").unwrap_or(0.0) >= 1000.0,
+        "released count"
+    );
+    let (rc, last) = agent.stop();
+    assert_eq!(rc, 0, "{last}");
+}
+
+/// Namespaces that live for milliseconds (a process that enters its own, sends two packets and
+/// exits) while the agent scans: each can vanish between being found and being opened. The
+/// agent stays up, answers every scrape, says nothing went wrong, and keeps none of them.
+#[test]
+fn agent_survives_namespaces_that_vanish_while_it_scans() {
+    if !privileged() {
+        return;
+    }
+    use std::os::unix::process::CommandExt;
+    let agent = Agent::start(&[]);
+    let baseline = gauge(&agent.metrics(), "lotrace_agent_netns_watched").expect("watched gauge");
+    let script = format!(
+        "{} link set lo up && {} -c 1 -W 1 127.0.0.1 >/dev/null",
+        tools::require("ip"),
+        tools::require("ping")
+    );
+    let port = agent.port;
+    let scraper = std::thread::spawn(move || {
+        (0..60)
+            .filter(|_| {
+                std::thread::sleep(Duration::from_millis(50));
+                get(port, "/metrics").is_some_and(|b| b.contains("lotrace_agent_netns_watched"))
+            })
+            .count()
+    });
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut born = 0;
+    while born < 150 && Instant::now() < deadline {
+        let mut c = Command::new("sh");
+        c.args(["-c", &script]).stdout(Stdio::null()).stderr(Stdio::null());
+        // SAFETY: unshare(2) in the child between fork and exec touches no memory of ours.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let st = c.status().expect("a short-lived namespace");
+        assert!(st.success(), "ping in a fresh namespace: {st}");
+        born += 1;
+    }
+    assert!(born >= 50, "only {born} short-lived namespaces in 8 s");
+    assert_eq!(scraper.join().expect("scraper"), 60, "every scrape answered");
+    wait_for(5, "the short-lived namespaces released", || {
+        (gauge(&agent.metrics(), "lotrace_agent_netns_watched")? <= baseline).then_some(())
+    });
+    let (rc, err) = agent.stop();
+    assert_eq!(rc, 0, "{err}");
+    for bad in ["error", "panicked", "cannot"] {
+        assert!(!err.to_lowercase().contains(bad), "the agent said {bad:?}: {err}");
+    }
+}
+
 #[test]
 fn agent_killed_or_scraped_while_stopping_leaves_nothing() {
     if !privileged() {
