@@ -377,10 +377,10 @@ pub mod agent {
         pub backlog_enqueues: u64,
         /// Received lo packets by the context that ran the softirq.
         pub softirq: [u64; CONTEXTS],
-        /// Packets to a loopback address (127.0.0.0/8, ::1) that a device other than lo
-        /// transmitted: traffic that should have stayed on lo left through another device
-        /// (what `lotrace prove` would call DISPROVEN).
-        pub escaped: u64,
+        /// Packets that should have stayed on lo but a device other than lo transmitted (what
+        /// `lotrace prove` would call DISPROVEN), by destination (`ESCAPE_NAMES`): a loopback
+        /// address (127.0.0.0/8, ::1), or an address of the namespace's own interfaces.
+        pub escaped: [u64; ESCAPES],
         /// Received lo packets whose stage times were not all known (in flight when the agent
         /// started, or their in-flight entry was evicted): counted, not timed.
         pub untimed: u64,
@@ -399,7 +399,7 @@ pub mod agent {
             bytes: [0; PROTOS],
             backlog_enqueues: 0,
             softirq: [0; CONTEXTS],
-            escaped: 0,
+            escaped: [0; ESCAPES],
             untimed: 0,
             hist: [[0; BUCKETS]; STAGES],
             hist_sum_ns: [0; STAGES],
@@ -418,7 +418,9 @@ pub mod agent {
                 self.softirq[i] += o.softirq[i];
             }
             self.untimed += o.untimed;
-            self.escaped += o.escaped;
+            for (a, b) in self.escaped.iter_mut().zip(o.escaped) {
+                *a += b;
+            }
             for s in 0..STAGES {
                 for b in 0..BUCKETS {
                     self.hist[s][b] += o.hist[s][b];
@@ -439,6 +441,24 @@ pub mod agent {
     pub fn bucket(ns: u64) -> usize {
         let b = if ns < 2 { 0 } else { 63 - ns.leading_zeros() as usize };
         if b >= BUCKETS { BUCKETS - 1 } else { b }
+    }
+
+    /// Destinations of escaped packets (`NetnsCounters::escaped`, `ESCAPE_NAMES` order).
+    pub const ESCAPES: usize = 2;
+    pub const ESCAPED_LOOPBACK: usize = 0;
+    pub const ESCAPED_LOCAL: usize = 1;
+    pub const ESCAPE_NAMES: [&str; ESCAPES] = ["loopback", "local_address"];
+
+    /// An address of a namespace's own interfaces (not a loopback one), which user space keeps
+    /// in `AGENT_LOCAL`: a packet to it that another device transmits escaped.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub struct LocalAddr {
+        pub netns: u32,
+        /// 4 or 6.
+        pub family: u32,
+        /// IPv4 in the first 4 bytes (the rest 0), IPv6 in all 16, in network order.
+        pub addr: [u8; 16],
     }
 
     /// Key of the drop counters: a namespace and a kernel drop reason (`enum skb_drop_reason`).
@@ -473,6 +493,7 @@ pub mod agent {
     pub const DEFAULT_MAX_NETNS: u32 = 256;
     pub const DEFAULT_MAX_DROP_SERIES: u32 = 4096;
     pub const DEFAULT_MAX_IN_FLIGHT: u32 = 65536;
+    pub const DEFAULT_MAX_LOCAL_ADDRS: u32 = 4096;
 }
 
 /// Per-CPU NET_RX softirq state kept by the softirq hooks and folded into receive events.
@@ -493,6 +514,7 @@ mod pod {
     unsafe impl aya::Pod for super::agent::NetnsCounters {}
     unsafe impl aya::Pod for super::agent::DropKey {}
     unsafe impl aya::Pod for super::agent::InFlight {}
+    unsafe impl aya::Pod for super::agent::LocalAddr {}
 }
 
 #[cfg(test)]
@@ -502,7 +524,7 @@ mod tests {
     #[test]
     fn the_agent_counters_are_the_size_the_docs_give() {
         // docs/agent.md and `lotrace agent --help` give the kernel's preallocation per namespace.
-        assert_eq!(core::mem::size_of::<agent::NetnsCounters>(), 1424);
+        assert_eq!(core::mem::size_of::<agent::NetnsCounters>(), 1432);
         assert_eq!(agent::bucket(0), 0);
         assert_eq!(agent::bucket(1023), 9);
         assert_eq!(agent::bucket(1024), 10);

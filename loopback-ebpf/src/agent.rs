@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use loopback_common::{
     LOOPBACK_IFINDEX,
-    agent::{self, DropKey, InFlight, NetnsCounters},
+    agent::{self, DropKey, InFlight, LocalAddr, NetnsCounters},
     counter,
 };
 
@@ -39,6 +39,11 @@ pub static AGENT_DROPS: PerCpuHashMap<DropKey, u64> =
 /// no tracepoint (some TCP paths) age out instead of filling it. Sized by `--max-in-flight`.
 #[map]
 pub static AGENT_FLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(agent::DEFAULT_MAX_IN_FLIGHT, 0);
+
+/// The addresses of each namespace's own interfaces (loopback ones aside), kept by user space.
+/// Sized by `--max-local-addrs`.
+#[map]
+pub static AGENT_LOCAL: HashMap<LocalAddr, u8> = HashMap::with_max_entries(agent::DEFAULT_MAX_LOCAL_ADDRS, 0);
 
 /// The zero value a namespace's first sample inserts (a map value: too large for the stack).
 #[map]
@@ -137,31 +142,54 @@ fn start_xmit_body<A: Args>(ctx: &A) -> i32 {
     0
 }
 
-/// A packet to a loopback address that a device other than lo is transmitting is counted in the
-/// device's namespace (`escaped`). Every transmit on the machine passes here: two reads and a
-/// compare, and a map lookup only for such a packet.
+/// A packet to a loopback address, or to an address of its namespace's own interfaces, that a
+/// device other than lo is transmitting is counted in the device's namespace (`escaped`). Every
+/// IP transmit on the machine passes here: its destination is read, and looked up in
+/// `AGENT_LOCAL` when it is not a loopback one.
 #[inline(always)]
 fn escaped<A: Args>(skb: u64, dev: u64) {
     let l3 = read::<A, u16>(skb, off!(skb_protocol)).unwrap_or(0);
     let nh = network_header::<A>(skb);
-    let out = match l3 {
-        // IPv4 destination at 16: 127.0.0.0/8.
-        ETH_P_IP_BE => probe::<u8>(nh, 16) == Some(127),
-        // IPv6 destination at 24: ::1.
-        ETH_P_IPV6_BE => probe::<u64>(nh, 24) == Some(0) && probe::<u64>(nh, 32) == Some(1u64.to_be()),
-        _ => false,
+    let mut key = LocalAddr {
+        netns: 0,
+        family: 0,
+        addr: [0; 16],
     };
-    if !out {
-        return;
-    }
+    let loopback = match l3 {
+        // IPv4 destination at 16: 127.0.0.0/8.
+        ETH_P_IP_BE => {
+            let Some(d) = probe::<[u8; 4]>(nh, 16) else { return };
+            key.family = 4;
+            key.addr[..4].copy_from_slice(&d);
+            d[0] == 127
+        }
+        // IPv6 destination at 24: ::1.
+        ETH_P_IPV6_BE => {
+            let Some(d) = probe::<[u8; 16]>(nh, 24) else { return };
+            key.family = 6;
+            key.addr = d;
+            u128::from_be_bytes(d) == 1
+        }
+        _ => return,
+    };
     let Some(netns) = dev_netns::<A>(dev) else {
         return;
+    };
+    let to = if loopback {
+        agent::ESCAPED_LOOPBACK
+    } else {
+        key.netns = netns;
+        // SAFETY: a lookup of a plain key; the value is not read.
+        if unsafe { AGENT_LOCAL.get(key) }.is_none() {
+            return;
+        }
+        agent::ESCAPED_LOCAL
     };
     if wanted(netns)
         && let Some(c) = counters(netns)
     {
-        // SAFETY: a field of a live per-CPU map value.
-        add(unsafe { &raw mut (*c).escaped }, 1);
+        // SAFETY: an in-bounds field of a live per-CPU map value.
+        add(unsafe { &raw mut (*c).escaped[to] }, 1);
     }
 }
 

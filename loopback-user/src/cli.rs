@@ -115,7 +115,7 @@ pub enum Cmd {
         #[arg(long, value_name = "NAME|PATH|INODE")]
         netns: Vec<String>,
         /// Most namespaces counted at once; the kernel preallocates
-        /// max-netns x CPUs x 1,424 bytes. Samples of namespaces beyond it are counted in
+        /// max-netns x CPUs x 1,432 bytes. Samples of namespaces beyond it are counted in
         /// lotrace_agent_overflow_total{map="netns"}.
         #[arg(long, value_name = "N", default_value_t = loopback_common::agent::DEFAULT_MAX_NETNS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         max_netns: u32,
@@ -125,6 +125,11 @@ pub enum Cmd {
         /// Most lo packets timed at once (between their transmit and their free).
         #[arg(long, value_name = "N", default_value_t = loopback_common::agent::DEFAULT_MAX_IN_FLIGHT, value_parser = clap::value_parser!(u32).range(64..=16_000_000))]
         max_in_flight: u32,
+        /// Most interface addresses watched over all namespaces (a packet to one of its own
+        /// namespace's addresses that another device than lo transmits escaped); beyond it,
+        /// lotrace_agent_overflow_total{map="local_addrs"}.
+        #[arg(long, value_name = "N", default_value_t = loopback_common::agent::DEFAULT_MAX_LOCAL_ADDRS, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        max_local_addrs: u32,
         /// Attach the raw tracepoint twins instead of tp_btf.
         #[arg(long)]
         raw_tp: bool,
@@ -281,6 +286,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             max_netns,
             max_drop_series,
             max_in_flight,
+            max_local_addrs,
             raw_tp,
             kernel_cost,
         } => {
@@ -291,6 +297,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                     max_netns,
                     max_drop_series,
                     max_in_flight,
+                    max_local_addrs,
                 },
                 raw_tp,
                 kernel_cost,

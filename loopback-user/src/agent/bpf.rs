@@ -2,7 +2,7 @@
 //! kernel's offsets and attached as tp_btf (raw tracepoint where the kernel refuses tp_btf).
 //! Every attachment is a global tracepoint link owned by a file descriptor: nothing is attached
 //! per namespace, so nothing can stay behind in one, however the agent ends (kill -9 included).
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aya::{
@@ -12,7 +12,7 @@ use aya::{
 };
 use loopback_common::{
     KernelOffsets,
-    agent::{DropKey, NetnsCounters},
+    agent::{DropKey, LocalAddr, NetnsCounters},
     counter,
 };
 
@@ -39,6 +39,7 @@ pub struct Bounds {
     pub max_netns: u32,
     pub max_drop_series: u32,
     pub max_in_flight: u32,
+    pub max_local_addrs: u32,
 }
 
 /// A hook the agent could not attach, and why (exported as a metric).
@@ -71,6 +72,9 @@ pub struct AgentMaps {
     pub netns: PerCpuHashMap<MapData, u32, NetnsCounters>,
     pub drops: PerCpuHashMap<MapData, DropKey, u64>,
     pub allow: BpfHashMap<MapData, u32, u8>,
+    pub local: BpfHashMap<MapData, LocalAddr, u8>,
+    /// Namespace addresses that did not fit in `local` (`--max-local-addrs`).
+    pub local_full: u64,
     pub counters: PerCpuArray<MapData, u64>,
 }
 
@@ -109,6 +113,7 @@ impl AgentBpf {
             .map_max_entries("AGENT_ALLOW", bounds.max_netns)
             .map_max_entries("AGENT_DROPS", bounds.max_drop_series)
             .map_max_entries("AGENT_FLIGHT", bounds.max_in_flight)
+            .map_max_entries("AGENT_LOCAL", bounds.max_local_addrs)
             .load(obj)
             .map_err(|e| anyhow!("loading the eBPF object failed: {}", explain(&e, "load")))?;
         let switch = Switch::map(ebpf.map("ON").ok_or_else(|| anyhow!("ON map missing"))?)?;
@@ -196,6 +201,8 @@ impl AgentBpf {
             netns: PerCpuHashMap::try_from(take("AGENT_NETNS")?)?,
             drops: PerCpuHashMap::try_from(take("AGENT_DROPS")?)?,
             allow: BpfHashMap::try_from(take("AGENT_ALLOW")?)?,
+            local: BpfHashMap::try_from(take("AGENT_LOCAL")?)?,
+            local_full: 0,
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
         })
     }
@@ -271,11 +278,30 @@ impl AgentMaps {
         let _ = self.allow.remove(&netns);
     }
 
-    pub fn overflow(&self) -> [(&'static str, u64); 3] {
+    pub fn overflow(&self) -> [(&'static str, u64); 4] {
         [
             ("netns", self.counter(counter::AGENT_NETNS_FULL)),
             ("drops", self.counter(counter::AGENT_DROPS_FULL)),
             ("in_flight", self.counter(counter::AGENT_FLIGHT_FULL)),
+            ("local_addrs", self.local_full),
         ]
+    }
+
+    /// Makes `local` hold exactly `want` (a namespace's addresses, after a read): adds the new
+    /// ones, removes the ones gone.
+    pub fn set_local(&mut self, have: &BTreeSet<LocalAddr>, want: &BTreeSet<LocalAddr>) -> BTreeSet<LocalAddr> {
+        let mut now = have.clone();
+        for a in have.difference(want) {
+            let _ = self.local.remove(a);
+            now.remove(a);
+        }
+        for a in want.difference(have) {
+            if self.local.insert(*a, 1, 0).is_ok() {
+                now.insert(*a);
+            } else {
+                self.local_full += 1;
+            }
+        }
+        now
     }
 }

@@ -2,10 +2,12 @@
 //! process is in (containers, pods). Told apart by nsfs inode, never by path: a hostNetwork pod
 //! or a shell in the host namespace is the host's namespace.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
+
+use loopback_common::agent::LocalAddr;
 
 /// Where a namespace was found (the `source` label of `lotrace_netns_info`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,6 +16,9 @@ pub struct Found {
     pub source: &'static str,
     /// The `ip netns` name, `host`, or `pid:N` (its lowest process id).
     pub name: String,
+    /// A process in it (the lowest pid), through which its addresses are read
+    /// (`/proc/PID/net`); None for an `ip netns` namespace no process is in.
+    pub pid: Option<u32>,
 }
 
 /// The inode of an nsfs file (None when it cannot be read: the process is gone, or not ours to see).
@@ -43,6 +48,7 @@ pub fn scan_with(proc: &Path, run_netns: &Path, cache: &mut PidCache) -> BTreeMa
             Found {
                 source: "host",
                 name: "host".into(),
+                pid: Some(1),
             },
         );
     }
@@ -54,7 +60,11 @@ pub fn scan_with(proc: &Path, run_netns: &Path, cache: &mut PidCache) -> BTreeMa
         names.sort();
         for (name, path) in names {
             if let Some(ino) = inode_of(&path) {
-                out.entry(ino).or_insert(Found { source: "netns", name });
+                out.entry(ino).or_insert(Found {
+                    source: "netns",
+                    name,
+                    pid: None,
+                });
             }
         }
     }
@@ -78,11 +88,53 @@ pub fn scan_with(proc: &Path, run_netns: &Path, cache: &mut PidCache) -> BTreeMa
                 }
             };
             if let Some(ino) = ino {
-                out.entry(ino).or_insert_with(|| Found {
+                let f = out.entry(ino).or_insert_with(|| Found {
                     source: "process",
                     name: format!("pid:{pid}"),
+                    pid: None,
                 });
+                f.pid.get_or_insert(pid);
             }
+        }
+    }
+    out
+}
+
+/// The addresses of a namespace's own interfaces, loopback ones aside, read through a process
+/// in it: IPv4 from `/proc/PID/net/fib_trie` (its `/32 host LOCAL` entries), IPv6 from
+/// `/proc/PID/net/if_inet6`. Empty when the process is gone.
+pub fn local_addrs(proc: &Path, pid: u32, netns: u32) -> BTreeSet<LocalAddr> {
+    let read = |f: &str| std::fs::read_to_string(proc.join(format!("{pid}/net/{f}"))).unwrap_or_default();
+    parse_local_addrs(&read("fib_trie"), &read("if_inet6"), netns)
+}
+
+pub fn parse_local_addrs(fib_trie: &str, if_inet6: &str, netns: u32) -> BTreeSet<LocalAddr> {
+    let mut out = BTreeSet::new();
+    let mut last: Option<std::net::Ipv4Addr> = None;
+    for l in fib_trie.lines() {
+        let t = l.trim_start();
+        if let Some(a) = t.strip_prefix("|-- ") {
+            last = a.trim().parse().ok();
+        } else if t.starts_with("/32 host LOCAL")
+            && let Some(a) = last
+            && a.octets()[0] != 127
+        {
+            let mut addr = [0; 16];
+            addr[..4].copy_from_slice(&a.octets());
+            out.insert(LocalAddr { netns, family: 4, addr });
+        }
+    }
+    for l in if_inet6.lines() {
+        let Some(hex) = l.split_whitespace().next().filter(|h| h.len() == 32) else {
+            continue;
+        };
+        let Ok(v) = u128::from_str_radix(hex, 16) else { continue };
+        if v != 1 {
+            out.insert(LocalAddr {
+                netns,
+                family: 6,
+                addr: v.to_be_bytes(),
+            });
         }
     }
     out
@@ -122,6 +174,23 @@ impl Wanted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_addresses_are_the_namespaces_own_but_loopback() {
+        let fib = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     +-- 10.201.0.0/24 2 0 2\n        |-- 10.201.0.0\n           /24 link UNICAST\n        |-- 10.201.0.1\n           /32 host LOCAL\n        |-- 10.201.0.255\n           /32 link BROADCAST\n     +-- 127.0.0.0/8 2 0 2\n        |-- 127.0.0.1\n           /32 host LOCAL\nLocal:\n        |-- 10.201.0.1\n           /32 host LOCAL\n";
+        let v6 = "00000000000000000000000000000001 01 80 10 80       lo\nfd000000000000000000000000000001 02 40 00 80      lt0\n";
+        let got = parse_local_addrs(fib, v6, 7);
+        let mut want4 = [0u8; 16];
+        want4[..4].copy_from_slice(&[10, 201, 0, 1]);
+        let mut want6 = [0u8; 16];
+        want6[0] = 0xfd;
+        want6[15] = 1;
+        let want: BTreeSet<LocalAddr> = [(4, want4), (6, want6)]
+            .into_iter()
+            .map(|(family, addr)| LocalAddr { netns: 7, family, addr })
+            .collect();
+        assert_eq!(got, want);
+    }
 
     #[test]
     fn a_netns_argument_is_a_name_a_path_or_an_inode() {

@@ -7,7 +7,9 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use loopback_common::agent::{self, CONTEXT_NAMES, DELIVERY_NAMES, NetnsCounters, PROTO_NAMES, STAGE_NAMES};
+use loopback_common::agent::{
+    self, CONTEXT_NAMES, DELIVERY_NAMES, ESCAPE_NAMES, LocalAddr, NetnsCounters, PROTO_NAMES, STAGE_NAMES,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
@@ -23,6 +25,9 @@ use super::{
 /// Lowest histogram bound exported: 2^7 ns = 128 ns (the kernel's finer buckets are summed
 /// into it); the highest is 2^30 ns, about 1.07 s; above it, +Inf.
 const FIRST_BOUND_LOG2: usize = 7;
+
+/// Every this many scans, each namespace's addresses are read again (a new namespace's at once).
+const ADDRS_EVERY: u64 = 5;
 
 /// Everything the agent knows, shared by the scanner and the scrapes.
 pub struct State {
@@ -43,6 +48,8 @@ pub struct State {
     pub released: u64,
     pub scans: u64,
     pids: discover::PidCache,
+    /// Each namespace's own interface addresses as `AGENT_LOCAL` holds them.
+    pub local: HashMap<u32, BTreeSet<LocalAddr>>,
 }
 
 impl State {
@@ -59,6 +66,7 @@ impl State {
             released: 0,
             scans: 0,
             pids: discover::PidCache::default(),
+            local: HashMap::new(),
         }
     }
 
@@ -72,6 +80,7 @@ impl State {
             // wanted: it is listed under the name it was given.
             for (w, ino) in wanted.iter().filter_map(|w| Some((w, w.resolve(&self.run_netns)?))) {
                 found.entry(ino).or_insert_with(|| Found {
+                    pid: None,
                     source: "netns",
                     name: match w {
                         Wanted::Name(n) => n.clone(),
@@ -116,8 +125,35 @@ impl State {
             }
         }
         self.ever_found.extend(found.keys().copied());
+        self.refresh_local(&found);
         self.found = found;
         self.scans += 1;
+    }
+
+    /// Keeps `AGENT_LOCAL` to the addresses of the namespaces found: a new one's are read at
+    /// once, every one's each `ADDRS_EVERY` scans, a gone one's removed.
+    fn refresh_local(&mut self, found: &BTreeMap<u32, Found>) {
+        let gone: Vec<u32> = self.local.keys().filter(|i| !found.contains_key(i)).copied().collect();
+        for ino in gone {
+            if let Some(have) = self.local.remove(&ino) {
+                self.maps.set_local(&have, &BTreeSet::new());
+            }
+        }
+        let all = self.scans.is_multiple_of(ADDRS_EVERY);
+        for (ino, f) in found {
+            let Some(pid) = f.pid else { continue };
+            if !all && self.local.contains_key(ino) {
+                continue;
+            }
+            let want = discover::local_addrs(&self.proc, pid, *ino);
+            let have = self.local.get(ino).cloned().unwrap_or_default();
+            if have != want {
+                let now = self.maps.set_local(&have, &want);
+                self.local.insert(*ino, now);
+            } else {
+                self.local.entry(*ino).or_default();
+            }
+        }
     }
 }
 
@@ -237,15 +273,16 @@ impl Collector for AgentCollector {
             &rows,
         )?;
 
-        let rows: Vec<_> = totals
-            .iter()
-            .enumerate()
-            .map(|(i, (_, c))| (vec![("netns", ns(i))], c.escaped))
-            .collect();
+        let mut rows = Vec::new();
+        for (i, (_, c)) in totals.iter().enumerate() {
+            for (x, name) in ESCAPE_NAMES.iter().enumerate() {
+                rows.push((vec![("netns", ns(i)), ("to", *name)], c.escaped[x]));
+            }
+        }
         counter(
             &mut enc,
             "lotrace_lo_escaped_packets",
-            "Packets to a loopback address (127.0.0.0/8, ::1) transmitted by a device other than lo: they left the host",
+            "Packets that should have stayed on lo but a device other than lo transmitted: to a loopback address (127.0.0.0/8, ::1) or to an address of the namespace's own interfaces",
             None,
             &rows,
         )?;
@@ -368,6 +405,24 @@ impl Collector for AgentCollector {
             "A namespace the agent watches: where it was found and its name (join on netns)",
             &info,
         )?;
+        let local: Vec<(Labels, f64)> = st
+            .found
+            .iter()
+            .zip(&inos)
+            .filter(|((i, _), _)| st.local.contains_key(i))
+            .map(|((i, _), s)| {
+                (
+                    vec![("netns", s.as_str())],
+                    st.local.get(i).map_or(0, |a| a.len()) as f64,
+                )
+            })
+            .collect();
+        gauge(
+            &mut enc,
+            "lotrace_netns_local_addresses",
+            "Addresses of a namespace's own interfaces the agent watches for escaped packets (read through a process in it)",
+            &local,
+        )?;
         gauge(
             &mut enc,
             "lotrace_agent_netns_watched",
@@ -386,7 +441,7 @@ impl Collector for AgentCollector {
         counter(
             &mut enc,
             "lotrace_agent_overflow",
-            "Samples not counted because a bounded map was full (--max-netns, --max-drop-series, --max-in-flight)",
+            "Samples not counted because a bounded map was full (--max-netns, --max-drop-series, --max-in-flight, --max-local-addrs)",
             None,
             &rows,
         )?;

@@ -733,6 +733,63 @@ fn agent_counts_loopback_traffic_that_left_through_another_device() {
         total(&text, "lotrace_lo_escaped_packets_total", ino),
         "ping on lo counted as escaped"
     );
+    let escaped_to = |t: &str, to: &str| {
+        samples(t, "lotrace_lo_escaped_packets_total", ino)
+            .get(&format!("to=\"{to}\""))
+            .copied()
+            .unwrap_or(0.0) as u64
+    };
+    assert_eq!(
+        escaped_to(&text, "local_address"),
+        0,
+        "nothing to an own address left yet"
+    );
+
+    // The namespace's own address, 10.201.0.1, routed out of lt0 (a rule ahead of the local
+    // table sends it to table 100): its addresses are read through a process in it.
+    let mut holder = Command::new(tools::require("ip"))
+        .args(["netns", "exec", &sb.name, "sleep", "60"])
+        .spawn()
+        .expect("a process in the namespace");
+    wait_for(10, "the namespace's own addresses", || {
+        (total(&agent.metrics(), "lotrace_netns_local_addresses", ino) >= 1).then_some(())
+    });
+    for args in [
+        &["route", "add", "10.201.0.1/32", "dev", "lt0", "table", "100"][..],
+        &["rule", "add", "pref", "10", "to", "10.201.0.1", "lookup", "100"],
+        &["rule", "del", "pref", "0"],
+        &["rule", "add", "pref", "100", "lookup", "local"],
+        &[
+            "neigh",
+            "add",
+            "10.201.0.1",
+            "lladdr",
+            "02:00:00:00:00:02",
+            "dev",
+            "lt0",
+            "nud",
+            "permanent",
+        ],
+    ] {
+        sb.ip(args).expect("policy routing");
+    }
+    sb.netns
+        .run(|| {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            for _ in 0..3 {
+                s.send_to(b"leak", "10.201.0.1:9")
+                    .expect("send to 10.201.0.1 through lt0");
+            }
+        })
+        .expect("netns");
+    let text = wait_for(10, "the packets to an own address", || {
+        let t = agent.metrics();
+        (escaped_to(&t, "local_address") >= 3).then_some(t)
+    });
+    assert_eq!(escaped_to(&text, "local_address"), 3, "exactly the three datagrams");
+    // SAFETY: kill(2) of our own unreaped child.
+    unsafe { libc::kill(holder.id() as i32, libc::SIGKILL) };
+    let _ = holder.wait();
     let (rc, last) = agent.stop();
     assert_eq!(rc, 0, "{last}");
 }
