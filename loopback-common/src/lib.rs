@@ -289,6 +289,10 @@ pub struct KernelOffsets {
     /// dropped skb is still alive (a raw socket's copy of a ping reply), read by the agent.
     pub skb_end: u32,
     pub shinfo_dataref: u32,
+    /// `struct sock_common` (at the start of every `struct sock`) -> `skc_num`, the local port in
+    /// host order, or [`OFFSET_UNKNOWN`]: the agent's UDP delivery matches a socket's reads to
+    /// the datagrams received for its port.
+    pub sock_num: u32,
 }
 
 /// An offset the kernel's BTF does not give for an optional field.
@@ -461,6 +465,27 @@ pub mod agent {
         pub addr: [u8; 16],
     }
 
+    /// Datagrams received for one UDP port of one namespace, oldest first, until a socket of that
+    /// port reads them (`sock:sock_recv_length`): a ring of `UDPQ_SLOTS`; `tail - head` are
+    /// waiting (older ones are overwritten, and then not timed).
+    pub const UDPQ_SLOTS: usize = 16;
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct UdpQKey {
+        pub netns: u32,
+        pub port: u32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct UdpQ {
+        pub head: u32,
+        pub tail: u32,
+        pub skb: [u64; UDPQ_SLOTS],
+        pub received_ns: [u64; UDPQ_SLOTS],
+    }
+    /// Most UDP ports with datagrams waiting to be timed, over all namespaces (an LRU map).
+    pub const MAX_UDP_PORTS: u32 = 4096;
+
     /// Key of the drop counters: a namespace and a kernel drop reason (`enum skb_drop_reason`).
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -515,6 +540,8 @@ mod pod {
     unsafe impl aya::Pod for super::agent::DropKey {}
     unsafe impl aya::Pod for super::agent::InFlight {}
     unsafe impl aya::Pod for super::agent::LocalAddr {}
+    unsafe impl aya::Pod for super::agent::UdpQKey {}
+    unsafe impl aya::Pod for super::agent::UdpQ {}
 }
 
 #[cfg(test)]

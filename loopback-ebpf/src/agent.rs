@@ -14,15 +14,15 @@ use aya_ebpf::{
 };
 use loopback_common::{
     LOOPBACK_IFINDEX,
-    agent::{self, DropKey, InFlight, LocalAddr, NetnsCounters},
+    agent::{self, DropKey, InFlight, LocalAddr, NetnsCounters, UDPQ_SLOTS, UdpQ, UdpQKey},
     counter,
 };
 
 use crate::{
     emit::{network_header, skb_data, skb_len},
-    kernel::{Mem, dev_netns, off, probe, read, skb_dev},
+    kernel::{Mem, dev_netns, off, probe, read, skb_dev, task_netns},
     maps::{KFREE_SKB_ARGS, atomic_add as add, count},
-    tracepoints::{Args, ETH_P_IP_BE, ETH_P_IPV6_BE, twin},
+    tracepoints::{Args, ETH_P_IP_BE, ETH_P_IPV6_BE, twin, udp_socket},
 };
 
 /// Per namespace (inode), per CPU: what [`NetnsCounters`] says. Sized by `--max-netns`.
@@ -44,6 +44,14 @@ pub static AGENT_FLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entrie
 /// Sized by `--max-local-addrs`.
 #[map]
 pub static AGENT_LOCAL: HashMap<LocalAddr, u8> = HashMap::with_max_entries(agent::DEFAULT_MAX_LOCAL_ADDRS, 0);
+
+/// UDP datagrams received per (namespace, port), waiting for a socket of the port to read them.
+#[map]
+pub static AGENT_UDPQ: LruHashMap<UdpQKey, UdpQ> = LruHashMap::with_max_entries(agent::MAX_UDP_PORTS, 0);
+
+/// The empty queue a port's first datagram inserts (too large for the stack).
+#[map]
+pub static AGENT_UDPQ_ZERO: Array<UdpQ> = Array::with_max_entries(1, 0);
 
 /// The zero value a namespace's first sample inserts (a map value: too large for the stack).
 #[map]
@@ -294,6 +302,9 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
     if let Some(p) = slot {
         // SAFETY: a live LRU value; only this packet's own hooks write it, one after another.
         unsafe { (*p).received_ns = now };
+        if proto == agent::PROTO_UDP {
+            udp_received::<A>(skb, netns, now);
+        }
     }
     let ctx_slot = if in_ksoftirqd() {
         agent::CTX_KSOFTIRQD
@@ -321,6 +332,103 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
     0
 }
 
+/// Queues a received UDP datagram under its namespace and destination port, for the read that
+/// will deliver it (`sock_recv_length`). `skb->data` is its IP header here.
+#[inline(always)]
+fn udp_received<A: Args>(skb: u64, netns: u32, now: u64) {
+    let data = skb_data::<A>(skb);
+    let l4 = match read::<A, u16>(skb, off!(skb_protocol)).unwrap_or(0) {
+        ETH_P_IP_BE => match probe::<u8>(data, 0) {
+            Some(b) => (b & 0xf) as u64 * 4,
+            None => return,
+        },
+        _ => 40,
+    };
+    let Some(dport) = probe::<u16>(data + l4, 2) else { return };
+    let key = UdpQKey {
+        netns,
+        port: u16::from_be(dport) as u32,
+    };
+    let q = match AGENT_UDPQ.get_ptr_mut(key) {
+        Some(q) => q,
+        None => {
+            let Some(zero) = AGENT_UDPQ_ZERO.get(0) else { return };
+            let _ = AGENT_UDPQ.insert(key, zero, BPF_NOEXIST);
+            match AGENT_UDPQ.get_ptr_mut(key) {
+                Some(q) => q,
+                None => return,
+            }
+        }
+    };
+    // SAFETY: a live LRU value. Two CPUs receiving for one port at once may race on `tail`:
+    // then one datagram is not timed (its slot holds the other's), never mis-timed.
+    unsafe {
+        let t = (*q).tail;
+        let i = t as usize & (UDPQ_SLOTS - 1);
+        (*q).skb[i] = skb;
+        (*q).received_ns[i] = now;
+        (*q).tail = t.wrapping_add(1);
+        if t.wrapping_add(1).wrapping_sub((*q).head) > UDPQ_SLOTS as u32 {
+            (*q).head = t.wrapping_add(1).wrapping_sub(UDPQ_SLOTS as u32);
+        }
+    }
+}
+
+// sock_recv_length(struct sock *sk, int ret, int flags): a socket's recvmsg returned. For a UDP
+// socket that read a datagram (not a peek, not an error), the oldest datagram waiting for its
+// port is the one read: delivered now. Entries whose datagram was dropped meanwhile (its
+// flight ended in kfree_skb) are passed over.
+twin!(
+    "sock_recv_length",
+    agent_sock_recv_length,
+    agent_raw_sock_recv_length,
+    recv_length_body
+);
+#[inline(always)]
+fn recv_length_body<A: Args>(ctx: &A) -> i32 {
+    const MSG_PEEK: u64 = 2;
+    let sk: u64 = ctx.arg(0);
+    let ret: u64 = ctx.arg(1);
+    let flags: u64 = ctx.arg(2);
+    if (ret as i32) < 0 || flags & MSG_PEEK != 0 || off!(sock_num) == loopback_common::OFFSET_UNKNOWN as u64 {
+        return 0;
+    }
+    if !udp_socket::<A>(sk) {
+        return 0;
+    }
+    let (Some(port), Some(netns)) = (read::<A, u16>(sk, off!(sock_num)), task_netns::<A>()) else {
+        return 0;
+    };
+    let Some(q) = AGENT_UDPQ.get_ptr_mut(UdpQKey { netns, port: port as u32 }) else {
+        return 0;
+    };
+    for _ in 0..4 {
+        // SAFETY: a live LRU value (see `udp_received`).
+        let (h, t) = unsafe { ((*q).head, (*q).tail) };
+        if h == t {
+            break;
+        }
+        let i = h as usize & (UDPQ_SLOTS - 1);
+        // SAFETY: as above; `i` is within the ring.
+        let (skb, received) = unsafe {
+            (*q).head = h.wrapping_add(1);
+            ((*q).skb[i], (*q).received_ns[i])
+        };
+        let Some(p) = flight(skb) else { continue };
+        // SAFETY: a live LRU value (copied out).
+        let f = unsafe { *p };
+        if f.received_ns != received {
+            continue;
+        }
+        let _ = AGENT_FLIGHT.remove(skb);
+        if f.copied == 0 && f.xmit_ns != 0 {
+            delivered(&f);
+        }
+        break;
+    }
+    0
+}
+
 // skb_copy_datagram_iovec(const struct sk_buff *skb, int len): an application's recvmsg copies
 // the packet's data: delivered. Timed once per packet (a TCP segment may be read in pieces).
 twin!(
@@ -342,9 +450,16 @@ fn copy_body<A: Args>(ctx: &A) -> i32 {
     }
     // SAFETY: as above; marks it delivered.
     unsafe { (*p).copied = 1 };
+    delivered(&f);
+    0
+}
+
+/// Times the delivery of a received packet to the application, now.
+#[inline(always)]
+fn delivered(f: &InFlight) {
     let now = now_ns();
     if now < f.received_ns || f.received_ns < f.xmit_ns {
-        return 0;
+        return;
     }
     if let Some(c) = counters(f.netns) {
         for (d, ns) in [
@@ -355,7 +470,6 @@ fn copy_body<A: Args>(ctx: &A) -> i32 {
             unsafe { observe(&raw mut (*c).delivery[d], &raw mut (*c).delivery_sum_ns[d], ns) };
         }
     }
-    0
 }
 
 // kfree_skb(skb, location, reason[, rx_sk]): a lo packet dropped, with the kernel's reason.

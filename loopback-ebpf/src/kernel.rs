@@ -93,6 +93,12 @@ pub fn skb_dev<M: Mem>(skb: u64) -> u64 {
 /// Whether the current task's network namespace is the traced one.
 #[inline(always)]
 pub fn task_in_scope<M: Mem>() -> bool {
+    task_netns::<M>() == Some(target())
+}
+
+/// The namespace inode of the current task.
+#[inline(always)]
+pub fn task_netns<M: Mem>() -> Option<u32> {
     // The BTF-typed task pointer allows direct loads; the plain one needs probe reads.
     let task = if M::DIRECT {
         // SAFETY: a helper call without arguments.
@@ -101,13 +107,8 @@ pub fn task_in_scope<M: Mem>() -> bool {
         // SAFETY: a helper call without arguments.
         unsafe { bpf_get_current_task() }
     };
-    let Some(nsproxy) = read::<M, u64>(task, off!(task_nsproxy)) else {
-        return false;
-    };
-    match read::<M, u64>(nsproxy, off!(nsproxy_net_ns)) {
-        Some(net) => net_in_scope::<M>(net),
-        None => false,
-    }
+    let nsproxy = read::<M, u64>(task, off!(task_nsproxy))?;
+    net_inum::<M>(read::<M, u64>(nsproxy, off!(nsproxy_net_ns))?)
 }
 
 #[inline(always)]

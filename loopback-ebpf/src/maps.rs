@@ -123,6 +123,7 @@ pub static OFFSETS: KernelOffsets = KernelOffsets {
     qdisc_enqueue: loopback_common::OFFSET_UNKNOWN,
     skb_end: loopback_common::OFFSET_UNKNOWN,
     shinfo_dataref: loopback_common::OFFSET_UNKNOWN,
+    sock_num: loopback_common::OFFSET_UNKNOWN,
 };
 
 /// How many arguments the running kernel's `consume_skb` and `kfree_skb` tracepoints have, from

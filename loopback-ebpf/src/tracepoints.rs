@@ -521,7 +521,7 @@ fn fib6_table_lookup_body<A: Args>(ctx: &A) -> i32 {
 /// only for UDP packets). On other sockets (TCP above all: a queueing and a read per segment
 /// under bulk transfer) their records would be decoded and thrown away.
 #[inline(always)]
-fn udp_socket<A: Args>(sk: u64) -> bool {
+pub fn udp_socket<A: Args>(sk: u64) -> bool {
     const IPPROTO_UDP: u16 = 17;
     let off = off!(sock_protocol);
     if off == OFFSET_UNKNOWN as u64 {

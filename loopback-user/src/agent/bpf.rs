@@ -25,13 +25,15 @@ use crate::bpf::{
 use crate::counters::ProgramCost;
 
 /// The tracepoints the agent counts at, and whether it cannot count without them.
-pub const HOOKS: [(&str, bool); 6] = [
+pub const HOOKS: [(&str, bool); 7] = [
     ("netif_receive_skb", true),
     ("net_dev_start_xmit", false),
     ("netif_rx", false),
     ("kfree_skb", false),
     ("consume_skb", false),
     ("skb_copy_datagram_iovec", false),
+    // UDP delivery: a socket's read (6.4+; older kernels have no such tracepoint).
+    ("sock_recv_length", false),
 ];
 
 #[derive(Clone, Debug)]

@@ -170,6 +170,8 @@ impl KernelBtf {
             qdisc_enqueue,
             skb_end,
             shinfo_dataref,
+            // Optional: only the agent's UDP delivery reads it.
+            sock_num: self.offset_of("sock_common.skc_num").unwrap_or(OFFSET_UNKNOWN),
         })
     }
 
