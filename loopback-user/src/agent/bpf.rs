@@ -17,7 +17,7 @@ use loopback_common::{
 };
 
 use crate::bpf::{
-    btf::{KernelBtf, short_drop_reason},
+    btf::KernelBtf,
     object,
     session::{KernelShape, explain, privileges},
     switch::Switch,
@@ -86,14 +86,7 @@ impl AgentBpf {
         privileges().require()?;
         let kbtf = KernelBtf::load()?;
         let offsets: KernelOffsets = kbtf.offsets()?;
-        let drop_reasons: HashMap<u64, String> = kbtf
-            .enum_names("skb_drop_reason")
-            .map(|m| {
-                m.into_iter()
-                    .map(|(k, v)| (k, short_drop_reason(&v).to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let drop_reasons = kbtf.drop_reasons();
         let shape = KernelShape::of(Some(&kbtf));
         drop(kbtf);
         let btf = aya::Btf::from_sys_fs().context("parsing kernel BTF for tp_btf programs")?;

@@ -97,14 +97,15 @@ impl State {
                 let _ = self.maps.allow.remove(ino);
             }
         }
-        let mut counted: BTreeSet<u32> = self.maps.netns_totals().into_iter().map(|(k, _)| k).collect();
-        counted.extend(self.maps.drop_totals().into_iter().map(|(k, _)| k.netns));
+        // The namespace map is read once (every CPU's value of every key).
         let totals: HashMap<u32, u64> = self
             .maps
             .netns_totals()
             .into_iter()
             .map(|(k, c)| (k, c.packets.iter().sum::<u64>() + c.backlog_enqueues))
             .collect();
+        let mut counted: BTreeSet<u32> = totals.keys().copied().collect();
+        counted.extend(self.maps.drop_totals().into_iter().map(|(k, _)| k.netns));
         for ino in counted.into_iter().filter(|i| !found.contains_key(i)) {
             let now = totals.get(&ino).copied().unwrap_or(0);
             let gone = self.ever_found.contains(&ino);

@@ -175,6 +175,18 @@ impl KernelBtf {
         })
     }
 
+    /// The kernel's drop reasons (`enum skb_drop_reason`), value -> short name (`NO_SOCKET`);
+    /// empty when its BTF has none.
+    pub fn drop_reasons(&self) -> HashMap<u64, String> {
+        self.enum_names("skb_drop_reason")
+            .map(|m| {
+                m.into_iter()
+                    .map(|(k, v)| (k, short_drop_reason(&v).to_string()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Values of a kernel enum, e.g. `skb_drop_reason`, as value -> name.
     pub fn enum_names(&self, name: &str) -> Result<HashMap<u64, String>> {
         let types = self.btf.resolve_types_by_name(name)?;

@@ -15,10 +15,7 @@ use aya::{
 use loopback_common::{DEFAULT_RING_BYTES, KernelOffsets, LOOPBACK_IFINDEX, counter};
 use serde::Serialize;
 
-use super::{
-    btf::{KernelBtf, short_drop_reason},
-    object,
-};
+use super::{btf::KernelBtf, object};
 use crate::bpf::{classic_tc::ClassicTc, switch::Switch};
 use crate::counters::{KernelCounters, ProgramCost};
 use crate::hooks::{Attach, Candidate, Dir, HookPoint, PLAN};
@@ -286,14 +283,7 @@ impl Session {
         privileges().require()?;
         let kbtf = KernelBtf::load()?;
         let offsets: KernelOffsets = kbtf.offsets()?;
-        let drop_reasons = kbtf
-            .enum_names("skb_drop_reason")
-            .map(|m| {
-                m.into_iter()
-                    .map(|(k, v)| (k, short_drop_reason(&v).to_string()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let drop_reasons = kbtf.drop_reasons();
         let shape = KernelShape::of(Some(&kbtf));
         // Free btf-rs's parse before aya parses the same BTF: the two together set the process's
         // peak memory.
