@@ -428,8 +428,8 @@ fn thousand_namespaces_beyond_the_bound_are_overflow_and_all_are_released() {
     assert_eq!(rc, 0, "{last}");
 }
 
-/// Namespaces that live for milliseconds (a process that enters its own, sends two packets and
-/// exits) while the agent scans: each can vanish between being found and being opened. The
+/// Forty namespaces that live for milliseconds (a process that enters its own, sends two packets
+/// and exits) while the agent scans: each can vanish between being found and being opened. The
 /// agent stays up, answers every scrape, says nothing went wrong, and keeps none of them.
 #[test]
 fn agent_survives_namespaces_that_vanish_while_it_scans() {
@@ -444,18 +444,20 @@ fn agent_survives_namespaces_that_vanish_while_it_scans() {
         tools::require("ip"),
         tools::require("ping")
     );
+    // Scrapes all the while, every one answered (a count, not a rate: guests are slow).
     let port = agent.port;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = done.clone();
     let scraper = std::thread::spawn(move || {
-        (0..60)
-            .filter(|_| {
-                std::thread::sleep(Duration::from_millis(50));
-                get(port, "/metrics").is_some_and(|b| b.contains("lotrace_agent_netns_watched"))
-            })
-            .count()
+        let (mut asked, mut answered) = (0u32, 0u32);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            asked += 1;
+            answered += get(port, "/metrics").is_some_and(|b| b.contains("lotrace_agent_netns_watched")) as u32;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (asked, answered)
     });
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let mut born = 0;
-    while born < 150 && Instant::now() < deadline {
+    for _ in 0..40 {
         let mut c = Command::new("sh");
         c.args(["-c", &script]).stdout(Stdio::null()).stderr(Stdio::null());
         // SAFETY: unshare(2) in the child between fork and exec touches no memory of ours.
@@ -469,10 +471,10 @@ fn agent_survives_namespaces_that_vanish_while_it_scans() {
         }
         let st = c.status().expect("a short-lived namespace");
         assert!(st.success(), "ping in a fresh namespace: {st}");
-        born += 1;
     }
-    assert!(born >= 50, "only {born} short-lived namespaces in 8 s");
-    assert_eq!(scraper.join().expect("scraper"), 60, "every scrape answered");
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (asked, answered) = scraper.join().expect("scraper");
+    assert!(asked > 0 && answered == asked, "{answered} of {asked} scrapes answered");
     wait_for(5, "the short-lived namespaces released", || {
         (gauge(&agent.metrics(), "lotrace_agent_netns_watched")? <= baseline).then_some(())
     });
