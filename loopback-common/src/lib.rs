@@ -505,9 +505,10 @@ pub mod agent {
         /// When the receive half took it from the backlog (0: not yet).
         pub received_ns: u64,
         pub netns: u32,
-        /// 1 once an application's copy of it was counted (a TCP segment read in pieces is
-        /// delivered once).
-        pub copied: u32,
+        /// 1 once its delivery was counted (a TCP segment read in pieces is delivered once).
+        pub copied: u16,
+        /// Its `PROTO_*` index, from its receive on.
+        pub proto: u16,
     }
 
     /// `DropKey::reason` of an original freed while its clone lives on: the copy was delivered

@@ -301,7 +301,10 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
     });
     if let Some(p) = slot {
         // SAFETY: a live LRU value; only this packet's own hooks write it, one after another.
-        unsafe { (*p).received_ns = now };
+        unsafe {
+            (*p).received_ns = now;
+            (*p).proto = proto as u16;
+        }
         if proto == agent::PROTO_UDP {
             udp_received::<A>(skb, netns, now);
         }
@@ -541,13 +544,23 @@ fn clone_alive<A: Args>(skb: u64) -> bool {
     probe::<u32>(head + end, dataref_off).is_some_and(|d| d & 0xffff > 1)
 }
 
-// consume_skb(skb[, location]): freed normally; its flight ends.
+// consume_skb(skb[, location]): freed normally; its flight ends. Where the kernel frees a read
+// UDP datagram with this tracepoint (`__consume_stateless_skb` on 6.12; 6.18 frees it without
+// one), that is its delivery: timed here and marked, and its flight is left for the read
+// (`sock_recv_length`) to end, so the port's queue stays in step.
 twin!("consume_skb", agent_consume_skb, agent_raw_consume_skb, consume_body);
 #[inline(always)]
 fn consume_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    if flight(skb).is_some() {
-        let _ = AGENT_FLIGHT.remove(skb);
+    let Some(p) = flight(skb) else { return 0 };
+    // SAFETY: a live LRU value (copied out).
+    let f = unsafe { *p };
+    if f.proto as usize == agent::PROTO_UDP && f.received_ns != 0 && f.copied == 0 {
+        // SAFETY: as above.
+        unsafe { (*p).copied = 1 };
+        delivered(&f);
+        return 0;
     }
+    let _ = AGENT_FLIGHT.remove(skb);
     0
 }

@@ -222,10 +222,12 @@ fn agent_counts_each_namespace_exactly_as_its_lo_does() {
         };
         let tcp = delivered(&sbs[2]);
         assert!(tcp > 0 && tcp <= sent[2].0, "TCP segments read, {stage}: {tcp}");
-        assert_eq!(
-            delivered(&sbs[1]),
-            if udp_reads { 60 } else { 0 },
-            "UDP datagrams read, {stage}"
+        // Without that tracepoint, a kernel that frees a read datagram with `consume_skb`
+        // still shows its delivery; one that does not, none.
+        let udp = delivered(&sbs[1]);
+        assert!(
+            udp == 60 || (!udp_reads && udp == 0),
+            "UDP datagrams read, {stage}: {udp}"
         );
         assert_eq!(delivered(&sbs[0]), 0, "ping replies are read as clones, {stage}");
     }
@@ -311,6 +313,32 @@ fn assert_nothing_left(after: &str) {
     assert!(left.is_empty(), "still loaded after {after}: {left:?}");
 }
 
+/// Of namespaces that each sent `sent` lo packets, against a bound that some of them are beyond:
+/// every one with series is counted exactly, the packets of the others are in the netns
+/// overflow (two samples each: backlog enqueue, receive). Returns how many have series.
+fn counted_within_the_bound(text: &str, sbs: &[Sandbox], sent: &[u64]) -> usize {
+    let (mut present, mut absent_packets) = (0, 0);
+    for (sb, n) in sbs.iter().zip(sent) {
+        if text.contains(&format!("lotrace_lo_packets_total{{netns=\"{}\"", sb.netns.inode)) {
+            let got = total(text, "lotrace_lo_packets_total", sb.netns.inode);
+            assert_eq!(got, *n, "{}: a namespace within the bound is counted exactly", sb.name);
+            present += 1;
+        } else {
+            absent_packets += n;
+        }
+    }
+    let overflow = text
+        .lines()
+        .find_map(|l| l.strip_prefix("lotrace_agent_overflow_total{map=\"netns\"} "))
+        .and_then(|v| v.parse::<u64>().ok())
+        .expect("netns overflow metric");
+    assert!(
+        absent_packets > 0 && overflow >= 2 * absent_packets,
+        "overflow {overflow}, packets of namespaces beyond the bound {absent_packets}"
+    );
+    present
+}
+
 #[test]
 fn agent_beyond_its_namespace_bound_counts_the_overflow_and_stays_exact_within_it() {
     if !privileged() {
@@ -330,31 +358,10 @@ fn agent_beyond_its_namespace_bound_counts_the_overflow_and_stays_exact_within_i
             .expect("ping");
         sent.push(lo_tx_packets(sb) - before);
     }
-    let text = agent.metrics();
-    let mut absent_packets = 0;
-    let mut present = 0;
-    for (sb, n) in sbs.iter().zip(&sent) {
-        let got = total(&text, "lotrace_lo_packets_total", sb.netns.inode);
-        if text.contains(&format!("lotrace_lo_packets_total{{netns=\"{}\"", sb.netns.inode)) {
-            assert_eq!(got, *n, "{}: a namespace within the bound is counted exactly", sb.name);
-            present += 1;
-        } else {
-            absent_packets += n;
-        }
-    }
+    let present = counted_within_the_bound(&agent.metrics(), &sbs, &sent);
     assert!(
         (1..=4).contains(&present),
         "{present} of 8 namespaces counted with --max-netns 4"
-    );
-    let overflow = text
-        .lines()
-        .find_map(|l| l.strip_prefix("lotrace_agent_overflow_total{map=\"netns\"} "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("netns overflow metric");
-    // Each packet of a namespace beyond the bound is two samples (backlog enqueue, receive).
-    assert!(
-        absent_packets > 0 && overflow >= 2 * absent_packets,
-        "overflow {overflow}, packets of namespaces beyond the bound {absent_packets}"
     );
     let (rc, last) = agent.stop();
     assert_eq!(rc, 0, "{last}");
@@ -386,30 +393,11 @@ fn thousand_namespaces_beyond_the_bound_are_overflow_and_all_are_released() {
             .expect("ping");
         sent.push(lo_tx_packets(sb) - before);
     }
-    let text = agent.metrics();
-    let (mut present, mut absent_packets) = (0, 0);
-    for (sb, n) in sbs.iter().zip(&sent) {
-        if text.contains(&format!("lotrace_lo_packets_total{{netns=\"{}\"", sb.netns.inode)) {
-            let got = total(&text, "lotrace_lo_packets_total", sb.netns.inode);
-            assert_eq!(got, *n, "{}: a namespace within the bound is counted exactly", sb.name);
-            present += 1;
-        } else {
-            absent_packets += n;
-        }
-    }
+    let present = counted_within_the_bound(&agent.metrics(), &sbs, &sent);
     // The bound holds the host's namespace and any others this machine had too.
     assert!(
         (200..=256).contains(&present),
         "{present} of 1000 namespaces counted with the default bound of 256"
-    );
-    let overflow = text
-        .lines()
-        .find_map(|l| l.strip_prefix("lotrace_agent_overflow_total{map=\"netns\"} "))
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("netns overflow metric");
-    assert!(
-        overflow >= 2 * absent_packets && absent_packets > 0,
-        "overflow {overflow}, packets of namespaces beyond the bound {absent_packets}"
     );
     let inodes: Vec<u32> = sbs.iter().map(|s| s.netns.inode).collect();
     drop(sbs);
