@@ -119,6 +119,14 @@ fn flight(skb: u64) -> Option<*mut InFlight> {
     AGENT_FLIGHT.get_ptr_mut(skb)
 }
 
+/// The flight of `skb` and a copy of it (the entry may be changed or removed meanwhile).
+#[inline(always)]
+fn flight_copy(skb: u64) -> Option<(*mut InFlight, InFlight)> {
+    let p = flight(skb)?;
+    // SAFETY: a live LRU value, copied out.
+    Some((p, unsafe { *p }))
+}
+
 // net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev): lo's driver gets
 // the packet; its flight starts.
 twin!(
@@ -180,7 +188,7 @@ fn escaped<A: Args>(skb: u64, dev: u64) {
         }
         _ => return,
     };
-    let Some(netns) = dev_netns::<A>(dev) else {
+    let Some(netns) = dev_netns::<A>(dev).filter(|n| wanted(*n)) else {
         return;
     };
     let to = if loopback {
@@ -193,9 +201,7 @@ fn escaped<A: Args>(skb: u64, dev: u64) {
         }
         agent::ESCAPED_LOCAL
     };
-    if wanted(netns)
-        && let Some(c) = counters(netns)
-    {
+    if let Some(c) = counters(netns) {
         // SAFETY: an in-bounds field of a live per-CPU map value.
         add(unsafe { &raw mut (*c).escaped[to] }, 1);
     }
@@ -223,24 +229,26 @@ fn netif_rx_body<A: Args>(ctx: &A) -> i32 {
     0
 }
 
-/// The protocol slot of a received lo packet (`skb->data` is its IP header by now).
+/// The protocol slot of a received lo packet, its IP header (`skb->data` by now) and whether
+/// that is IPv6.
 #[inline(always)]
-fn proto_of<A: Args>(skb: u64) -> usize {
+fn proto_of<A: Args>(skb: u64) -> (usize, u64, bool) {
     let l3 = read::<A, u16>(skb, off!(skb_protocol)).unwrap_or(0);
     let data = skb_data::<A>(skb);
     let (at, v6) = match l3 {
         ETH_P_IP_BE => (9, false),
         ETH_P_IPV6_BE => (6, true),
-        _ => return agent::PROTO_NON_IP,
+        _ => return (agent::PROTO_NON_IP, data, false),
     };
     // Packet bytes are not BTF-typed memory: always a probe read.
-    match probe::<u8>(data, at) {
+    let proto = match probe::<u8>(data, at) {
         Some(1) if !v6 => agent::PROTO_ICMP,
         Some(58) if v6 => agent::PROTO_ICMPV6,
         Some(17) => agent::PROTO_UDP,
         Some(6) => agent::PROTO_TCP,
         _ => agent::PROTO_OTHER_IP,
-    }
+    };
+    (proto, data, v6)
 }
 
 /// Whether the current task is a `ksoftirqd/N` thread.
@@ -285,7 +293,7 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
         return 0;
     };
     let now = now_ns();
-    let proto = proto_of::<A>(skb);
+    let (proto, ip, v6) = proto_of::<A>(skb);
     let len = skb_len::<A>(skb) as u64;
     if proto < agent::PROTOS {
         // SAFETY: in-bounds fields of a live per-CPU map value.
@@ -294,19 +302,16 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
             add(&raw mut (*c).bytes[proto], len);
         }
     }
-    let slot = flight(skb);
-    let f = slot.map(|f| {
-        // SAFETY: a live LRU value (copied out).
-        unsafe { *f }
-    });
-    if let Some(p) = slot {
+    let slot = flight_copy(skb);
+    let f = slot.map(|(_, f)| f);
+    if let Some((p, _)) = slot {
         // SAFETY: a live LRU value; only this packet's own hooks write it, one after another.
         unsafe {
             (*p).received_ns = now;
             (*p).proto = proto as u16;
         }
         if proto == agent::PROTO_UDP {
-            udp_received::<A>(skb, netns, now);
+            udp_received(skb, ip, v6, netns, now);
         }
     }
     let ctx_slot = if in_ksoftirqd() {
@@ -335,19 +340,20 @@ fn receive_body<A: Args>(ctx: &A) -> i32 {
     0
 }
 
-/// Queues a received UDP datagram under its namespace and destination port, for the read that
-/// will deliver it (`sock_recv_length`). `skb->data` is its IP header here.
+/// Queues a received UDP datagram (its IP header at `ip`) under its namespace and destination
+/// port, for the read that will deliver it (`sock_recv_length`). IPv6: a fixed 40-byte header
+/// (extension headers are not followed; lo packets carry none).
 #[inline(always)]
-fn udp_received<A: Args>(skb: u64, netns: u32, now: u64) {
-    let data = skb_data::<A>(skb);
-    let l4 = match read::<A, u16>(skb, off!(skb_protocol)).unwrap_or(0) {
-        ETH_P_IP_BE => match probe::<u8>(data, 0) {
+fn udp_received(skb: u64, ip: u64, v6: bool, netns: u32, now: u64) {
+    let l4 = if v6 {
+        40
+    } else {
+        match probe::<u8>(ip, 0) {
             Some(b) => (b & 0xf) as u64 * 4,
             None => return,
-        },
-        _ => 40,
+        }
     };
-    let Some(dport) = probe::<u16>(data + l4, 2) else { return };
+    let Some(dport) = probe::<u16>(ip + l4, 2) else { return };
     let key = UdpQKey {
         netns,
         port: u16::from_be(dport) as u32,
@@ -417,9 +423,7 @@ fn recv_length_body<A: Args>(ctx: &A) -> i32 {
             (*q).head = h.wrapping_add(1);
             ((*q).skb[i], (*q).received_ns[i])
         };
-        let Some(p) = flight(skb) else { continue };
-        // SAFETY: a live LRU value (copied out).
-        let f = unsafe { *p };
+        let Some((_, f)) = flight_copy(skb) else { continue };
         if f.received_ns != received {
             continue;
         }
@@ -443,11 +447,9 @@ twin!(
 #[inline(always)]
 fn copy_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let Some(p) = flight(skb) else {
+    let Some((p, f)) = flight_copy(skb) else {
         return 0;
     };
-    // SAFETY: a live LRU value (copied out).
-    let f = unsafe { *p };
     if f.copied != 0 || f.received_ns == 0 || f.xmit_ns == 0 {
         return 0;
     }
@@ -552,9 +554,7 @@ twin!("consume_skb", agent_consume_skb, agent_raw_consume_skb, consume_body);
 #[inline(always)]
 fn consume_body<A: Args>(ctx: &A) -> i32 {
     let skb: u64 = ctx.arg(0);
-    let Some(p) = flight(skb) else { return 0 };
-    // SAFETY: a live LRU value (copied out).
-    let f = unsafe { *p };
+    let Some((p, f)) = flight_copy(skb) else { return 0 };
     if f.proto as usize == agent::PROTO_UDP && f.received_ns != 0 && f.copied == 0 {
         // SAFETY: as above.
         unsafe { (*p).copied = 1 };

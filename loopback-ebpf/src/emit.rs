@@ -98,6 +98,15 @@ pub struct Hit {
 }
 
 impl Hit {
+    /// Captures this skb's bytes from kernel address `at` (as `kind`): as many as are its linear
+    /// data from there (`self.len` is its `skb->len`).
+    #[inline(always)]
+    pub fn capture_at<M: Mem>(&mut self, kind: u8, skb: u64, at: u64) {
+        self.cap_kind = kind;
+        self.cap_src = at;
+        self.cap_len = linear_from::<M>(skb, self.len, at);
+    }
+
     /// Writes this hit into a full record.
     #[inline(always)]
     pub fn head<M: Mem>(&self, e: &mut RawEvent) {
@@ -444,11 +453,12 @@ pub fn capture(e: &mut RawEvent, kind: u8, src: u64, avail: u32) {
 }
 
 /// How many bytes from kernel address `at` are the skb's linear data (it ends at `skb->data`
-/// plus `len - data_len`); 0 when `at` is unknown or not before that end.
+/// plus `len - data_len`, `len` being its `skb->len`); 0 when `at` is unknown or not before
+/// that end.
 #[inline(always)]
-pub fn linear_from<M: Mem>(skb: u64, at: u64) -> u32 {
+fn linear_from<M: Mem>(skb: u64, len: u32, at: u64) -> u32 {
     let data = skb_data::<M>(skb);
-    let headlen = skb_len::<M>(skb).saturating_sub(read::<M, u32>(skb, off!(skb_data_len)).unwrap_or(u32::MAX));
+    let headlen = len.saturating_sub(read::<M, u32>(skb, off!(skb_data_len)).unwrap_or(u32::MAX));
     let end = data + headlen as u64;
     if at == 0 || data == 0 || at >= end {
         0

@@ -10,7 +10,7 @@ use loopback_common::{Hook, LOOPBACK_IFINDEX, NAME_LEN, NET_RX_SOFTIRQ, OFFSET_U
 use crate::{
     emit::{
         AtXmit, Hit, at_xmit, emit, emit_hit, free_in_run, last_run_skb, network_header, open_run, run_skb, run_stage,
-        linear_from, set_dev, skb_data, skb_len, split_unseen,
+        set_dev, skb_data, skb_len, split_unseen,
     },
     kernel::{
         Mem, dev_in_scope, ensure_tracked, net_in_scope, off, probe, read, skb_dev, task_in_scope, track, tracked,
@@ -117,9 +117,7 @@ fn net_dev_queue_body<A: Args>(ctx: &A) -> i32 {
     }
     let fresh = ensure_tracked(skb);
     if fresh {
-        hit.cap_kind = hdr_kind::L3;
-        hit.cap_src = network_header::<A>(skb);
-        hit.cap_len = linear_from::<A>(skb, hit.cap_src);
+        hit.capture_at::<A>(hdr_kind::L3, skb, network_header::<A>(skb));
     }
     if is_lo::<A>(dev) {
         open_run::<A>(Hook::DevQueue, skb, hit, !fresh);
@@ -176,15 +174,10 @@ fn net_dev_start_xmit_body<A: Args>(ctx: &A) -> i32 {
     };
     if parent != 0 {
         ensure_tracked(skb);
-        let head = Hit {
-            arg1: parent,
-            // The frame as the driver gets it (`skb->data` is the Ethernet header here), like
-            // tc egress captures it: the segment's own bytes, for the record and for pcapng.
-            cap_kind: hdr_kind::ETH,
-            cap_src: skb_data::<A>(skb),
-            cap_len: linear_from::<A>(skb, skb_data::<A>(skb)),
-            ..hit()
-        };
+        let mut head = Hit { arg1: parent, ..hit() };
+        // The frame as the driver gets it (`skb->data` is the Ethernet header here), like tc
+        // egress captures it: the segment's own bytes, for the record and for pcapng.
+        head.capture_at::<A>(hdr_kind::ETH, skb, skb_data::<A>(skb));
         open_run::<A>(Hook::Xmit, skb, head, false);
     } else if tracked(skb) {
         if dev_in_scope::<A>(dev) {
@@ -312,9 +305,7 @@ fn netif_receive_skb_body<A: Args>(ctx: &A) -> i32 {
     let lo = is_lo::<A>(dev);
     let fresh = !(lo && skb == last_run_skb()) && ensure_tracked(skb);
     if fresh {
-        hit.cap_kind = hdr_kind::L3;
-        hit.cap_src = skb_data::<A>(skb);
-        hit.cap_len = linear_from::<A>(skb, hit.cap_src);
+        hit.capture_at::<A>(hdr_kind::L3, skb, skb_data::<A>(skb));
     }
     // The run is closed by our tc ingress program, so only while it is attached.
     if lo && LO_INGRESS.get(0).is_some_and(|v| *v != 0) {
@@ -355,9 +346,7 @@ fn skb_copy_datagram_iovec_body<A: Args>(ctx: &A) -> i32 {
     };
     // Only a clone seen here first (raw sockets) needs its header.
     if fresh {
-        hit.cap_kind = hdr_kind::L3;
-        hit.cap_src = network_header::<A>(skb);
-        hit.cap_len = linear_from::<A>(skb, hit.cap_src);
+        hit.capture_at::<A>(hdr_kind::L3, skb, network_header::<A>(skb));
     }
     emit_hit::<A>(Hook::CopyToUser, skb, hit);
     0

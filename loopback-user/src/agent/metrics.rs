@@ -214,13 +214,71 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, f
     Ok(())
 }
 
+/// One row per namespace (labelled `netns`) of a per-namespace value.
+fn per_netns<'a>(
+    totals: &[(u32, NetnsCounters)],
+    ns: &'a [String],
+    v: impl Fn(&NetnsCounters) -> u64,
+) -> Vec<(Labels<'a>, u64)> {
+    totals
+        .iter()
+        .zip(ns)
+        .map(|((_, c), n)| (vec![("netns", n.as_str())], v(c)))
+        .collect()
+}
+
+/// One row per namespace and name of a per-namespace array (`label` = each of `names`).
+fn per_netns_by<'a, const N: usize>(
+    totals: &[(u32, NetnsCounters)],
+    ns: &'a [String],
+    label: &'static str,
+    names: &[&'static str; N],
+    v: impl Fn(&NetnsCounters) -> [u64; N],
+) -> Vec<(Labels<'a>, u64)> {
+    let mut rows = Vec::new();
+    for ((_, c), n) in totals.iter().zip(ns) {
+        for (name, x) in names.iter().zip(v(c)) {
+            rows.push((vec![("netns", n.as_str()), (label, *name)], x));
+        }
+    }
+    rows
+}
+
+/// A histogram family in seconds: per namespace and stage (`names`), the kernel's log2
+/// nanosecond buckets and sum.
+fn histograms<const N: usize>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    totals: &[(u32, NetnsCounters)],
+    ns: &[String],
+    names: &[&'static str; N],
+    v: impl Fn(&NetnsCounters) -> (&[[u64; agent::BUCKETS]; N], &[u64; N]),
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+    for ((_, c), n) in totals.iter().zip(ns) {
+        let (hist, sums) = v(c);
+        for ((stage, h), sum) in names.iter().zip(hist).zip(sums) {
+            let labels = vec![("netns", n.as_str()), ("stage", *stage)];
+            m.encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    *sum as f64 / 1e9,
+                    h.iter().sum(),
+                    &buckets(h),
+                    None,
+                )?;
+        }
+    }
+    Ok(())
+}
+
 impl Collector for AgentCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut totals: Vec<(u32, NetnsCounters)> = st.maps.netns_totals();
         totals.sort_by_key(|(k, _)| *k);
-        let names: Vec<(u32, String)> = totals.iter().map(|(k, _)| (*k, k.to_string())).collect();
-        let ns = |i: usize| names[i].1.as_str();
+        let names: Vec<String> = totals.iter().map(|(k, _)| k.to_string()).collect();
+        let ns = |i: usize| names[i].as_str();
 
         let mut rows = Vec::new();
         let mut bytes = Vec::new();
@@ -247,104 +305,53 @@ impl Collector for AgentCollector {
             &bytes,
         )?;
 
-        let rows: Vec<_> = totals
-            .iter()
-            .enumerate()
-            .map(|(i, (_, c))| (vec![("netns", ns(i))], c.backlog_enqueues))
-            .collect();
         counter(
             &mut enc,
             "lotrace_lo_backlog_enqueues",
             "netif_rx enqueues of lo packets onto the per-CPU backlog",
             None,
-            &rows,
+            &per_netns(&totals, &names, |c| c.backlog_enqueues),
         )?;
-
-        let mut rows = Vec::new();
-        for (i, (_, c)) in totals.iter().enumerate() {
-            for (x, name) in CONTEXT_NAMES.iter().enumerate() {
-                rows.push((vec![("netns", ns(i)), ("context", *name)], c.softirq[x]));
-            }
-        }
         counter(
             &mut enc,
             "lotrace_lo_softirq_packets",
             "lo packets by the context that ran the NET_RX softirq receiving them",
             None,
-            &rows,
+            &per_netns_by(&totals, &names, "context", &CONTEXT_NAMES, |c| c.softirq),
         )?;
-
-        let mut rows = Vec::new();
-        for (i, (_, c)) in totals.iter().enumerate() {
-            for (x, name) in ESCAPE_NAMES.iter().enumerate() {
-                rows.push((vec![("netns", ns(i)), ("to", *name)], c.escaped[x]));
-            }
-        }
         counter(
             &mut enc,
             "lotrace_lo_escaped_packets",
             "Packets that should have stayed on lo but a device other than lo transmitted: to a loopback address (127.0.0.0/8, ::1) or to an address of the namespace's own interfaces",
             None,
-            &rows,
+            &per_netns_by(&totals, &names, "to", &ESCAPE_NAMES, |c| c.escaped),
         )?;
-        let rows: Vec<_> = totals
-            .iter()
-            .enumerate()
-            .map(|(i, (_, c))| (vec![("netns", ns(i))], c.untimed))
-            .collect();
         counter(
             &mut enc,
             "lotrace_lo_untimed_packets",
             "lo packets counted without stage times (in flight when the agent started, or their in-flight entry was evicted)",
             None,
-            &rows,
+            &per_netns(&totals, &names, |c| c.untimed),
         )?;
 
-        {
-            let mut m = enc.encode_descriptor(
-                "lotrace_lo_latency",
-                "Time through each stage of the lo path (crossing: net_dev_start_xmit to netif_receive_skb)",
-                Some(&Unit::Seconds),
-                MetricType::Histogram,
-            )?;
-            for (i, (_, c)) in totals.iter().enumerate() {
-                for (s, stage) in STAGE_NAMES.iter().enumerate() {
-                    let b = buckets(&c.hist[s]);
-                    let count: u64 = c.hist[s].iter().sum();
-                    let labels = vec![("netns", ns(i)), ("stage", *stage)];
-                    m.encode_family(&labels)?
-                        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                            c.hist_sum_ns[s] as f64 / 1e9,
-                            count,
-                            &b,
-                            None,
-                        )?;
-                }
-            }
-        }
-
-        {
-            let mut m = enc.encode_descriptor(
-                "lotrace_lo_delivery_latency",
-                "For lo packets an application read: receive to its first copy to user space (receive_to_app), and lo's driver to that copy (end_to_end)",
-                Some(&Unit::Seconds),
-                MetricType::Histogram,
-            )?;
-            for (i, (_, c)) in totals.iter().enumerate() {
-                for (d, name) in DELIVERY_NAMES.iter().enumerate() {
-                    let b = buckets(&c.delivery[d]);
-                    let count: u64 = c.delivery[d].iter().sum();
-                    let labels = vec![("netns", ns(i)), ("stage", *name)];
-                    m.encode_family(&labels)?
-                        .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                            c.delivery_sum_ns[d] as f64 / 1e9,
-                            count,
-                            &b,
-                            None,
-                        )?;
-                }
-            }
-        }
+        histograms(
+            &mut enc,
+            "lotrace_lo_latency",
+            "Time through each stage of the lo path (crossing: net_dev_start_xmit to netif_receive_skb)",
+            &totals,
+            &names,
+            &STAGE_NAMES,
+            |c| (&c.hist, &c.hist_sum_ns),
+        )?;
+        histograms(
+            &mut enc,
+            "lotrace_lo_delivery_latency",
+            "For lo packets an application read: receive to its delivery (receive_to_app), and lo's driver to it (end_to_end); TCP at its first copy to user space, UDP at its socket's read",
+            &totals,
+            &names,
+            &DELIVERY_NAMES,
+            |c| (&c.delivery, &c.delivery_sum_ns),
+        )?;
 
         let all_drops = st.maps.drop_totals();
         let mut copies: Vec<(u32, u64)> = all_drops

@@ -278,6 +278,24 @@ impl Base {
     }
 }
 
+impl Op {
+    /// BPF's 32-bit unsigned arithmetic; None for a division by zero (BPF rejects the packet).
+    fn apply(self, a: u32, b: u32) -> Option<u32> {
+        Some(match self {
+            Op::Add => a.wrapping_add(b),
+            Op::Sub => a.wrapping_sub(b),
+            Op::Mul => a.wrapping_mul(b),
+            Op::Div => a.checked_div(b)?,
+            Op::Mod => a.checked_rem(b)?,
+            Op::And => a & b,
+            Op::Or => a | b,
+            Op::Xor => a ^ b,
+            Op::Shl => a.checked_shl(b).unwrap_or(0),
+            Op::Shr => a.checked_shr(b).unwrap_or(0),
+        })
+    }
+}
+
 impl Arith {
     /// Whether every header this expression indexes is there (libpcap tests them all before
     /// reading a byte).
@@ -301,21 +319,7 @@ impl Arith {
                 be(f, at, *size as usize)?
             }
             Arith::Neg(a) => a.value(k)?.wrapping_neg(),
-            Arith::Bin(op, a, b) => {
-                let (a, b) = (a.value(k)?, b.value(k)?);
-                match op {
-                    Op::Add => a.wrapping_add(b),
-                    Op::Sub => a.wrapping_sub(b),
-                    Op::Mul => a.wrapping_mul(b),
-                    Op::Div => a.checked_div(b).ok_or(Reject)?,
-                    Op::Mod => a.checked_rem(b).ok_or(Reject)?,
-                    Op::And => a & b,
-                    Op::Or => a | b,
-                    Op::Xor => a ^ b,
-                    Op::Shl => a.checked_shl(b).unwrap_or(0),
-                    Op::Shr => a.checked_shr(b).unwrap_or(0),
-                }
-            }
+            Arith::Bin(op, a, b) => op.apply(a.value(k)?, b.value(k)?).ok_or(Reject)?,
         })
     }
 
@@ -323,21 +327,7 @@ impl Arith {
         match self {
             Arith::Num(n) => Some(*n),
             Arith::Neg(a) => Some(a.constant()?.wrapping_neg()),
-            Arith::Bin(op, a, b) => {
-                let (a, b) = (a.constant()?, b.constant()?);
-                Some(match op {
-                    Op::Add => a.wrapping_add(b),
-                    Op::Sub => a.wrapping_sub(b),
-                    Op::Mul => a.wrapping_mul(b),
-                    Op::Div => a.checked_div(b)?,
-                    Op::Mod => a.checked_rem(b)?,
-                    Op::And => a & b,
-                    Op::Or => a | b,
-                    Op::Xor => a ^ b,
-                    Op::Shl => a.checked_shl(b).unwrap_or(0),
-                    Op::Shr => a.checked_shr(b).unwrap_or(0),
-                })
-            }
+            Arith::Bin(op, a, b) => op.apply(a.constant()?, b.constant()?),
             _ => None,
         }
     }

@@ -784,10 +784,7 @@ impl Parser<'_> {
     fn try_relation(&mut self) -> Result<Option<Expr>, FilterError> {
         let save = self.pos;
         match self.arith(0) {
-            Ok(_) if is_relop(self.at(0)) => {
-                self.pos = save;
-                self.relation().map(Some)
-            }
+            Ok(l) if is_relop(self.at(0)) => self.relation_after(l).map(Some),
             _ => {
                 self.pos = save;
                 Ok(None)
@@ -797,6 +794,11 @@ impl Parser<'_> {
 
     fn relation(&mut self) -> Result<Expr, FilterError> {
         let l = self.arith(0)?;
+        self.relation_after(l)
+    }
+
+    /// The comparison and right side of a relation whose left side is `l`.
+    fn relation_after(&mut self, l: Arith) -> Result<Expr, FilterError> {
         let rel = match self.at(0) {
             Some(T::Op("=" | "==")) => Rel::Eq,
             Some(T::Op("!=")) => Rel::Ne,
