@@ -20,6 +20,7 @@ use std::{
 };
 
 fn main() {
+    cri_client();
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let ebpf = manifest.join("../loopback-ebpf");
@@ -91,6 +92,16 @@ fn main() {
     }
     let built = target_dir.join("bpfel-unknown-none/release/loopback");
     std::fs::copy(&built, &dst).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", built.display(), dst.display()));
+}
+
+/// The CRI client (runtime.v1's RuntimeService) from the vendored proto, parsed by protox.
+fn cri_client() {
+    println!("cargo:rerun-if-changed=proto/cri-v1.proto");
+    let fds = protox::compile(["cri-v1.proto"], ["proto/"]).expect("parse proto/cri-v1.proto");
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_fds(fds)
+        .expect("generate the CRI client");
 }
 
 fn write_stub(dst: &Path) {

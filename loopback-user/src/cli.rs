@@ -15,7 +15,7 @@ use crate::{
     engine::{Format, PrintOpts},
     filter,
     netns::Netns,
-    prove,
+    owner, prove,
     trace::{self, TraceConfig},
     usage::{output_closed, usage, write_stdout},
 };
@@ -48,6 +48,8 @@ pub enum Cmd {
         /// (default: the namespace lotrace runs in).
         #[arg(long, value_name = "NAME|PATH")]
         netns: Option<String>,
+        #[command(flatten)]
+        owner: OwnerArgs,
         #[command(flatten)]
         print: PrintArgs,
         /// Stop after SECS seconds (fractions allowed).
@@ -83,6 +85,8 @@ pub enum Cmd {
         /// Network namespace to watch (name from `ip netns` or a path; default: lotrace's own).
         #[arg(long, value_name = "NAME|PATH", conflicts_with = "replay")]
         netns: Option<String>,
+        #[command(flatten)]
+        owner: OwnerArgs,
         /// Initial filter (edit it in the dashboard with `/`).
         #[arg(long, value_name = "EXPR")]
         filter: Option<String>,
@@ -137,6 +141,26 @@ pub enum Cmd {
         /// the kernel's statistics add two clock reads to every BPF program run.
         #[arg(long)]
         kernel_cost: bool,
+        /// A container runtime's CRI socket, for pod names, namespaces and containers
+        /// (repeatable; default: /run/containerd/containerd.sock and /run/crio/crio.sock when
+        /// present). Without one, pods are known by the UID their cgroup names.
+        #[arg(long, value_name = "PATH")]
+        cri_socket: Vec<PathBuf>,
+        /// podman's storage root, for container names (repeatable; default
+        /// /var/lib/containers/storage).
+        #[arg(long, value_name = "DIR")]
+        podman_root: Vec<PathBuf>,
+        /// docker's data root, for container names (default /var/lib/docker).
+        #[arg(long, value_name = "DIR")]
+        docker_root: Option<PathBuf>,
+        /// The node's name, on the host namespace's series (default: $NODE_NAME, else the host
+        /// name).
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+        /// How long a namespace that went away (a stopped container or pod) keeps its last
+        /// counts on /metrics before its series are removed; 0 removes them at once.
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs_or_zero)]
+        forget_after: Duration,
     },
     /// Prove, with evidence from the running kernel, that traffic to local addresses stays on lo.
     /// With no target: builds a throwaway sandbox namespace and proves 127.0.0.1, another 127/8
@@ -201,6 +225,13 @@ fn parse_speed(s: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_secs_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_secs(s)
+}
+
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if !(v > 0.0 && v < 1e9) {
@@ -212,6 +243,93 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 /// `--netns NAME|PATH`, resolved; a bad one is a usage error.
 fn given_netns(spec: Option<String>) -> Result<Option<Netns>> {
     spec.as_deref().map(Netns::resolve).transpose().map_err(usage)
+}
+
+/// Picking the namespace by whose it is.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OwnerArgs {
+    /// Trace the network namespace of this container (its name or id, 12 hex digits at
+    /// least), as podman, docker or the CRI runtime name it.
+    #[arg(long, value_name = "NAME|ID", conflicts_with_all = ["netns", "pod"])]
+    container: Option<String>,
+    /// Trace this Kubernetes pod's network namespace (as the node's CRI runtime names it).
+    #[arg(long, value_name = "[NS/]NAME", conflicts_with = "netns")]
+    pod: Option<String>,
+}
+
+impl OwnerArgs {
+    fn pick(&self) -> Result<Option<crate::owner::Pick>> {
+        use crate::owner::Pick;
+        if let Some(c) = &self.container {
+            if c.is_empty() {
+                return Err(usage("--container: empty name"));
+            }
+            return Ok(Some(Pick::Container(c.clone())));
+        }
+        let Some(p) = &self.pod else { return Ok(None) };
+        let (namespace, name) = match p.split_once('/') {
+            Some((n, name)) => (Some(n.to_string()), name.to_string()),
+            None => (None, p.clone()),
+        };
+        if name.is_empty() || namespace.as_deref() == Some("") || name.contains('/') {
+            return Err(usage(format!("--pod {p:?}: expected NAME or NAMESPACE/NAME")));
+        }
+        Ok(Some(Pick::Pod { namespace, name }))
+    }
+}
+
+/// The namespace `pick` names: a process in it, its inode and its owner. Every namespace on
+/// the machine is looked at (names from the default sources); none, or more than one, is an error.
+async fn find_owned(pick: &crate::owner::Pick) -> Result<(u32, u32, owner::Owner), String> {
+    let src = owner::Sources::new(&[], &[], None, None);
+    let mut names = owner::Names::default();
+    names.refresh_files(&src);
+    let mut errs = Vec::new();
+    names.cri = owner::list_cri(
+        &src,
+        &mut std::collections::HashMap::new(),
+        &mut owner::CriHealth::default(),
+        |l| errs.push(l),
+    )
+    .await;
+    let proc = std::path::Path::new("/proc");
+    let found = crate::agent::discover::scan(proc, std::path::Path::new("/run/netns"));
+    let mut hits = Vec::new();
+    for (ino, f) in &found {
+        let Some(pid) = f.pid else { continue };
+        let o = names.owner(&src, f.source, &owner::cgroup_of(proc, pid));
+        if pick.matches(&o) {
+            hits.push((pid, *ino, o));
+        }
+    }
+    match hits.len() {
+        1 => Ok(hits.remove(0)),
+        0 => Err(format!(
+            "no {} found on this machine{}",
+            pick.describe(),
+            if errs.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", errs.join("; "))
+            }
+        )),
+        n => Err(format!(
+            "{} matches {n} namespaces: give the full container id or NAMESPACE/NAME",
+            pick.describe()
+        )),
+    }
+}
+
+/// `--netns`, or the namespace `--container`/`--pod` names (with its owner).
+async fn chosen_netns(spec: Option<String>, owner: &OwnerArgs) -> Result<Option<Netns>> {
+    let Some(pick) = owner.pick()? else {
+        return given_netns(spec);
+    };
+    let (pid, _, o) = find_owned(&pick).await.map_err(usage)?;
+    let mut n = Netns::resolve(&format!("/proc/{pid}/ns/net")).map_err(usage)?;
+    n.label = pick.describe();
+    n.owner = Some(o);
+    Ok(Some(n))
 }
 
 pub async fn dispatch(cli: Cli) -> Result<i32> {
@@ -232,6 +350,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Trace {
             netns,
+            owner,
             print,
             duration,
             xdp,
@@ -242,7 +361,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             snaplen,
         } => {
             let print = print.opts()?;
-            let netns = match given_netns(netns)? {
+            let netns = match chosen_netns(netns, &owner).await? {
                 Some(n) => n,
                 None => Netns::current()?,
             };
@@ -262,6 +381,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
         }
         Cmd::Tui {
             netns,
+            owner,
             filter: f,
             replay,
             speed,
@@ -270,7 +390,7 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 Some(text) => Some((text.clone(), filter::parse(&text).map_err(usage)?)),
                 None => None,
             };
-            let netns = given_netns(netns)?;
+            let netns = chosen_netns(netns, &owner).await?;
             crate::tui::run(crate::tui::TuiConfig {
                 netns,
                 filter,
@@ -289,8 +409,15 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             max_local_addrs,
             raw_tp,
             kernel_cost,
+            cri_socket,
+            podman_root,
+            docker_root,
+            node_name,
+            forget_after,
         } => {
             crate::agent::run(crate::agent::AgentConfig {
+                sources: crate::owner::Sources::new(&cri_socket, &podman_root, docker_root, node_name),
+                forget_after,
                 listen,
                 netns,
                 bounds: crate::agent::bpf::Bounds {

@@ -303,6 +303,7 @@ pub fn write_recording(path: &std::path::Path, rounds: u64) -> std::io::Result<(
         record_size: loopback_common::RAW_EVENT_SIZE as u32,
         netns_label: "fixture".into(),
         netns_inode: 4026531840,
+        owner: None,
         monotonic_ns: 1_000_000_000,
         realtime_ns: 1_767_225_600_000_000_000, // 2026-01-01T00:00:00Z
         snaplen: 96,

@@ -14,6 +14,7 @@ pub mod fixture;
 pub mod hooks;
 pub mod netns;
 pub mod output;
+pub mod owner;
 pub mod path;
 pub mod pcap;
 pub mod prove;

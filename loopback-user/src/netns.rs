@@ -19,6 +19,8 @@ pub struct Netns {
     /// What the user called it (name, path, or "current").
     pub label: String,
     pub inode: u32,
+    /// Whose it is (`trace --container`, `--pod`, or found for a path or name).
+    pub owner: Option<crate::owner::Owner>,
 }
 
 /// Checks a namespace name the way `ip netns` stores it: one path component, no odd characters.
@@ -73,6 +75,7 @@ impl Netns {
             path: path.to_path_buf(),
             label: label.to_string(),
             inode,
+            owner: None,
         })
     }
 
@@ -152,6 +155,7 @@ impl Sandbox {
                 path: PathBuf::new(),
                 label: name.clone(),
                 inode: 0,
+                owner: None,
             },
             name,
         };

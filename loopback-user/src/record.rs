@@ -57,6 +57,9 @@ pub struct Header {
     pub record_size: u32,
     pub netns_label: String,
     pub netns_inode: u32,
+    /// Whose namespace it is (a container's, a pod's, the node's), where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<crate::owner::Owner>,
     /// CLOCK_MONOTONIC (the events' clock) and CLOCK_REALTIME read together at the start:
     /// wall time of an event = realtime_ns + (ts_ns - monotonic_ns).
     pub monotonic_ns: u64,
@@ -338,6 +341,7 @@ mod tests {
             record_size: loopback_common::RAW_EVENT_SIZE as u32,
             netns_label: "t".into(),
             netns_inode: 1,
+            owner: None,
             monotonic_ns: 10,
             realtime_ns: 20,
             snaplen: 96,

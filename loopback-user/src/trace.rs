@@ -116,9 +116,10 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
         _ => format!(" (fallbacks: {}; why: `lotrace doctor`)", fallbacks.join(", ")),
     };
     eprintln!(
-        "lotrace: tracing network namespace {} (inode {}): {attached}/{} hooks attached{fallbacks}{}{privileges}. Ctrl-C to stop.",
+        "lotrace: tracing network namespace {} (inode {}{}): {attached}/{} hooks attached{fallbacks}{}{privileges}. Ctrl-C to stop.",
         cfg.netns.label,
         cfg.netns.inode,
+        owned_by(cfg.netns.owner.as_ref()),
         session.outcomes.iter().filter(|o| o.requested).count(),
         if missing.is_empty() {
             String::new()
@@ -189,12 +190,21 @@ pub async fn run(cfg: TraceConfig) -> Result<()> {
     };
     let summary = Summary {
         unprinted,
+        netns: Some((header.netns_label.clone(), header.netns_inode, header.owner.clone())),
         ..summary(&printer, &intake, trailer.clone())
     };
     if let Some(r) = intake.recorder.take() {
         r.finish(&trailer).context("writing the recording")?;
     }
     printer.finish(&tracker.stats, &summary)
+}
+
+/// `, pod shop/web-1 (…)` for a header line; empty for a namespace no one owns.
+pub fn owned_by(owner: Option<&crate::owner::Owner>) -> String {
+    owner
+        .and_then(|o| o.describe())
+        .map(|d| format!(", {d}"))
+        .unwrap_or_default()
 }
 
 /// The self-describing header of a recording (also the clock reference of a live run).
@@ -207,6 +217,7 @@ fn recording_header(session: &Session, snaplen: u32) -> record::Header {
         record_size: loopback_common::RAW_EVENT_SIZE as u32,
         netns_label: session.netns.label.clone(),
         netns_inode: session.netns.inode,
+        owner: session.netns.owner.clone(),
         monotonic_ns,
         realtime_ns,
         snaplen,
@@ -240,11 +251,12 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
     let mut reader = record::Reader::open(&cfg.file).map_err(bad)?;
     let h = reader.header.clone();
     eprintln!(
-        "lotrace: replaying {name}: recorded by lotrace {} on kernel {}, network namespace {} (inode {}), {}/{} hooks attached",
+        "lotrace: replaying {name}: recorded by lotrace {} on kernel {}, network namespace {} (inode {}{}), {}/{} hooks attached",
         h.lotrace_version,
         h.kernel_release,
         h.netns_label,
         h.netns_inode,
+        owned_by(h.owner.as_ref()),
         h.hooks.iter().filter(|x| x.attached).count(),
         h.hooks.len()
     );
@@ -280,6 +292,9 @@ pub fn replay(cfg: ReplayConfig) -> Result<()> {
         eprintln!("lotrace: {name}: no trailer (the recording was cut short): the kernel's loss counters are unknown");
         record::Trailer::default()
     });
-    let summary = summary(&printer, &intake, t);
+    let summary = Summary {
+        netns: Some((h.netns_label.clone(), h.netns_inode, h.owner.clone())),
+        ..summary(&printer, &intake, t)
+    };
     printer.finish(&tracker.stats, &summary)
 }

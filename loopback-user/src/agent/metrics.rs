@@ -5,10 +5,11 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use loopback_common::agent::{
-    self, CONTEXT_NAMES, DELIVERY_NAMES, ESCAPE_NAMES, LocalAddr, NetnsCounters, PROTO_NAMES, STAGE_NAMES,
+    self, CONTEXT_NAMES, DELIVERY_NAMES, DropKey, ESCAPE_NAMES, LocalAddr, NetnsCounters, PROTO_NAMES, STAGE_NAMES,
 };
 use prometheus_client::{
     collector::Collector,
@@ -21,6 +22,7 @@ use super::{
     bpf::{AgentBpf, AgentMaps},
     discover::{self, Found, Wanted},
 };
+use crate::owner::{self, CgroupOwner, Names, Owner, Sources};
 
 /// Lowest histogram bound exported: 2^7 ns = 128 ns (the kernel's finer buckets are summed
 /// into it); the highest is 2^30 ns, about 1.07 s; above it, +Inf.
@@ -50,10 +52,42 @@ pub struct State {
     pids: discover::PidCache,
     /// Each namespace's own interface addresses as `AGENT_LOCAL` holds them.
     pub local: HashMap<u32, BTreeSet<LocalAddr>>,
+    /// Where owners' names come from, and what they said last.
+    pub sources: Sources,
+    pub names: Names,
+    /// What the cgroups of each namespace's process (the lowest pid) name, read once per pid.
+    cgroups: HashMap<u32, (u32, CgroupOwner)>,
+    /// Each found namespace's owner, from `cgroups` and `names` (again at every scan and CRI
+    /// listing).
+    pub owners: BTreeMap<u32, Owner>,
+    /// A cgroup names a container or pod no source knows yet: the CRI listing is due now.
+    pub cri_due: bool,
+    /// When the CRI sockets were last listed, and the ids they did not know then (asked
+    /// again only at the next periodic listing).
+    pub cri_listed: Option<Instant>,
+    cri_unknown: BTreeSet<String>,
+    /// Namespaces that went away: their last counters, still served for `forget_after`.
+    gone: HashMap<u32, Gone>,
+    pub forget_after: Duration,
+}
+
+/// A namespace that went away, as it was last counted.
+#[derive(Clone, Debug)]
+struct Gone {
+    at: Instant,
+    counters: NetnsCounters,
+    drops: Vec<(DropKey, u64)>,
+    owner: Owner,
 }
 
 impl State {
-    pub fn new(bpf: AgentBpf, maps: AgentMaps, wanted: Option<Vec<Wanted>>) -> Self {
+    pub fn new(
+        bpf: AgentBpf,
+        maps: AgentMaps,
+        wanted: Option<Vec<Wanted>>,
+        sources: Sources,
+        forget_after: Duration,
+    ) -> Self {
         Self {
             bpf,
             maps,
@@ -67,6 +101,15 @@ impl State {
             scans: 0,
             pids: discover::PidCache::default(),
             local: HashMap::new(),
+            sources,
+            names: Names::default(),
+            cgroups: HashMap::new(),
+            owners: BTreeMap::new(),
+            cri_due: true,
+            cri_listed: None,
+            cri_unknown: BTreeSet::new(),
+            gone: HashMap::new(),
+            forget_after,
         }
     }
 
@@ -98,19 +141,37 @@ impl State {
             }
         }
         // The namespace map is read once (every CPU's value of every key).
-        let totals: HashMap<u32, u64> = self
-            .maps
-            .netns_totals()
-            .into_iter()
-            .map(|(k, c)| (k, c.packets.iter().sum::<u64>() + c.backlog_enqueues))
+        let full: HashMap<u32, NetnsCounters> = self.maps.netns_totals().into_iter().collect();
+        let totals: HashMap<u32, u64> = full
+            .iter()
+            .map(|(k, c)| (*k, c.packets.iter().sum::<u64>() + c.backlog_enqueues))
             .collect();
+        let drops = self.maps.drop_totals();
         let mut counted: BTreeSet<u32> = totals.keys().copied().collect();
-        counted.extend(self.maps.drop_totals().into_iter().map(|(k, _)| k.netns));
+        counted.extend(drops.iter().map(|(k, _)| k.netns));
+        let now_t = Instant::now();
         for ino in counted.into_iter().filter(|i| !found.contains_key(i)) {
             let now = totals.get(&ino).copied().unwrap_or(0);
             let gone = self.ever_found.contains(&ino);
             let idle = self.unfound.get(&ino) == Some(&now);
             if gone || idle {
+                if gone && !self.forget_after.is_zero() {
+                    // Its last counts stay served for a while: the scrape after it went away
+                    // still sees what it did last.
+                    self.gone.insert(
+                        ino,
+                        Gone {
+                            at: now_t,
+                            counters: full.get(&ino).copied().unwrap_or(NetnsCounters::ZERO),
+                            drops: drops.iter().filter(|(k, _)| k.netns == ino).cloned().collect(),
+                            owner: self
+                                .owners
+                                .get(&ino)
+                                .cloned()
+                                .unwrap_or_else(|| Owner::unowned("process")),
+                        },
+                    );
+                }
                 self.maps.release(ino);
                 self.unfound.remove(&ino);
                 self.ever_found.remove(&ino);
@@ -126,9 +187,64 @@ impl State {
             }
         }
         self.ever_found.extend(found.keys().copied());
+        let forget = self.forget_after;
+        // A namespace found again under a gone one's inode (the kernel reuses them) replaces it.
+        self.gone
+            .retain(|ino, g| now_t.duration_since(g.at) < forget && !found.contains_key(ino));
         self.refresh_local(&found);
+        self.cgroups.retain(|ino, _| found.contains_key(ino));
+        for (ino, f) in &found {
+            let Some(pid) = f.pid else { continue };
+            if self.cgroups.get(ino).is_none_or(|(p, _)| *p != pid) {
+                self.cgroups.insert(*ino, (pid, owner::cgroup_of(&self.proc, pid)));
+            }
+        }
         self.found = found;
+        self.names.refresh_files(&self.sources);
+        self.rename();
         self.scans += 1;
+    }
+
+    /// Each found namespace's owner from what the sources said last.
+    pub fn rename(&mut self) {
+        let empty = CgroupOwner::default();
+        let mut owners = BTreeMap::new();
+        let mut unknown = BTreeSet::new();
+        for (ino, f) in &self.found {
+            let cg = self.cgroups.get(ino).map_or(&empty, |(_, c)| c);
+            if !self.names.knows(cg) {
+                unknown.extend(cg.container_id.iter().chain(&cg.pod_uid).cloned());
+            }
+            owners.insert(*ino, self.names.owner(&self.sources, f.source, cg));
+        }
+        self.owners = owners;
+        let new = !unknown.is_subset(&self.cri_unknown);
+        self.cri_due |= new && self.sources.cri.iter().any(|(s, explicit)| *explicit || s.exists());
+        self.cri_unknown.retain(|id| unknown.contains(id));
+    }
+
+    /// Whether the CRI sockets should be listed now: something is unnamed, or the last listing
+    /// is older than `every` (names and containers change without new namespaces).
+    pub fn cri_listing_due(&self, every: Duration) -> bool {
+        self.cri_due || self.cri_listed.is_none_or(|t| t.elapsed() >= every)
+    }
+
+    /// A CRI listing came in.
+    pub fn cri_listed(&mut self, listings: BTreeMap<PathBuf, owner::cri::Listing>) {
+        self.names.cri = listings;
+        self.cri_listed = Some(Instant::now());
+        // What is still unknown after a fresh listing waits for the next periodic one.
+        self.cri_unknown.clear();
+        self.rename();
+        let empty = CgroupOwner::default();
+        for ino in self.found.keys() {
+            let cg = self.cgroups.get(ino).map_or(&empty, |(_, c)| c);
+            if !self.names.knows(cg) {
+                self.cri_unknown
+                    .extend(cg.container_id.iter().chain(&cg.pod_uid).cloned());
+            }
+        }
+        self.cri_due = false;
     }
 
     /// Keeps `AGENT_LOCAL` to the addresses of the namespaces found: a new one's are read at
@@ -192,6 +308,16 @@ fn cpu_seconds() -> (f64, f64) {
 
 type Labels<'a> = Vec<(&'static str, &'a str)>;
 
+/// A namespace's own labels: `netns` and its owner's.
+type Base = Vec<(&'static str, String)>;
+
+fn with<'a>(base: &'a Base, extra: &[(&'static str, &'a str)]) -> Labels<'a> {
+    base.iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .chain(extra.iter().copied())
+        .collect()
+}
+
 fn counter(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -217,20 +343,16 @@ fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, f
 /// One row per namespace (labelled `netns`) of a per-namespace value.
 fn per_netns<'a>(
     totals: &[(u32, NetnsCounters)],
-    ns: &'a [String],
+    ns: &'a [Base],
     v: impl Fn(&NetnsCounters) -> u64,
 ) -> Vec<(Labels<'a>, u64)> {
-    totals
-        .iter()
-        .zip(ns)
-        .map(|((_, c), n)| (vec![("netns", n.as_str())], v(c)))
-        .collect()
+    totals.iter().zip(ns).map(|((_, c), n)| (with(n, &[]), v(c))).collect()
 }
 
 /// One row per namespace and name of a per-namespace array (`label` = each of `names`).
 fn per_netns_by<'a, const N: usize>(
     totals: &[(u32, NetnsCounters)],
-    ns: &'a [String],
+    ns: &'a [Base],
     label: &'static str,
     names: &[&'static str; N],
     v: impl Fn(&NetnsCounters) -> [u64; N],
@@ -238,7 +360,7 @@ fn per_netns_by<'a, const N: usize>(
     let mut rows = Vec::new();
     for ((_, c), n) in totals.iter().zip(ns) {
         for (name, x) in names.iter().zip(v(c)) {
-            rows.push((vec![("netns", n.as_str()), (label, *name)], x));
+            rows.push((with(n, &[(label, name)]), x));
         }
     }
     rows
@@ -251,7 +373,7 @@ fn histograms<const N: usize>(
     name: &str,
     help: &str,
     totals: &[(u32, NetnsCounters)],
-    ns: &[String],
+    ns: &[Base],
     names: &[&'static str; N],
     v: impl Fn(&NetnsCounters) -> (&[[u64; agent::BUCKETS]; N], &[u64; N]),
 ) -> Result<(), std::fmt::Error> {
@@ -259,7 +381,7 @@ fn histograms<const N: usize>(
     for ((_, c), n) in totals.iter().zip(ns) {
         let (hist, sums) = v(c);
         for ((stage, h), sum) in names.iter().zip(hist).zip(sums) {
-            let labels = vec![("netns", n.as_str()), ("stage", *stage)];
+            let labels = with(n, &[("stage", stage)]);
             m.encode_family(&labels)?
                 .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
                     *sum as f64 / 1e9,
@@ -276,17 +398,31 @@ impl Collector for AgentCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let mut totals: Vec<(u32, NetnsCounters)> = st.maps.netns_totals();
+        // Gone namespaces' last counts, for a while (a live one under the same inode wins).
+        let live: BTreeSet<u32> = totals.iter().map(|(k, _)| *k).collect();
+        totals.extend(
+            st.gone
+                .iter()
+                .filter(|(k, _)| !live.contains(k))
+                .map(|(k, g)| (*k, g.counters)),
+        );
         totals.sort_by_key(|(k, _)| *k);
-        let names: Vec<String> = totals.iter().map(|(k, _)| k.to_string()).collect();
-        let ns = |i: usize| names[i].as_str();
+        let base_of = |ino: u32| -> Base {
+            let mut b = vec![("netns", ino.to_string())];
+            if let Some(o) = st.owners.get(&ino).or_else(|| st.gone.get(&ino).map(|g| &g.owner)) {
+                b.extend(o.labels());
+            }
+            b
+        };
+        let names: Vec<Base> = totals.iter().map(|(k, _)| base_of(*k)).collect();
 
         let mut rows = Vec::new();
         let mut bytes = Vec::new();
         for (i, (_, c)) in totals.iter().enumerate() {
             for (p, name) in PROTO_NAMES.iter().enumerate() {
                 if c.packets[p] != 0 {
-                    rows.push((vec![("netns", ns(i)), ("proto", *name)], c.packets[p]));
-                    bytes.push((vec![("netns", ns(i)), ("proto", *name)], c.bytes[p]));
+                    rows.push((with(&names[i], &[("proto", name)]), c.packets[p]));
+                    bytes.push((with(&names[i], &[("proto", name)]), c.bytes[p]));
                 }
             }
         }
@@ -353,14 +489,20 @@ impl Collector for AgentCollector {
             |c| (&c.delivery, &c.delivery_sum_ns),
         )?;
 
-        let all_drops = st.maps.drop_totals();
+        let mut all_drops = st.maps.drop_totals();
+        let live: BTreeSet<u32> = all_drops.iter().map(|(k, _)| k.netns).collect();
+        for (ino, g) in &st.gone {
+            if !live.contains(ino) {
+                all_drops.extend(g.drops.iter().cloned());
+            }
+        }
         let mut copies: Vec<(u32, u64)> = all_drops
             .iter()
             .filter(|(k, _)| k.reason == agent::COPY_DELIVERED)
             .map(|(k, n)| (k.netns, *n))
             .collect();
         copies.sort();
-        let mut drops: Vec<(String, String, u64)> = all_drops
+        let mut drops: Vec<(u32, String, u64)> = all_drops
             .into_iter()
             .filter(|(k, _)| k.reason != agent::COPY_DELIVERED)
             .map(|(k, n)| {
@@ -370,13 +512,15 @@ impl Collector for AgentCollector {
                     .get(&(k.reason as u64))
                     .cloned()
                     .unwrap_or_else(|| k.reason.to_string());
-                (k.netns.to_string(), reason, n)
+                (k.netns, reason, n)
             })
             .collect();
         drops.sort();
+        let drop_ns: Vec<Base> = drops.iter().map(|(n, _, _)| base_of(*n)).collect();
         let rows: Vec<_> = drops
             .iter()
-            .map(|(n, r, v)| (vec![("netns", n.as_str()), ("reason", r.as_str())], *v))
+            .zip(&drop_ns)
+            .map(|((_, r, v), b)| (with(b, &[("reason", r.as_str())]), *v))
             .collect();
         counter(
             &mut enc,
@@ -385,8 +529,8 @@ impl Collector for AgentCollector {
             None,
             &rows,
         )?;
-        let copy_ns: Vec<(String, u64)> = copies.iter().map(|(n, v)| (n.to_string(), *v)).collect();
-        let rows: Vec<_> = copy_ns.iter().map(|(n, v)| (vec![("netns", n.as_str())], *v)).collect();
+        let copy_ns: Vec<(Base, u64)> = copies.iter().map(|(n, v)| (base_of(*n), *v)).collect();
+        let rows: Vec<_> = copy_ns.iter().map(|(b, v)| (with(b, &[]), *v)).collect();
         counter(
             &mut enc,
             "lotrace_lo_copy_delivered_packets",
@@ -395,16 +539,29 @@ impl Collector for AgentCollector {
             &rows,
         )?;
 
-        let inos: Vec<String> = st.found.keys().map(|k| k.to_string()).collect();
+        let inos: Vec<Base> = st.found.keys().map(|k| base_of(*k)).collect();
+        let pod_containers: Vec<String> = st
+            .found
+            .keys()
+            .map(|k| {
+                st.owners
+                    .get(k)
+                    .and_then(|o| o.pod.as_ref())
+                    .map(|p| p.containers.join(","))
+                    .unwrap_or_default()
+            })
+            .collect();
         let info: Vec<(Labels, f64)> = st
             .found
             .values()
             .zip(&inos)
-            .map(|(f, ino)| {
-                (
-                    vec![("netns", ino.as_str()), ("source", f.source), ("name", f.name.as_str())],
-                    1.0,
-                )
+            .zip(&pod_containers)
+            .map(|((f, b), cs)| {
+                let mut l = with(b, &[("source", f.source), ("name", f.name.as_str())]);
+                if !cs.is_empty() {
+                    l.push(("k8s_container_names", cs.as_str()));
+                }
+                (l, 1.0)
             })
             .collect();
         gauge(
@@ -418,12 +575,7 @@ impl Collector for AgentCollector {
             .iter()
             .zip(&inos)
             .filter(|((i, _), _)| st.local.contains_key(i))
-            .map(|((i, _), s)| {
-                (
-                    vec![("netns", s.as_str())],
-                    st.local.get(i).map_or(0, |a| a.len()) as f64,
-                )
-            })
+            .map(|((i, _), b)| (with(b, &[]), st.local.get(i).map_or(0, |a| a.len()) as f64))
             .collect();
         gauge(
             &mut enc,

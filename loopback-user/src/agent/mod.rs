@@ -48,6 +48,40 @@ pub struct AgentConfig {
     pub bounds: Bounds,
     pub raw_tp: bool,
     pub kernel_cost: bool,
+    /// Where owners' names come from (`--cri-socket`, `--podman-root`, `--docker-root`,
+    /// `--node-name`).
+    pub sources: crate::owner::Sources,
+    /// How long a gone namespace's last counts are still served.
+    pub forget_after: Duration,
+}
+
+/// How often the CRI sockets are listed when nothing new asks for it sooner.
+pub const CRI_EVERY: Duration = Duration::from_secs(10);
+/// How often the CRI lister looks whether a listing is due.
+const CRI_POLL: Duration = Duration::from_millis(250);
+
+/// Lists the CRI sockets whenever the scanner found a container or pod no source names (and
+/// every [`CRI_EVERY`]), outside the lock: a slow or dead runtime never holds up a scrape.
+async fn cri_lister(state: Arc<Mutex<State>>) {
+    let sources = lock(&state).sources.clone();
+    if sources.cri.is_empty() {
+        return;
+    }
+    let mut clients = std::collections::HashMap::new();
+    let mut health = crate::owner::CriHealth::default();
+    let mut tick = tokio::time::interval(CRI_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !lock(&state).cri_listing_due(CRI_EVERY) {
+            continue;
+        }
+        let listings = crate::owner::list_cri(&sources, &mut clients, &mut health, |line| {
+            eprintln!("lotrace agent: {line}")
+        })
+        .await;
+        lock(&state).cri_listed(listings);
+    }
 }
 
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -119,7 +153,13 @@ pub async fn run(cfg: AgentConfig) -> Result<i32> {
     let bound = listener.local_addr().unwrap_or(cfg.listen);
     let mut bpf = AgentBpf::open(&cfg.bounds, wanted.is_some(), cfg.raw_tp, cfg.kernel_cost)?;
     let maps = bpf.take_maps()?;
-    let state = Arc::new(Mutex::new(State::new(bpf, maps, wanted)));
+    let state = Arc::new(Mutex::new(State::new(
+        bpf,
+        maps,
+        wanted,
+        cfg.sources.clone(),
+        cfg.forget_after,
+    )));
     {
         let mut st = lock(&state);
         // With --netns, the allowed namespaces are in the kernel's map before the first packet.
@@ -159,6 +199,7 @@ pub async fn run(cfg: AgentConfig) -> Result<i32> {
             }
         );
     }
+    let lister = tokio::spawn(cri_lister(state.clone()));
     let mut tick = tokio::time::interval(SCAN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let why = loop {
@@ -173,6 +214,7 @@ pub async fn run(cfg: AgentConfig) -> Result<i32> {
             _ = sigterm.recv() => break "SIGTERM",
         }
     };
+    lister.abort();
     let mut st = lock(&state);
     st.bpf.stop();
     let packets: u64 = st

@@ -188,5 +188,6 @@ pub fn summary(printer: &Printer, intake: &Intake, t: record::Trailer) -> Summar
         unnamed: intake.decoder.unnamed,
         costs: t.costs,
         costs_unavailable: t.costs_unavailable,
+        netns: None,
     }
 }

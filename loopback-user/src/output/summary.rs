@@ -27,6 +27,8 @@ pub struct Summary {
     pub costs: Vec<ProgramCost>,
     /// Why there are no costs (the kernel refused statistics).
     pub costs_unavailable: Option<String>,
+    /// The namespace traced: what it was called, its inode and whose it is.
+    pub netns: Option<(String, u32, Option<crate::owner::Owner>)>,
 }
 
 fn costs_json(costs: &[ProgramCost]) -> Value {
@@ -80,6 +82,7 @@ pub fn summary_json(stats: &Stats, sum: &Summary) -> Value {
             "stage_latency": stages,
             "bpf_programs": costs_json(&sum.costs),
             "bpf_stats_unavailable": sum.costs_unavailable,
+            "netns": sum.netns.as_ref().map(|(label, inode, owner)| json!({"label": label, "inode": inode, "owner": owner})),
         }
     })
 }

@@ -180,6 +180,7 @@ fn text_and_summary_mention_what_matters() {
             },
         ],
         costs_unavailable: None,
+        netns: None,
     };
     let s = summary_text(&stats, &sum);
     assert!(

@@ -130,7 +130,15 @@ pub async fn run(cfg: TuiConfig) -> Result<()> {
                 unsafe { AsyncFd::register(ring) }.map_err(|_| anyhow::anyhow!("cannot poll the ring buffer fd"))?;
             // Names only: the status line has one line; `lotrace doctor` says why.
             let missing = session.missing().map(|o| o.program.to_string()).collect();
-            let app = App::new(format!("netns {} (inode {})", netns.label, netns.inode), missing);
+            let app = App::new(
+                format!(
+                    "netns {} (inode {}{})",
+                    netns.label,
+                    netns.inode,
+                    crate::trace::owned_by(netns.owner.as_ref())
+                ),
+                missing,
+            );
             (
                 Source::Live {
                     session: Box::new(session),

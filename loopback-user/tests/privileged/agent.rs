@@ -100,8 +100,21 @@ impl Agent {
     }
 }
 
+/// The labels every series of a namespace carries beside `netns`: its owner's.
+const OWNER_LABELS: &[&str] = &[
+    "owner",
+    "node",
+    "container_runtime",
+    "container_id",
+    "container_name",
+    "k8s_pod_name",
+    "k8s_namespace_name",
+    "k8s_pod_uid",
+    "k8s_workload_name",
+];
+
 /// The samples of an OpenMetrics text whose name is `name` and whose labels include `netns`,
-/// by their other labels (as `k="v",...`).
+/// by their other labels but the owner's (as `k="v",...`).
 pub(crate) fn samples(text: &str, name: &str, netns: u32) -> BTreeMap<String, f64> {
     let want = format!("netns=\"{netns}\"");
     text.lines()
@@ -115,6 +128,7 @@ pub(crate) fn samples(text: &str, name: &str, netns: u32) -> BTreeMap<String, f6
             let mut rest: Vec<&str> = labels.split(',').collect();
             let at = rest.iter().position(|l| *l == want)?;
             rest.remove(at);
+            rest.retain(|l| !OWNER_LABELS.iter().any(|k| l.starts_with(&format!("{k}=\""))));
             Some((rest.join(","), value.parse().ok()?))
         })
         .collect()
@@ -192,7 +206,7 @@ fn agent_counts_each_namespace_exactly_as_its_lo_does() {
         Sandbox::new("lt-agent").expect("sandbox"),
         Sandbox::new("lt-agent").expect("sandbox"),
     ];
-    let agent = Agent::start(&[]);
+    let agent = Agent::start(&["--forget-after", "2"]);
     let before: Vec<(u64, u64)> = sbs.iter().map(|s| (lo_tx_packets(s), lo_tx_bytes(s))).collect();
     traffic_in(&sbs);
     let sent: Vec<(u64, u64)> = sbs
@@ -260,12 +274,10 @@ fn agent_counts_each_namespace_exactly_as_its_lo_does() {
     // A namespace made now is watched within 2 s (the agent looks once a second).
     let late = Sandbox::new("lt-agent").expect("sandbox");
     let made = Instant::now();
-    let info = format!(
-        "lotrace_netns_info{{netns=\"{}\",source=\"netns\",name=\"{}\"}}",
-        late.netns.inode, late.name
-    );
+    let info = format!("source=\"netns\",name=\"{}\"", late.name);
     wait_for(10, "the new namespace in /metrics", || {
-        agent.metrics().contains(&info).then_some(())
+        let t = agent.metrics();
+        (samples(&t, "lotrace_netns_info", late.netns.inode).get(&info) == Some(&1.0)).then_some(())
     });
     let took = made.elapsed();
     let before = lo_tx_packets(&late);
@@ -274,9 +286,19 @@ fn agent_counts_each_namespace_exactly_as_its_lo_does() {
         .expect("ping");
     let n = lo_tx_packets(&late) - before;
     assert_eq!(total(&agent.metrics(), "lotrace_lo_packets_total", late.netns.inode), n);
-    // One that goes away is released: its series go.
+    // One that goes away is released: its info series goes at once, its last counts stay for
+    // --forget-after (2 s), then they go too.
     let gone = late.netns.inode;
     drop(late);
+    let t = wait_for(10, "the removed namespace's info series to go", || {
+        let t = agent.metrics();
+        samples(&t, "lotrace_netns_info", gone).is_empty().then_some(t)
+    });
+    assert_eq!(
+        total(&t, "lotrace_lo_packets_total", gone),
+        n,
+        "a gone namespace's last counts are still served for --forget-after"
+    );
     wait_for(10, "the removed namespace's series to go", || {
         let t = agent.metrics();
         (!t.contains(&format!("netns=\"{gone}\""))).then_some(())
@@ -382,7 +404,7 @@ fn thousand_namespaces_beyond_the_bound_are_overflow_and_all_are_released() {
     if !privileged() {
         return;
     }
-    let agent = Agent::start(&[]);
+    let agent = Agent::start(&["--forget-after", "0"]);
     let baseline = gauge(&agent.metrics(), "lotrace_agent_netns_watched").expect("watched gauge");
     let sbs: Vec<Sandbox> = (0..1000).map(|_| Sandbox::new("lt-agentk").expect("sandbox")).collect();
     let mut sent = Vec::new();
@@ -622,7 +644,7 @@ fn prometheus_scrapes_every_namespace_exactly() {
         return;
     }
     let mut sbs: Vec<Sandbox> = (0..3).map(|_| Sandbox::new("lt-prom").expect("sandbox")).collect();
-    let agent = Agent::start(&[]);
+    let agent = Agent::start(&["--forget-after", "0"]);
     let prom = Prometheus::start(agent.port);
     for sb in &sbs {
         let q = format!("lotrace_netns_info{{netns=\"{}\"}}", sb.netns.inode);
