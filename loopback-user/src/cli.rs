@@ -255,6 +255,13 @@ pub struct OwnerArgs {
     /// Trace this Kubernetes pod's network namespace (as the node's CRI runtime names it).
     #[arg(long, value_name = "[NS/]NAME", conflicts_with = "netns")]
     pod: Option<String>,
+    /// The CRI socket that names pods for --pod/--container (repeatable; default
+    /// /run/containerd/containerd.sock and /run/crio/crio.sock when present).
+    #[arg(long, value_name = "PATH")]
+    cri_socket: Vec<PathBuf>,
+    /// podman's storage root, for --container (repeatable; default /var/lib/containers/storage).
+    #[arg(long, value_name = "DIR")]
+    podman_root: Vec<PathBuf>,
 }
 
 impl OwnerArgs {
@@ -280,8 +287,7 @@ impl OwnerArgs {
 
 /// The namespace `pick` names: a process in it, its inode and its owner. Every namespace on
 /// the machine is looked at (names from the default sources); none, or more than one, is an error.
-async fn find_owned(pick: &crate::owner::Pick) -> Result<(u32, u32, owner::Owner), String> {
-    let src = owner::Sources::new(&[], &[], None, None);
+async fn find_owned(pick: &crate::owner::Pick, src: owner::Sources) -> Result<(u32, u32, owner::Owner), String> {
     let mut names = owner::Names::default();
     names.refresh_files(&src);
     let mut errs = Vec::new();
@@ -325,7 +331,8 @@ async fn chosen_netns(spec: Option<String>, owner: &OwnerArgs) -> Result<Option<
     let Some(pick) = owner.pick()? else {
         return given_netns(spec);
     };
-    let (pid, _, o) = find_owned(&pick).await.map_err(usage)?;
+    let src = owner::Sources::new(&owner.cri_socket, &owner.podman_root, None, None);
+    let (pid, _, o) = find_owned(&pick, src).await.map_err(usage)?;
     let mut n = Netns::resolve(&format!("/proc/{pid}/ns/net")).map_err(usage)?;
     n.label = pick.describe();
     n.owner = Some(o);

@@ -33,8 +33,22 @@ pub const TOOLS: &[Tool] = &[
     t("ping", "iputils-ping", Need::Test),
     t("tcpdump", "tcpdump", Need::Test),
     t("setpriv", "util-linux", Need::Test),
-    // The agent's metrics, scraped by a real Prometheus server.
+    // The agent's metrics, scraped by a real Prometheus server (promtool checks its rules).
     t("prometheus", "prometheus", Need::Test),
+    t("promtool", "prometheus", Need::Test),
+    // Real containers and pods the agent and trace name by owner: podman containers on runc,
+    // pod sandboxes through containerd's CRI plugin with the CNI plugins, images made from
+    // busybox-static (and tar).
+    t("podman", "podman", Need::Test),
+    t("runc", "runc", Need::Test),
+    t("containerd", "containerd", Need::Test),
+    t("ctr", "containerd", Need::Test),
+    t("/usr/lib/cni/loopback", "containernetworking-plugins", Need::Test),
+    t("/usr/lib/cni/ptp", "containernetworking-plugins", Need::Test),
+    t("/usr/lib/cni/host-local", "containernetworking-plugins", Need::Test),
+    t("busybox", "busybox-static", Need::Test),
+    t("tar", "tar", Need::Test),
+    t("nsenter", "util-linux", Need::Test),
     // The dashboard in a pseudo-terminal.
     t("script", "bsdutils", Need::Test),
     // Bench: workloads, CPU pinning, the bpftrace baseline in a private mount namespace.
@@ -49,7 +63,6 @@ pub const TOOLS: &[Tool] = &[
     t("ss", "iproute2", Need::Bench),
     // Kernel guests: fetch and unpack Debian's kernel packages, build an initramfs, boot.
     t("qemu-system-x86_64", "qemu-system-x86", Need::Vm),
-    t("busybox", "busybox-static", Need::Vm),
     t("cpio", "cpio", Need::Vm),
     t("modprobe", "kmod", Need::Vm),
     t("depmod", "kmod", Need::Vm),

@@ -35,7 +35,7 @@ fn get(port: u16, path: &str) -> Option<String> {
 }
 
 /// Waits up to `secs` for `f` to give Some, polling every 100 ms; panics with `what` otherwise.
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     loop {
         if let Some(v) = f() {

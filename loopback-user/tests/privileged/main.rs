@@ -12,6 +12,7 @@ mod tools;
 
 mod agent;
 mod cleanup;
+mod containers;
 mod filter;
 mod kernels;
 mod load;
