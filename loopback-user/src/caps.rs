@@ -57,6 +57,9 @@ pub fn drop_all_but(keep: u64) -> Result<()> {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
+    // A capability the process does not have cannot be kept (capset refuses to add it): a
+    // process started with fewer keeps what it has of `keep`.
+    let keep = keep & permitted().unwrap_or(u64::MAX);
     let lo = keep as u32;
     let hi = (keep >> 32) as u32;
     let data = [
@@ -79,9 +82,18 @@ pub fn drop_all_but(keep: u64) -> Result<()> {
     Ok(())
 }
 
+fn status_mask(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix(key))?.trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
 /// This thread's effective capability mask, from /proc (for messages and tests).
 pub fn effective() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
-    u64::from_str_radix(hex, 16).ok()
+    status_mask("CapEff:")
+}
+
+/// This thread's permitted capability mask.
+pub fn permitted() -> Option<u64> {
+    status_mask("CapPrm:")
 }

@@ -83,7 +83,7 @@ pub struct AgentMaps {
 impl AgentBpf {
     pub fn open(bounds: &Bounds, filter: bool, raw_tp: bool, kernel_cost: bool) -> Result<Self> {
         let obj = object::check_built()?;
-        privileges().require()?;
+        privileges().require_tracing()?;
         let kbtf = KernelBtf::load()?;
         let offsets: KernelOffsets = kbtf.offsets()?;
         let drop_reasons = kbtf.drop_reasons();

@@ -177,6 +177,15 @@ impl Privileges {
         }
         Ok(())
     }
+
+    /// What the agent needs: it attaches only tracepoints (no tc, no XDP), so CAP_BPF and
+    /// CAP_PERFMON (CAP_SYS_PTRACE, to see other processes' namespaces, is checked by use).
+    pub fn require_tracing(&self) -> Result<()> {
+        if !(self.cap_bpf && self.cap_perfmon) {
+            bail!("lotrace agent needs root (or CAP_BPF and CAP_PERFMON): run it with sudo");
+        }
+        Ok(())
+    }
 }
 
 /// The errno inside an aya/io error chain, if any.

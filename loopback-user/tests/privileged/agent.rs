@@ -67,9 +67,22 @@ impl Drop for Agent {
 impl Agent {
     /// `lotrace agent --listen 127.0.0.1:PORT ARGS`, once it serves.
     pub(crate) fn start(args: &[&str]) -> Self {
+        Self::start_in(Command::new(BIN), args)
+    }
+
+    /// The same, with only the capabilities `caps` (e.g. `BPF`) in its bounding set, as a
+    /// container given exactly those would run it.
+    pub(crate) fn start_with_caps(caps: &[String], args: &[&str]) -> Self {
+        let set: String = caps.iter().map(|c| format!(",+{}", c.to_lowercase())).collect();
+        let mut c = Command::new(tools::require("setpriv"));
+        c.arg(format!("--bounding-set=-all{set}")).arg("--").arg(BIN);
+        Self::start_in(c, args)
+    }
+
+    fn start_in(mut cmd: Command, args: &[&str]) -> Self {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
-        let mut child = Command::new(BIN)
+        let mut child = cmd
             .args(["agent", "--listen", &listen])
             .args(args)
             .stdout(Stdio::null())
@@ -570,7 +583,7 @@ fn agent_with_netns_counts_only_those_and_a_bad_listen_is_one_line() {
 
 /// A real Prometheus server (Debian's), in a throwaway directory, scraping the agent every
 /// second; stopped and removed by Drop.
-struct Prometheus {
+pub(crate) struct Prometheus {
     child: Child,
     port: u16,
     dir: std::path::PathBuf,
@@ -586,12 +599,19 @@ impl Drop for Prometheus {
 
 impl Prometheus {
     fn start(target_port: u16) -> Self {
+        Self::start_with(target_port, None)
+    }
+
+    /// Scraping the agent on `target_port`, evaluating the rules file `rules` (if any) every
+    /// second.
+    pub(crate) fn start_with(target_port: u16, rules: Option<&std::path::Path>) -> Self {
         let bin = tools::path_of("prometheus").unwrap_or_else(|e| panic!("{e}"));
         let dir = std::env::temp_dir().join(format!("lotrace-prometheus-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("data")).expect("prometheus dir");
+        let rule_files = rules.map_or(String::new(), |r| format!("rule_files:\n  - {}\n", r.display()));
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: lotrace\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n{rule_files}scrape_configs:\n  - job_name: lotrace\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"
         );
         std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus.yml");
         let port = free_port();
@@ -611,7 +631,7 @@ impl Prometheus {
     }
 
     /// An instant query: (labels, value) per series; None while Prometheus does not answer.
-    fn query(&self, q: &str) -> Option<Vec<(Value, f64)>> {
+    pub(crate) fn query(&self, q: &str) -> Option<Vec<(Value, f64)>> {
         let enc: String = q
             .bytes()
             .map(|b| match b {

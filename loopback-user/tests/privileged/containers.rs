@@ -255,6 +255,20 @@ fn trace_summary(args: &[&str], during: impl FnOnce()) -> (String, Value) {
     (first, summary_of(&rest))
 }
 
+/// The capabilities deploy/kubernetes/lotrace.yaml adds (its `add: [..]` line).
+fn daemonset_caps() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes/lotrace.yaml");
+    let text = std::fs::read_to_string(path).expect("the DaemonSet manifest");
+    let list = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("add: ["))
+        .and_then(|l| l.strip_suffix(']'))
+        .expect("`add: [..]` in the DaemonSet");
+    let caps: Vec<String> = list.split(',').map(|c| c.trim().to_string()).collect();
+    assert!(caps.contains(&"BPF".to_string()), "{caps:?}");
+    caps
+}
+
 #[test]
 fn podman_containers_are_named_by_id_and_name_in_metrics_and_in_trace() {
     if !privileged() {
@@ -262,7 +276,12 @@ fn podman_containers_are_named_by_id_and_name_in_metrics_and_in_trace() {
     }
     let podman = Podman::new();
     let root = podman.root();
-    let agent = Agent::start(&["--podman-root", root.to_str().expect("utf-8"), "--forget-after", "1"]);
+    // With exactly the capabilities the DaemonSet gives it.
+    let caps = daemonset_caps();
+    let agent = Agent::start_with_caps(
+        &caps,
+        &["--podman-root", root.to_str().expect("utf-8"), "--forget-after", "1"],
+    );
     let name = format!("lt-web-{}", std::process::id());
     let id = podman.run_web(&name);
     let started = Instant::now();
@@ -346,6 +365,109 @@ fn podman_containers_are_named_by_id_and_name_in_metrics_and_in_trace() {
     });
     let (rc, last) = agent.stop();
     assert_eq!(rc, 0, "{last}");
+}
+
+/// Every metric family and label the agent serves is in docs/agent.md.
+fn check_documented(text: &str) {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/agent.md")).expect("docs");
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let fam = rest.split(' ').next().expect("family");
+            let kind = rest.split(' ').nth(1).unwrap_or("");
+            let shown = match kind {
+                "counter" => format!("`{fam}_total`"),
+                _ => format!("`{fam}`"),
+            };
+            let name = if fam == "lotrace_lo" {
+                "`lotrace_lo_bytes_total`".into()
+            } else {
+                shown
+            };
+            assert!(doc.contains(&name), "{name} is not in docs/agent.md");
+        } else if let Some((_, labels)) = l.split_once('{') {
+            for kv in labels.split("\",") {
+                let Some((k, _)) = kv.split_once("=\"") else { continue };
+                assert!(
+                    k == "le" || doc.contains(&format!("`{k}`")),
+                    "label `{k}` is not in docs/agent.md"
+                );
+            }
+        }
+    }
+}
+
+/// Runs every query of deploy/grafana/lotrace.json (its variables set to "All") and every
+/// recording rule of deploy/prometheus/lotrace-rules.yaml against a real Prometheus scraping
+/// `agent`, while pings run in the namespace of `pid`: each returns data.
+fn check_dashboard(agent: &Agent, pid: u32) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let rules = repo.join("deploy/prometheus/lotrace-rules.yaml");
+    let prom = crate::agent::Prometheus::start_with(agent.port, Some(&rules));
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo.join("deploy/grafana/lotrace.json")).expect("dashboard"))
+            .expect("dashboard JSON");
+    let exprs: Vec<(String, String)> = dash["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("?").to_string();
+            p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |t| (title.clone(), t["expr"].as_str().expect("expr").to_string()))
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pinger = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let ns = Netns::resolve(&format!("/proc/{pid}/ns/net")).expect("pod netns");
+            // Bounded: at most 600 pings, 50 ms apart.
+            for seq in 0..600u16 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let _ = ns.run(|| {
+                    traffic::icmp_echo(std::net::Ipv4Addr::LOCALHOST.into(), 0, 77, seq, Duration::from_secs(1))
+                });
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    for (title, e) in &exprs {
+        let q = e
+            .replace("$__rate_interval", "15s")
+            .replace("\"$namespace\"", "\".*\"")
+            .replace("\"$owner\"", "\".*\"");
+        wait_for(60, &format!("dashboard panel {title:?} to return data: {q}"), || {
+            let rows = prom.query(&q)?;
+            rows.iter().any(|(_, v)| v.is_finite()).then_some(())
+        });
+    }
+    for (rec, want) in [
+        ("k8s_workload:lotrace_lo_packets:rate1m", "web"),
+        ("k8s_workload:lotrace_lo_drops:rate1m", "web"),
+        ("k8s_workload_stage:lotrace_lo_latency_seconds_bucket:rate1m", "web"),
+    ] {
+        let q = format!("{rec}{{k8s_workload_name=\"{want}\",k8s_namespace_name=\"shop\"}}");
+        wait_for(60, &format!("recording rule {rec}"), || {
+            (!prom.query(&q)?.is_empty()).then_some(())
+        });
+    }
+    // The dashboard's variables find the pods' namespaces.
+    let ns = prom
+        .query("count by (k8s_namespace_name) (lotrace_netns_info)")
+        .expect("query");
+    let names: Vec<&str> = ns
+        .iter()
+        .filter_map(|(m, _)| m["k8s_namespace_name"].as_str())
+        .collect();
+    assert!(names.contains(&"shop") && names.contains(&"infra"), "{names:?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    pinger.join().expect("pinger");
+    check_documented(&agent.metrics());
 }
 
 /// Debian's containerd with its CRI plugin, on state of its own, run inside a throwaway network
@@ -664,6 +786,17 @@ fn pods_made_through_containerds_cri_are_named_by_pod_and_namespace() {
             .collect();
         assert!(!rows.is_empty() && rows.iter().all(|r| r.contains(&want)), "{rows:?}");
     }
+    // A drop in pod A (a UDP datagram to a port nothing listens on), then a real Prometheus
+    // scraping the agent: every dashboard panel's query and every recording rule return data.
+    Netns::resolve(&format!("/proc/{pid_a}/ns/net"))
+        .expect("pod netns")
+        .run(|| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            s.send_to(b"nobody listens", "127.0.0.1:9")
+        })
+        .expect("enter the pod")
+        .expect("send");
+    check_dashboard(&agent, pid_a);
     // `trace --pod NS/NAME` traces that pod's namespace and says whose it is.
     let (first, sum) = trace_summary(&["--pod", "shop/web-5d8f7c9b6-abcde", "--cri-socket", &sock], || {
         let ns = Netns::resolve(&format!("/proc/{pid_a}/ns/net")).expect("pod netns");
