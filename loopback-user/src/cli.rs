@@ -397,6 +397,9 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
                 Some(text) => Some((text.clone(), filter::parse(&text).map_err(usage)?)),
                 None => None,
             };
+            if replay.is_some() && owner.pick()?.is_some() {
+                return Err(usage("--container and --pod pick a live namespace: not with --replay"));
+            }
             let netns = chosen_netns(netns, &owner).await?;
             crate::tui::run(crate::tui::TuiConfig {
                 netns,

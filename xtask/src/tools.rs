@@ -14,7 +14,8 @@ pub enum Need {
     Vm,
 }
 
-/// One external program: its command name, the Debian package that installs it, who needs it.
+/// One external program: its command name (or, for one that lives off PATH such as a CNI
+/// plugin, its absolute path under /usr/lib), the Debian package that installs it, who needs it.
 #[derive(Clone, Copy, Debug)]
 pub struct Tool {
     pub bin: &'static str,

@@ -66,6 +66,8 @@ pub struct State {
     /// again only at the next periodic listing).
     pub cri_listed: Option<Instant>,
     cri_unknown: BTreeSet<String>,
+    /// Each CRI socket's listings and failures so far.
+    pub cri_health: BTreeMap<PathBuf, owner::CriCounts>,
     /// Namespaces that went away: their last counters, still served for `forget_after`.
     gone: HashMap<u32, Gone>,
     pub forget_after: Duration,
@@ -108,6 +110,7 @@ impl State {
             cri_due: true,
             cri_listed: None,
             cri_unknown: BTreeSet::new(),
+            cri_health: BTreeMap::new(),
             gone: HashMap::new(),
             forget_after,
         }
@@ -595,6 +598,43 @@ impl Collector for AgentCollector {
             "Namespaces released because they went away",
             None,
             &[(vec![], st.released)],
+        )?;
+        let socks: Vec<(String, owner::CriCounts)> = st
+            .cri_health
+            .iter()
+            .map(|(p, c)| (p.display().to_string(), *c))
+            .collect();
+        let rows: Vec<_> = socks
+            .iter()
+            .map(|(p, c)| (vec![("socket", p.as_str())], c.listings))
+            .collect();
+        counter(
+            &mut enc,
+            "lotrace_agent_cri_listings",
+            "Listings of pods and containers asked of each CRI socket (--cri-socket)",
+            None,
+            &rows,
+        )?;
+        let rows: Vec<_> = socks
+            .iter()
+            .map(|(p, c)| (vec![("socket", p.as_str())], c.failures))
+            .collect();
+        counter(
+            &mut enc,
+            "lotrace_agent_cri_failures",
+            "Of those, the ones that failed (socket missing, refusing, or slower than 2 s): pods are then named from cgroups only",
+            None,
+            &rows,
+        )?;
+        let rows: Vec<_> = socks
+            .iter()
+            .map(|(p, c)| (vec![("socket", p.as_str())], f64::from(u8::from(c.up))))
+            .collect();
+        gauge(
+            &mut enc,
+            "lotrace_agent_cri_up",
+            "Whether the last listing of each CRI socket answered (1) or not (0)",
+            &rows,
         )?;
         let overflow = st.maps.overflow();
         let rows: Vec<_> = overflow.iter().map(|(m, v)| (vec![("map", *m)], *v)).collect();

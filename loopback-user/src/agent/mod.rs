@@ -80,7 +80,9 @@ async fn cri_lister(state: Arc<Mutex<State>>) {
             eprintln!("lotrace agent: {line}")
         })
         .await;
-        lock(&state).cri_listed(listings);
+        let mut st = lock(&state);
+        st.cri_health = health.1.clone();
+        st.cri_listed(listings);
     }
 }
 

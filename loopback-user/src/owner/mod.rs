@@ -367,11 +367,29 @@ pub fn cgroup_of(proc: &Path, pid: u32) -> CgroupOwner {
         .unwrap_or_default()
 }
 
-/// Which CRI sockets failed, so that each failure is told once and its recovery once.
-#[derive(Debug, Default)]
-pub struct CriHealth(HashSet<PathBuf>);
+/// Which CRI sockets failed, so that each failure is told once and its recovery once; and
+/// every socket's listings and failures (`lotrace_agent_cri_*`).
+#[derive(Debug, Default, Clone)]
+pub struct CriHealth(HashSet<PathBuf>, pub BTreeMap<PathBuf, CriCounts>);
+
+/// One CRI socket's record.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CriCounts {
+    pub listings: u64,
+    pub failures: u64,
+    /// Whether its last listing answered.
+    pub up: bool,
+}
 
 impl CriHealth {
+    /// Counts one listing of `socket`.
+    pub fn count(&mut self, socket: &Path, ok: bool) {
+        let c = self.1.entry(socket.to_path_buf()).or_default();
+        c.listings += 1;
+        c.failures += u64::from(!ok);
+        c.up = ok;
+    }
+
     /// Records one attempt's outcome on `socket`; the line to print, if any.
     pub fn record(&mut self, socket: &Path, explicit: bool, r: &Result<(), String>) -> Option<String> {
         match r {
@@ -390,25 +408,37 @@ impl CriHealth {
     }
 }
 
-/// Lists every CRI socket of `src` once (each call bounded), telling failures through `say`.
+/// Lists every CRI socket of `src` once, all at once (each call bounded: a slow runtime delays
+/// no other), telling failures through `say`.
 pub async fn list_cri(
     src: &Sources,
     clients: &mut HashMap<PathBuf, cri::RuntimeServiceClient<tonic::transport::Channel>>,
     health: &mut CriHealth,
     mut say: impl FnMut(String),
 ) -> BTreeMap<PathBuf, cri::Listing> {
-    let mut out = BTreeMap::new();
+    let mut calls = tokio::task::JoinSet::new();
     for (sock, explicit) in &src.cri {
         if !explicit && !sock.exists() {
             continue;
         }
-        let c = clients.entry(sock.clone()).or_insert_with(|| cri::client(sock.clone()));
-        let r = cri::list(c).await;
-        if let Some(line) = health.record(sock, *explicit, &r.as_ref().map(|_| ()).map_err(Clone::clone)) {
+        let mut c = clients
+            .entry(sock.clone())
+            .or_insert_with(|| cri::client(sock.clone()))
+            .clone();
+        let (sock, explicit) = (sock.clone(), *explicit);
+        calls.spawn(async move { (sock, explicit, cri::list(&mut c).await) });
+    }
+    // Each told as it finishes: a slow one holds up no other's line.
+    let mut out = BTreeMap::new();
+    while let Some(r) = calls.join_next().await {
+        let Ok((sock, explicit, r)) = r else { continue };
+        let outcome = r.as_ref().map(|_| ()).map_err(Clone::clone);
+        if let Some(line) = health.record(&sock, explicit, &outcome) {
             say(line);
         }
+        health.count(&sock, outcome.is_ok());
         if let Ok(l) = r {
-            out.insert(sock.clone(), l);
+            out.insert(sock, l);
         }
     }
     out

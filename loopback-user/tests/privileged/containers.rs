@@ -89,7 +89,7 @@ impl Podman {
         let rootfs = dir.0.join("rootfs");
         busybox_rootfs(&rootfs);
         let p = Self { dir };
-        let tar = Command::new("tar")
+        let mut tar = Command::new(tools::require("tar"))
             .args(["-C"])
             .arg(&rootfs)
             .args(["-c", "."])
@@ -105,9 +105,10 @@ impl Podman {
                 "-",
                 "localhost/lotrace-busybox:1",
             ])
-            .stdin(tar.stdout.expect("tar stdout"))
+            .stdin(tar.stdout.take().expect("tar stdout"))
             .output()
             .expect("podman import");
+        assert!(tar.wait().expect("tar").success(), "tar of the root file system");
         assert!(
             out.status.success(),
             "podman import: {}",
@@ -365,6 +366,107 @@ fn podman_containers_are_named_by_id_and_name_in_metrics_and_in_trace() {
     });
     let (rc, last) = agent.stop();
     assert_eq!(rc, 0, "{last}");
+}
+
+/// A CRI socket that accepts connections and never answers, until dropped.
+struct Mute {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Mute {
+    fn at(path: &Path) -> Self {
+        let l = std::os::unix::net::UnixListener::bind(path).expect("bind a mute socket");
+        l.set_nonblocking(true).expect("nonblocking");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((c, _)) => held.push(c),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Mute {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runtime sockets that are missing, refuse, or never answer: an agent given only those still
+/// counts the pod of namespace `ino` and labels it from its cgroup (owner pod, its UID), says
+/// each once however often it retries, and answers every scrape meanwhile.
+fn runtime_faults(ctrd: &mut Containerd, ino: u32, uid: &str) {
+    let d = ctrd.dir.0.join("faults");
+    std::fs::create_dir_all(&d).expect("dir");
+    let missing = d.join("missing.sock");
+    let refusing = d.join("refusing.sock");
+    drop(std::os::unix::net::UnixListener::bind(&refusing).expect("bind"));
+    let slow = d.join("slow.sock");
+    let _mute = Mute::at(&slow);
+    let socks = [&missing, &refusing, &slow].map(|p| p.display().to_string());
+    let agent = Agent::start(&[
+        "--cri-socket",
+        &socks[0],
+        "--cri-socket",
+        &socks[1],
+        "--cri-socket",
+        &socks[2],
+        "--forget-after",
+        "0",
+    ]);
+    let info = wait_for(10, "the pod labelled from its cgroup", || {
+        info_of(&agent.metrics(), ino).filter(|i| i.get("k8s_pod_uid").is_some())
+    });
+    assert_eq!(info.get("owner").map(String::as_str), Some("pod"), "{info:?}");
+    assert_eq!(info.get("k8s_pod_uid").map(String::as_str), Some(uid), "{info:?}");
+    assert_eq!(info.get("k8s_pod_name"), None, "no runtime answered: {info:?}");
+    // A new pod makes the agent ask the runtimes again; every scrape meanwhile is answered
+    // (the slow socket's calls wait 2 s each, in a task of their own).
+    let uid_c = format!("{:08x}-0000-4000-8000-00000000000c", std::process::id());
+    let (id_c, pid_c) = ctrd.run_pod("late-1", "shop", &uid_c);
+    let ino_c = netns_of(pid_c);
+    let mut scrapes = 0;
+    wait_for(10, "the late pod labelled from its cgroup", || {
+        scrapes += 1;
+        info_of(&agent.metrics(), ino_c).filter(|i| i.get("k8s_pod_uid") == Some(&uid_c))
+    });
+    // Asked again (the late pod was new), each failure counted, while scrapes are answered.
+    let failed = |t: &str, s: &str| {
+        t.lines()
+            .find(|l| l.starts_with("lotrace_agent_cri_failures_total{") && l.contains(&format!("socket=\"{s}\"")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    wait_for(20, "every bad socket asked twice", || {
+        scrapes += 1;
+        let t = agent.metrics();
+        socks.iter().all(|s| failed(&t, s) >= Some(2.0)).then_some(())
+    });
+    assert!(
+        agent
+            .metrics()
+            .contains(&format!("lotrace_agent_cri_up{{socket=\"{}\"}} 0", socks[2]))
+    );
+    ctrd.remove_pod(&id_c);
+    let (rc, err) = agent.stop();
+    assert_eq!(rc, 0, "{err}");
+    for s in &socks {
+        let n = err.lines().filter(|l| l.contains(s.as_str())).count();
+        assert_eq!(n, 1, "{s} told {n} times (once wanted): {err}");
+    }
+    assert!(scrapes >= 2, "scraped {scrapes} times while the runtimes failed");
 }
 
 /// Every metric family and label the agent serves is in docs/agent.md.
@@ -820,6 +922,7 @@ fn pods_made_through_containerds_cri_are_named_by_pod_and_namespace() {
     let (rc, _, err) = crate::support::run_bin(&["trace", "--pod", "shop/lt-no-such-pod", "--cri-socket", &sock]);
     assert_eq!((rc, err.lines().count()), (2, 1), "{err}");
     assert!(err.contains("no pod shop/lt-no-such-pod found"), "{err}");
+    runtime_faults(&mut ctrd, ino_a, &uid_a);
     // A removed pod's series go at the next scan (--forget-after 0).
     ctrd.remove_pod(&id_a);
     wait_for(10, "the removed pod's series to go", || {
