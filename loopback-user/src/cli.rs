@@ -326,10 +326,38 @@ async fn find_owned(pick: &crate::owner::Pick, src: owner::Sources) -> Result<(u
     }
 }
 
+/// Whose the namespace of a `--netns /proc/PID/ns/net` (or the host's) is, from files only:
+/// the cgroup of PID, podman's and docker's state (no runtime call at start).
+fn owner_of_path(n: &Netns, owner: &OwnerArgs) -> Option<owner::Owner> {
+    let proc = std::path::Path::new("/proc");
+    let host = crate::agent::discover::inode_of(&proc.join("1/ns/net"));
+    let src = owner::Sources::new(&owner.cri_socket, &owner.podman_root, None, None);
+    let mut names = owner::Names::default();
+    names.refresh_files(&src);
+    if host == Some(n.inode) {
+        return Some(names.owner(&src, "host", &owner::CgroupOwner::default()));
+    }
+    let pid: u32 = n
+        .path
+        .strip_prefix("/proc")
+        .ok()?
+        .iter()
+        .next()?
+        .to_str()?
+        .parse()
+        .ok()?;
+    let o = names.owner(&src, "process", &owner::cgroup_of(proc, pid));
+    (o.kind == "container" || o.kind == "pod").then_some(o)
+}
+
 /// `--netns`, or the namespace `--container`/`--pod` names (with its owner).
 async fn chosen_netns(spec: Option<String>, owner: &OwnerArgs) -> Result<Option<Netns>> {
     let Some(pick) = owner.pick()? else {
-        return given_netns(spec);
+        let mut n = given_netns(spec)?;
+        if let Some(n) = n.as_mut() {
+            n.owner = owner_of_path(n, owner);
+        }
+        return Ok(n);
     };
     let src = owner::Sources::new(&owner.cri_socket, &owner.podman_root, None, None);
     let (pid, _, o) = find_owned(&pick, src).await.map_err(usage)?;
@@ -370,7 +398,11 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             let print = print.opts()?;
             let netns = match chosen_netns(netns, &owner).await? {
                 Some(n) => n,
-                None => Netns::current()?,
+                None => {
+                    let mut n = Netns::current()?;
+                    n.owner = owner_of_path(&n, &owner);
+                    n
+                }
             };
             trace::run(TraceConfig {
                 netns,

@@ -672,6 +672,34 @@ mod tests {
     }
 
     #[test]
+    fn docker_names_come_from_config_v2_json() {
+        let dir = std::env::temp_dir().join(format!("lotrace-docker-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let id = "d".repeat(64);
+        std::fs::create_dir_all(dir.join("containers").join(&id)).expect("mkdir");
+        std::fs::write(
+            dir.join("containers").join(&id).join("config.v2.json"),
+            r#"{"ID":"x","Name":"/redis-1","State":{}}"#,
+        )
+        .expect("write");
+        let src = Sources::new(&[], &[PathBuf::from("/nonexistent")], Some(dir.clone()), None);
+        let mut n = Names::default();
+        let c = CgroupOwner {
+            container_id: Some(id.clone()),
+            runtime: Some("docker"),
+            pod_uid: None,
+        };
+        let o = n.owner(&src, "process", &c);
+        assert_eq!(
+            (o.runtime.as_deref(), o.container_name.as_deref()),
+            (Some("docker"), Some("redis-1"))
+        );
+        assert!(n.knows(&c));
+        assert!(Pick::Container("redis-1".into()).matches(&o));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_failing_cri_socket_is_told_once_and_its_recovery_once() {
         let mut h = CriHealth::default();
         let s = Path::new("/nonexistent/cri.sock");

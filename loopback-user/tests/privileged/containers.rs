@@ -334,10 +334,17 @@ fn podman_containers_are_named_by_id_and_name_in_metrics_and_in_trace() {
             "{s}"
         );
     }
-    // `trace --container NAME` and `--container ID-PREFIX` trace that namespace, and say whose.
-    for pick in [name.as_str(), &id[..12]] {
+    // `trace --container NAME` and `--container ID-PREFIX` trace that namespace, and say whose;
+    // So does `--netns /proc/PID/ns/net` of a process in it.
+    let by_path = format!("/proc/{pid}/ns/net");
+    for pick in [
+        ["--container", name.as_str()],
+        ["--container", &id[..12]],
+        ["--netns", &by_path],
+    ] {
         let root = root.to_str().expect("utf-8");
-        let (first, sum) = trace_summary(&["--container", pick, "--podman-root", root], || podman.wget(&name, 5));
+        let args = [pick[0], pick[1], "--podman-root", root];
+        let (first, sum) = trace_summary(&args, || podman.wget(&name, 5));
         assert!(
             first.contains(&format!("inode {ino}, container {name} (podman {})", &id[..12])),
             "{first}"
