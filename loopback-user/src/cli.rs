@@ -161,6 +161,13 @@ pub enum Cmd {
         /// counts on /metrics before its series are removed; 0 removes them at once.
         #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_secs_or_zero)]
         forget_after: Duration,
+        /// Also push the metrics to an OpenTelemetry collector, OTLP/HTTP protobuf, at URL
+        /// (e.g. http://127.0.0.1:4318; /v1/metrics is added).
+        #[arg(long, value_name = "URL", value_parser = crate::agent::otlp::parse_url)]
+        otlp: Option<hyper::Uri>,
+        /// How often to push with --otlp.
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_secs, requires = "otlp")]
+        otlp_every: Duration,
     },
     /// Prove, with evidence from the running kernel, that traffic to local addresses stays on lo.
     /// With no target: builds a throwaway sandbox namespace and proves 127.0.0.1, another 127/8
@@ -456,10 +463,13 @@ pub async fn dispatch(cli: Cli) -> Result<i32> {
             docker_root,
             node_name,
             forget_after,
+            otlp,
+            otlp_every,
         } => {
             crate::agent::run(crate::agent::AgentConfig {
                 sources: crate::owner::Sources::new(&cri_socket, &podman_root, docker_root, node_name),
                 forget_after,
+                otlp: otlp.map(|url| crate::agent::otlp::OtlpConfig { url, every: otlp_every }),
                 listen,
                 netns,
                 bounds: crate::agent::bpf::Bounds {

@@ -70,7 +70,59 @@ pub struct State {
     pub cri_health: BTreeMap<PathBuf, owner::CriCounts>,
     /// Namespaces that went away: their last counters, still served for `forget_after`.
     gone: HashMap<u32, Gone>,
+    /// OTLP exports (`--otlp`): sent, dropped.
+    pub otlp_exports: (u64, u64),
+    pub otlp: bool,
     pub forget_after: Duration,
+}
+
+/// Every namespace's counters now (gone ones' last), drops by name, owners: what an export
+/// carries.
+pub struct Snapshot {
+    pub totals: Vec<(u32, NetnsCounters)>,
+    /// (namespace, drop reason, count), copies delivered aside.
+    pub drops: Vec<(u32, String, u64)>,
+    pub owners: BTreeMap<u32, Owner>,
+}
+
+impl State {
+    pub fn snapshot(&self) -> Snapshot {
+        let mut totals = self.maps.netns_totals();
+        let live: BTreeSet<u32> = totals.iter().map(|(k, _)| *k).collect();
+        totals.extend(
+            self.gone
+                .iter()
+                .filter(|(k, _)| !live.contains(k))
+                .map(|(k, g)| (*k, g.counters)),
+        );
+        totals.sort_by_key(|(k, _)| *k);
+        let mut all = self.maps.drop_totals();
+        let live: BTreeSet<u32> = all.iter().map(|(k, _)| k.netns).collect();
+        for (ino, g) in &self.gone {
+            if !live.contains(ino) {
+                all.extend(g.drops.iter().cloned());
+            }
+        }
+        let mut drops: Vec<(u32, String, u64)> = all
+            .into_iter()
+            .filter(|(k, _)| k.reason != agent::COPY_DELIVERED)
+            .map(|(k, n)| {
+                let r = self
+                    .bpf
+                    .drop_reasons
+                    .get(&(k.reason as u64))
+                    .cloned()
+                    .unwrap_or_else(|| k.reason.to_string());
+                (k.netns, r, n)
+            })
+            .collect();
+        drops.sort();
+        let mut owners = self.owners.clone();
+        for (ino, g) in &self.gone {
+            owners.entry(*ino).or_insert_with(|| g.owner.clone());
+        }
+        Snapshot { totals, drops, owners }
+    }
 }
 
 /// A namespace that went away, as it was last counted.
@@ -113,6 +165,8 @@ impl State {
             cri_health: BTreeMap::new(),
             gone: HashMap::new(),
             forget_after,
+            otlp_exports: (0, 0),
+            otlp: false,
         }
     }
 
@@ -636,6 +690,19 @@ impl Collector for AgentCollector {
             "Whether the last listing of each CRI socket answered (1) or not (0)",
             &rows,
         )?;
+        if st.otlp {
+            let (sent, dropped) = st.otlp_exports;
+            counter(
+                &mut enc,
+                "lotrace_agent_otlp_exports",
+                "Exports to the OTLP collector (--otlp), by outcome: dropped ones (collector down, slow or refusing) are not retried",
+                None,
+                &[
+                    (vec![("outcome", "sent")], sent),
+                    (vec![("outcome", "dropped")], dropped),
+                ],
+            )?;
+        }
         let overflow = st.maps.overflow();
         let rows: Vec<_> = overflow.iter().map(|(m, v)| (vec![("map", *m)], *v)).collect();
         counter(

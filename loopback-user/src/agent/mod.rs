@@ -7,6 +7,7 @@
 pub mod bpf;
 pub mod discover;
 pub mod metrics;
+pub mod otlp;
 
 use std::{
     convert::Infallible,
@@ -53,6 +54,8 @@ pub struct AgentConfig {
     pub sources: crate::owner::Sources,
     /// How long a gone namespace's last counts are still served.
     pub forget_after: Duration,
+    /// `--otlp URL`: push the metrics to an OpenTelemetry collector too.
+    pub otlp: Option<otlp::OtlpConfig>,
 }
 
 /// How often the CRI sockets are listed when nothing new asks for it sooner.
@@ -202,6 +205,10 @@ pub async fn run(cfg: AgentConfig) -> Result<i32> {
         );
     }
     let lister = tokio::spawn(cri_lister(state.clone()));
+    let exporter = cfg.otlp.clone().map(|o| {
+        lock(&state).otlp = true;
+        tokio::spawn(otlp::run(state.clone(), o))
+    });
     let mut tick = tokio::time::interval(SCAN_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let why = loop {
@@ -217,6 +224,9 @@ pub async fn run(cfg: AgentConfig) -> Result<i32> {
         }
     };
     lister.abort();
+    if let Some(e) = exporter {
+        e.abort();
+    }
     let mut st = lock(&state);
     st.bpf.stop();
     let packets: u64 = st

@@ -16,6 +16,7 @@ mod containers;
 mod filter;
 mod kernels;
 mod load;
+mod otlp;
 mod paths;
 mod prove;
 mod recording;
