@@ -482,6 +482,27 @@ pub(crate) fn icmp_echo_paths(extra: &[&str]) {
     );
 }
 
+/// A directory removed when dropped (a failing assertion's way out included).
+struct RemovedDir(std::path::PathBuf);
+
+impl Drop for RemovedDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed (and reaped) when dropped, unless it already ended.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Runs `workload` in the sandbox under lotrace and tcpdump at once, then checks lotrace's
 /// records against both: exactly one record per `lo` crossing (the kernel's tx counter), each
 /// with one transmit, and its TCP headers those of a segment tcpdump saw (one to one).
@@ -499,17 +520,21 @@ pub(crate) fn exact_against_tcpdump_env(
 ) -> Value {
     let dir = std::env::temp_dir().join(format!("lotrace-exact-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
+    let _gone = RemovedDir(dir.clone());
     let pcap = dir.join("lo.pcap");
     let ours = dir.join("lotrace.pcapng");
     let t = start_env(sb, &["--format", "json", "--pcapng", ours.to_str().expect("utf8")], env);
-    let mut td = Command::new("ip")
-        .args(["netns", "exec", &sb.name, tools::require("tcpdump")])
-        .args(["--immediate-mode", "-U", "-i", "lo", "-s", "128", "-w"])
-        .arg(&pcap)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    let mut td_err = BufReader::new(td.stderr.take().expect("stderr"));
+    // Killed on every way out, a failing workload's panic included.
+    let mut td = Reaped(
+        Command::new("ip")
+            .args(["netns", "exec", &sb.name, tools::require("tcpdump")])
+            .args(["--immediate-mode", "-U", "-i", "lo", "-s", "128", "-w"])
+            .arg(&pcap)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump"),
+    );
+    let mut td_err = BufReader::new(td.0.stderr.take().expect("stderr"));
     let mut line = String::new();
     while !line.contains("listening on") {
         line.clear();
@@ -521,8 +546,8 @@ pub(crate) fn exact_against_tcpdump_env(
     let before = lo_tx_packets(sb);
     sb.netns.run(workload).expect("netns");
     let after = lo_tx_packets(sb);
-    signal(td.id(), libc::SIGINT);
-    assert!(td.wait().expect("tcpdump").success());
+    signal(td.0.id(), libc::SIGINT);
+    assert!(td.0.wait().expect("tcpdump").success());
     let mut td_text = String::new();
     td_err.read_to_string(&mut td_text).expect("tcpdump stderr");
     assert!(
@@ -632,7 +657,6 @@ pub(crate) fn exact_against_tcpdump_env(
         ps.len(),
         "{name}: pcapng blocks vs records"
     );
-    let _ = std::fs::remove_dir_all(&dir);
     summary
 }
 
