@@ -82,6 +82,8 @@ pub struct Snapshot {
     pub totals: Vec<(u32, NetnsCounters)>,
     /// (namespace, drop reason, count), copies delivered aside.
     pub drops: Vec<(u32, String, u64)>,
+    /// (namespace, packets freed as dropped while a copy was delivered).
+    pub copies: Vec<(u32, u64)>,
     pub owners: BTreeMap<u32, Owner>,
 }
 
@@ -103,6 +105,12 @@ impl State {
                 all.extend(g.drops.iter().cloned());
             }
         }
+        let mut copies: Vec<(u32, u64)> = all
+            .iter()
+            .filter(|(k, _)| k.reason == agent::COPY_DELIVERED)
+            .map(|(k, n)| (k.netns, *n))
+            .collect();
+        copies.sort();
         let mut drops: Vec<(u32, String, u64)> = all
             .into_iter()
             .filter(|(k, _)| k.reason != agent::COPY_DELIVERED)
@@ -121,7 +129,12 @@ impl State {
         for (ino, g) in &self.gone {
             owners.entry(*ino).or_insert_with(|| g.owner.clone());
         }
-        Snapshot { totals, drops, owners }
+        Snapshot {
+            totals,
+            drops,
+            copies,
+            owners,
+        }
     }
 }
 
@@ -264,6 +277,14 @@ impl State {
 
     /// Each found namespace's owner from what the sources said last.
     pub fn rename(&mut self) {
+        let unknown = self.name_all();
+        let new = !unknown.is_subset(&self.cri_unknown);
+        self.cri_due |= new && self.sources.cri.iter().any(|(s, explicit)| *explicit || s.exists());
+        self.cri_unknown.retain(|id| unknown.contains(id));
+    }
+
+    /// Sets every found namespace's owner; the container ids and pod UIDs no source names.
+    fn name_all(&mut self) -> BTreeSet<String> {
         let empty = CgroupOwner::default();
         let mut owners = BTreeMap::new();
         let mut unknown = BTreeSet::new();
@@ -275,9 +296,7 @@ impl State {
             owners.insert(*ino, self.names.owner(&self.sources, f.source, cg));
         }
         self.owners = owners;
-        let new = !unknown.is_subset(&self.cri_unknown);
-        self.cri_due |= new && self.sources.cri.iter().any(|(s, explicit)| *explicit || s.exists());
-        self.cri_unknown.retain(|id| unknown.contains(id));
+        unknown
     }
 
     /// Whether the CRI sockets should be listed now: something is unnamed, or the last listing
@@ -291,16 +310,7 @@ impl State {
         self.names.cri = listings;
         self.cri_listed = Some(Instant::now());
         // What is still unknown after a fresh listing waits for the next periodic one.
-        self.cri_unknown.clear();
-        self.rename();
-        let empty = CgroupOwner::default();
-        for ino in self.found.keys() {
-            let cg = self.cgroups.get(ino).map_or(&empty, |(_, c)| c);
-            if !self.names.knows(cg) {
-                self.cri_unknown
-                    .extend(cg.container_id.iter().chain(&cg.pod_uid).cloned());
-            }
-        }
+        self.cri_unknown = self.name_all();
         self.cri_due = false;
     }
 
@@ -454,19 +464,17 @@ fn histograms<const N: usize>(
 impl Collector for AgentCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let mut totals: Vec<(u32, NetnsCounters)> = st.maps.netns_totals();
-        // Gone namespaces' last counts, for a while (a live one under the same inode wins).
-        let live: BTreeSet<u32> = totals.iter().map(|(k, _)| *k).collect();
-        totals.extend(
-            st.gone
-                .iter()
-                .filter(|(k, _)| !live.contains(k))
-                .map(|(k, g)| (*k, g.counters)),
-        );
-        totals.sort_by_key(|(k, _)| *k);
+        // Live namespaces and, for a while, gone ones' last counts (a live one under the same
+        // inode wins).
+        let Snapshot {
+            totals,
+            drops,
+            copies,
+            owners,
+        } = st.snapshot();
         let base_of = |ino: u32| -> Base {
             let mut b = vec![("netns", ino.to_string())];
-            if let Some(o) = st.owners.get(&ino).or_else(|| st.gone.get(&ino).map(|g| &g.owner)) {
+            if let Some(o) = owners.get(&ino) {
                 b.extend(o.labels());
             }
             b
@@ -546,33 +554,6 @@ impl Collector for AgentCollector {
             |c| (&c.delivery, &c.delivery_sum_ns),
         )?;
 
-        let mut all_drops = st.maps.drop_totals();
-        let live: BTreeSet<u32> = all_drops.iter().map(|(k, _)| k.netns).collect();
-        for (ino, g) in &st.gone {
-            if !live.contains(ino) {
-                all_drops.extend(g.drops.iter().cloned());
-            }
-        }
-        let mut copies: Vec<(u32, u64)> = all_drops
-            .iter()
-            .filter(|(k, _)| k.reason == agent::COPY_DELIVERED)
-            .map(|(k, n)| (k.netns, *n))
-            .collect();
-        copies.sort();
-        let mut drops: Vec<(u32, String, u64)> = all_drops
-            .into_iter()
-            .filter(|(k, _)| k.reason != agent::COPY_DELIVERED)
-            .map(|(k, n)| {
-                let reason = st
-                    .bpf
-                    .drop_reasons
-                    .get(&(k.reason as u64))
-                    .cloned()
-                    .unwrap_or_else(|| k.reason.to_string());
-                (k.netns, reason, n)
-            })
-            .collect();
-        drops.sort();
         let drop_ns: Vec<Base> = drops.iter().map(|(n, _, _)| base_of(*n)).collect();
         let rows: Vec<_> = drops
             .iter()

@@ -78,32 +78,32 @@ pub fn resource_of(netns: u32, owner: Option<&Owner>, host: &str) -> Vec<KeyValu
     let mut out = vec![kv("host.name", host), kv("lotrace.netns", netns.to_string())];
     let Some(o) = owner else { return out };
     out.push(kv("lotrace.owner", o.kind.clone()));
-    let mut put = |k: &str, v: &Option<String>| {
-        if let Some(v) = v.as_ref().filter(|v| !v.is_empty()) {
-            out.push(kv(k, v.clone()));
-        }
-    };
-    put("k8s.node.name", &o.node);
-    put("container.runtime", &o.runtime);
-    put("container.id", &o.container_id);
-    put("container.name", &o.container_name);
-    if let Some(p) = &o.pod {
-        for (k, v) in [
-            ("k8s.pod.name", &p.name),
-            ("k8s.namespace.name", &p.namespace),
-            ("k8s.pod.uid", &p.uid),
-        ] {
-            if !v.is_empty() {
-                out.push(kv(k, v.clone()));
-            }
-        }
-    }
+    out.extend(o.identity().into_iter().filter_map(|(_, attr, v)| Some(kv(attr?, v))));
     out
 }
 
 struct Clock {
     start: u64,
     now: u64,
+}
+
+/// Number data points stamped with the export's times.
+fn numbers<T>(
+    clock: &Clock,
+    points: Vec<(Vec<KeyValue>, T)>,
+    value: impl Fn(T) -> number_data_point::Value,
+) -> Vec<NumberDataPoint> {
+    points
+        .into_iter()
+        .map(|(attributes, v)| NumberDataPoint {
+            attributes,
+            start_time_unix_nano: clock.start,
+            time_unix_nano: clock.now,
+            exemplars: vec![],
+            flags: 0,
+            value: Some(value(v)),
+        })
+        .collect()
 }
 
 fn sum(name: &str, desc: &str, unit: &str, clock: &Clock, points: Vec<(Vec<KeyValue>, u64)>) -> Metric {
@@ -113,17 +113,7 @@ fn sum(name: &str, desc: &str, unit: &str, clock: &Clock, points: Vec<(Vec<KeyVa
         unit: unit.into(),
         metadata: vec![],
         data: Some(metric::Data::Sum(Sum {
-            data_points: points
-                .into_iter()
-                .map(|(attributes, v)| NumberDataPoint {
-                    attributes,
-                    start_time_unix_nano: clock.start,
-                    time_unix_nano: clock.now,
-                    exemplars: vec![],
-                    flags: 0,
-                    value: Some(number_data_point::Value::AsInt(v as i64)),
-                })
-                .collect(),
+            data_points: numbers(clock, points, |v| number_data_point::Value::AsInt(v as i64)),
             aggregation_temporality: AggregationTemporality::Cumulative as i32,
             is_monotonic: true,
         })),
@@ -137,17 +127,7 @@ fn gauge(name: &str, desc: &str, clock: &Clock, points: Vec<(Vec<KeyValue>, f64)
         unit: String::new(),
         metadata: vec![],
         data: Some(metric::Data::Gauge(Gauge {
-            data_points: points
-                .into_iter()
-                .map(|(attributes, v)| NumberDataPoint {
-                    attributes,
-                    start_time_unix_nano: clock.start,
-                    time_unix_nano: clock.now,
-                    exemplars: vec![],
-                    flags: 0,
-                    value: Some(number_data_point::Value::AsDouble(v)),
-                })
-                .collect(),
+            data_points: numbers(clock, points, number_data_point::Value::AsDouble),
         })),
     }
 }

@@ -57,22 +57,26 @@ pub struct Listing {
     pub containers: Vec<Container>,
 }
 
+/// One call, bounded by [`CALL_TIMEOUT`]; an error names the call.
+async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Err(e) => Err(format!("{what}: {e}")),
+        Ok(Err(e)) => Err(format!("{what}: {}", e.message())),
+        Ok(Ok(r)) => Ok(r.into_inner()),
+    }
+}
+
 /// The runtime's name, sandboxes and containers, each call bounded by [`CALL_TIMEOUT`].
 pub async fn list(c: &mut RuntimeServiceClient<Channel>) -> Result<Listing, String> {
-    let bounded = |what: &'static str| move |e: tokio::time::error::Elapsed| format!("{what}: {e}");
-    let v = tokio::time::timeout(CALL_TIMEOUT, c.version(api::VersionRequest { version: "v1".into() }))
-        .await
-        .map_err(bounded("Version"))?
-        .map_err(|e| format!("Version: {}", e.message()))?
-        .into_inner();
-    let sandboxes = tokio::time::timeout(
-        CALL_TIMEOUT,
+    let v = bounded("Version", c.version(api::VersionRequest { version: "v1".into() })).await?;
+    let sandboxes = bounded(
+        "ListPodSandbox",
         c.list_pod_sandbox(api::ListPodSandboxRequest { filter: None }),
     )
-    .await
-    .map_err(bounded("ListPodSandbox"))?
-    .map_err(|e| format!("ListPodSandbox: {}", e.message()))?
-    .into_inner()
+    .await?
     .items
     .into_iter()
     .map(|s| {
@@ -86,14 +90,11 @@ pub async fn list(c: &mut RuntimeServiceClient<Channel>) -> Result<Listing, Stri
         }
     })
     .collect();
-    let containers = tokio::time::timeout(
-        CALL_TIMEOUT,
+    let containers = bounded(
+        "ListContainers",
         c.list_containers(api::ListContainersRequest { filter: None }),
     )
-    .await
-    .map_err(bounded("ListContainers"))?
-    .map_err(|e| format!("ListContainers: {}", e.message()))?
-    .into_inner()
+    .await?
     .containers
     .into_iter()
     .map(|c| Container {

@@ -68,31 +68,35 @@ impl Owner {
         }
     }
 
-    /// Its labels on every agent series (besides `netns`): `owner`, and what names it. Empty
-    /// values are left out (Prometheus treats an empty label as absent anyway).
+    /// What names it, once for both exports: (Prometheus label, OpenTelemetry resource
+    /// attribute where the semantic conventions have one, value); empty values left out
+    /// (Prometheus treats an empty label as absent anyway).
+    pub fn identity(&self) -> Vec<(&'static str, Option<&'static str>, String)> {
+        let pod = self.pod.as_ref();
+        let fields = [
+            ("node", Some("k8s.node.name"), self.node.as_deref()),
+            ("container_runtime", Some("container.runtime"), self.runtime.as_deref()),
+            ("container_id", Some("container.id"), self.container_id.as_deref()),
+            ("container_name", Some("container.name"), self.container_name.as_deref()),
+            ("k8s_pod_name", Some("k8s.pod.name"), pod.map(|p| p.name.as_str())),
+            (
+                "k8s_namespace_name",
+                Some("k8s.namespace.name"),
+                pod.map(|p| p.namespace.as_str()),
+            ),
+            ("k8s_pod_uid", Some("k8s.pod.uid"), pod.map(|p| p.uid.as_str())),
+            ("k8s_workload_name", None, pod.map(|p| p.workload.as_str())),
+        ];
+        fields
+            .into_iter()
+            .filter_map(|(label, attr, v)| Some((label, attr, v.filter(|v| !v.is_empty())?.to_string())))
+            .collect()
+    }
+
+    /// Its labels on every agent series (besides `netns`): `owner`, and what names it.
     pub fn labels(&self) -> Vec<(&'static str, String)> {
         let mut out = vec![("owner", self.kind.clone())];
-        let mut put = |k: &'static str, v: &Option<String>| {
-            if let Some(v) = v.as_ref().filter(|v| !v.is_empty()) {
-                out.push((k, v.clone()));
-            }
-        };
-        put("node", &self.node);
-        put("container_runtime", &self.runtime);
-        put("container_id", &self.container_id);
-        put("container_name", &self.container_name);
-        if let Some(p) = &self.pod {
-            for (k, v) in [
-                ("k8s_pod_name", &p.name),
-                ("k8s_namespace_name", &p.namespace),
-                ("k8s_pod_uid", &p.uid),
-                ("k8s_workload_name", &p.workload),
-            ] {
-                if !v.is_empty() {
-                    out.push((k, v.clone()));
-                }
-            }
-        }
+        out.extend(self.identity().into_iter().map(|(label, _, v)| (label, v)));
         out
     }
 
